@@ -1,0 +1,138 @@
+"""Chunking of long inputs, as the original runtime does it, but packed into one batch.
+
+The original encodes a clip of T frames as ceil(T / chunk_frames) independent chunks: the normalised log-mel is
+right-padded with zeros to make the last chunk a multiple of the patch width, every chunk restarts at position 0,
+and each full chunk drops its `chunk_frames % patch_width` trailing frames. Here the chunks of all clips of a batch
+are gathered into one tensor (shorter chunks zero-filled, their padding columns masked out of attention), encoded
+in a single forward pass, and the outputs are scattered back per clip in the original order.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class ChunkLayout:
+    """Where every chunk of every clip lives in the packed batch, and how to read the outputs back.
+
+    Attributes:
+        clip_index: [N] clip of each chunk.
+        start_frame: [N] first frame of each chunk in its clip.
+        columns: [N] patch columns of each chunk (62 for a full 1001-frame chunk).
+        max_columns: columns of the packed batch (the widest chunk).
+        frequency_patches: rows of the patch grid.
+        token_index: [B, max_tokens] position of each output token in the flattened packed tokens [N * F * C].
+        token_mask: [B, max_tokens] True where the token exists.
+        frame_index: [B, max_frames] position of each output frame in the flattened packed columns [N * C].
+        frame_mask: [B, max_frames] True where the frame exists.
+    """
+
+    clip_index: torch.Tensor
+    start_frame: torch.Tensor
+    columns: torch.Tensor
+    max_columns: int
+    frequency_patches: int
+    token_index: torch.Tensor
+    token_mask: torch.Tensor
+    frame_index: torch.Tensor
+    frame_mask: torch.Tensor
+
+    @classmethod
+    def from_lengths(
+        cls,
+        lengths: list[int],
+        chunk_frames: int,
+        patch_width: int,
+        frequency_patches: int,
+        device: torch.device | str = "cpu",
+    ) -> "ChunkLayout":
+        """Plans the chunks of clips of `lengths` frames."""
+        clip_index, start_frame, columns = [], [], []
+        for clip, length in enumerate(lengths):
+            if length < 1:
+                raise ValueError(f"clip {clip} has no frames: every clip needs at least one log-mel frame")
+            for start in range(0, length, chunk_frames):
+                frames = min(chunk_frames, length - start)
+                # The last chunk is zero-padded up to a whole patch, but never beyond one full chunk.
+                padded = min(math.ceil(frames / patch_width) * patch_width, chunk_frames)
+                clip_index.append(clip)
+                start_frame.append(start)
+                columns.append(padded // patch_width)
+        max_columns = max(columns)
+
+        token_rows, frame_rows = [[] for _ in lengths], [[] for _ in lengths]
+        tokens_per_chunk = frequency_patches * max_columns
+        for chunk, (clip, cols) in enumerate(zip(clip_index, columns)):
+            # Tokens of one chunk in frequency-major order (f * cols + t), as the original emits them.
+            for f in range(frequency_patches):
+                base = chunk * tokens_per_chunk + f * max_columns
+                token_rows[clip].extend(range(base, base + cols))
+            frame_rows[clip].extend(range(chunk * max_columns, chunk * max_columns + cols))
+
+        token_index, token_mask = _pad_rows(token_rows, device)
+        frame_index, frame_mask = _pad_rows(frame_rows, device)
+        def as_tensor(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.long, device=device)
+
+        return cls(
+            clip_index=as_tensor(clip_index),
+            start_frame=as_tensor(start_frame),
+            columns=as_tensor(columns),
+            max_columns=max_columns,
+            frequency_patches=frequency_patches,
+            token_index=token_index,
+            token_mask=token_mask,
+            frame_index=frame_index,
+            frame_mask=frame_mask,
+        )
+
+    @property
+    def num_chunks(self) -> int:
+        return self.clip_index.numel()
+
+    @property
+    def is_uniform(self) -> bool:
+        """True when every chunk has the full packed width, so attention needs no padding mask."""
+        return bool((self.columns == self.max_columns).all())
+
+    def pack(self, features: torch.Tensor, lengths: torch.Tensor, patch_width: int) -> torch.Tensor:
+        """Gathers the chunks of `features` [B, F, T] (valid frames per clip: `lengths`) into [N, F, C * patch_width].
+
+        Frames past a clip's end read as zero: the original's zero padding in normalised space.
+        """
+        width = self.max_columns * patch_width
+        offsets = torch.arange(width, device=features.device)
+        frame = self.start_frame[:, None] + offsets[None, :]
+        valid = frame < lengths[self.clip_index][:, None]
+        frame = frame.clamp(max=features.shape[-1] - 1)
+        chunks = features[self.clip_index[:, None], :, frame]  # [N, W, F]
+        return (chunks * valid[..., None].to(chunks.dtype)).transpose(1, 2)
+
+    def token_padding_mask(self) -> torch.Tensor:
+        """[N, F * C] True for the patch tokens of each chunk's real columns."""
+        column_valid = torch.arange(self.max_columns, device=self.columns.device)[None, :] < self.columns[:, None]
+        return column_valid[:, None, :].expand(-1, self.frequency_patches, -1).reshape(self.num_chunks, -1)
+
+    def unpack_tokens(self, chunk_tokens: torch.Tensor) -> torch.Tensor:
+        """[N, F * C, D] packed patch tokens → [B, max_tokens, D] per clip, chunks concatenated, padding zero."""
+        flat = chunk_tokens.reshape(-1, chunk_tokens.shape[-1])
+        return flat[self.token_index] * self.token_mask[..., None].to(flat.dtype)
+
+    def unpack_frames(self, chunk_tokens: torch.Tensor) -> torch.Tensor:
+        """[N, F * C, D] packed patch tokens → [B, max_frames, F * D] frame features (low band first)."""
+        n, _, dim = chunk_tokens.shape
+        by_column = chunk_tokens.reshape(n, self.frequency_patches, self.max_columns, dim).transpose(1, 2)
+        flat = by_column.reshape(n * self.max_columns, self.frequency_patches * dim)
+        return flat[self.frame_index] * self.frame_mask[..., None].to(flat.dtype)
+
+
+def _pad_rows(rows: list[list[int]], device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(row) for row in rows)
+    index = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.bool)
+    for i, row in enumerate(rows):
+        index[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[i, : len(row)] = True
+    return index.to(device), mask.to(device)

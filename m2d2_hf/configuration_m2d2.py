@@ -1,0 +1,172 @@
+"""Configurations of the M2D2 audio encoder and of the M2D2 (M2D-CLAP 2025) audio-language model."""
+
+import math
+from typing import Literal
+
+from transformers import AutoConfig
+from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
+
+
+# Dataset statistics the original loaders fall back to for weights saved without `norm_stats` (2022 releases).
+DEFAULT_NORM_STATS = (-7.1, 4.2)
+
+
+class M2D2AudioConfig(PreTrainedConfig):
+    r"""
+    Configuration of [`M2D2AudioModel`]: the log-mel front end, the chunking of long inputs and the ViT encoder.
+    The defaults describe the released M2D-CLAP 2025 encoder (`m2d_clap_vit_base-80x1001p16x16p16kpBpTI-2025`).
+
+    Args:
+        sampling_rate (`int`, defaults to 16000): rate the front end works at; other rates are resampled to it.
+        n_fft (`int`, defaults to 400): STFT size and window length (25 ms).
+        hop_length (`int`, defaults to 160): STFT hop (10 ms).
+        num_mel_bins (`int`, defaults to 80): Slaney-scale mel bands.
+        f_min, f_max (`float`, defaults to 50 and 8000): mel filter bank edges in Hz.
+        norm_stats (`list[float]`, defaults to `[-7.1, 4.2]`): dataset mean and std of the log-mel, used to
+            normalise it; converted checkpoints carry their own (the 2025 release: `[-7.2618, 4.3512]`).
+        chunk_frames (`int`, defaults to 1001): frames per independently encoded chunk of a long input; also the
+            length of the positional grid (1001 for the 2025 model, 608 for 608-frame checkpoints).
+        patch_size (`list[int]`, defaults to `[16, 16]`): patch height (frequency) and width (time).
+        hidden_size, num_hidden_layers, num_attention_heads, intermediate_size: ViT geometry (ViT-Base).
+        hidden_act (`str`, defaults to `"gelu"`): exact (erf) GELU, as timm's Mlp.
+        layer_norm_eps (`float`, defaults to 1e-6): eps of every encoder LayerNorm.
+        qkv_bias (`bool`, defaults to `True`): bias of the fused query/key/value projection.
+        initializer_range (`float`, defaults to 0.02): std of the token initialisations.
+        predictor_hidden_size, predictor_num_hidden_layers, predictor_num_attention_heads (512, 8, 16): the M2D
+            predictor used in pre-training only.
+        mask_ratio (`float`, defaults to 0.7): fraction of patches masked in M2D pre-training.
+    """
+
+    model_type = "m2d2_audio"
+    base_config_key = "audio_config"
+
+    sampling_rate: int = 16000
+    n_fft: int = 400
+    hop_length: int = 160
+    num_mel_bins: int = 80
+    f_min: float = 50.0
+    f_max: float = 8000.0
+    norm_stats: list[float] | tuple[float, float] = DEFAULT_NORM_STATS
+    chunk_frames: int = 1001
+    patch_size: list[int] | tuple[int, int] = (16, 16)
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    layer_norm_eps: float = 1e-6
+    qkv_bias: bool = True
+    initializer_range: float = 0.02
+    predictor_hidden_size: int = 512
+    predictor_num_hidden_layers: int = 8
+    predictor_num_attention_heads: int = 16
+    mask_ratio: float = 0.7
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self.norm_stats = [float(v) for v in self.norm_stats]
+        self.patch_size = [int(v) for v in self.patch_size]
+        if len(self.norm_stats) != 2 or self.norm_stats[1] <= 0:
+            raise ValueError(f"norm_stats must be [mean, std] with std > 0, got {self.norm_stats}")
+        if len(self.patch_size) != 2:
+            raise ValueError(f"patch_size must be [frequency, time], got {self.patch_size}")
+        if self.num_mel_bins % self.patch_size[0]:
+            raise ValueError(
+                f"num_mel_bins ({self.num_mel_bins}) must be a multiple of the patch height ({self.patch_size[0]})"
+            )
+        if self.chunk_frames < self.patch_size[1]:
+            raise ValueError(f"chunk_frames ({self.chunk_frames}) is shorter than one patch ({self.patch_size[1]})")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads ({self.num_attention_heads})"
+            )
+
+    @property
+    def frequency_patches(self) -> int:
+        """Rows of the patch grid (5 for 80 mel bins and 16-bin patches)."""
+        return self.num_mel_bins // self.patch_size[0]
+
+    @property
+    def time_patches(self) -> int:
+        """Columns of the patch grid of one full chunk (62 for 1001 frames, 38 for 608)."""
+        return self.chunk_frames // self.patch_size[1]
+
+    @property
+    def frame_feature_size(self) -> int:
+        """Size of one frame feature: the tokens of all frequency rows of a column, concatenated (5 x 768)."""
+        return self.frequency_patches * self.hidden_size
+
+
+class M2D2Config(PreTrainedConfig):
+    r"""
+    Configuration of [`M2D2ClapModel`]: an [`M2D2AudioConfig`] audio tower, any transformers text tower, and the
+    parts that map both into the shared embedding space.
+
+    Args:
+        audio_config (`dict` or [`M2D2AudioConfig`]): the audio encoder.
+        text_config (`dict` or `PreTrainedConfig`): any transformers text model config; defaults to a
+            bert-base-uncased shaped `BertConfig` (the 2025 model's text tower).
+        audio_projector_type (`"semantic"` or `"mlp"`): `semantic` is the 2025 AudioToSemantic block (a learned
+            token attending over all patch tokens); `mlp` is the 2024 two-layer ReLU MLP over the token mean.
+        projector_num_layers, projector_num_attention_heads, projector_intermediate_size,
+        projector_layer_norm_eps: geometry of the semantic projector (1 block, 1 head, MLP 768, LayerNorm eps 1e-5).
+        text_pooling (`"cls"` or `"mean"`): CLS token of the last hidden state (BERT, 2025) or mean over the
+            attention mask (GTE, 2024).
+        text_projection (`bool`): a Linear from the text hidden size to `projection_dim`; without it the pooled
+            text output is the embedding and must already be `projection_dim` wide.
+        projection_dim (`int`, defaults to 768): size of the shared embedding space.
+        logit_scale_init_value (`float`, defaults to ln 100): initial log temperature (stage 2 initialises ln 100).
+    """
+
+    model_type = "m2d2"
+    sub_configs_defaults = {
+        "audio_config": SubConfigSpec(config_class=M2D2AudioConfig),
+        "text_config": SubConfigSpec(
+            config_class=AutoConfig,
+            model_type="bert",
+            init_kwargs={
+                "vocab_size": 30522,
+                "hidden_size": 768,
+                "num_hidden_layers": 12,
+                "num_attention_heads": 12,
+                "intermediate_size": 3072,
+                "max_position_embeddings": 512,
+                "type_vocab_size": 2,
+                "layer_norm_eps": 1e-12,
+                "pad_token_id": 0,
+            },
+        ),
+    }
+
+    audio_config: dict | PreTrainedConfig | None = None
+    text_config: dict | PreTrainedConfig | None = None
+    audio_projector_type: Literal["semantic", "mlp"] = "semantic"
+    projector_num_layers: int = 1
+    projector_num_attention_heads: int = 1
+    projector_intermediate_size: int = 768
+    projector_layer_norm_eps: float = 1e-5
+    text_pooling: Literal["cls", "mean"] = "cls"
+    text_projection: bool = False
+    projection_dim: int = 768
+    logit_scale_init_value: float = math.log(100.0)
+    initializer_range: float = 0.02
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if self.audio_projector_type not in ("semantic", "mlp"):
+            raise ValueError(f"audio_projector_type must be 'semantic' or 'mlp', got {self.audio_projector_type!r}")
+        if self.text_pooling not in ("cls", "mean"):
+            raise ValueError(f"text_pooling must be 'cls' or 'mean', got {self.text_pooling!r}")
+        if self.audio_config.hidden_size != self.projection_dim:
+            raise ValueError(
+                f"the audio projector keeps the encoder width: projection_dim ({self.projection_dim}) must equal "
+                f"audio_config.hidden_size ({self.audio_config.hidden_size})"
+            )
+        if not self.text_projection and self.text_config.hidden_size != self.projection_dim:
+            raise ValueError(
+                f"text hidden size {self.text_config.hidden_size} differs from projection_dim {self.projection_dim}: "
+                "set text_projection=True to learn a Linear between them"
+            )
+
+
+__all__ = ["M2D2AudioConfig", "M2D2Config"]

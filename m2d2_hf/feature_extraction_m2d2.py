@@ -1,0 +1,383 @@
+"""Log-mel front end of M2D2 (M2D-CLAP 2025): waveforms in, normalised log-mel spectrograms out.
+
+The numbers reproduce the original runtime's nnAudio front end bit for bit: the STFT is a strided `conv1d` with
+float32 windowed Fourier kernels (not `torch.stft`, whose FFT rounds differently and moves near-silent bins by up to
+~1e-3 in log space), the power is `sqrt(re² + im²)²`, the mel matrix is librosa's Slaney filter bank and the log is
+`ln(mel + 2**-23)`.
+"""
+
+import copy
+import math
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchaudio
+from transformers import BatchFeature, SequenceFeatureExtractor
+from transformers.utils import TensorType, logging
+
+
+logger = logging.get_logger(__name__)
+
+# Natural-log floor of the original front end: `torch.finfo(torch.float32).eps`.
+LOG_OFFSET = 2.0**-23
+
+# Attributes derived from the settings; rebuilt by `__init__`, so never written to preprocessor_config.json.
+_CACHE_ATTRIBUTES = ("_kernels",)
+
+
+def _hz_to_mel_slaney(hz: np.ndarray) -> np.ndarray:
+    """Slaney mel scale: linear (200/3 Hz per mel) below 1 kHz, logarithmic (factor 6.4 per 27 mels) above."""
+    hz = np.asarray(hz, dtype=np.float64)
+    linear_step = 200.0 / 3.0
+    log_start_hz = 1000.0
+    log_start_mel = log_start_hz / linear_step
+    log_step = math.log(6.4) / 27.0
+    mels = hz / linear_step
+    above = hz >= log_start_hz
+    mels[above] = log_start_mel + np.log(hz[above] / log_start_hz) / log_step
+    return mels
+
+
+def _mel_to_hz_slaney(mels: np.ndarray) -> np.ndarray:
+    """Inverse of `_hz_to_mel_slaney`."""
+    mels = np.asarray(mels, dtype=np.float64)
+    linear_step = 200.0 / 3.0
+    log_start_hz = 1000.0
+    log_start_mel = log_start_hz / linear_step
+    log_step = math.log(6.4) / 27.0
+    hz = mels * linear_step
+    above = mels >= log_start_mel
+    hz[above] = log_start_hz * np.exp(log_step * (mels[above] - log_start_mel))
+    return hz
+
+
+def slaney_mel_filter_bank(
+    num_mel_bins: int, n_fft: int, sampling_rate: int, f_min: float, f_max: float
+) -> np.ndarray:
+    """
+    Slaney-scale, area-normalised triangular filters as the original front end builds them (librosa's algorithm).
+
+    The rounding steps matter for bit-exactness: band edges and triangle slopes in float64, the triangle weights
+    stored into a float32 array, then scaled in place by the float64 area factor `2 / (upper edge - lower edge)`.
+
+    Returns:
+        `np.ndarray` of shape `[num_mel_bins, n_fft // 2 + 1]`, float32.
+    """
+    fft_freqs = np.linspace(0.0, sampling_rate / 2.0, n_fft // 2 + 1)
+    edge_mels = np.linspace(
+        _hz_to_mel_slaney(np.array([f_min]))[0], _hz_to_mel_slaney(np.array([f_max]))[0], num_mel_bins + 2
+    )
+    edges = _mel_to_hz_slaney(edge_mels)
+    widths = np.diff(edges)
+    distance = edges[:, None] - fft_freqs[None, :]
+    weights = np.zeros((num_mel_bins, n_fft // 2 + 1), dtype=np.float32)
+    for i in range(num_mel_bins):
+        rising = -distance[i] / widths[i]
+        falling = distance[i + 2] / widths[i + 1]
+        weights[i] = np.maximum(0.0, np.minimum(rising, falling))
+    weights *= (2.0 / (edges[2:] - edges[:-2]))[:, None]
+    return weights
+
+
+def windowed_fourier_kernels(n_fft: int) -> np.ndarray:
+    """
+    Real and imaginary STFT kernels stacked for one `conv1d`: `[2 * (n_fft // 2 + 1), 1, n_fft]`, float32.
+
+    Rows `0..n_fft//2` are `cos(2πkn/N)·w[n]`, the next `n_fft//2 + 1` rows `sin(2πkn/N)·w[n]`, with `w` the periodic
+    Hann window. As in the original, the sinusoids and the window are each computed in float64 and rounded to
+    float32 first, and only then multiplied (in float32); multiplying in float64 moves the log-mel by up to 4e-4.
+    """
+    n = np.arange(n_fft, dtype=np.float64)
+    window = (0.5 - 0.5 * np.cos(2.0 * np.pi * n / n_fft)).astype(np.float32)
+    angles = 2.0 * np.pi * np.arange(n_fft // 2 + 1, dtype=np.float64)[:, None] * n[None, :] / n_fft
+    cos_kernels = np.cos(angles).astype(np.float32) * window
+    sin_kernels = np.sin(angles).astype(np.float32) * window
+    return np.concatenate([cos_kernels, sin_kernels])[:, None, :]
+
+
+class M2D2FeatureExtractor(SequenceFeatureExtractor):
+    r"""
+    Turns raw audio into the normalised log-mel spectrograms M2D2 encoders read.
+
+    Pipeline (all in float32 torch, on the device of torch inputs): optional channel averaging (`mono=True`),
+    resampling to `sampling_rate`, reflect padding of `n_fft // 2` samples at both ends of each clip, STFT power via
+    one strided `conv1d` over the whole batch, Slaney mel filter bank, `ln(mel + 2**-23)`, then
+    `(log_mel - norm_stats[0]) / norm_stats[1]`. A clip of `L` samples gives `1 + L // hop_length` frames. Clips of
+    a batch are padded at the end to the longest one with `padding_value` (in normalised space, where the model pads
+    chunks with zeros too); `input_features_mask` marks the real frames.
+
+    Args:
+        feature_size (`int`, defaults to 80): number of mel bins (`num_mel_bins` of the model config).
+        sampling_rate (`int`, defaults to 16000): rate the features are computed at; other input rates are resampled.
+        n_fft (`int`, defaults to 400): STFT size and (periodic Hann) window length.
+        hop_length (`int`, defaults to 160): STFT hop in samples.
+        f_min, f_max (`float`, defaults to 50 and 8000): mel filter bank edges in Hz.
+        norm_stats (`list[float]`, defaults to `[-7.1, 4.2]`): mean and std used to normalise the log-mel; must equal
+            the model config's `norm_stats` (the 2025 release: `[-7.261779308319092, 4.3511505126953125]`).
+        min_frames (`int`, defaults to 16): shortest accepted clip in frames (one patch width); shorter clips raise.
+        padding_value (`float`, defaults to 0.0): value of the padded frames of shorter clips, in normalised space.
+        return_attention_mask (`bool`, defaults to `True`): whether `__call__` returns `input_features_mask`.
+    """
+
+    # Not `attention_mask`: pipelines call `model(**tokenizer_output, **feature_output)` and the tokenizer already
+    # emits an `attention_mask` for the text.
+    model_input_names = ["input_features", "input_features_mask"]
+
+    def __init__(
+        self,
+        feature_size: int = 80,
+        sampling_rate: int = 16000,
+        n_fft: int = 400,
+        hop_length: int = 160,
+        f_min: float = 50.0,
+        f_max: float = 8000.0,
+        norm_stats: list[float] | tuple[float, float] = (-7.1, 4.2),
+        min_frames: int = 16,
+        padding_value: float = 0.0,
+        return_attention_mask: bool = True,
+        **kwargs,
+    ):
+        super().__init__(
+            feature_size=feature_size,
+            sampling_rate=sampling_rate,
+            padding_value=padding_value,
+            return_attention_mask=return_attention_mask,
+            **kwargs,
+        )
+        self.n_fft = int(n_fft)
+        self.hop_length = int(hop_length)
+        self.f_min = float(f_min)
+        self.f_max = float(f_max)
+        self.norm_stats = [float(v) for v in norm_stats]
+        self.min_frames = int(min_frames)
+        if len(self.norm_stats) != 2 or not self.norm_stats[1] > 0:
+            raise ValueError(f"norm_stats must be [mean, std] with std > 0, got {self.norm_stats}")
+        if not 0 <= self.f_min < self.f_max:
+            raise ValueError(f"Need 0 <= f_min < f_max, got f_min={self.f_min}, f_max={self.f_max}")
+        if self.min_frames < 1:
+            raise ValueError(f"min_frames must be at least 1, got {self.min_frames}")
+        # float32 (fourier kernels, mel matrix) per device, built once on the CPU and copied to other devices on
+        # first use.
+        cpu = torch.device("cpu")
+        self._kernels: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {
+            cpu: (
+                torch.from_numpy(windowed_fourier_kernels(self.n_fft)),
+                torch.from_numpy(
+                    slaney_mel_filter_bank(self.feature_size, self.n_fft, self.sampling_rate, self.f_min, self.f_max)
+                ),
+            )
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """Settings to serialise, without the derived kernels (they are rebuilt from the settings on load)."""
+        output = copy.deepcopy({key: value for key, value in self.__dict__.items() if key not in _CACHE_ATTRIBUTES})
+        output["feature_extractor_type"] = type(self).__name__
+        return output
+
+    @property
+    def mel_basis(self) -> torch.Tensor:
+        """The Slaney mel filter bank, `[feature_size, n_fft // 2 + 1]` float32 on the CPU."""
+        return self._kernels[torch.device("cpu")][1]
+
+    @property
+    def min_samples(self) -> int:
+        """Fewest samples (at `sampling_rate`) that give `min_frames` frames."""
+        return (self.min_frames - 1) * self.hop_length
+
+    def _kernels_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if device not in self._kernels:
+            fourier, mel = self._kernels[torch.device("cpu")]
+            self._kernels[device] = (fourier.to(device), mel.to(device))
+        return self._kernels[device]
+
+    def _log_mel_of_padded(self, padded: torch.Tensor) -> torch.Tensor:
+        """Log-mel `[B, n_mels, frames]` of already reflect-padded float32 waveforms `[B, samples]`."""
+        fourier, mel = self._kernels_on(padded.device)
+        # Mixed-precision autocast would run the STFT in half precision and wreck the near-silent bins.
+        with torch.autocast(device_type=padded.device.type, enabled=False):
+            spectrum = F.conv1d(padded.unsqueeze(1), fourier, stride=self.hop_length)
+            real, imag = spectrum.chunk(2, dim=1)
+            # sqrt then square (instead of re² + im² directly) rounds like the original.
+            power = torch.sqrt(real.pow(2) + imag.pow(2)).pow(2)
+            return torch.log(torch.matmul(mel, power) + LOG_OFFSET)
+
+    def log_mel(self, waveforms: torch.Tensor) -> torch.Tensor:
+        """
+        Raw (not normalised) log-mel of equal-length waveforms, differentiable and on `waveforms.device`.
+
+        Meant for training loops that keep audio on the accelerator; equals `__call__` before normalisation.
+
+        Args:
+            waveforms (`torch.Tensor` of shape `[batch, samples]`): audio at `self.sampling_rate`, more than
+                `n_fft // 2` samples long. Cast to float32.
+
+        Returns:
+            `torch.Tensor` of shape `[batch, feature_size, 1 + samples // hop_length]`, float32.
+        """
+        if waveforms.ndim != 2:
+            raise ValueError(f"log_mel expects waveforms of shape [batch, samples], got {tuple(waveforms.shape)}")
+        if waveforms.shape[-1] <= self.n_fft // 2:
+            raise ValueError(
+                f"log_mel needs more than {self.n_fft // 2} samples for the reflect padding, got {waveforms.shape[-1]}"
+            )
+        pad = self.n_fft // 2
+        padded = F.pad(waveforms.float().unsqueeze(1), (pad, pad), mode="reflect").squeeze(1)
+        return self._log_mel_of_padded(padded)
+
+    def normalize(self, log_mel: torch.Tensor) -> torch.Tensor:
+        """`(log_mel - norm_stats[0]) / norm_stats[1]`, the scaling the encoder was trained with."""
+        return (log_mel - self.norm_stats[0]) / self.norm_stats[1]
+
+    def __call__(
+        self,
+        raw_audio: np.ndarray | torch.Tensor | list[float] | list[np.ndarray] | list[torch.Tensor],
+        sampling_rate: int | None = None,
+        return_tensors: str | TensorType | None = None,
+        mono: bool = False,
+        return_attention_mask: bool | None = None,
+        **kwargs,
+    ) -> BatchFeature:
+        """
+        Compute normalised log-mel features of one clip or a batch of clips.
+
+        Args:
+            raw_audio: one clip (a 1-D array / tensor or a list of floats), a batch of clips of any lengths (a list
+                of 1-D arrays / tensors), or a batch of equal-length clips as a 2-D `[batch, samples]` array /
+                tensor. int16 audio is scaled by 1/32768 and int32 by 1/2**31; everything else is cast to float32.
+            sampling_rate (`int`, *optional*): rate of `raw_audio`. Audio at another rate than
+                `self.sampling_rate` is resampled (`torchaudio.functional.resample`). If omitted, the audio is
+                assumed to be at `self.sampling_rate` (with a warning).
+            return_tensors (`str` or [`~utils.TensorType`], *optional*): `"pt"` for torch tensors (they stay on the
+                device of torch inputs, where the features are also computed), `"np"` or `None` for numpy arrays.
+            mono (`bool`, defaults to `False`): multi-channel input. Each clip is then `[channels, samples]` and is
+                averaged over its channels: one clip is a 2-D array, a batch is a list of 2-D arrays or a 3-D
+                `[batch, channels, samples]` array (1-D clips are taken as already mono). Note that soundfile
+                returns `[samples, channels]`: transpose it first.
+            return_attention_mask (`bool`, *optional*): overrides `self.return_attention_mask`.
+            kwargs: accepted for compatibility with generic callers (e.g. `padding=True`) and ignored: clips are
+                always padded to the longest and never truncated.
+
+        Returns:
+            [`BatchFeature`] with `input_features` `[batch, feature_size, max_frames]` float32 and, if the mask is
+            requested, `input_features_mask` `[batch, max_frames]` int64 (1 = real frame, 0 = padding).
+        """
+        if kwargs:
+            logger.warning(f"M2D2FeatureExtractor ignores the keyword arguments {sorted(kwargs)}.")
+        if sampling_rate is None:
+            logger.warning(
+                f"No sampling_rate was passed to M2D2FeatureExtractor: the audio is assumed to be at "
+                f"{self.sampling_rate} Hz. Pass `sampling_rate` to have other rates resampled."
+            )
+        elif sampling_rate != int(sampling_rate) or sampling_rate <= 0:
+            raise ValueError(f"sampling_rate must be a positive whole number of Hz, got {sampling_rate}")
+        return_attention_mask = self.return_attention_mask if return_attention_mask is None else return_attention_mask
+
+        with torch.no_grad():  # not inference_mode: its tensors could not be fed to a model that is being trained
+            clips = self._to_clips(raw_audio, mono)
+            if sampling_rate is not None and int(sampling_rate) != self.sampling_rate:
+                clips = [
+                    torchaudio.functional.resample(clip, int(sampling_rate), self.sampling_rate) for clip in clips
+                ]
+            for index, clip in enumerate(clips):
+                if clip.shape[-1] < self.min_samples:
+                    raise ValueError(
+                        f"Clip {index} is too short: {clip.shape[-1]} samples at {self.sampling_rate} Hz give "
+                        f"{1 + clip.shape[-1] // self.hop_length} frames, fewer than one patch ({self.min_frames} "
+                        f"frames). Pass at least {self.min_samples / self.sampling_rate:g} s of audio "
+                        f"({self.min_samples} samples at {self.sampling_rate} Hz), e.g. by zero-padding the clip."
+                    )
+            features, mask = self._batch_features(clips)
+
+        data: dict[str, Any] = {"input_features": features}
+        if return_attention_mask:
+            data["input_features_mask"] = mask
+        if return_tensors is None or TensorType(return_tensors) != TensorType.PYTORCH:
+            data = {key: value.cpu().numpy() for key, value in data.items()}
+        return BatchFeature(data, tensor_type=return_tensors)
+
+    def _batch_features(self, clips: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised log-mel `[B, n_mels, max_frames]` (padded with `padding_value`) and frame mask `[B, max_frames]`."""
+        pad = self.n_fft // 2
+        device = clips[0].device
+        # Reflect padding is per clip, so each clip's last frames see its own reflection; the zeros after a short
+        # clip's padded signal only reach frames beyond its own count (the last frame, 1 + L // hop, ends at
+        # (L // hop) * hop + n_fft <= L + n_fft samples), which are overwritten below.
+        padded = torch.nn.utils.rnn.pad_sequence(
+            [F.pad(clip.view(1, 1, -1), (pad, pad), mode="reflect").view(-1) for clip in clips], batch_first=True
+        )
+        features = self.normalize(self._log_mel_of_padded(padded))
+        num_frames = torch.tensor([1 + clip.shape[-1] // self.hop_length for clip in clips], device=device)
+        mask = torch.arange(features.shape[-1], device=device)[None, :] < num_frames[:, None]
+        features = features.masked_fill(~mask[:, None, :], self.padding_value)
+        return features, mask.long()
+
+    def _to_clips(self, raw_audio: Any, mono: bool) -> list[torch.Tensor]:
+        """Split the input into a list of 1-D float32 clips (channels averaged if `mono`), validating each."""
+        if isinstance(raw_audio, (list, tuple)):
+            if len(raw_audio) == 0:
+                raise ValueError("Got an empty list: pass one clip (a 1-D array) or a list of clips.")
+            if all(isinstance(v, (int, float, np.number)) and not isinstance(v, bool) for v in raw_audio):
+                items = [raw_audio]  # a list of samples is one clip
+            else:
+                items = list(raw_audio)
+        elif isinstance(raw_audio, (np.ndarray, torch.Tensor)):
+            ndim = raw_audio.ndim
+            if ndim == 1 or (ndim == 2 and mono):
+                items = [raw_audio]
+            elif ndim == 2 or (ndim == 3 and mono):
+                items = list(raw_audio)
+            elif ndim == 3:
+                raise ValueError(
+                    f"Got audio of shape {tuple(raw_audio.shape)}: without `mono=True` the input must be one clip "
+                    f"[samples] or a batch [batch, samples]. Pass `mono=True` for multi-channel audio "
+                    f"[batch, channels, samples], or a list of 1-D clips."
+                )
+            else:
+                raise ValueError(
+                    f"Got audio of shape {tuple(raw_audio.shape)}: expected [samples] or [batch, samples]"
+                    f"{' (or [channels, samples] / [batch, channels, samples] with mono=True)' if mono else ''}."
+                )
+        else:
+            raise ValueError(
+                f"Unsupported audio input of type {type(raw_audio).__name__}: pass a numpy array, a torch tensor, a "
+                f"list of floats or a list of 1-D arrays / tensors."
+            )
+        # Torch inputs are processed where they live; numpy and list inputs on the CPU.
+        device = next((item.device for item in items if isinstance(item, torch.Tensor)), torch.device("cpu"))
+        return [self._to_clip(item, index, mono, device) for index, item in enumerate(items)]
+
+    def _to_clip(self, item: Any, index: int, mono: bool, device: torch.device) -> torch.Tensor:
+        """One clip as a 1-D float32 tensor on `device`, scaled from integer PCM and checked for emptiness/NaN/Inf."""
+        if isinstance(item, torch.Tensor):
+            clip = item.detach()
+            if clip.dtype == torch.bool or clip.is_complex():
+                raise ValueError(f"Clip {index} has dtype {clip.dtype}: audio must be real-valued numbers.")
+        else:
+            array = np.asarray(item)
+            if array.dtype.kind not in "iuf":
+                raise ValueError(
+                    f"Clip {index} is not numeric audio (numpy dtype {array.dtype}, from {type(item).__name__}): "
+                    f"pass float or integer PCM samples as an array, tensor or list of numbers."
+                )
+            clip = torch.from_numpy(np.ascontiguousarray(array))
+        if clip.dtype == torch.int16:
+            clip = clip.float() / 32768.0
+        elif clip.dtype == torch.int32:
+            clip = clip.float() / 2.0**31
+        clip = clip.to(device=device, dtype=torch.float32)
+
+        expected = "[channels, samples] or [samples]" if mono else "[samples]"
+        if clip.ndim == 2 and mono:
+            clip = clip.mean(dim=0)
+        elif clip.ndim != 1:
+            hint = "" if mono else " Pass `mono=True` for multi-channel clips."
+            raise ValueError(f"Clip {index} has shape {tuple(clip.shape)}, expected {expected}.{hint}")
+        if clip.numel() == 0:
+            raise ValueError(f"Clip {index} is empty (0 samples): every clip needs audio samples.")
+        if not torch.isfinite(clip).all():
+            raise ValueError(
+                f"Clip {index} contains NaN or Inf values: clean or replace them (e.g. np.nan_to_num) first."
+            )
+        return clip

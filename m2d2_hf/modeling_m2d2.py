@@ -1,0 +1,572 @@
+"""M2D2 audio encoder (M2D ViT) and the M2D2 / M2D-CLAP audio-language model."""
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.masking_utils import create_bidirectional_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.utils import ModelOutput, can_return_tuple
+
+from .chunking import ChunkLayout
+from .configuration_m2d2 import M2D2AudioConfig, M2D2Config
+
+
+@dataclass
+class M2D2AudioModelOutput(ModelOutput):
+    r"""
+    last_hidden_state (`torch.FloatTensor` of shape `(batch_size, num_tokens, hidden_size)`):
+        Patch tokens after the final LayerNorm. Per clip: the tokens of each chunk in frequency-major order
+        (`f * columns + t`), chunks concatenated; padded with zeros past `token_mask`.
+    token_mask (`torch.BoolTensor` of shape `(batch_size, num_tokens)`):
+        True for the tokens that exist.
+    frame_features (`torch.FloatTensor` of shape `(batch_size, num_frames, frequency_patches * hidden_size)`):
+        One feature per patch column (160 ms for 16-frame patches): the tokens of all frequency rows
+        concatenated, low band first.
+    frame_mask (`torch.BoolTensor` of shape `(batch_size, num_frames)`):
+        True for the frames that exist.
+    pooler_output (`torch.FloatTensor` of shape `(batch_size, frequency_patches * hidden_size)`):
+        Clip embedding: the mean of the frame features over the clip's frames.
+    hidden_states (`tuple(torch.FloatTensor)`, returned with `output_hidden_states=True`):
+        The patch tokens after the embeddings and after each layer (before the final LayerNorm), in the layout
+        of `last_hidden_state`.
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    token_mask: torch.BoolTensor | None = None
+    frame_features: torch.FloatTensor | None = None
+    frame_mask: torch.BoolTensor | None = None
+    pooler_output: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class M2D2ClapOutput(ModelOutput):
+    r"""
+    loss (`torch.FloatTensor` of shape `()`, returned with `return_loss=True`):
+        Symmetric contrastive loss (mean of the audio→text and text→audio cross-entropies).
+    logits_per_audio (`torch.FloatTensor` of shape `(audio_batch_size, text_batch_size)`):
+        Cosine similarities scaled by `exp(logit_scale)`.
+    logits_per_text (`torch.FloatTensor` of shape `(text_batch_size, audio_batch_size)`):
+        The transpose of `logits_per_audio`.
+    text_embeds, audio_embeds (`torch.FloatTensor` of shape `(batch_size, projection_dim)`):
+        L2-normalised embeddings.
+    text_model_output, audio_model_output: the towers' own outputs.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits_per_audio: torch.FloatTensor | None = None
+    logits_per_text: torch.FloatTensor | None = None
+    text_embeds: torch.FloatTensor | None = None
+    audio_embeds: torch.FloatTensor | None = None
+    text_model_output: BaseModelOutputWithPooling | None = None
+    audio_model_output: M2D2AudioModelOutput | None = None
+
+    def to_tuple(self) -> tuple:
+        return tuple(
+            self[k] if k not in ("text_model_output", "audio_model_output") else getattr(self, k).to_tuple()
+            for k in self.keys()
+        )
+
+
+def sincos_position_table(embed_dim: int, frequency_patches: int, time_patches: int) -> torch.Tensor:
+    """The fixed MAE 2-D sin-cos table [1 + F * T, D] with a zero CLS row.
+
+    Row 1 + f * T + t holds the 1-D table of the time index t in its first half and of the frequency index f in its
+    second half; each half is [sin(pos * w) | cos(pos * w)] with w_i = 10000^(-i / (D / 4)), computed in float64.
+    """
+    if embed_dim % 4:
+        raise ValueError(f"the 2-D sin-cos table needs an embedding size divisible by 4, got {embed_dim}")
+    quarter = embed_dim // 4
+    omega = 1.0 / 10000 ** (np.arange(quarter, dtype=np.float64) / quarter)
+
+    def one_dimensional(positions: np.ndarray) -> np.ndarray:
+        angles = positions.reshape(-1)[:, None] * omega[None, :]
+        return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+    freq_index, time_index = np.meshgrid(np.arange(frequency_patches), np.arange(time_patches), indexing="ij")
+    grid = np.concatenate([one_dimensional(time_index.astype(np.float64)), one_dimensional(freq_index.astype(np.float64))], axis=1)
+    table = np.concatenate([np.zeros((1, embed_dim)), grid], axis=0)
+    return torch.from_numpy(table.astype(np.float32))
+
+
+def frame_timestamps(num_samples: int, num_frames: int, sampling_rate: int = 16000) -> np.ndarray:
+    """Centre-less start times in ms of the `num_frames` frame features of a clip of `num_samples` samples.
+
+    As the original: step = (num_samples / sampling_rate) / num_frames * 1000 ms (10 s → 161.29 ms), times i * step
+    computed in float64 and returned as float32.
+    """
+    step = (num_samples / sampling_rate) / num_frames * 1000.0
+    return (np.arange(num_frames, dtype=np.float64) * step).astype(np.float32)
+
+
+def contrastive_loss(logits_per_audio: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE over a square similarity matrix whose matching pairs lie on the diagonal."""
+    labels = torch.arange(logits_per_audio.shape[0], device=logits_per_audio.device)
+    return (F.cross_entropy(logits_per_audio, labels) + F.cross_entropy(logits_per_audio.t(), labels)) / 2
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of `values` [B, N, D] over the positions where `mask` [B, N] is true."""
+    weights = mask.to(values.dtype)[..., None]
+    return (values * weights).sum(1) / weights.sum(1).clamp(min=1)
+
+
+class M2D2PatchEmbeddings(nn.Module):
+    """Non-overlapping patches of the log-mel ([B, F, W] → [B, rows * columns, D], frequency-major)."""
+
+    def __init__(self, config: M2D2AudioConfig):
+        super().__init__()
+        self.projection = nn.Conv2d(1, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size)
+
+    def forward(self, log_mel: torch.Tensor) -> torch.Tensor:
+        patches = self.projection(log_mel.unsqueeze(1).to(self.projection.weight.dtype))
+        return patches.flatten(2).transpose(1, 2)
+
+
+class M2D2Embeddings(nn.Module):
+    """Patch embedding plus the fixed positional table; the CLS token is kept apart because pre-training drops
+    masked patches between adding positions and prepending CLS."""
+
+    def __init__(self, config: M2D2AudioConfig):
+        super().__init__()
+        self.config = config
+        self.patch_embeddings = M2D2PatchEmbeddings(config)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+        # Stored with the weights and never trained: converted checkpoints carry tables that are not the formula's.
+        self.position_embeddings = nn.Parameter(
+            torch.zeros(1, 1 + config.frequency_patches * config.time_patches, config.hidden_size),
+            requires_grad=False,
+        )
+
+    def forward(self, log_mel: torch.Tensor) -> torch.Tensor:
+        """[N, F, W] chunks → [N, rows * columns, D]; narrow chunks use the table's first columns (no interpolation)."""
+        patches = self.patch_embeddings(log_mel)
+        rows = self.config.frequency_patches
+        columns = patches.shape[1] // rows
+        if columns > self.config.time_patches:
+            raise ValueError(
+                f"a chunk of {columns} patch columns exceeds the positional grid ({self.config.time_patches}); "
+                f"inputs longer than chunk_frames={self.config.chunk_frames} must be chunked"
+            )
+        table = self.position_embeddings[:, 1:].reshape(1, rows, self.config.time_patches, -1)[:, :, :columns]
+        return patches + table.reshape(1, rows * columns, -1).to(patches.dtype)
+
+    def cls_embedding(self) -> torch.Tensor:
+        return self.cls_token + self.position_embeddings[:, :1]
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    attn_weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+    attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
+    return attn_output, attn_weights
+
+
+class M2D2Attention(nn.Module):
+    """Multi-head self-attention with one fused query/key/value projection (split [q, k, v] × heads × head_dim)."""
+
+    def __init__(self, config, hidden_size: int, num_attention_heads: int, qkv_bias: bool = True):
+        super().__init__()
+        self.config = config
+        self.num_attention_heads = num_attention_heads
+        self.head_dim = hidden_size // num_attention_heads
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = False
+        self.qkv = nn.Linear(hidden_size, 3 * hidden_size, bias=qkv_bias)
+        self.proj = nn.Linear(hidden_size, hidden_size)
+
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch, length, _ = hidden_states.shape
+        qkv = self.qkv(hidden_states).view(batch, length, 3, self.num_attention_heads, self.head_dim)
+        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self, query, key, value, attention_mask, dropout=0.0, scaling=self.scaling, **kwargs
+        )
+        return self.proj(attn_output.reshape(batch, length, -1)), attn_weights
+
+
+class M2D2MLP(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str = "gelu"):
+        super().__init__()
+        self.fc1 = nn.Linear(hidden_size, intermediate_size)
+        self.activation_fn = ACT2FN[hidden_act]
+        self.fc2 = nn.Linear(intermediate_size, hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.activation_fn(self.fc1(hidden_states)))
+
+
+class M2D2Layer(GradientCheckpointingLayer):
+    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x)).
+
+    Sizes are explicit because the encoder (768/12 heads), the M2D predictor (512/16) and the semantic projector
+    (768/1 head, MLP 768, eps 1e-5) share this block.
+    """
+
+    def __init__(
+        self,
+        config,
+        hidden_size: int,
+        num_attention_heads: int,
+        intermediate_size: int,
+        layer_norm_eps: float,
+        hidden_act: str = "gelu",
+        qkv_bias: bool = True,
+    ):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
+        self.attention = M2D2Attention(config, hidden_size, num_attention_heads, qkv_bias)
+        self.norm2 = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
+        self.mlp = M2D2MLP(hidden_size, intermediate_size, hidden_act)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        attn_output, _ = self.attention(self.norm1(hidden_states), attention_mask, **kwargs)
+        hidden_states = hidden_states + attn_output
+        return hidden_states + self.mlp(self.norm2(hidden_states))
+
+
+def encoder_layers(config: M2D2AudioConfig) -> nn.ModuleList:
+    """The ViT blocks of the audio encoder (the online encoder and the EMA target of pre-training alike)."""
+    return nn.ModuleList(
+        M2D2Layer(
+            config,
+            config.hidden_size,
+            config.num_attention_heads,
+            config.intermediate_size,
+            config.layer_norm_eps,
+            config.hidden_act,
+            config.qkv_bias,
+        )
+        for _ in range(config.num_hidden_layers)
+    )
+
+
+class M2D2PreTrainedModel(PreTrainedModel):
+    config: M2D2AudioConfig
+    base_model_prefix = "audio_model"
+    main_input_name = "input_features"
+    input_modalities = ("audio",)
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["M2D2Embeddings", "M2D2Layer"]
+    _supports_sdpa = True
+    _supports_attention_backend = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """M2D's initialisation: xavier-uniform Linear (and patch projection as a Linear), zero biases, unit
+        LayerNorm, N(0, 0.02) tokens and the fixed sin-cos positional table."""
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, M2D2PatchEmbeddings):
+            weight = module.projection.weight
+            fan_in, fan_out = weight[0].numel(), weight.shape[0]
+            bound = math.sqrt(6.0 / (fan_in + fan_out))
+            init.uniform_(weight, -bound, bound)
+            init.zeros_(module.projection.bias)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, M2D2Embeddings):
+            audio = module.config
+            init.normal_(module.cls_token, std=std)
+            init.copy_(
+                module.position_embeddings,
+                sincos_position_table(audio.hidden_size, audio.frequency_patches, audio.time_patches)[None],
+            )
+        elif isinstance(module, M2D2SemanticProjector):
+            init.zeros_(module.sem_token)
+        elif isinstance(module, M2D2ClapModel):
+            init.constant_(module.logit_scale, self.config.logit_scale_init_value)
+
+
+class M2D2AudioModel(M2D2PreTrainedModel):
+    """The M2D ViT audio encoder: normalised log-mel → patch tokens, frame features and a clip embedding.
+
+    Inputs longer than `config.chunk_frames` are cut into chunks that are encoded independently (as the original
+    runtime does); all chunks of all clips of a batch go through the encoder in one batched pass.
+    """
+
+    def __init__(self, config: M2D2AudioConfig):
+        super().__init__(config)
+        self.embeddings = M2D2Embeddings(config)
+        self.layers = encoder_layers(config)
+        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_init()
+
+    def get_input_embeddings(self) -> M2D2PatchEmbeddings:
+        return self.embeddings.patch_embeddings
+
+    def chunk_layout(self, input_features: torch.Tensor, input_features_mask: torch.Tensor | None) -> tuple:
+        """Validates the input and plans its chunks; returns (layout, per-clip frame counts)."""
+        if input_features.dim() != 3 or input_features.shape[1] != self.config.num_mel_bins:
+            raise ValueError(
+                f"input_features must be [batch, {self.config.num_mel_bins} mel bins, frames], got "
+                f"{tuple(input_features.shape)}: use M2D2FeatureExtractor to make them from waveforms"
+            )
+        batch, _, frames = input_features.shape
+        if input_features_mask is None:
+            lengths = torch.full((batch,), frames, dtype=torch.long, device=input_features.device)
+        else:
+            if input_features_mask.shape != (batch, frames):
+                raise ValueError(
+                    f"input_features_mask must be [batch, frames] = {(batch, frames)}, got "
+                    f"{tuple(input_features_mask.shape)}"
+                )
+            lengths = input_features_mask.to(torch.long).sum(-1)
+        layout = ChunkLayout.from_lengths(
+            lengths.tolist(),
+            self.config.chunk_frames,
+            self.config.patch_size[1],
+            self.config.frequency_patches,
+            device=input_features.device,
+        )
+        return layout, lengths
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_features: torch.Tensor,
+        input_features_mask: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> M2D2AudioModelOutput:
+        r"""
+        input_features (`torch.FloatTensor` of shape `(batch_size, num_mel_bins, frames)`):
+            Normalised log-mel from [`M2D2FeatureExtractor`]; any length (long inputs are chunked).
+        input_features_mask (`torch.Tensor` of shape `(batch_size, frames)`, *optional*):
+            1 for real frames, 0 for batch padding; each clip is encoded from its own frames only.
+        output_hidden_states (`bool`, *optional*):
+            Also return the tokens after the embeddings and after every layer.
+        """
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        layout, lengths = self.chunk_layout(input_features, input_features_mask)
+        chunks = layout.pack(input_features, lengths, self.config.patch_size[1])
+
+        patches = self.embeddings(chunks)
+        hidden_states = torch.cat([self.embeddings.cls_embedding().expand(len(patches), -1, -1).to(patches.dtype), patches], 1)
+        attention_mask = None
+        if not layout.is_uniform:
+            key_mask = layout.token_padding_mask()
+            key_mask = torch.cat([key_mask.new_ones(key_mask.shape[0], 1), key_mask], dim=1)
+            attention_mask = create_bidirectional_mask(
+                config=self.config, inputs_embeds=hidden_states, attention_mask=key_mask
+            )
+
+        all_hidden_states = [layout.unpack_tokens(hidden_states[:, 1:])] if output_hidden_states else None
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, attention_mask, **kwargs)
+            if output_hidden_states:
+                all_hidden_states.append(layout.unpack_tokens(hidden_states[:, 1:]))
+        chunk_tokens = self.layernorm(hidden_states)[:, 1:]
+
+        frame_features = layout.unpack_frames(chunk_tokens)
+        return M2D2AudioModelOutput(
+            last_hidden_state=layout.unpack_tokens(chunk_tokens),
+            token_mask=layout.token_mask,
+            frame_features=frame_features,
+            frame_mask=layout.frame_mask,
+            pooler_output=masked_mean(frame_features, layout.frame_mask),
+            hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
+        )
+
+    def timestamp_embeddings(self, outputs: M2D2AudioModelOutput) -> torch.Tensor:
+        """[B, frames, hidden_size]: per frame, the mean of its frequency-row tokens (HEAR timestamp embeddings)."""
+        batch, frames, _ = outputs.frame_features.shape
+        rows = self.config.frequency_patches
+        return outputs.frame_features.reshape(batch, frames, rows, -1).mean(2)
+
+
+class M2D2SemanticProjector(nn.Module):
+    """AudioToSemantic (2025): a learned token attends over all patch tokens through transformer blocks without
+    positional information (so the result ignores token order), then a LayerNorm."""
+
+    def __init__(self, config: M2D2Config):
+        super().__init__()
+        self.config = config
+        dim = config.audio_config.hidden_size
+        self.sem_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.layers = nn.ModuleList(
+            M2D2Layer(
+                config,
+                dim,
+                config.projector_num_attention_heads,
+                config.projector_intermediate_size,
+                config.projector_layer_norm_eps,
+            )
+            for _ in range(config.projector_num_layers)
+        )
+        self.layernorm = nn.LayerNorm(dim, eps=config.projector_layer_norm_eps)
+
+    def forward(self, tokens: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        hidden_states = torch.cat([self.sem_token.expand(tokens.shape[0], -1, -1).to(tokens.dtype), tokens], dim=1)
+        attention_mask = None
+        if token_mask is not None and not bool(token_mask.all()):
+            key_mask = torch.cat([token_mask.new_ones(token_mask.shape[0], 1), token_mask], dim=1)
+            attention_mask = create_bidirectional_mask(
+                config=self.config, inputs_embeds=hidden_states, attention_mask=key_mask
+            )
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, attention_mask)
+        return self.layernorm(hidden_states[:, 0])
+
+
+class M2D2MLPProjector(nn.Module):
+    """The 2024 projector: mean of the patch tokens → Linear → ReLU → Linear."""
+
+    def __init__(self, config: M2D2Config):
+        super().__init__()
+        dim = config.audio_config.hidden_size
+        self.fc1 = nn.Linear(dim, config.projector_intermediate_size)
+        self.fc2 = nn.Linear(config.projector_intermediate_size, config.projection_dim)
+
+    def forward(self, tokens: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        pooled = tokens.mean(1) if token_mask is None else masked_mean(tokens, token_mask)
+        return self.fc2(F.relu(self.fc1(pooled)))
+
+
+AUDIO_PROJECTORS = {"semantic": M2D2SemanticProjector, "mlp": M2D2MLPProjector}
+
+
+class M2D2ClapModel(M2D2PreTrainedModel):
+    """M2D2 (M2D-CLAP 2025): the M2D audio encoder with an audio projector, a transformers text tower, and a
+    learned temperature, embedding audio and text in one space."""
+
+    config: M2D2Config
+    base_model_prefix = "m2d2"
+    input_modalities = ("audio", "text")
+    _no_split_modules = ["M2D2Embeddings", "M2D2Layer"]
+
+    def __init__(self, config: M2D2Config):
+        super().__init__(config)
+        self.audio_model = M2D2AudioModel._from_config(config.audio_config)
+        self.audio_projection = AUDIO_PROJECTORS[config.audio_projector_type](config)
+        self.text_model = AutoModel.from_config(config.text_config)
+        self.text_projection = (
+            nn.Linear(config.text_config.hidden_size, config.projection_dim) if config.text_projection else nn.Identity()
+        )
+        self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value))
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.text_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.text_model.set_input_embeddings(value)
+
+    @can_return_tuple
+    def get_audio_features(
+        self, input_features: torch.Tensor, input_features_mask: torch.Tensor | None = None, **kwargs
+    ) -> M2D2AudioModelOutput:
+        """The audio tower's output with `pooler_output` replaced by the L2-normalised CLAP audio embedding."""
+        audio_outputs = self.audio_model(input_features, input_features_mask, **kwargs)
+        embedding = self.audio_projection(audio_outputs.last_hidden_state, audio_outputs.token_mask)
+        audio_outputs.pooler_output = F.normalize(embedding, dim=-1)
+        return audio_outputs
+
+    @can_return_tuple
+    def get_text_features(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPooling:
+        """The text tower's output with `pooler_output` replaced by the L2-normalised CLAP text embedding."""
+        text_kwargs = {"attention_mask": attention_mask, **kwargs}
+        if token_type_ids is not None:
+            text_kwargs["token_type_ids"] = token_type_ids
+        text_outputs = self.text_model(input_ids=input_ids, **text_kwargs)
+        hidden = text_outputs.last_hidden_state
+        if self.config.text_pooling == "cls":
+            pooled = hidden[:, 0]
+        else:
+            mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+            pooled = masked_mean(hidden, mask.bool())
+        text_outputs.pooler_output = F.normalize(self.text_projection(pooled), dim=-1)
+        return text_outputs
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        input_features: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        input_features_mask: torch.Tensor | None = None,
+        return_loss: bool | None = None,
+        **kwargs,
+    ) -> M2D2ClapOutput:
+        r"""
+        input_ids, attention_mask, token_type_ids: the tokenizer's output for the texts.
+        input_features, input_features_mask: [`M2D2FeatureExtractor`]'s output for the audio.
+        return_loss (`bool`, *optional*): also return the symmetric contrastive loss (needs equal batch sizes,
+            the i-th text describing the i-th clip).
+        """
+        if input_ids is None or input_features is None:
+            raise ValueError(
+                "M2D2ClapModel.forward needs both input_ids (texts) and input_features (audio); "
+                "use get_text_features / get_audio_features for one modality"
+            )
+        audio_outputs = self.get_audio_features(input_features, input_features_mask, **kwargs)
+        text_outputs = self.get_text_features(input_ids, attention_mask, token_type_ids, **kwargs)
+        audio_embeds, text_embeds = audio_outputs.pooler_output, text_outputs.pooler_output
+        logits_per_audio = audio_embeds @ text_embeds.t() * self.logit_scale.exp()
+        loss = None
+        if return_loss:
+            if logits_per_audio.shape[0] != logits_per_audio.shape[1]:
+                raise ValueError(
+                    f"return_loss needs one text per clip, got {logits_per_audio.shape[0]} clips and "
+                    f"{logits_per_audio.shape[1]} texts"
+                )
+            loss = contrastive_loss(logits_per_audio)
+        return M2D2ClapOutput(
+            loss=loss,
+            logits_per_audio=logits_per_audio,
+            logits_per_text=logits_per_audio.t(),
+            text_embeds=text_embeds,
+            audio_embeds=audio_embeds,
+            text_model_output=text_outputs,
+            audio_model_output=audio_outputs,
+        )
+
+
+__all__ = [
+    "M2D2AudioModel",
+    "M2D2AudioModelOutput",
+    "M2D2ClapModel",
+    "M2D2ClapOutput",
+    "M2D2PreTrainedModel",
+    "contrastive_loss",
+    "frame_timestamps",
+    "sincos_position_table",
+]
