@@ -307,6 +307,8 @@ def convert_checkpoint(
         return output_dir
 
     letter = arch.text_encoder
+    if letter is None and "audio_proj.sem_token" not in state:
+        letter = "A"  # the 2024 M2D-CLAP folder names no text encoder: it was trained against GTE-base
     pooling = text_pooling or TEXT_ENCODERS.get(letter, (None, "cls"))[1]
     has_text_weights = any(k.startswith("text_model.") for k in mapped)
     if has_text_weights:

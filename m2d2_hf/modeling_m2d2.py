@@ -142,10 +142,12 @@ class M2D2Embeddings(nn.Module):
         self.config = config
         self.patch_embeddings = M2D2PatchEmbeddings(config)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
-        # Stored with the weights and never trained: converted checkpoints carry tables that are not the formula's.
-        self.position_embeddings = nn.Parameter(
+        # A persistent buffer: stored with the weights (converted checkpoints carry tables that are not the
+        # formula's, e.g. the 2025 release's bicubically resized one) and never trained.
+        self.register_buffer(
+            "position_embeddings",
             torch.zeros(1, 1 + config.frequency_patches * config.time_patches, config.hidden_size),
-            requires_grad=False,
+            persistent=True,
         )
 
     def forward(self, log_mel: torch.Tensor) -> torch.Tensor:
