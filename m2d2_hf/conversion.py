@@ -195,7 +195,8 @@ def audio_config_from(arch: Architecture, state: dict[str, torch.Tensor]) -> M2D
         patch_size=list(arch.patch_size),
         hidden_size=hidden,
         num_hidden_layers=layers,
-        num_attention_heads=hidden // 64,  # ViT-B 12 heads, ViT-L 16: head size 64 in every released model
+        # Head count is not in the weights: every released model (ViT-B 12 heads, ViT-L 16) uses 64-wide heads.
+        num_attention_heads=max(1, hidden // 64),
         intermediate_size=state["blocks.0.mlp.fc1.weight"].shape[0],
     )
     expected = 1 + config.frequency_patches * config.time_patches
@@ -218,7 +219,7 @@ def text_config_from_weights(state: dict[str, torch.Tensor]) -> BertConfig:
         vocab_size=word.shape[0],
         hidden_size=hidden,
         num_hidden_layers=layers,
-        num_attention_heads=hidden // 64,
+        num_attention_heads=max(1, hidden // 64),
         intermediate_size=state[prefix + "encoder.layer.0.intermediate.dense.weight"].shape[0],
         max_position_embeddings=state[prefix + "embeddings.position_embeddings.weight"].shape[0],
         type_vocab_size=state[prefix + "embeddings.token_type_embeddings.weight"].shape[0],

@@ -1,9 +1,9 @@
 """Log-mel front end of M2D2 (M2D-CLAP 2025): waveforms in, normalised log-mel spectrograms out.
 
-The numbers reproduce the original runtime's nnAudio front end bit for bit: the STFT is a strided `conv1d` with
-float32 windowed Fourier kernels (not `torch.stft`, whose FFT rounds differently and moves near-silent bins by up to
-~1e-3 in log space), the power is `sqrt(re² + im²)²`, the mel matrix is librosa's Slaney filter bank and the log is
-`ln(mel + 2**-23)`.
+The numbers reproduce the original runtime's nnAudio front end on the CPU bit for bit (clips of 1 s: within 6e-4, see
+`M2D2FeatureExtractor._log_mel_of_padded`): the STFT is a strided `conv1d` with float32 windowed Fourier kernels (not
+`torch.stft`, whose FFT rounds differently and moves near-silent bins by up to ~1e-3 in log space), the power is
+`sqrt(re² + im²)²`, the mel matrix is librosa's Slaney filter bank and the log is `ln(mel + 2**-23)`.
 """
 
 import copy
@@ -105,8 +105,8 @@ def windowed_fourier_kernels(n_fft: int) -> np.ndarray:
     """
     Real and imaginary STFT kernels stacked for one `conv1d`: `[2 * (n_fft // 2 + 1), 1, n_fft]`, float32.
 
-    Rows `0..n_fft//2` are `cos(2πkn/N)·w[n]`, the next `n_fft//2 + 1` rows `sin(2πkn/N)·w[n]`, with `w` the periodic
-    Hann window. As in the original, the sinusoids and the window are each computed in float64 and rounded to
+    Rows `0..n_fft//2` are `cos(2πkn/N)·w[n]`, the next `n_fft//2 + 1` rows `sin(2πkn/N)·w[n]`, with `w` the
+    periodic Hann window. As in the original, the sinusoids and the window are each computed in float64 and rounded to
     float32 first, and only then multiplied (in float32); multiplying in float64 moves the log-mel by up to 4e-4.
     """
     n = np.arange(n_fft, dtype=np.float64)
@@ -204,7 +204,11 @@ class M2D2FeatureExtractor(SequenceFeatureExtractor):
     @property
     def min_samples(self) -> int:
         """Fewest samples (at `sampling_rate`) that give `min_frames` frames."""
-        return (self.min_frames - 1) * self.hop_length
+        return (self.min_frames - 1) * self.hop_length + self.n_fft - 2 * (self.n_fft // 2)
+
+    def num_frames(self, num_samples: int) -> int:
+        """Frames of a clip of `num_samples` samples: `1 + num_samples // hop_length` for an even `n_fft`."""
+        return 1 + (num_samples + 2 * (self.n_fft // 2) - self.n_fft) // self.hop_length
 
     def _kernels_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if device not in self._kernels:
@@ -215,7 +219,7 @@ class M2D2FeatureExtractor(SequenceFeatureExtractor):
     def _log_mel_of_padded(self, padded: torch.Tensor) -> torch.Tensor:
         """Log-mel `[B, n_mels, frames]` of already reflect-padded float32 waveforms `[B, samples]`."""
         fourier, mel = self._kernels_on(padded.device)
-        num_frames = 1 + (padded.shape[-1] - self.n_fft) // self.hop_length
+        num_frames = self.num_frames(padded.shape[-1] - 2 * (self.n_fft // 2))
         # On the CPU, torch runs a conv1d with a batch of 1 and at most 20480 input samples on its native kernel and
         # every other one on oneDNN; the two round differently (up to ~5e-4 in log-mel on near-silent bins).
         # Zero-padding short inputs past that size keeps every clip on oneDNN, so a clip's features do not depend
@@ -311,7 +315,7 @@ class M2D2FeatureExtractor(SequenceFeatureExtractor):
                 if clip.shape[-1] < self.min_samples:
                     raise ValueError(
                         f"Clip {index} is too short: {clip.shape[-1]} samples at {self.sampling_rate} Hz give "
-                        f"{1 + clip.shape[-1] // self.hop_length} frames, fewer than one patch ({self.min_frames} "
+                        f"{self.num_frames(clip.shape[-1])} frames, fewer than one patch ({self.min_frames} "
                         f"frames). Pass at least {self.min_samples / self.sampling_rate:g} s of audio "
                         f"({self.min_samples} samples at {self.sampling_rate} Hz), e.g. by zero-padding the clip."
                     )
@@ -325,7 +329,7 @@ class M2D2FeatureExtractor(SequenceFeatureExtractor):
         return BatchFeature(data, tensor_type=return_tensors)
 
     def _batch_features(self, clips: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Normalised log-mel `[B, n_mels, max_frames]` (padded with `padding_value`) and frame mask `[B, max_frames]`."""
+        """Normalised log-mel `[B, n_mels, max_frames]` (padded with `padding_value`), frame mask `[B, max_frames]`."""
         pad = self.n_fft // 2
         device = clips[0].device
         # Reflect padding is per clip, so each clip's last frames see its own reflection; the zeros after a short
@@ -335,7 +339,7 @@ class M2D2FeatureExtractor(SequenceFeatureExtractor):
             [F.pad(clip.view(1, 1, -1), (pad, pad), mode="reflect").view(-1) for clip in clips], batch_first=True
         )
         features = self.normalize(self._log_mel_of_padded(padded))
-        num_frames = torch.tensor([1 + clip.shape[-1] // self.hop_length for clip in clips], device=device)
+        num_frames = torch.tensor([self.num_frames(clip.shape[-1]) for clip in clips], device=device)
         mask = torch.arange(features.shape[-1], device=device)[None, :] < num_frames[:, None]
         features = features.masked_fill(~mask[:, None, :], self.padding_value)
         return features, mask.long()
@@ -369,7 +373,8 @@ class M2D2FeatureExtractor(SequenceFeatureExtractor):
         else:
             raise ValueError(
                 f"Unsupported audio input of type {type(raw_audio).__name__}: pass a numpy array, a torch tensor, a "
-                f"list of floats or a list of 1-D arrays / tensors."
+                f"list of floats or a list of 1-D arrays / tensors (for a datasets Audio dict `audio`, pass "
+                f"`audio['array'], sampling_rate=audio['sampling_rate']`)."
             )
         # Torch inputs are processed where they live; numpy and list inputs on the CPU.
         device = next((item.device for item in items if isinstance(item, torch.Tensor)), torch.device("cpu"))
@@ -388,7 +393,9 @@ class M2D2FeatureExtractor(SequenceFeatureExtractor):
                     f"Clip {index} is not numeric audio (numpy dtype {array.dtype}, from {type(item).__name__}): "
                     f"pass float or integer PCM samples as an array, tensor or list of numbers."
                 )
-            clip = torch.from_numpy(np.ascontiguousarray(array))
+            # torch warns about read-only arrays (e.g. zero-copy views of Arrow data) even though nothing here
+            # writes to the clip; copying them is cheaper than the noise.
+            clip = torch.from_numpy(np.ascontiguousarray(array) if array.flags.writeable else array.copy())
         if clip.dtype == torch.int16:
             clip = clip.float() / 32768.0
         elif clip.dtype == torch.int32:
