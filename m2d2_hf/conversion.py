@@ -255,6 +255,8 @@ def convert_checkpoint(
         encoder_only: write only the audio encoder (M2D2AudioModel), dropping the CLAP parts.
     """
     checkpoint_path = Path(checkpoint_path)
+    if not checkpoint_path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {checkpoint_path}")
     arch = parse_checkpoint_name(checkpoint_path.parent.name)
     if arch is None:
         if input_size is None:

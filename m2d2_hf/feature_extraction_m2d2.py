@@ -47,29 +47,26 @@ def _ieee_float32(device: torch.device) -> Iterator[None]:
         conv.fp32_precision, matmul.fp32_precision = saved
 
 
+# Slaney mel scale: linear (200/3 Hz per mel) below 1 kHz, logarithmic (factor 6.4 per 27 mels) above.
+_SLANEY_HZ_PER_MEL = 200.0 / 3.0
+_SLANEY_LOG_START_HZ = 1000.0
+_SLANEY_LOG_START_MEL = _SLANEY_LOG_START_HZ / _SLANEY_HZ_PER_MEL
+_SLANEY_LOG_STEP = math.log(6.4) / 27.0
+
+
 def _hz_to_mel_slaney(hz: np.ndarray) -> np.ndarray:
-    """Slaney mel scale: linear (200/3 Hz per mel) below 1 kHz, logarithmic (factor 6.4 per 27 mels) above."""
     hz = np.asarray(hz, dtype=np.float64)
-    linear_step = 200.0 / 3.0
-    log_start_hz = 1000.0
-    log_start_mel = log_start_hz / linear_step
-    log_step = math.log(6.4) / 27.0
-    mels = hz / linear_step
-    above = hz >= log_start_hz
-    mels[above] = log_start_mel + np.log(hz[above] / log_start_hz) / log_step
+    mels = hz / _SLANEY_HZ_PER_MEL
+    above = hz >= _SLANEY_LOG_START_HZ
+    mels[above] = _SLANEY_LOG_START_MEL + np.log(hz[above] / _SLANEY_LOG_START_HZ) / _SLANEY_LOG_STEP
     return mels
 
 
 def _mel_to_hz_slaney(mels: np.ndarray) -> np.ndarray:
-    """Inverse of `_hz_to_mel_slaney`."""
     mels = np.asarray(mels, dtype=np.float64)
-    linear_step = 200.0 / 3.0
-    log_start_hz = 1000.0
-    log_start_mel = log_start_hz / linear_step
-    log_step = math.log(6.4) / 27.0
-    hz = mels * linear_step
-    above = mels >= log_start_mel
-    hz[above] = log_start_hz * np.exp(log_step * (mels[above] - log_start_mel))
+    hz = mels * _SLANEY_HZ_PER_MEL
+    above = mels >= _SLANEY_LOG_START_MEL
+    hz[above] = _SLANEY_LOG_START_HZ * np.exp(_SLANEY_LOG_STEP * (mels[above] - _SLANEY_LOG_START_MEL))
     return hz
 
 

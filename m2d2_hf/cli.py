@@ -1,0 +1,527 @@
+"""The `m2d2-hf` command line: convert original checkpoints, embed audio files, classify them zero-shot.
+
+    m2d2-hf convert CHECKPOINT OUT_DIR [--tokenizer ...] [--text-model ...] [--encoder-only] ...
+    m2d2-hf embed MODEL_DIR AUDIO... --output OUT [--format npy|safetensors] [--level clip|frame|clap|all]
+    m2d2-hf zero-shot MODEL_DIR AUDIO... --labels a,b,c [--template "{} can be heard"] [--top-k 5] [--json]
+
+Every command is a thin layer over the package (`convert_checkpoint`, the Auto classes, the
+zero-shot-audio-classification pipeline). User errors (missing or unreadable files, a folder that is not an M2D2
+model, no labels, ...) end with one line on stderr and exit code 2, never a traceback.
+"""
+
+import argparse
+import json
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+import torchaudio
+from safetensors.numpy import save_file
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoFeatureExtractor, AutoModel, PreTrainedConfig, pipeline
+
+from .configuration_m2d2 import M2D2AudioConfig, M2D2Config
+from .conversion import convert_checkpoint
+from .feature_extraction_m2d2 import M2D2FeatureExtractor
+from .modeling_m2d2 import frame_timestamps, masked_mean
+
+
+# The prompt of the original zero-shot evaluation (spec §4, ESC-50 notebook).
+DEFAULT_TEMPLATE = "{} can be heard"
+LEVELS = ("clip", "frame", "clap", "all")
+M2D2_MODEL_TYPES = (M2D2AudioConfig.model_type, M2D2Config.model_type)
+
+
+class CLIError(Exception):
+    """A user error: `run` prints it as one line on stderr and exits with code 2."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Argument definitions (shared with conversion/convert_original_m2d2.py)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _size_pair(text: str) -> tuple[int, int]:
+    """Parses `80x1001` into (80, 1001)."""
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(part.isdigit() and int(part) > 0 for part in parts):
+        raise argparse.ArgumentTypeError(f"expected two positive integers like 80x1001, got {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds the arguments of `convert` to `parser` and makes it run the conversion."""
+    parser.add_argument(
+        "checkpoint",
+        metavar="CHECKPOINT",
+        type=Path,
+        help="original .pth file (the name of its folder gives the architecture)",
+    )
+    parser.add_argument("output_dir", metavar="OUT_DIR", type=Path, help="folder to write the transformers model to")
+    parser.add_argument(
+        "--tokenizer",
+        metavar="DIR_OR_ID",
+        help="tokenizer of a CLAP model (default: the text model, else bert-base-uncased from the hub); offline, any "
+        "folder with bert-base-uncased's vocab.txt",
+    )
+    parser.add_argument(
+        "--text-model",
+        metavar="DIR_OR_ID",
+        help="text tower for checkpoints that do not contain it (the 2024 model: thenlper/gte-base)",
+    )
+    parser.add_argument(
+        "--text-pooling", choices=("cls", "mean"), help="text pooling (default: from the folder name's letter)"
+    )
+    parser.add_argument("--input-size", type=_size_pair, metavar="FxT", help="mel bins x frames, e.g. 80x1001")
+    parser.add_argument("--patch-size", type=_size_pair, metavar="FxT", help="patch height x width, e.g. 16x16")
+    parser.add_argument("--sampling-rate", type=_positive_int, metavar="HZ", help="e.g. 16000")
+    parser.add_argument(
+        "--encoder-only", action="store_true", help="write only the audio encoder (M2D2AudioModel) of a CLAP checkpoint"
+    )
+    parser.set_defaults(handler=run_convert)
+
+
+def add_embed_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds the arguments of `embed` to `parser` and makes it run the embedding."""
+    parser.add_argument("model", metavar="MODEL_DIR", help="M2D2 model folder (audio encoder or CLAP) or hub id")
+    parser.add_argument("audio", metavar="AUDIO", nargs="+", type=Path, help="audio files (any rate, any channels)")
+    parser.add_argument(
+        "--output",
+        "-o",
+        required=True,
+        type=Path,
+        help="a folder of .npy files, or one .safetensors file with keys <stem>/<level>",
+    )
+    parser.add_argument(
+        "--format",
+        choices=("npy", "safetensors"),
+        help="output format (default: safetensors when OUTPUT ends in .safetensors, else npy)",
+    )
+    parser.add_argument(
+        "--level",
+        choices=LEVELS,
+        default="clip",
+        help="clip: mean of the frame features; frame: frame features and their start times in ms; clap: "
+        "L2-normalised CLAP audio embedding (CLAP folders only); all: every level the model has (default: clip)",
+    )
+    parser.add_argument("--batch-size", type=_positive_int, default=8, help="files per forward pass (default: 8)")
+    parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    parser.set_defaults(handler=run_embed)
+
+
+def add_zero_shot_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds the arguments of `zero-shot` to `parser` and makes it run the classification."""
+    parser.add_argument("model", metavar="MODEL_DIR", help="M2D2 CLAP model folder or hub id")
+    parser.add_argument("audio", metavar="AUDIO", nargs="+", type=Path, help="audio files (any rate, any channels)")
+    labels = parser.add_mutually_exclusive_group(required=True)
+    labels.add_argument("--labels", help="comma-separated class names (underscores read as spaces in the prompt)")
+    labels.add_argument("--labels-file", type=Path, help="a text file with one class name per line")
+    parser.add_argument(
+        "--template",
+        default=DEFAULT_TEMPLATE,
+        help=f"prompt with {{}} for the class name (default: {DEFAULT_TEMPLATE!r})",
+    )
+    parser.add_argument("--top-k", type=_positive_int, default=5, help="predictions shown per file (default: 5)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    parser.set_defaults(handler=run_zero_shot)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="m2d2-hf", description="M2D2 / M2D-CLAP (2025) audio and audio-language models for transformers."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_convert_arguments(
+        commands.add_parser(
+            "convert",
+            help="convert an original NTT checkpoint into a transformers folder",
+            description="Convert an original M2D / M2D-CLAP / M2D2 .pth checkpoint into a save_pretrained folder.",
+        )
+    )
+    add_embed_arguments(
+        commands.add_parser(
+            "embed",
+            help="write clip, frame or CLAP embeddings of audio files",
+            description="Embed audio files with an M2D2 model folder and write one array per file and level.",
+        )
+    )
+    add_zero_shot_arguments(
+        commands.add_parser(
+            "zero-shot",
+            help="classify audio files against free-text labels",
+            description="Zero-shot classification with an M2D2 CLAP folder (the zero-shot-audio-classification "
+            "pipeline), prompts made from the labels with underscores read as spaces.",
+        )
+    )
+    return parser
+
+
+def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
+    """Parses `argv` with `parser` and runs the chosen handler; returns the exit code instead of exiting."""
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_request:  # --help, or argparse's own usage errors (code 2)
+        code = exit_request.code
+        return code if isinstance(code, int) else int(code is not None)
+    try:
+        args.handler(args)
+    except CLIError as error:
+        message = " ".join(str(error).split())  # one line, whatever the wrapped exception printed
+        print(f"{parser.prog}: error: {message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `m2d2-hf` console script."""
+    return run(build_parser(), argv)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# convert
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def run_convert(args: argparse.Namespace) -> None:
+    try:
+        output_dir = convert_checkpoint(
+            args.checkpoint,
+            args.output_dir,
+            tokenizer=args.tokenizer,
+            text_model=args.text_model,
+            text_pooling=args.text_pooling,
+            input_size=args.input_size,
+            patch_size=args.patch_size,
+            sampling_rate=args.sampling_rate,
+            encoder_only=args.encoder_only,
+        )
+    except (OSError, ValueError) as error:  # the converter's messages say what to change
+        raise CLIError(f"cannot convert {args.checkpoint}: {error}") from error
+    architecture = AutoConfig.from_pretrained(output_dir).architectures[0]
+    print(f"wrote {architecture} to {output_dir}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Shared by embed and zero-shot
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AudioFile:
+    """An input file as its header describes it (rate and length in samples per channel)."""
+
+    path: Path
+    sampling_rate: int
+    num_samples: int
+
+
+def inspect_audio_files(paths: Sequence[Path]) -> list[AudioFile]:
+    """Checks that every file exists and is decodable audio (from its header) before any model is loaded."""
+    files = []
+    for path in paths:
+        if not path.exists():
+            raise CLIError(f"no such file: {path}")
+        if not path.is_file():
+            raise CLIError(f"not a file: {path}")
+        try:
+            info = sf.info(str(path))
+        except (sf.SoundFileError, RuntimeError) as error:
+            raise CLIError(f"cannot read audio file {path}: {error}") from error
+        if info.frames < 1:
+            raise CLIError(f"audio file {path} holds no samples")
+        files.append(AudioFile(path, int(info.samplerate), int(info.frames)))
+    return files
+
+
+def read_audio(file: AudioFile) -> np.ndarray:
+    """The file's samples as float32 [channels, samples] (soundfile gives [samples, channels])."""
+    try:
+        data, _ = sf.read(str(file.path), dtype="float32", always_2d=True)
+    except (sf.SoundFileError, RuntimeError) as error:
+        raise CLIError(f"cannot decode audio file {file.path}: {error}") from error
+    return np.ascontiguousarray(data.T)
+
+
+def check_long_enough(files: Sequence[AudioFile], feature_extractor: M2D2FeatureExtractor) -> None:
+    """Rejects clips shorter than one patch before any compute, naming the file (the extractor only knows indices)."""
+    target = feature_extractor.sampling_rate
+    for file in files:
+        # Length after torchaudio's resampling: ceil(n * target / rate).
+        resampled = -(-file.num_samples * target // file.sampling_rate)
+        if resampled < feature_extractor.min_samples:
+            raise CLIError(
+                f"{file.path} is too short ({file.num_samples / file.sampling_rate:.3f} s): the model needs at "
+                f"least {feature_extractor.min_samples / target:g} s of audio"
+            )
+
+
+def load_m2d2_config(model: str) -> PreTrainedConfig:
+    """The config of an M2D2 folder or hub id; a clear error for anything else."""
+    path = Path(model)
+    if path.exists() and not (path / "config.json").is_file():
+        raise CLIError(f"{model} is not a model folder (no config.json)")
+    try:
+        config = AutoConfig.from_pretrained(model)
+    except (OSError, ValueError) as error:
+        raise CLIError(f"cannot load a model config from {model}: {error}") from error
+    if config.model_type not in M2D2_MODEL_TYPES:
+        raise CLIError(
+            f"{model} is not an M2D2 model (model_type {config.model_type!r}, expected one of {M2D2_MODEL_TYPES})"
+        )
+    return config
+
+
+def load_feature_extractor(model: str) -> M2D2FeatureExtractor:
+    """Loaded before the model, so that inputs are validated before the slow part."""
+    try:
+        return AutoFeatureExtractor.from_pretrained(model)
+    except (OSError, ValueError) as error:
+        raise CLIError(f"cannot load the feature extractor from {model}: {error}") from error
+
+
+def pick_device(requested: str | None) -> torch.device:
+    try:
+        device = torch.device(requested or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as error:
+        raise CLIError(f"invalid --device {requested!r}: {error}") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError("--device cuda was requested but no CUDA device is available")
+    return device
+
+
+def progress(total: int, description: str) -> tqdm:
+    """A progress bar on stderr; hidden for a single file and when stderr is not a terminal (`disable=None`)."""
+    return tqdm(total=total, unit="file", desc=description, file=sys.stderr, disable=True if total < 2 else None)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# embed
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def batches_by_rate(files: Sequence[AudioFile], batch_size: int) -> Iterator[list[AudioFile]]:
+    """Batches of files that share a sampling rate: the feature extractor takes one rate per call."""
+    by_rate: dict[int, list[AudioFile]] = {}
+    for file in files:
+        by_rate.setdefault(file.sampling_rate, []).append(file)
+    for group in by_rate.values():
+        for start in range(0, len(group), batch_size):
+            yield group[start : start + batch_size]
+
+
+def unique_stems(files: Sequence[AudioFile]) -> None:
+    """Output names come from file stems; two inputs with one stem would overwrite each other."""
+    seen: dict[str, Path] = {}
+    for file in files:
+        stem = file.path.stem
+        if stem in seen:
+            raise CLIError(f"{seen[stem]} and {file.path} have the same stem {stem!r}: output names would collide")
+        seen[stem] = file.path
+
+
+class NpyWriter:
+    """`<stem>.<level>.npy` files in one folder, written as they come (nothing accumulates in memory)."""
+
+    def __init__(self, folder: Path):
+        if folder.exists() and not folder.is_dir():
+            raise CLIError(f"--output {folder} exists and is not a folder (npy output is a folder)")
+        folder.mkdir(parents=True, exist_ok=True)
+        self.folder = folder
+
+    def add(self, stem: str, name: str, array: np.ndarray) -> None:
+        np.save(self.folder / f"{stem}.{name}.npy", array)
+
+    def close(self) -> None:
+        print(f"wrote .npy files to {self.folder}")
+
+
+class SafetensorsWriter:
+    """One safetensors file with keys `<stem>/<level>`, written at the end (safetensors cannot be appended to)."""
+
+    def __init__(self, path: Path, metadata: dict[str, str]):
+        if path.is_dir():
+            raise CLIError(f"--output {path} is a folder (safetensors output is one file)")
+        self.path = path
+        self.metadata = metadata
+        self.tensors: dict[str, np.ndarray] = {}
+
+    def add(self, stem: str, name: str, array: np.ndarray) -> None:
+        self.tensors[f"{stem}/{name}"] = np.ascontiguousarray(array)
+
+    def close(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(self.tensors, str(self.path), metadata=self.metadata)
+        print(f"wrote {len(self.tensors)} arrays to {self.path}")
+
+
+def run_embed(args: argparse.Namespace) -> None:
+    files = inspect_audio_files(args.audio)
+    unique_stems(files)
+    config = load_m2d2_config(args.model)
+    is_clap = config.model_type == M2D2Config.model_type
+    if args.level == "clap" and not is_clap:
+        raise CLIError(
+            f"--level clap needs an M2D2 CLAP model folder; {args.model} holds an audio encoder only (M2D2AudioModel)"
+        )
+    levels = {"clip": {"clip"}, "frame": {"frame"}, "clap": {"clap"}, "all": {"clip", "frame", "clap"}}[args.level]
+    if not is_clap:
+        levels.discard("clap")
+
+    device = pick_device(args.device)
+    feature_extractor = load_feature_extractor(args.model)
+    check_long_enough(files, feature_extractor)
+    try:
+        model = AutoModel.from_pretrained(args.model)
+    except (OSError, ValueError) as error:
+        raise CLIError(f"cannot load the model from {args.model}: {error}") from error
+    fmt = args.format or ("safetensors" if args.output.suffix == ".safetensors" else "npy")
+    if fmt == "npy":
+        writer = NpyWriter(args.output)
+    else:
+        writer = SafetensorsWriter(args.output, {"model": str(args.model), "levels": ",".join(sorted(levels))})
+    model.to(device)
+    audio_model = model.audio_model if is_clap else model
+
+    with progress(len(files), "embed") as bar:
+        for batch in batches_by_rate(files, args.batch_size):
+            features = feature_extractor(
+                [read_audio(file) for file in batch],
+                sampling_rate=batch[0].sampling_rate,
+                mono=True,  # [channels, samples] arrays are averaged to mono; 1-channel files pass unchanged
+                return_tensors="pt",
+            ).to(device)
+            with torch.no_grad():
+                if "clap" in levels:
+                    # One encoder pass serves all levels: get_audio_features keeps the tower's frame outputs and only
+                    # replaces pooler_output, whose clip-level value is the masked frame mean.
+                    outputs = model.get_audio_features(**features)
+                    clap = outputs.pooler_output
+                    clip = masked_mean(outputs.frame_features, outputs.frame_mask)
+                else:
+                    outputs = audio_model(**features)
+                    clip = outputs.pooler_output
+            frame_counts = outputs.frame_mask.sum(-1).tolist()
+            for index, file in enumerate(batch):
+                stem = file.path.stem
+                if "clip" in levels:
+                    writer.add(stem, "clip", clip[index].float().cpu().numpy())
+                if "frame" in levels:
+                    count = frame_counts[index]
+                    writer.add(stem, "frames", outputs.frame_features[index, :count].float().cpu().numpy())
+                    writer.add(stem, "timestamps", frame_timestamps(file.num_samples, count, file.sampling_rate))
+                if "clap" in levels:
+                    writer.add(stem, "clap", clap[index].float().cpu().numpy())
+            bar.update(len(batch))
+    writer.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# zero-shot
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def parse_labels(args: argparse.Namespace) -> list[str]:
+    if args.labels_file is not None:
+        try:
+            text = args.labels_file.read_text(encoding="utf-8")
+        except OSError as error:
+            raise CLIError(f"cannot read --labels-file {args.labels_file}: {error}") from error
+        labels = [line.strip() for line in text.splitlines()]
+    else:
+        labels = [label.strip() for label in args.labels.split(",")]
+    labels = [label for label in labels if label]
+    if not labels:
+        raise CLIError("no labels given: pass --labels a,b,c or a --labels-file with one label per line")
+    return labels
+
+
+def label_prompts(labels: Sequence[str], template: str) -> dict[str, str]:
+    """Maps each prompt label (underscores read as spaces, as the original evaluation) back to its given name."""
+    try:
+        if template.format("a") == template.format("b"):
+            raise CLIError(f"--template {template!r} has no {{}} for the label")
+    except (IndexError, KeyError, ValueError) as error:
+        raise CLIError(f"--template {template!r} is not a format string with one {{}}: {error!r}") from error
+    names: dict[str, str] = {}
+    for label in labels:
+        spoken = label.replace("_", " ")
+        if spoken in names:
+            raise CLIError(f"labels {names[spoken]!r} and {label!r} give the same prompt")
+        names[spoken] = label
+    return names
+
+
+def mono_at(file: AudioFile, sampling_rate: int) -> np.ndarray:
+    """The file averaged to mono and resampled as the feature extractor would: the pipeline takes numpy arrays as
+    already at the extractor's rate, and decoding here spares the ffmpeg binary it needs for paths."""
+    clip = torch.from_numpy(read_audio(file)).mean(dim=0)
+    if file.sampling_rate != sampling_rate:
+        clip = torchaudio.functional.resample(clip, file.sampling_rate, sampling_rate)
+    return clip.numpy()
+
+
+def run_zero_shot(args: argparse.Namespace) -> None:
+    labels = parse_labels(args)
+    names = label_prompts(labels, args.template)
+    files = inspect_audio_files(args.audio)
+    config = load_m2d2_config(args.model)
+    if config.model_type != M2D2Config.model_type:
+        raise CLIError(f"zero-shot needs an M2D2 CLAP model folder; {args.model} holds an audio encoder only")
+    device = pick_device(args.device)
+    feature_extractor = load_feature_extractor(args.model)
+    check_long_enough(files, feature_extractor)
+    try:
+        classifier = pipeline(
+            "zero-shot-audio-classification", model=args.model, feature_extractor=feature_extractor, device=device
+        )
+    except (OSError, ValueError) as error:
+        raise CLIError(f"cannot load the model from {args.model}: {error}") from error
+
+    results = []
+    with progress(len(files), "zero-shot") as bar:
+        for file in files:
+            predictions = classifier(
+                mono_at(file, feature_extractor.sampling_rate),
+                candidate_labels=list(names),
+                hypothesis_template=args.template,
+            )
+            results.append(
+                {
+                    "file": str(file.path),
+                    "predictions": [
+                        {"label": names[p["label"]], "score": float(p["score"])} for p in predictions[: args.top_k]
+                    ],
+                }
+            )
+            bar.update()
+    print_results(results, as_json=args.json)
+
+
+def print_results(results: list[dict], as_json: bool) -> None:
+    """Prints the predictions as JSON or as one block per file: rank, label, score."""
+    if as_json:
+        print(json.dumps(results, indent=2))
+        return
+    width = max(len(p["label"]) for result in results for p in result["predictions"])
+    for result in results:
+        print(result["file"])
+        for rank, prediction in enumerate(result["predictions"], 1):
+            print(f"  {rank:>2}  {prediction['label']:<{width}}  {prediction['score']:.4f}")
+
+
+__all__ = ["CLIError", "add_convert_arguments", "build_parser", "main", "run"]
