@@ -44,20 +44,26 @@ TEXT_ENCODERS = {
     "B": (BERT_BASE_TOKENIZER, "cls"),
 }
 
+
+def block_rules(source: str, target: str) -> list[tuple[str, str]]:
+    """Rules for one timm ViT block; `source` is a pattern whose single group is the block index."""
+    return [
+        (source + r"\.(norm1|norm2)\.(weight|bias)", target + r".\2.\3"),
+        (source + r"\.attn\.(qkv|proj)\.(weight|bias)", target + r".attention.\2.\3"),
+        (source + r"\.mlp\.(fc1|fc2)\.(weight|bias)", target + r".mlp.\2.\3"),
+    ]
+
+
 ENCODER_RULES = [
     (r"cls_token", r"embeddings.cls_token"),
     (r"pos_embed", r"embeddings.position_embeddings"),
     (r"patch_embed\.proj\.(weight|bias)", r"embeddings.patch_embeddings.projection.\1"),
-    (r"blocks\.(\d+)\.(norm1|norm2)\.(weight|bias)", r"layers.\1.\2.\3"),
-    (r"blocks\.(\d+)\.attn\.(qkv|proj)\.(weight|bias)", r"layers.\1.attention.\2.\3"),
-    (r"blocks\.(\d+)\.mlp\.(fc1|fc2)\.(weight|bias)", r"layers.\1.mlp.\2.\3"),
+    *block_rules(r"blocks\.(\d+)", r"layers.\1"),
     (r"norm\.(weight|bias)", r"layernorm.\1"),
 ]
 SEMANTIC_PROJECTOR_RULES = [
     (r"audio_proj\.sem_token", r"audio_projection.sem_token"),
-    (r"audio_proj\.sem_blocks\.(\d+)\.(norm1|norm2)\.(weight|bias)", r"audio_projection.layers.\1.\2.\3"),
-    (r"audio_proj\.sem_blocks\.(\d+)\.attn\.(qkv|proj)\.(weight|bias)", r"audio_projection.layers.\1.attention.\2.\3"),
-    (r"audio_proj\.sem_blocks\.(\d+)\.mlp\.(fc1|fc2)\.(weight|bias)", r"audio_projection.layers.\1.mlp.\2.\3"),
+    *block_rules(r"audio_proj\.sem_blocks\.(\d+)", r"audio_projection.layers.\1"),
     (r"audio_proj\.norm\.(weight|bias)", r"audio_projection.layernorm.\1"),
 ]
 MLP_PROJECTOR_RULES = [
