@@ -32,9 +32,17 @@ class M2D2AudioConfig(PreTrainedConfig):
         layer_norm_eps (`float`, defaults to 1e-6): eps of every encoder LayerNorm.
         qkv_bias (`bool`, defaults to `True`): bias of the fused query/key/value projection.
         initializer_range (`float`, defaults to 0.02): std of the token initialisations.
-        predictor_hidden_size, predictor_num_hidden_layers, predictor_num_attention_heads (512, 8, 16): the M2D
-            predictor used in pre-training only.
+        predictor_hidden_size, predictor_num_hidden_layers, predictor_num_attention_heads,
+        predictor_intermediate_size (512, 8, 16, 2048): the M2D predictor, used in pre-training only.
         mask_ratio (`float`, defaults to 0.7): fraction of patches masked in M2D pre-training.
+        caption_embedding_size (`int`, *optional*): width of the cached caption embeddings of stage-1 CLAP
+            pre-training (4096 for NV-Embed-v2); `None` pre-trains plain M2D without the CLAP head.
+        projector_num_layers, projector_num_attention_heads, projector_intermediate_size, projector_layer_norm_eps:
+            the stage-1 semantic audio projector (1 block, 1 head, MLP 768, LayerNorm eps 1e-5).
+        m2d_loss_weight, clap_loss_weight (`float`, defaults to 1.0 and 0.01): weights of the two stage-1 losses.
+        ema_decay_start, ema_decay_end (`float`, defaults to 0.99995 and 0.99999): the EMA target's τ, linear over
+            the optimiser steps.
+        logit_scale_init_value (`float`, defaults to ln(1/0.07)): initial log temperature of the stage-1 CLAP loss.
     """
 
     model_type = "m2d2_audio"
@@ -60,7 +68,18 @@ class M2D2AudioConfig(PreTrainedConfig):
     predictor_hidden_size: int = 512
     predictor_num_hidden_layers: int = 8
     predictor_num_attention_heads: int = 16
+    predictor_intermediate_size: int = 2048
     mask_ratio: float = 0.7
+    caption_embedding_size: int | None = None
+    projector_num_layers: int = 1
+    projector_num_attention_heads: int = 1
+    projector_intermediate_size: int = 768
+    projector_layer_norm_eps: float = 1e-5
+    m2d_loss_weight: float = 1.0
+    clap_loss_weight: float = 0.01
+    ema_decay_start: float = 0.99995
+    ema_decay_end: float = 0.99999
+    logit_scale_init_value: float = math.log(1 / 0.07)
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)

@@ -410,12 +410,13 @@ class M2D2AudioModel(M2D2PreTrainedModel):
 
 class M2D2SemanticProjector(nn.Module):
     """AudioToSemantic (2025): a learned token attends over all patch tokens through transformer blocks without
-    positional information (so the result ignores token order), then a LayerNorm."""
+    positional information (so the result ignores token order), then a LayerNorm. Its geometry comes from the
+    config's `projector_*` fields (the CLAP config at inference, the audio config in stage-1 pre-training)."""
 
-    def __init__(self, config: M2D2Config):
+    def __init__(self, config: M2D2Config | M2D2AudioConfig, hidden_size: int):
         super().__init__()
         self.config = config
-        dim = config.audio_config.hidden_size
+        dim = hidden_size
         self.sem_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.layers = nn.ModuleList(
             M2D2Layer(
@@ -445,18 +446,16 @@ class M2D2SemanticProjector(nn.Module):
 class M2D2MLPProjector(nn.Module):
     """The 2024 projector: mean of the patch tokens → Linear → ReLU → Linear."""
 
-    def __init__(self, config: M2D2Config):
+    def __init__(self, hidden_size: int, intermediate_size: int, output_size: int):
         super().__init__()
-        dim = config.audio_config.hidden_size
-        self.fc1 = nn.Linear(dim, config.projector_intermediate_size)
-        self.fc2 = nn.Linear(config.projector_intermediate_size, config.projection_dim)
+        self.fc1 = nn.Linear(hidden_size, intermediate_size)
+        self.fc2 = nn.Linear(intermediate_size, output_size)
 
     def forward(self, tokens: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
         pooled = tokens.mean(1) if token_mask is None else masked_mean(tokens, token_mask)
         return self.fc2(F.relu(self.fc1(pooled)))
 
 
-AUDIO_PROJECTORS = {"semantic": M2D2SemanticProjector, "mlp": M2D2MLPProjector}
 
 
 class M2D2ClapModel(M2D2PreTrainedModel):
@@ -471,7 +470,11 @@ class M2D2ClapModel(M2D2PreTrainedModel):
     def __init__(self, config: M2D2Config):
         super().__init__(config)
         self.audio_model = M2D2AudioModel._from_config(config.audio_config)
-        self.audio_projection = AUDIO_PROJECTORS[config.audio_projector_type](config)
+        audio_size = config.audio_config.hidden_size
+        if config.audio_projector_type == "semantic":
+            self.audio_projection = M2D2SemanticProjector(config, audio_size)
+        else:
+            self.audio_projection = M2D2MLPProjector(audio_size, config.projector_intermediate_size, config.projection_dim)
         self.text_model = AutoModel.from_config(config.text_config)
         self.text_projection = (
             nn.Linear(config.text_config.hidden_size, config.projection_dim) if config.text_projection else nn.Identity()
