@@ -37,6 +37,7 @@ class M2D2AudioConfig(PreTrainedConfig):
         mask_ratio (`float`, defaults to 0.7): fraction of patches masked in M2D pre-training.
         caption_embedding_size (`int`, *optional*): width of the cached caption embeddings of stage-1 CLAP
             pre-training (4096 for NV-Embed-v2); `None` pre-trains plain M2D without the CLAP head.
+        audio_projector_type (`"semantic"` or `"mlp"`): the stage-1 audio projector (2025: semantic; 2024: MLP).
         projector_num_layers, projector_num_attention_heads, projector_intermediate_size, projector_layer_norm_eps:
             the stage-1 semantic audio projector (1 block, 1 head, MLP 768, LayerNorm eps 1e-5).
         m2d_loss_weight, clap_loss_weight (`float`, defaults to 1.0 and 0.01): weights of the two stage-1 losses.
@@ -71,6 +72,7 @@ class M2D2AudioConfig(PreTrainedConfig):
     predictor_intermediate_size: int = 2048
     mask_ratio: float = 0.7
     caption_embedding_size: int | None = None
+    audio_projector_type: Literal["semantic", "mlp"] = "semantic"
     projector_num_layers: int = 1
     projector_num_attention_heads: int = 1
     projector_intermediate_size: int = 768

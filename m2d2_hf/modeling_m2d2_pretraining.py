@@ -1,0 +1,312 @@
+"""Stage-1 pre-training of M2D2: masked modeling duo (M2D) with an EMA target, plus CLAP against cached caption
+embeddings (spec §6-§7).
+
+The online encoder sees the visible patches and a predictor infers the target encoder's representations of the
+masked patches; the target encoder is an exponential moving average of the online one and sees only the masked
+patches. A semantic projector of the visible tokens is aligned with projected caption embeddings by a contrastive
+loss over the global batch.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.utils import ModelOutput, can_return_tuple
+
+from .configuration_m2d2 import M2D2AudioConfig
+from .modeling_m2d2 import (
+    M2D2AudioModel,
+    M2D2Layer,
+    M2D2MLPProjector,
+    M2D2PreTrainedModel,
+    M2D2SemanticProjector,
+    contrastive_loss,
+    encoder_layers,
+    sincos_position_table,
+)
+
+
+# The temperature is clamped to [0, ln 100] after every optimiser step, as the original does.
+MAX_LOGIT_SCALE = 4.605170185988092
+
+
+@dataclass
+class M2D2PreTrainingOutput(ModelOutput):
+    r"""
+    loss (`torch.FloatTensor` of shape `()`): `m2d_loss_weight * m2d_loss + clap_loss_weight * clap_loss`.
+    m2d_loss (`torch.FloatTensor` of shape `()`): mean over masked patches of 2 - 2 cos(prediction, target).
+    clap_loss (`torch.FloatTensor` of shape `()`, *optional*): symmetric contrastive loss over the clips that have a
+        caption embedding (gathered from every process); absent without a CLAP head.
+    predictions, targets (`torch.FloatTensor` of shape `(batch_size, num_masked, hidden_size)`): predictor output and
+        target encoder output (standardised per token) at `masked_indices`.
+    audio_embeds, text_embeds (`torch.FloatTensor` of shape `(batch_size, hidden_size)`, *optional*): projector
+        outputs of the visible tokens and of the caption embeddings, not normalised.
+    visible_indices, masked_indices (`torch.LongTensor`): the patches kept for and hidden from the online encoder.
+    """
+
+    loss: torch.FloatTensor | None = None
+    m2d_loss: torch.FloatTensor | None = None
+    clap_loss: torch.FloatTensor | None = None
+    predictions: torch.FloatTensor | None = None
+    targets: torch.FloatTensor | None = None
+    audio_embeds: torch.FloatTensor | None = None
+    text_embeds: torch.FloatTensor | None = None
+    visible_indices: torch.LongTensor | None = None
+    masked_indices: torch.LongTensor | None = None
+
+
+def random_unstructured_mask(
+    batch_size: int, num_patches: int, mask_ratio: float, device: torch.device, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sample, a random permutation of the patches: the first `int(L * (1 - ratio))` are visible, the rest
+    masked (so every sample keeps the same number)."""
+    num_visible = int(num_patches * (1 - mask_ratio))
+    noise = torch.rand(batch_size, num_patches, device=generator.device if generator else device, generator=generator)
+    order = noise.argsort(dim=1).to(device)
+    return order[:, :num_visible], order[:, num_visible:]
+
+
+def complement_indices(visible_indices: torch.Tensor, num_patches: int) -> torch.Tensor:
+    """The patches not in `visible_indices` [B, V], ascending, [B, L - V]."""
+    hidden = torch.ones(visible_indices.shape[0], num_patches, dtype=torch.bool, device=visible_indices.device)
+    hidden.scatter_(1, visible_indices, False)
+    return hidden.nonzero()[:, 1].reshape(visible_indices.shape[0], -1)
+
+
+def m2d_loss(predictions: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The M2D objective: standardise each target token (unbiased variance, eps 1e-6), L2-normalise both, and
+    average 2 - 2 cos. Returns (loss, standardised targets)."""
+    mean = targets.mean(dim=-1, keepdim=True)
+    var = targets.var(dim=-1, keepdim=True, unbiased=True)
+    targets = (targets - mean) / (var + 1e-6).sqrt()
+    cosine = (F.normalize(predictions, dim=-1) * F.normalize(targets, dim=-1)).sum(-1)
+    return (2 - 2 * cosine).mean(), targets
+
+
+def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenates `tensor` from every process; gradients flow back to each process's own slice."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return tensor
+    if torch.distributed.get_world_size() == 1:
+        return tensor
+    return torch.cat(torch.distributed.nn.functional.all_gather(tensor), dim=0)
+
+
+def global_clap_loss(
+    audio_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor, valid: torch.Tensor
+) -> torch.Tensor:
+    """Symmetric contrastive loss over the GLOBAL batch (every process's clips; equal per-process batch sizes),
+    restricted to clips with a caption (`valid`). Every process computes the same value; with DDP's gradient
+    averaging the gradient equals that of the single global loss."""
+    audio = gather_with_grad(F.normalize(audio_embeds, dim=-1))
+    text = gather_with_grad(F.normalize(text_embeds, dim=-1))
+    valid = gather_with_grad(valid.to(torch.uint8)).bool()
+    if not bool(valid.any()):
+        # No caption anywhere: a zero that keeps the graph (every process must run the same backward).
+        return (audio.sum() + text.sum()) * 0.0
+    logits = logit_scale.exp() * audio[valid] @ text[valid].t()
+    return contrastive_loss(logits)
+
+
+class M2D2Predictor(nn.Module):
+    """The M2D predictor ("decoder"): visible latents and mask tokens, in patch order with a fixed sin-cos table,
+    through narrow transformer blocks, projected back to the encoder width."""
+
+    def __init__(self, config: M2D2AudioConfig):
+        super().__init__()
+        self.config = config
+        width = config.predictor_hidden_size
+        self.decoder_embed = nn.Linear(config.hidden_size, width)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.register_buffer(
+            "position_embeddings", torch.zeros(1, 1 + config.frequency_patches * config.time_patches, width)
+        )
+        self.layers = nn.ModuleList(
+            M2D2Layer(
+                config,
+                width,
+                config.predictor_num_attention_heads,
+                config.predictor_intermediate_size,
+                config.layer_norm_eps,
+                config.hidden_act,
+                config.qkv_bias,
+            )
+            for _ in range(config.predictor_num_hidden_layers)
+        )
+        self.layernorm = nn.LayerNorm(width, eps=config.layer_norm_eps)
+        self.decoder_pred = nn.Linear(width, config.hidden_size)
+
+    def forward(self, latent: torch.Tensor, visible_indices: torch.Tensor, masked_indices: torch.Tensor) -> torch.Tensor:
+        """latent [B, 1 + V, D] (CLS first) → predictions [B, M, D] at `masked_indices`."""
+        embedded = self.decoder_embed(latent)
+        batch, width = embedded.shape[0], embedded.shape[-1]
+        num_patches = visible_indices.shape[1] + masked_indices.shape[1]
+        tokens = self.mask_token.to(embedded.dtype).expand(batch, num_patches, width).clone()
+        tokens = tokens.scatter(1, visible_indices[..., None].expand(-1, -1, width), embedded[:, 1:])
+        table = self.position_embeddings.to(embedded.dtype)
+        hidden_states = torch.cat([embedded[:, :1] + table[:, :1], tokens + table[:, 1 : 1 + num_patches]], dim=1)
+        for layer in self.layers:
+            hidden_states = layer(hidden_states)
+        predictions = self.decoder_pred(self.layernorm(hidden_states))[:, 1:]
+        return predictions.gather(1, masked_indices[..., None].expand(-1, -1, predictions.shape[-1]))
+
+
+class M2D2ForPreTraining(M2D2PreTrainedModel):
+    """Stage-1 M2D2: the online encoder (`audio_model`, an [`M2D2AudioModel`] whose weights export directly), its
+    EMA target (blocks and final norm only; patch embedding, positions and CLS are shared with the online encoder),
+    the predictor, and, when `config.caption_embedding_size` is set, the CLAP head (semantic projector of the visible
+    tokens, `text_projection` of the caption embeddings, `logit_scale`)."""
+
+    config: M2D2AudioConfig
+
+    def __init__(self, config: M2D2AudioConfig):
+        super().__init__(config)
+        self.audio_model = M2D2AudioModel(config)
+        self.target_layers = encoder_layers(config)
+        self.target_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.freeze_target()
+        self.predictor = M2D2Predictor(config)
+        if config.caption_embedding_size:
+            if config.audio_projector_type == "semantic":
+                self.audio_projection = M2D2SemanticProjector(config, config.hidden_size)
+            else:
+                self.audio_projection = M2D2MLPProjector(
+                    config.hidden_size, config.projector_intermediate_size, config.hidden_size
+                )
+            self.text_projection = (
+                nn.Identity()
+                if config.caption_embedding_size == config.hidden_size
+                else nn.Linear(config.caption_embedding_size, config.hidden_size)
+            )
+            self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value))
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """The encoder's initialisation, plus the predictor's sin-cos table and mask token, and a target that
+        starts as an exact copy of the online encoder (children are initialised before this model itself)."""
+        super()._init_weights(module)
+        if isinstance(module, M2D2Predictor):
+            config = module.config
+            init.normal_(module.mask_token, std=config.initializer_range)
+            table = sincos_position_table(config.predictor_hidden_size, config.frequency_patches, config.time_patches)
+            init.copy_(module.position_embeddings, table[None])
+        elif isinstance(module, M2D2ForPreTraining):
+            for target, online in module.target_parameter_pairs():
+                init.copy_(target, online.detach())
+            if hasattr(module, "logit_scale"):
+                init.constant_(module.logit_scale, module.config.logit_scale_init_value)
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        # transformers' loader re-creates loaded parameters as trainable; the EMA target must stay out of the
+        # optimiser and of DDP's gradient bookkeeping.
+        loaded = super().from_pretrained(*args, **kwargs)
+        (loaded[0] if isinstance(loaded, tuple) else loaded).freeze_target()
+        return loaded
+
+    def freeze_target(self) -> None:
+        for target, _ in self.target_parameter_pairs():
+            target.requires_grad_(False)
+
+    def target_parameter_pairs(self) -> list[tuple[nn.Parameter, nn.Parameter]]:
+        """(target, online) parameters the EMA ties together."""
+        online = [*self.audio_model.layers.parameters(), *self.audio_model.layernorm.parameters()]
+        target = [*self.target_layers.parameters(), *self.target_layernorm.parameters()]
+        return list(zip(target, online))
+
+    def ema_decay(self, step: int, total_steps: int) -> float:
+        """τ of optimiser step `step` (0-based): linear from `ema_decay_start` to `ema_decay_end` over the run."""
+        progress = step / max(total_steps - 1, 1)
+        return self.config.ema_decay_start + (self.config.ema_decay_end - self.config.ema_decay_start) * progress
+
+    @torch.no_grad()
+    def update_target(self, decay: float) -> None:
+        """target ← τ·target + (1 − τ)·online, with the online weights as they are after the optimiser step."""
+        target, online = map(list, zip(*self.target_parameter_pairs()))
+        # τ·target and (1 − τ)·online rounded separately, then added: the original's arithmetic, so that the
+        # near-1 LayerNorm gains of the target move by exactly its tiny steps.
+        torch._foreach_mul_(target, decay)
+        torch._foreach_add_(target, torch._foreach_mul(online, 1.0 - decay))
+
+    @torch.no_grad()
+    def clamp_logit_scale(self) -> None:
+        if hasattr(self, "logit_scale"):
+            self.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_features: torch.Tensor,
+        caption_embeddings: torch.Tensor | None = None,
+        has_caption: torch.Tensor | None = None,
+        visible_indices: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        **kwargs,
+    ) -> M2D2PreTrainingOutput:
+        r"""
+        input_features (`torch.FloatTensor` of shape `(batch_size, num_mel_bins, frames)`):
+            Normalised log-mel crops of one fixed length (608 frames in the 2025 recipe).
+        caption_embeddings (`torch.FloatTensor` of shape `(batch_size, caption_embedding_size)`, *optional*):
+            Cached caption embeddings; needed for the CLAP loss.
+        has_caption (`torch.BoolTensor` of shape `(batch_size,)`, *optional*): False for clips without a caption
+            (their row of `caption_embeddings` is ignored); they contribute to the M2D loss only.
+        visible_indices (`torch.LongTensor` of shape `(batch_size, num_visible)`, *optional*): an explicit mask
+            (patch p = f * columns + t) to reproduce a step; random unstructured masking otherwise.
+        generator (`torch.Generator`, *optional*): source of the random mask, for reproducible runs.
+        """
+        patches = self.audio_model.embeddings(input_features)
+        batch, num_patches, dim = patches.shape
+        if visible_indices is None:
+            visible_indices, masked_indices = random_unstructured_mask(
+                batch, num_patches, self.config.mask_ratio, patches.device, generator
+            )
+        else:
+            masked_indices = complement_indices(visible_indices, num_patches)
+        cls = self.audio_model.embeddings.cls_embedding().to(patches.dtype).expand(batch, -1, -1)
+
+        latent = torch.cat([cls, patches.gather(1, visible_indices[..., None].expand(-1, -1, dim))], dim=1)
+        for layer in self.audio_model.layers:
+            latent = layer(latent)
+        latent = self.audio_model.layernorm(latent)
+
+        with torch.no_grad():
+            hidden = torch.cat([cls, patches.gather(1, masked_indices[..., None].expand(-1, -1, dim))], dim=1).detach()
+            for layer in self.target_layers:
+                hidden = layer(hidden)
+            targets = self.target_layernorm(hidden)[:, 1:]
+
+        predictions = self.predictor(latent, visible_indices, masked_indices)
+        loss_m2d, standardised = m2d_loss(predictions.float(), targets.float())
+        loss = self.config.m2d_loss_weight * loss_m2d
+
+        loss_clap = audio_embeds = text_embeds = None
+        if self.config.caption_embedding_size and caption_embeddings is not None:
+            visible_tokens = latent[:, 1:]
+            audio_embeds = self.audio_projection(visible_tokens)
+            text_embeds = self.text_projection(caption_embeddings.to(audio_embeds.dtype))
+            valid = has_caption if has_caption is not None else torch.ones(batch, dtype=torch.bool, device=latent.device)
+            loss_clap = global_clap_loss(audio_embeds.float(), text_embeds.float(), self.logit_scale, valid.bool())
+            loss = loss + self.config.clap_loss_weight * loss_clap
+
+        return M2D2PreTrainingOutput(
+            loss=loss,
+            m2d_loss=loss_m2d,
+            clap_loss=loss_clap,
+            predictions=predictions,
+            targets=standardised,
+            audio_embeds=audio_embeds,
+            text_embeds=text_embeds,
+            visible_indices=visible_indices,
+            masked_indices=masked_indices,
+        )
+
+
+__all__ = [
+    "M2D2ForPreTraining",
+    "M2D2PreTrainingOutput",
+    "global_clap_loss",
+    "m2d_loss",
+    "random_unstructured_mask",
+]

@@ -1,0 +1,170 @@
+"""Parity with the ORIGINAL stage-1 training code: its pre-training checkpoint is regenerated, converted into
+`M2D2ForPreTraining`, and the recorded batch is replayed with the recorded mask — losses, predictions, targets,
+CLAP embeddings, gradients, one clipped AdamW step, the EMA update and the temperature clamp."""
+
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForPreTraining
+
+from m2d2_hf import M2D2AudioModel, M2D2ForPreTraining
+from m2d2_hf.conversion import (
+    CLAP_RULES,
+    ENCODER_RULES,
+    PREDICTOR_RULES,
+    SEMANTIC_PROJECTOR_RULES,
+    TARGET_RULES,
+    convert_checkpoint,
+)
+from m2d2_hf.training.optim import weight_decay_groups
+
+from .conftest import SHARED_DIR, _require
+
+pytestmark = pytest.mark.slow
+
+PRETRAIN_DIR = SHARED_DIR / "fixtures" / "original_m2d2_pretrain"
+RULES = [(p, f"audio_model.{t}") for p, t in ENCODER_RULES] + TARGET_RULES + PREDICTOR_RULES
+RULES += SEMANTIC_PROJECTOR_RULES + CLAP_RULES
+
+
+def converted_name(original_key: str) -> str | None:
+    for pattern, target in RULES:
+        if re.fullmatch(pattern, original_key):
+            return re.sub(f"^{pattern}$", target, original_key)
+    return None
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict:
+    with np.load(_require(PRETRAIN_DIR / "reference_stage1.npz")) as data:
+        return {key: data[key] for key in data.files}
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pretrain_original")
+    script = _require(PRETRAIN_DIR / "make_pretrain_checkpoint.py")
+    subprocess.run([sys.executable, str(script), "--out", str(out), "--seed", "0"], check=True, capture_output=True)
+    checkpoint = next(out.glob("*/checkpoint-300.pth"))
+    return convert_checkpoint(checkpoint, tmp_path_factory.mktemp("pretrain_converted"), pretraining=True)
+
+
+@pytest.fixture(scope="module")
+def replay(converted, reference):
+    """Forward on the recorded batch and mask, then the recipe's step: clip 3.0, AdamW, EMA, clamp."""
+    model = AutoModelForPreTraining.from_pretrained(converted).train()
+    assert isinstance(model, M2D2ForPreTraining)
+    batch = {
+        "input_features": torch.from_numpy(reference["x"])[:, 0],
+        "caption_embeddings": torch.from_numpy(reference["text_embs_in"]),
+        "visible_indices": torch.from_numpy(reference["visible_idx"]),
+    }
+    out = model(**batch)
+    out.loss.backward()
+    parameters = dict(model.named_parameters())
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, float(reference["step_clip_grad"]))
+    grads = {name: p.grad.detach().double().clone() for name, p in parameters.items() if p.grad is not None}
+    before = {name: t.detach().double().clone() for name, t in model.state_dict().items()}
+    optimizer = torch.optim.AdamW(
+        weight_decay_groups(model, float(reference["step_weight_decay"])),
+        lr=float(reference["step_lr"][0]),  # per group; both groups share it
+        betas=tuple(reference["step_betas"]),
+        eps=float(reference["step_eps"]),
+    )
+    optimizer.step()
+    optimizer.zero_grad()
+    decay = model.ema_decay(step=0, total_steps=1000)
+    model.update_target(decay)
+    model.clamp_logit_scale()
+    after = {name: t.detach().double().clone() for name, t in model.state_dict().items()}
+    with torch.no_grad():
+        out_after = model(**batch)
+    groups = {id(p): group["weight_decay"] for group in optimizer.param_groups for p in group["params"]}
+    return {
+        "model": model, "out": out, "out_after": out_after, "grad_norm": grad_norm, "grads": grads,
+        "before": before, "after": after, "decay": decay, "groups": groups, "parameters": parameters,
+    }  # fmt: skip
+
+
+def test_conversion_keeps_every_tensor(converted, reference):
+    model = M2D2ForPreTraining.from_pretrained(converted)
+    names = [converted_name(key) for key in reference["ck_keys"]]
+    assert [k for k, n in zip(reference["ck_keys"], names) if n is None] == ["norm_stats"]
+    assert model.config.norm_stats == pytest.approx(reference["norm_stats"].tolist())
+    assert not any(p.requires_grad for p, _ in model.target_parameter_pairs())
+    # The online encoder exports as a plain audio model.
+    encoder = M2D2AudioModel.from_pretrained(converted)
+    assert torch.equal(encoder.layers[3].mlp.fc1.weight, model.audio_model.layers[3].mlp.fc1.weight)
+
+
+def test_forward_matches_the_original(replay, reference):
+    out = replay["out"]
+    assert torch.equal(out.masked_indices, torch.from_numpy(reference["masked_idx"]))
+    for name, key in (("loss", "loss_total"), ("m2d_loss", "loss_m2d"), ("clap_loss", "loss_clap")):
+        assert abs(getattr(out, name).item() - float(reference[key])) <= 1e-5, name
+    np.testing.assert_allclose(out.predictions.detach().numpy(), reference["pred"], atol=1e-4)
+    np.testing.assert_allclose(out.audio_embeds.detach().numpy(), reference["audio_emb"], atol=1e-4)
+    np.testing.assert_allclose(out.text_embeds.detach().numpy(), reference["text_emb"], atol=1e-4)
+    target = torch.from_numpy(reference["target"])
+    standardised = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
+    np.testing.assert_allclose(out.targets.detach().numpy(), standardised.numpy(), atol=1e-4)
+
+
+def test_gradients_match_the_original(replay, reference):
+    assert abs(float(replay["grad_norm"]) - float(reference["grad_total_norm_preclip"])) <= 1e-4 * float(
+        reference["grad_total_norm_preclip"]
+    )
+    for key, (grad_sum, grad_squares) in zip(reference["ck_keys"], reference["ck_grad"]):
+        name = converted_name(key)
+        if np.isnan(grad_sum):
+            assert name not in replay["grads"], key
+            continue
+        grad = replay["grads"][name]
+        assert abs((grad**2).sum().item() - grad_squares) <= 1e-3 * grad_squares, key
+        assert abs(grad.sum().item() - grad_sum) <= 1e-3 * np.sqrt(grad_squares), key
+
+
+def test_optimiser_step_ema_and_clamp_match_the_original(replay, reference):
+    assert replay["decay"] == pytest.approx(float(reference["step_tau"]))
+    for i, key in enumerate(reference["ck_keys"]):
+        name = converted_name(key)
+        if name is None:
+            continue
+        parameter = replay["parameters"].get(name)
+        expected_decay = reference["ck_weight_decay"][i]
+        if parameter is not None and parameter.requires_grad:
+            assert replay["groups"][id(parameter)] == expected_decay, key
+        else:
+            assert np.isnan(expected_decay), key
+        delta = replay["after"][name] - replay["before"][name]
+        delta_sum, delta_squares, delta_abs = reference["ck_delta"][i]
+        assert abs(delta.sum().item() - delta_sum) <= 1e-3 * max(delta_abs, 1e-12), key
+        assert abs(delta.abs().sum().item() - delta_abs) <= 1e-3 * max(delta_abs, 1e-12), key
+        assert abs(replay["after"][name].sum().item() - reference["ck_post"][i][0]) <= 1e-5 * max(
+            1.0, abs(reference["ck_post"][i][0])
+        ), key
+    model = replay["model"]
+    assert abs(model.logit_scale.item() - float(reference["logit_scale_after"])) <= 1e-6
+    tracked = {
+        "blocks_0_attn_qkv_weight": model.audio_model.layers[0].attention.qkv.weight,
+        "target_blocks_0_attn_qkv_weight": model.target_layers[0].attention.qkv.weight,
+        "decoder_embed_weight": model.predictor.decoder_embed.weight,
+        "audio_proj_sem_token": model.audio_projection.sem_token,
+    }
+    for name, tensor in tracked.items():
+        values = tensor.detach().flatten()[torch.from_numpy(reference[f"tr_{name}_idx"])].numpy()
+        np.testing.assert_allclose(values, reference[f"tr_{name}_post_elems"], atol=1e-6, err_msg=name)
+    np.testing.assert_allclose(
+        model.audio_projection.sem_token.detach().numpy(), reference["audio_proj_sem_token_post"], atol=2e-4
+    )
+
+
+def test_forward_after_the_step(replay, reference):
+    out = replay["out_after"]
+    for name, key in (("loss", "loss_total_after"), ("m2d_loss", "loss_m2d_after"), ("clap_loss", "loss_clap_after")):
+        assert abs(getattr(out, name).item() - float(reference[key])) <= 1e-4, name
