@@ -1,0 +1,245 @@
+"""The accelerate pieces every M2D2 training program shares: the process set-up, an endless epoch-aware batch
+stream that resumes at the exact batch, per-step random generators, step checkpoints, trackers and progress.
+
+Resuming is step-exact because everything random that a step uses is either derived from (seed, step, process)
+or restored from the checkpoint (model, optimiser, scheduler, the stream's epoch and position).
+"""
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.tracking import GeneralTracker
+from accelerate.utils import gather_object, set_seed
+from torch.utils.data import DataLoader
+
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_PATTERN = re.compile(r"step_(\d+)$")
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """Data, optimisation, checkpointing and logging options shared by the training programs."""
+    data = parser.add_argument_group("data")
+    data.add_argument("--train_data", required=True, help="audiofolder, Parquet/WebDataset shards, CSV list or hub id")
+    data.add_argument("--split", default="train", help="split of train_data (default: train)")
+    data.add_argument("--audio_column", default="audio", help="column holding the audio (default: audio)")
+    data.add_argument("--id_column", default=None, help="clip id column (default: the audio file stem)")
+    data.add_argument(
+        "--filter", action="append", default=[], metavar="COLUMN=VALUE", help="keep rows whose column equals value"
+    )
+    data.add_argument("--max_seconds", type=float, default=30.0, help="audio is cut to this length (original: 30 s)")
+    data.add_argument("--shuffle_buffer", type=int, default=10000, help="examples in the shuffle buffer (0: none)")
+    data.add_argument("--dataloader_num_workers", type=int, default=2, help="decoding workers per process")
+
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--global_batch_size", type=int, default=2048, help="clips per optimiser step (paper: 2048)")
+    optim.add_argument(
+        "--per_device_train_batch_size",
+        type=int,
+        default=64,
+        help="clips per forward pass on each process; gradient accumulation makes up the global batch",
+    )
+    optim.add_argument("--max_train_steps", type=int, required=True, help="optimiser steps of the run")
+    optim.add_argument("--warmup_ratio", type=float, default=None, help="fraction of the steps for linear warm-up")
+    optim.add_argument("--weight_decay", type=float, default=0.05, help="AdamW weight decay (paper: 0.05)")
+    optim.add_argument("--adam_beta1", type=float, default=0.9)
+    optim.add_argument("--adam_beta2", type=float, default=0.95, help="(paper: 0.95)")
+    optim.add_argument("--max_grad_norm", type=float, default=3.0, help="gradient clipping (paper: 3.0)")
+    optim.add_argument("--seed", type=int, default=7, help="run seed (paper's stage 1: 7)")
+
+    run = parser.add_argument_group("run")
+    run.add_argument("--output_dir", required=True)
+    run.add_argument("--checkpointing_steps", type=int, default=1000, help="save_state every N optimiser steps")
+    run.add_argument("--resume_from_checkpoint", default=None, help="a step_N folder, or 'latest' in output_dir")
+    run.add_argument("--logging_steps", type=int, default=10, help="log every N optimiser steps")
+    run.add_argument("--report_to", default="jsonl", help="comma-separated trackers: jsonl, tensorboard, wandb, all")
+
+
+class JSONLTracker(GeneralTracker):
+    """Writes every logged dict as one JSON line (`<output_dir>/metrics.jsonl`): a tracker with no dependency that
+    scripts and tests can read back."""
+
+    name = "jsonl"
+    requires_logging_directory = True
+    main_process_only = True
+
+    def __init__(self, run_name: str, logging_dir: str | os.PathLike):
+        super().__init__()
+        self.run_name = run_name
+        self.path = Path(logging_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def tracker(self):
+        return self.path
+
+    def store_init_configuration(self, values: dict) -> None:
+        (self.path.parent / "run_config.json").write_text(json.dumps(values, indent=2, default=str))
+
+    def log(self, values: dict, step: int | None = None, **kwargs) -> None:
+        with self.path.open("a") as handle:
+            handle.write(json.dumps({"step": step, **values}, default=float) + "\n")
+
+
+def build_accelerator(args: argparse.Namespace) -> Accelerator:
+    """The Accelerator of a run: trackers from `--report_to` (jsonl writes `metrics.jsonl` in the output folder),
+    and gradient accumulation that makes per-device batch × processes × accumulation the global batch."""
+    names = [name.strip() for name in args.report_to.split(",") if name.strip()]
+    trackers: list[Any] = [JSONLTracker("m2d2", args.output_dir) if n == "jsonl" else n for n in names if n != "none"]
+    accelerator = Accelerator(log_with=trackers or None, project_dir=args.output_dir)
+    # Known only once the processes are set up, hence set after construction.
+    accelerator.gradient_accumulation_steps = accumulation_steps(
+        args.global_batch_size, args.per_device_train_batch_size, accelerator.num_processes
+    )
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        level=logging.INFO if accelerator.is_local_main_process else logging.WARNING,
+    )
+    set_seed(args.seed)
+    return accelerator
+
+
+def accumulation_steps(global_batch: int, per_device_batch: int, num_processes: int) -> int:
+    """Micro-batches per optimiser step so that per_device × processes × steps equals the global batch."""
+    per_pass = per_device_batch * num_processes
+    if global_batch % per_pass:
+        raise ValueError(
+            f"--global_batch_size {global_batch} is not a multiple of per-device batch {per_device_batch} × "
+            f"{num_processes} processes: choose sizes that divide it"
+        )
+    return global_batch // per_pass
+
+
+def step_generator(seed: int, step: int, process_index: int, purpose: str, device: str = "cpu") -> torch.Generator:
+    """A generator that depends only on (seed, step, process, purpose): a resumed run draws what the
+    uninterrupted run drew at the same step."""
+    digest = hashlib.sha256(f"{seed}/{step}/{process_index}/{purpose}".encode()).digest()
+    return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+class BatchStream:
+    """Endless batches from a DataLoader over a streamed dataset, one epoch (pass) after another, reshuffled per
+    epoch with `set_epoch`. Registered for checkpointing, it restores its epoch and position, and re-reading the
+    consumed batches of that epoch puts a resumed run on the very next batch.
+
+    Each process reads its own shards, so positions differ between processes; accelerate writes custom state from
+    the main process only, hence `state_dict` gathers every process's position (all processes call it in
+    `save_state`) and `load_state_dict` takes this process's entry."""
+
+    def __init__(self, dataloader: DataLoader, process_index: int = 0):
+        self.dataloader = dataloader
+        self.process_index = process_index
+        self.epoch = 0
+        self.batches_in_epoch = 0
+        self._skip = 0
+
+    def state_dict(self) -> dict:
+        positions = gather_object([(self.process_index, self.epoch, self.batches_in_epoch)])
+        return {"positions": {rank: (epoch, batches) for rank, epoch, batches in positions}}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.process_index not in state["positions"]:
+            raise ValueError(
+                f"the checkpoint holds stream positions of processes {sorted(state['positions'])}, not of process "
+                f"{self.process_index}: resume with the same number of processes"
+            )
+        epoch, batches = state["positions"][self.process_index]
+        self.epoch, self.batches_in_epoch, self._skip = int(epoch), int(batches), int(batches)
+
+    def __iter__(self) -> Iterator[dict]:
+        while True:
+            dataset = self.dataloader.dataset
+            if hasattr(dataset, "set_epoch"):
+                dataset.set_epoch(self.epoch)
+            produced = 0
+            for batch in self.dataloader:
+                produced += 1
+                if self._skip:
+                    self._skip -= 1
+                    continue
+                self.batches_in_epoch += 1
+                yield batch
+            if produced == 0:
+                raise RuntimeError("the training stream is empty: check --train_data, --split and --filter")
+            self.epoch += 1
+            self.batches_in_epoch = 0
+
+
+class RunCounters:
+    """Totals that must survive a resume (skipped items), saved with the accelerate state."""
+
+    def __init__(self):
+        self.skipped_items = 0
+
+    def state_dict(self) -> dict:
+        return {"skipped_items": self.skipped_items}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.skipped_items = int(state["skipped_items"])
+
+
+def resolve_checkpoint(resume_from: str | None, output_dir: str) -> tuple[str | None, int]:
+    """The checkpoint folder to resume from and its optimiser step (`step_N`); 'latest' picks the newest in
+    output_dir (a fresh run when there is none)."""
+    if resume_from is None:
+        return None, 0
+    if resume_from == "latest":
+        candidates = [p for p in Path(output_dir).glob("step_*") if CHECKPOINT_PATTERN.search(p.name)]
+        if not candidates:
+            return None, 0
+        resume_from = str(max(candidates, key=lambda p: int(CHECKPOINT_PATTERN.search(p.name)[1])))
+    match = CHECKPOINT_PATTERN.search(Path(resume_from).name)
+    if match is None or not Path(resume_from).is_dir():
+        raise ValueError(f"--resume_from_checkpoint {resume_from!r} is not a step_N folder written by this program")
+    return resume_from, int(match[1])
+
+
+def parse_filters(filters: list[str]):
+    """`COLUMN=VALUE` strings → a row predicate for the stream (None when there are none)."""
+    pairs = []
+    for item in filters:
+        column, sep, value = item.partition("=")
+        if not sep or not column:
+            raise ValueError(f"--filter expects COLUMN=VALUE, got {item!r}")
+        pairs.append((column, value))
+    if not pairs:
+        return None
+    return RowFilter(pairs)
+
+
+class RowFilter:
+    """Picklable row predicate (dataloader workers receive it)."""
+
+    def __init__(self, pairs: list[tuple[str, str]]):
+        self.pairs = pairs
+
+    def __call__(self, row: dict) -> bool:
+        return all(str(row.get(column)) == value for column, value in self.pairs)
+
+
+class Throughput:
+    """Clips per second between two log points."""
+
+    def __init__(self):
+        self.clips, self.start = 0, time.perf_counter()
+
+    def add(self, clips: int) -> None:
+        self.clips += clips
+
+    def rate(self) -> float:
+        elapsed = time.perf_counter() - self.start
+        rate = self.clips / elapsed if elapsed > 0 else math.nan
+        self.clips, self.start = 0, time.perf_counter()
+        return rate
