@@ -325,19 +325,32 @@ class M2D2FeatureExtractor(SequenceFeatureExtractor):
             data = {key: value.cpu().numpy() for key, value in data.items()}
         return BatchFeature(data, tensor_type=return_tensors)
 
-    def _batch_features(self, clips: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Normalised log-mel `[B, n_mels, max_frames]` (padded with `padding_value`), frame mask `[B, max_frames]`."""
+    def batch_log_mel(self, clips: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        Raw log-mel of clips of different lengths in one convolution, each clip as if computed alone.
+
+        Args:
+            clips: 1-D float32 waveforms at `self.sampling_rate`, all on one device (where the work happens).
+
+        Returns:
+            (`[B, feature_size, max_frames]` raw log-mel, `[B]` frames per clip). Frames past a clip's own count
+            hold values of its zero padding: mask or crop them out.
+        """
         pad = self.n_fft // 2
-        device = clips[0].device
         # Reflect padding is per clip, so each clip's last frames see its own reflection; the zeros after a short
         # clip's padded signal only reach frames beyond its own count (the last frame, 1 + L // hop, ends at
-        # (L // hop) * hop + n_fft <= L + n_fft samples), which are overwritten below.
+        # (L // hop) * hop + n_fft <= L + n_fft samples).
         padded = torch.nn.utils.rnn.pad_sequence(
             [F.pad(clip.view(1, 1, -1), (pad, pad), mode="reflect").view(-1) for clip in clips], batch_first=True
         )
-        features = self.normalize(self._log_mel_of_padded(padded))
-        num_frames = torch.tensor([self.num_frames(clip.shape[-1]) for clip in clips], device=device)
-        mask = torch.arange(features.shape[-1], device=device)[None, :] < num_frames[:, None]
+        num_frames = torch.tensor([self.num_frames(clip.shape[-1]) for clip in clips], device=padded.device)
+        return self._log_mel_of_padded(padded), num_frames
+
+    def _batch_features(self, clips: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised log-mel `[B, n_mels, max_frames]` (padded with `padding_value`), frame mask `[B, max_frames]`."""
+        log_mel, num_frames = self.batch_log_mel(clips)
+        features = self.normalize(log_mel)
+        mask = torch.arange(features.shape[-1], device=features.device)[None, :] < num_frames[:, None]
         features = features.masked_fill(~mask[:, None, :], self.padding_value)
         return features, mask.long()
 

@@ -86,12 +86,20 @@ def m2d_loss(predictions: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Te
 
 
 def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
-    """Concatenates `tensor` from every process; gradients flow back to each process's own slice."""
+    """Concatenates `tensor` [N_i, ...] from every process; gradients flow back to each process's own slice.
+    Processes may hold different N_i (a batch shrinks when undecodable items are skipped)."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return tensor
-    if torch.distributed.get_world_size() == 1:
+    world = torch.distributed.get_world_size()
+    if world == 1:
         return tensor
-    return torch.cat(torch.distributed.nn.functional.all_gather(tensor), dim=0)
+    size = torch.tensor([tensor.shape[0]], device=tensor.device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    torch.distributed.all_gather(sizes, size)
+    longest = int(max(sizes))
+    padded = F.pad(tensor, (0, 0) * (tensor.dim() - 1) + (0, longest - tensor.shape[0]))
+    pieces = torch.distributed.nn.functional.all_gather(padded)
+    return torch.cat([piece[: int(n)] for piece, n in zip(pieces, sizes)], dim=0)
 
 
 def global_clap_loss(

@@ -177,17 +177,20 @@ class BatchStream:
             self.batches_in_epoch = 0
 
 
-class RunCounters:
-    """Totals that must survive a resume (skipped items), saved with the accelerate state."""
+class RunState:
+    """What a resumed run must get back besides weights, optimiser and stream: the skipped-item total and the
+    log-mel statistics the run normalises with. Saved with the accelerate state."""
 
-    def __init__(self):
+    def __init__(self, norm_stats: list[float] | None = None):
         self.skipped_items = 0
+        self.norm_stats = norm_stats
 
     def state_dict(self) -> dict:
-        return {"skipped_items": self.skipped_items}
+        return {"skipped_items": self.skipped_items, "norm_stats": self.norm_stats}
 
     def load_state_dict(self, state: dict) -> None:
         self.skipped_items = int(state["skipped_items"])
+        self.norm_stats = state["norm_stats"]
 
 
 def resolve_checkpoint(resume_from: str | None, output_dir: str) -> tuple[str | None, int]:

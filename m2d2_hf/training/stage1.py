@@ -8,7 +8,6 @@ target update, temperature clamp → `save_state` checkpoints and `M2D2AudioMode
 """
 
 import argparse
-import json
 import logging
 import math
 from pathlib import Path
@@ -24,7 +23,7 @@ from .captions import CaptionEmbeddingTable, draw_captions
 from .data import AudioBatchCollator, load_audio_stream, random_log_mel_crops
 from .loop import (
     BatchStream,
-    RunCounters,
+    RunState,
     Throughput,
     add_common_arguments,
     build_accelerator,
@@ -171,6 +170,7 @@ def train(args: argparse.Namespace) -> Path:
 
     caption_table = CaptionEmbeddingTable.from_path(args.caption_embeddings) if args.caption_embeddings else None
     model = build_model(args, caption_table.embedding_size if caption_table else None)
+    sampling_rate = model.config.sampling_rate
 
     def batch_stream(seed_offset: int) -> BatchStream:
         dataset = load_audio_stream(
@@ -179,7 +179,7 @@ def train(args: argparse.Namespace) -> Path:
             audio_column=args.audio_column,
             id_column=args.id_column,
             max_seconds=args.max_seconds,
-            sampling_rate=model.config.sampling_rate,
+            sampling_rate=sampling_rate,
             shuffle_buffer=args.shuffle_buffer,
             seed=args.seed + seed_offset,
             process_index=accelerator.process_index,
@@ -189,26 +189,20 @@ def train(args: argparse.Namespace) -> Path:
         loader = torch.utils.data.DataLoader(
             dataset,
             batch_size=args.per_device_train_batch_size,
-            collate_fn=AudioBatchCollator(min_samples=int(args.min_seconds * model.config.sampling_rate)),
+            collate_fn=AudioBatchCollator(min_samples=int(args.min_seconds * sampling_rate)),
             num_workers=args.dataloader_num_workers,
         )
         return BatchStream(loader, accelerator.process_index)
 
     checkpoint, start_step = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
-    stats_file = output_dir / "norm_stats.json"
-    if args.norm_stats:
-        model.config.norm_stats = list(args.norm_stats)
-    elif checkpoint and stats_file.exists():
-        model.config.norm_stats = json.loads(stats_file.read_text())
     feature_extractor = feature_extractor_for(model.config)
     prepare = Stage1Batches(feature_extractor, args.crop_frames, caption_table, args.seed)
-    if not args.norm_stats and not (checkpoint and stats_file.exists()):
+    if args.norm_stats:
+        model.config.norm_stats = list(args.norm_stats)
+    elif not checkpoint:  # a resumed run gets its statistics back with the checkpoint
         model.config.norm_stats = list(
             compute_norm_stats(iter(batch_stream(1)), prepare, args.norm_stats_crops, accelerator, args.seed)
         )
-        feature_extractor.norm_stats = model.config.norm_stats
-        if accelerator.is_main_process:
-            stats_file.write_text(json.dumps(model.config.norm_stats))
         logger.info(f"norm_stats from {args.norm_stats_crops} crops: {model.config.norm_stats}")
     feature_extractor.norm_stats = list(model.config.norm_stats)
 
@@ -218,14 +212,15 @@ def train(args: argparse.Namespace) -> Path:
     )
     scheduler = warmup_cosine_schedule(optimizer, round(args.warmup_ratio * args.max_train_steps), args.max_train_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
-    stream, counters = batch_stream(0), RunCounters()
-    accelerator.register_for_checkpointing(scheduler, stream, counters)
+    stream, state = batch_stream(0), RunState(feature_extractor.norm_stats)
+    accelerator.register_for_checkpointing(scheduler, stream, state)
     if checkpoint:
         accelerator.load_state(checkpoint)
         logger.info(f"resumed from {checkpoint} at step {start_step}")
+    unwrapped: M2D2ForPreTraining = accelerator.unwrap_model(model)
+    unwrapped.config.norm_stats = feature_extractor.norm_stats = list(state.norm_stats)
     accelerator.init_trackers("m2d2_stage1", {k: v for k, v in vars(args).items() if v is not None})
 
-    unwrapped: M2D2ForPreTraining = accelerator.unwrap_model(model)
     batches, throughput = iter(stream), Throughput()
     progress = tqdm(
         total=args.max_train_steps, initial=start_step, disable=not accelerator.is_local_main_process, desc="stage 1"
@@ -251,6 +246,7 @@ def train(args: argparse.Namespace) -> Path:
             sums += torch.stack(
                 [out.loss.detach(), out.m2d_loss.detach(), clap, torch.tensor(float(len(batch["ids"])), device=sums.device)]
             )
+        lr = scheduler.get_last_lr()[0]
         scheduler.step()
         decay = unwrapped.ema_decay(step, args.max_train_steps)
         unwrapped.update_target(decay)
@@ -258,7 +254,7 @@ def train(args: argparse.Namespace) -> Path:
         done = step + 1
 
         totals = accelerator.reduce(torch.cat([sums, torch.tensor([float(skipped)], device=sums.device)]), "sum")
-        counters.skipped_items += int(totals[4])
+        state.skipped_items += int(totals[4])
         throughput.add(int(totals[3]))
         progress.update(1)
         if done % args.logging_steps == 0 or done == args.max_train_steps:
@@ -267,15 +263,15 @@ def train(args: argparse.Namespace) -> Path:
                 "loss": float(totals[0]) / micro_batches,
                 "m2d_loss": float(totals[1]) / micro_batches,
                 "clap_loss": float(totals[2]) / micro_batches,
-                "lr": scheduler.get_last_lr()[0],
+                "lr": lr,
                 "ema_decay": decay,
-                "skipped_items": counters.skipped_items,
+                "skipped_items": state.skipped_items,
                 "clips_per_second": throughput.rate(),
             }
             if hasattr(unwrapped, "logit_scale"):
                 values["logit_scale"] = unwrapped.logit_scale.item()
             accelerator.log(values, step=done)
-            progress.set_postfix(loss=f"{values['loss']:.4f}", skipped=counters.skipped_items)
+            progress.set_postfix(loss=f"{values['loss']:.4f}", skipped=state.skipped_items)
         if done % args.checkpointing_steps == 0 and done < args.max_train_steps:
             accelerator.save_state(str(output_dir / f"step_{done}"))
         if _export_requested(args, done, output_dir):

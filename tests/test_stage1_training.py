@@ -1,0 +1,121 @@
+"""The stage-1 training program end to end on real clips with a tiny config: two connected CPU processes with a
+global contrastive batch, step-exact resume, skipped broken items, caption-less clips, loss decrease, export."""
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoFeatureExtractor, AutoModel
+
+from m2d2_hf import M2D2AudioModel
+from m2d2_hf.training.captions import write_embedding_shard
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = REPO_ROOT / "examples" / "pretrain_stage1.py"
+TINY = (
+    "hidden_size=32,num_hidden_layers=2,num_attention_heads=2,intermediate_size=64,predictor_hidden_size=16,"
+    "predictor_num_hidden_layers=1,predictor_num_attention_heads=2,predictor_intermediate_size=32,"
+    "projector_intermediate_size=32"
+)
+
+
+def run(args: list, processes: int = 1, timeout: int = 300) -> None:
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    if processes == 1:
+        command = [sys.executable, str(SCRIPT)]
+    else:
+        accelerate = [sys.executable, "-m", "accelerate.commands.launch"]
+        command = accelerate + ["--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
+                                "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT)]  # fmt: skip
+    result = subprocess.run(
+        command + [str(a) for a in args], env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+def metrics(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def data_dir(real_sounds_dir, tmp_path_factory) -> Path:
+    """An audiofolder of 24 real train clips, a corrupted file and an empty file."""
+    folder = tmp_path_factory.mktemp("stage1_data")
+    with open(real_sounds_dir / "metadata.csv", newline="") as handle:
+        rows = [r for r in csv.DictReader(handle) if r["split"] == "train"][::8][:24]
+    for row in rows:
+        target = folder / Path(row["file_name"]).name
+        shutil.copy(real_sounds_dir / row["file_name"], target)
+    (folder / "corrupted.flac").write_bytes(b"fLaC this is not audio" * 10)
+    (folder / "empty.wav").write_bytes(b"")
+    names = [Path(r["file_name"]).name for r in rows] + ["corrupted.flac", "empty.wav"]
+    with open(folder / "metadata.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["file_name", "caption"])
+        writer.writerows([name, f"caption of {name}"] for name in names)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def captions_dir(data_dir, tmp_path_factory) -> Path:
+    """Random 24-d caption embeddings (1-3 per clip) for all clips but four: those train without the CLAP term."""
+    rng = np.random.default_rng(0)
+    stems = sorted(p.stem for p in data_dir.glob("*.flac") if p.stem != "corrupted")[4:]
+    folder = tmp_path_factory.mktemp("captions")
+    write_embedding_shard(folder / "shard-00000.parquet", {s: rng.standard_normal((1 + len(s) % 3, 24)) for s in stems})
+    return folder
+
+
+def common_args(data_dir: Path, output_dir: Path, steps: int) -> list:
+    return [
+        "--train_data", data_dir, "--output_dir", output_dir, "--max_train_steps", steps, "--global_batch_size", 8,
+        "--config_overrides", TINY, "--norm_stats_crops", 16, "--logging_steps", 1, "--dataloader_num_workers", 1,
+        "--shuffle_buffer", 16, "--base_learning_rate", 0.05,
+    ]  # fmt: skip
+
+
+def test_two_processes_resume_exactly(data_dir, captions_dir, tmp_path):
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    args = ["--per_device_train_batch_size", 2, "--checkpointing_steps", 2, "--caption_embeddings", captions_dir]
+    run(common_args(data_dir, full, 4) + args, processes=2)
+    history = metrics(full)
+    assert [m["step"] for m in history] == [1, 2, 3, 4]
+    assert all(m["clap_loss"] > 0 for m in history), history
+    assert (full / "step_2").is_dir() and (full / "step_4").is_dir()
+    run(common_args(data_dir, resumed, 4) + args + ["--resume_from_checkpoint", full / "step_2"], processes=2)
+    again = metrics(resumed)
+    assert [m["step"] for m in again] == [3, 4]
+    for expected, got in zip(history[2:], again):
+        for key in ("loss", "m2d_loss", "clap_loss", "lr", "ema_decay", "logit_scale"):
+            assert got[key] == expected[key], (key, expected, got)
+    # The resumed run ends with the very weights of the uninterrupted one.
+    a, b = load_file(full / "step_4" / "model.safetensors"), load_file(resumed / "step_4" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_single_process_run_learns_skips_broken_items_and_exports(data_dir, captions_dir, tmp_path):
+    out = tmp_path / "run"
+    args = ["--per_device_train_batch_size", 8, "--checkpointing_steps", 1000, "--caption_embeddings", captions_dir,
+            "--warmup_ratio", 0.1]  # fmt: skip
+    run(common_args(data_dir, out, 30) + args)
+    history = metrics(out)
+    first, last = np.mean([m["loss"] for m in history[:5]]), np.mean([m["loss"] for m in history[-5:]])
+    assert last < 0.8 * first, (first, last)
+    # Three passes over 26 items with two broken ones: each pass skips and counts both, the run goes on.
+    assert history[-1]["skipped_items"] >= 2 and history[-1]["skipped_items"] % 2 == 0
+    assert 0 <= history[-1]["logit_scale"] <= np.log(100) + 1e-6
+    encoder = AutoModel.from_pretrained(out / "encoder")
+    assert isinstance(encoder, M2D2AudioModel)
+    feature_extractor = AutoFeatureExtractor.from_pretrained(out / "encoder")
+    assert feature_extractor.norm_stats == pytest.approx(encoder.config.norm_stats)
+    assert encoder.config.norm_stats[1] > 0 and encoder.config.chunk_frames == 608
+    config = json.loads((out / "run_config.json").read_text())
+    assert config["max_train_steps"] == 30
