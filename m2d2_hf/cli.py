@@ -1,6 +1,6 @@
 """The `m2d2-hf` command line: convert original checkpoints, embed audio files, classify them zero-shot.
 
-    m2d2-hf convert CHECKPOINT OUT_DIR [--tokenizer ...] [--text-model ...] [--encoder-only] ...
+    m2d2-hf convert CHECKPOINT OUT_DIR [--tokenizer ...] [--text-model ...] [--encoder-only] [--pretraining] ...
     m2d2-hf embed MODEL_DIR AUDIO... --output OUT [--format npy|safetensors] [--level clip|frame|clap|all]
     m2d2-hf zero-shot MODEL_DIR AUDIO... --labels a,b,c [--template "{} can be heard"] [--top-k 5] [--json]
 
@@ -91,6 +91,12 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sampling-rate", type=_positive_int, metavar="HZ", help="e.g. 16000")
     parser.add_argument(
         "--encoder-only", action="store_true", help="write only the audio encoder (M2D2AudioModel) of a CLAP checkpoint"
+    )
+    parser.add_argument(
+        "--pretraining",
+        action="store_true",
+        help="write an M2D2ForPreTraining folder (online + EMA target encoders, predictor, stage-1 CLAP head) from an "
+        "original pre-training checkpoint, to continue pre-training with examples/pretrain_stage1.py",
     )
     parser.set_defaults(handler=run_convert)
 
@@ -209,6 +215,7 @@ def run_convert(args: argparse.Namespace) -> None:
             patch_size=args.patch_size,
             sampling_rate=args.sampling_rate,
             encoder_only=args.encoder_only,
+            pretraining=args.pretraining,
         )
     except (OSError, ValueError) as error:  # the converter's messages say what to change
         raise CLIError(f"cannot convert {args.checkpoint}: {error}") from error
