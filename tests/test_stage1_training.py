@@ -112,9 +112,9 @@ def test_single_process_run_learns_skips_broken_items_and_exports(data_dir, capt
     # Three passes over 26 items with two broken ones: each pass skips and counts both, the run goes on.
     assert history[-1]["skipped_items"] >= 2 and history[-1]["skipped_items"] % 2 == 0
     assert 0 <= history[-1]["logit_scale"] <= np.log(100) + 1e-6
-    encoder = AutoModel.from_pretrained(out / "encoder")
+    encoder = AutoModel.from_pretrained(out / "final")
     assert isinstance(encoder, M2D2AudioModel)
-    feature_extractor = AutoFeatureExtractor.from_pretrained(out / "encoder")
+    feature_extractor = AutoFeatureExtractor.from_pretrained(out / "final")
     assert feature_extractor.norm_stats == pytest.approx(encoder.config.norm_stats)
     assert encoder.config.norm_stats[1] > 0 and encoder.config.chunk_frames == 608
     config = json.loads((out / "run_config.json").read_text())

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker
 from accelerate.utils import gather_object, set_seed
@@ -246,3 +247,98 @@ class Throughput:
         rate = self.clips / elapsed if elapsed > 0 else math.nan
         self.clips, self.start = 0, time.perf_counter()
         return rate
+
+
+EXPORT_REQUEST_FILE = "EXPORT_NOW"
+
+
+def export_requested(export_steps: int, step: int, output_dir: Path) -> bool:
+    """Every `export_steps` steps, or once when a file named EXPORT_NOW appears in the output folder."""
+    request = output_dir / EXPORT_REQUEST_FILE
+    if request.exists():
+        request.unlink(missing_ok=True)
+        return True
+    return bool(export_steps) and step % export_steps == 0
+
+
+def next_batch(batches: Iterator[dict]) -> tuple[dict, int]:
+    """The next batch that kept at least one item, and how many items were skipped on the way."""
+    batch = next(batches)
+    skipped = batch["num_skipped"]
+    while batch["waveforms"].shape[0] == 0:  # every item of it was undecodable
+        batch = next(batches)
+        skipped += batch["num_skipped"]
+    return batch, skipped
+
+
+def run_training(
+    accelerator: Accelerator,
+    args: argparse.Namespace,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    stream: BatchStream,
+    state: RunState,
+    start_step: int,
+    make_inputs,
+    loss_names: tuple[str, ...],
+    after_step,
+    export,
+    description: str,
+) -> Path:
+    """The optimisation loop shared by the training programs.
+
+    Per optimiser step: `gradient_accumulation_steps` micro-batches (`make_inputs(batch, step, micro)` → model
+    kwargs; the model output's `loss` is back-propagated and the `loss_names` fields are logged), gradient clipping,
+    AdamW, the scheduler, then `after_step(step) -> dict` (EMA, temperature clamp, ...; its values are logged).
+    Logs through the accelerate trackers, checkpoints with `save_state` every `--checkpointing_steps`, exports with
+    `export(folder)` every `--export_steps` or on request, and at the end. Returns the final export folder.
+    """
+    output_dir = Path(args.output_dir)
+    batches, throughput = iter(stream), Throughput()
+    progress = tqdm(
+        total=args.max_train_steps, initial=start_step, disable=not accelerator.is_local_main_process, desc=description
+    )
+    device = accelerator.device
+    for step in range(start_step, args.max_train_steps):
+        sums = torch.zeros(len(loss_names) + 2, device=device)  # the losses, clips, skipped items
+        for micro in range(accelerator.gradient_accumulation_steps):
+            batch, skipped = next_batch(batches)
+            with accelerator.accumulate(model):
+                out = model(**make_inputs(batch, step, micro))
+                accelerator.backward(out.loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad()
+            values = [getattr(out, name) for name in loss_names]
+            values = [v.detach().float() if v is not None else torch.zeros((), device=device) for v in values]
+            sums += torch.stack(values + [torch.tensor(float(len(batch["ids"])), device=device),
+                                          torch.tensor(float(skipped), device=device)])  # fmt: skip
+        lr = scheduler.get_last_lr()[0]
+        scheduler.step()
+        extra = after_step(step)
+        done = step + 1
+
+        totals = accelerator.reduce(sums, "sum")
+        state.skipped_items += int(totals[-1])
+        throughput.add(int(totals[-2]))
+        progress.update(1)
+        if done % args.logging_steps == 0 or done == args.max_train_steps:
+            micro_batches = accelerator.gradient_accumulation_steps * accelerator.num_processes
+            logged = {name: float(total) / micro_batches for name, total in zip(loss_names, totals)}
+            logged.update(lr=lr, skipped_items=state.skipped_items, clips_per_second=throughput.rate(), **extra)
+            accelerator.log(logged, step=done)
+            progress.set_postfix(loss=f"{logged[loss_names[0]]:.4f}", skipped=state.skipped_items)
+        if done % args.checkpointing_steps == 0 and done < args.max_train_steps:
+            accelerator.save_state(str(output_dir / f"step_{done}"))
+        if export_requested(getattr(args, "export_steps", 0), done, output_dir):
+            export(output_dir / f"export_step_{done}")
+    progress.close()
+
+    accelerator.save_state(str(output_dir / f"step_{args.max_train_steps}"))
+    final = output_dir / "final"
+    export(final)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return final

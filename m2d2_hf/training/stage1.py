@@ -9,11 +9,9 @@ target update, temperature clamp → `save_state` checkpoints and `M2D2AudioMode
 
 import argparse
 import logging
-import math
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 from transformers import AutoConfig
 
 from ..configuration_m2d2 import M2D2AudioConfig
@@ -24,20 +22,17 @@ from .data import AudioBatchCollator, load_audio_stream, random_log_mel_crops
 from .loop import (
     BatchStream,
     RunState,
-    Throughput,
     add_common_arguments,
     build_accelerator,
     parse_filters,
     resolve_checkpoint,
+    run_training,
     step_generator,
 )
 from .optim import scaled_learning_rate, warmup_cosine_schedule, weight_decay_groups
 
 
 logger = logging.getLogger(__name__)
-
-EXPORT_REQUEST_FILE = "EXPORT_NOW"
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -161,7 +156,7 @@ def export_encoder(model: M2D2ForPreTraining, output_dir: Path, accelerator) -> 
 
 
 def train(args: argparse.Namespace) -> Path:
-    """Runs stage 1 and returns the folder of the final encoder export."""
+    """Runs stage 1 and returns the folder of the final encoder export (`<output_dir>/final`)."""
     output_dir = Path(args.output_dir)
     accelerator = build_accelerator(args)
     if accelerator.is_main_process:
@@ -221,78 +216,25 @@ def train(args: argparse.Namespace) -> Path:
     unwrapped.config.norm_stats = feature_extractor.norm_stats = list(state.norm_stats)
     accelerator.init_trackers("m2d2_stage1", {k: v for k, v in vars(args).items() if v is not None})
 
-    batches, throughput = iter(stream), Throughput()
-    progress = tqdm(
-        total=args.max_train_steps, initial=start_step, disable=not accelerator.is_local_main_process, desc="stage 1"
-    )
-    model.train()
-    for step in range(start_step, args.max_train_steps):
-        sums = torch.zeros(4, device=accelerator.device)  # loss, m2d, clap, clips
-        skipped = 0
-        for micro in range(accelerator.gradient_accumulation_steps):
-            batch = next(batches)
-            skipped += batch["num_skipped"]
-            while batch["waveforms"].shape[0] == 0:  # every item of it was undecodable
-                batch = next(batches)
-                skipped += batch["num_skipped"]
-            with accelerator.accumulate(model):
-                out = model(**prepare.inputs(batch, accelerator.device, step, accelerator.process_index, micro))
-                accelerator.backward(out.loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad()
-            clap = out.clap_loss.detach() if out.clap_loss is not None else torch.zeros((), device=accelerator.device)
-            sums += torch.stack(
-                [out.loss.detach(), out.m2d_loss.detach(), clap, torch.tensor(float(len(batch["ids"])), device=sums.device)]
-            )
-        lr = scheduler.get_last_lr()[0]
-        scheduler.step()
+
+    def after_step(step: int) -> dict:
         decay = unwrapped.ema_decay(step, args.max_train_steps)
         unwrapped.update_target(decay)
         unwrapped.clamp_logit_scale()
-        done = step + 1
+        values = {"ema_decay": decay}
+        if hasattr(unwrapped, "logit_scale"):
+            values["logit_scale"] = unwrapped.logit_scale.item()
+        return values
 
-        totals = accelerator.reduce(torch.cat([sums, torch.tensor([float(skipped)], device=sums.device)]), "sum")
-        state.skipped_items += int(totals[4])
-        throughput.add(int(totals[3]))
-        progress.update(1)
-        if done % args.logging_steps == 0 or done == args.max_train_steps:
-            micro_batches = accelerator.gradient_accumulation_steps * accelerator.num_processes
-            values = {
-                "loss": float(totals[0]) / micro_batches,
-                "m2d_loss": float(totals[1]) / micro_batches,
-                "clap_loss": float(totals[2]) / micro_batches,
-                "lr": lr,
-                "ema_decay": decay,
-                "skipped_items": state.skipped_items,
-                "clips_per_second": throughput.rate(),
-            }
-            if hasattr(unwrapped, "logit_scale"):
-                values["logit_scale"] = unwrapped.logit_scale.item()
-            accelerator.log(values, step=done)
-            progress.set_postfix(loss=f"{values['loss']:.4f}", skipped=state.skipped_items)
-        if done % args.checkpointing_steps == 0 and done < args.max_train_steps:
-            accelerator.save_state(str(output_dir / f"step_{done}"))
-        if _export_requested(args, done, output_dir):
-            export_encoder(unwrapped, output_dir / f"encoder_step_{done}", accelerator)
-    progress.close()
+    def make_inputs(batch: dict, step: int, micro: int) -> dict:
+        return prepare.inputs(batch, accelerator.device, step, accelerator.process_index, micro)
 
-    accelerator.save_state(str(output_dir / f"step_{args.max_train_steps}"))
-    final = output_dir / "encoder"
-    export_encoder(unwrapped, final, accelerator)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return final
-
-
-def _export_requested(args: argparse.Namespace, step: int, output_dir: Path) -> bool:
-    """Every `--export_steps`, or once when a file named EXPORT_NOW appears in the output folder."""
-    request = output_dir / EXPORT_REQUEST_FILE
-    if request.exists():
-        request.unlink(missing_ok=True)
-        return True
-    return bool(args.export_steps) and step % args.export_steps == 0
+    model.train()
+    return run_training(
+        accelerator, args, model, optimizer, scheduler, stream, state, start_step, make_inputs,
+        ("loss", "m2d_loss", "clap_loss"), after_step, lambda folder: export_encoder(unwrapped, folder, accelerator),
+        "stage 1",
+    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> Path:
