@@ -9,27 +9,16 @@ column says train / valid / test per clip (without valid clips, a stratified fra
 `m2d2_hf.evaluation.evaluate_linear_probe`.
 """
 
-import argparse
-
 from m2d2_hf.evaluation import evaluate_linear_probe
-from m2d2_hf.evaluation.data import (
-    EMBEDDING_LEVELS,
-    add_common_arguments,
-    evaluation_set_from_args,
-    format_table,
-    load_model_and_processor,
-    save_report,
-)
+from m2d2_hf.evaluation.cli import add_label_arguments, evaluation_parser, format_table, run_evaluation
+from m2d2_hf.evaluation.data import EMBEDDING_LEVELS
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_arguments(parser, split_filter=False)
-    parser.add_argument("--label-column", default="label", help="column holding the labels (default: label)")
+    parser = evaluation_parser(__doc__, split_filter=False)
+    add_label_arguments(parser)
     parser.add_argument("--fold-column", help="cross-validate over the folds of this column instead of the split")
     parser.add_argument("--embedding", choices=EMBEDDING_LEVELS, default="frame_mean", help="default: frame_mean")
-    parser.add_argument("--multi-label", action="store_true", help="label lists per clip; report mAP")
-    parser.add_argument("--label-separator", default=",", help="separator of multi-label names in a text column")
     parser.add_argument("--seeds", default="42,43,44", help="comma-separated seeds (default: 42,43,44)")
     parser.add_argument("--valid-fraction", type=float, default=0.1, help="default: 0.1")
     parser.add_argument("--lr", type=float, default=3e-5, help="default: 3e-5")
@@ -37,29 +26,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--patience", type=int, default=20, help="default: 20")
     args = parser.parse_args(argv)
 
-    evaluation_set = evaluation_set_from_args(args)
-    model, processor, device = load_model_and_processor(args.model, args.device)
-    report = evaluate_linear_probe(
-        model,
-        processor,
-        evaluation_set,
+    report = run_evaluation(
+        args,
+        evaluate_linear_probe,
         label_column=args.label_column,
         split_column=args.split_column,
         fold_column=args.fold_column,
         embedding=args.embedding,
         multi_label=args.multi_label,
         label_separator=args.label_separator,
-        batch_size=args.batch_size,
-        device=device,
         seeds=[int(seed) for seed in args.seeds.split(",")],
         valid_fraction=args.valid_fraction,
         lr=args.lr,
         max_epochs=args.max_epochs,
         patience=args.patience,
     )
-    report = {"model": args.model, "data": args.data, **report}
-    if args.output:
-        save_report(report, args.output)
 
     columns = ["seed", "fold", "train", "valid", "test", "best_epoch", "test_score"]
     rows = [[run[column] for column in columns] for run in report["runs"]]

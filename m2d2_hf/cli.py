@@ -264,6 +264,19 @@ def read_audio(file: AudioFile) -> np.ndarray:
     return np.ascontiguousarray(data.T)
 
 
+def resample_to_mono(samples: np.ndarray | torch.Tensor, rate: int, sampling_rate: int) -> np.ndarray:
+    """[samples] or [channels, samples] float audio at `rate` → mono float32 at `sampling_rate`: the channel mean,
+    then torchaudio's resampler (the one the feature extractor uses)."""
+    clip = torch.as_tensor(samples, dtype=torch.float32)
+    if clip.ndim == 2:
+        clip = clip.mean(dim=0)
+    if clip.ndim != 1:
+        raise ValueError(f"expected audio of shape [samples] or [channels, samples], got {tuple(clip.shape)}")
+    if int(rate) != sampling_rate:
+        clip = torchaudio.functional.resample(clip, int(rate), sampling_rate)
+    return clip.numpy()
+
+
 def check_long_enough(files: Sequence[AudioFile], feature_extractor: M2D2FeatureExtractor) -> None:
     """Rejects clips shorter than one patch before any compute, naming the file (the extractor only knows indices)."""
     target = feature_extractor.sampling_rate
@@ -476,10 +489,7 @@ def label_prompts(labels: Sequence[str], template: str) -> dict[str, str]:
 def mono_at(file: AudioFile, sampling_rate: int) -> np.ndarray:
     """The file averaged to mono and resampled as the feature extractor would: the pipeline takes numpy arrays as
     already at the extractor's rate, and decoding here spares the ffmpeg binary it needs for paths."""
-    clip = torch.from_numpy(read_audio(file)).mean(dim=0)
-    if file.sampling_rate != sampling_rate:
-        clip = torchaudio.functional.resample(clip, file.sampling_rate, sampling_rate)
-    return clip.numpy()
+    return resample_to_mono(read_audio(file), file.sampling_rate, sampling_rate)
 
 
 def run_zero_shot(args: argparse.Namespace) -> None:

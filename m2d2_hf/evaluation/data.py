@@ -1,5 +1,5 @@
-"""Inputs of the evaluations: evaluation sets, audio decoding, labels, embeddings; and the plumbing the example scripts
-share (arguments, model loading, JSON reports, tables).
+"""Inputs of the evaluations: evaluation sets, audio decoding, labels, embeddings (the plumbing the example scripts
+share, arguments, model loading, JSON reports and tables, is in `m2d2_hf.evaluation.cli`).
 
 An evaluation set is either a local audiofolder-style folder (a `metadata.csv` whose `file_name` column holds paths
 relative to the folder, other columns as labels, captions, splits) or a `datasets` dataset / hub id with an audio
@@ -7,10 +7,8 @@ column. Audio is decoded lazily with soundfile, as the `m2d2-hf` command line do
 mono and resampled to the feature extractor's rate, so a set never sits in memory as waveforms.
 """
 
-import argparse
 import csv
 import io
-import json
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from itertools import islice
@@ -21,13 +19,11 @@ import datasets
 import numpy as np
 import soundfile as sf
 import torch
-import torchaudio
 from datasets import Audio, ClassLabel, List
 from tqdm.auto import tqdm
-from transformers import AutoModel, AutoProcessor, PreTrainedModel
+from transformers import PreTrainedModel
 
-from ..cli import inspect_audio_files, load_feature_extractor, load_m2d2_config, pick_device, read_audio
-from ..configuration_m2d2 import M2D2Config
+from ..cli import inspect_audio_files, mono_at, resample_to_mono
 
 
 # A clip as the evaluations accept it: a file path; a `datasets` audio value (undecoded {"bytes", "path"}, decoded
@@ -44,40 +40,27 @@ VALID_SPLITS = ("valid", "validation", "val")
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _mono_at(samples: np.ndarray | torch.Tensor, rate: int, sampling_rate: int) -> np.ndarray:
-    """[samples] or [channels, samples] float audio → mono float32 at `sampling_rate` (torchaudio's resampler, the
-    one the feature extractor uses)."""
-    clip = torch.as_tensor(samples, dtype=torch.float32)
-    if clip.ndim == 2:
-        clip = clip.mean(dim=0)
-    if clip.ndim != 1:
-        raise ValueError(f"expected audio of shape [samples] or [channels, samples], got {tuple(clip.shape)}")
-    if int(rate) != sampling_rate:
-        clip = torchaudio.functional.resample(clip, int(rate), sampling_rate)
-    return clip.numpy()
-
-
 def load_waveform(source: AudioSource, sampling_rate: int) -> np.ndarray:
     """Decodes one clip (see `AudioSource`) to a mono float32 waveform at `sampling_rate`."""
     if isinstance(source, (str, Path)):
         file = inspect_audio_files([Path(source)])[0]  # clear errors for missing / unreadable files
-        return _mono_at(read_audio(file), file.sampling_rate, sampling_rate)
+        return mono_at(file, sampling_rate)
     if isinstance(source, dict):
         if source.get("bytes") is not None:
             try:
                 data, rate = sf.read(io.BytesIO(source["bytes"]), dtype="float32", always_2d=True)
             except (sf.SoundFileError, RuntimeError) as error:
                 raise ValueError(f"cannot decode the audio bytes of {source.get('path')!r}: {error}") from error
-            return _mono_at(data.T, rate, sampling_rate)
+            return resample_to_mono(data.T, rate, sampling_rate)
         if source.get("array") is not None:
-            return _mono_at(source["array"], source["sampling_rate"], sampling_rate)
+            return resample_to_mono(source["array"], source["sampling_rate"], sampling_rate)
         if source.get("path") is not None:
             return load_waveform(source["path"], sampling_rate)
         raise ValueError(f"audio value with neither bytes, array nor path: keys {sorted(source)}")
     if hasattr(source, "get_all_samples"):
         samples = source.get_all_samples()
-        return _mono_at(samples.data, samples.sample_rate, sampling_rate)
-    return _mono_at(source, sampling_rate, sampling_rate)
+        return resample_to_mono(samples.data, samples.sample_rate, sampling_rate)
+    return resample_to_mono(source, sampling_rate, sampling_rate)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -397,95 +380,16 @@ def embed_texts(
     return torch.cat(embeddings)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Example scripts: shared arguments, loading, reports
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def add_common_arguments(parser: argparse.ArgumentParser, split_filter: bool = True) -> None:
-    """The arguments every `examples/evaluate_*.py` script takes: model, data, split, batching, device, report.
-    `split_filter=False` leaves out `--split` (the linear probe uses every split)."""
-    parser.add_argument("model", help="M2D2 model folder or hub id")
-    parser.add_argument("data", help="folder with metadata.csv, a `datasets` folder, or a hub dataset id")
-    if split_filter:
-        parser.add_argument("--split", help="dataset split, or value of --split-column to keep")
-    parser.add_argument("--split-column", default="split", help="column holding the split (default: split)")
-    parser.add_argument("--audio-column", default="audio", help="audio column of a datasets source (default: audio)")
-    parser.add_argument("--limit", type=int, help="evaluate only the first N clips (quick runs)")
-    parser.add_argument("--batch-size", type=int, default=8, help="clips per forward pass (default: 8)")
-    parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
-    parser.add_argument("--output", type=Path, help="write the JSON report here")
-
-
-def evaluation_set_from_args(args: argparse.Namespace) -> EvaluationSet:
-    """The evaluation set the common arguments describe."""
-    return load_evaluation_set(
-        args.data, getattr(args, "split", None), args.split_column, args.audio_column, args.limit
-    )
-
-
-def load_model_and_processor(model_path: str, device: str | None) -> tuple[PreTrainedModel, Any, torch.device]:
-    """An M2D2 model folder → (model on its device in eval mode, processor or feature extractor, device)."""
-    config = load_m2d2_config(model_path)
-    device = pick_device(device)
-    model = AutoModel.from_pretrained(model_path)
-    if config.model_type == M2D2Config.model_type:
-        processor = AutoProcessor.from_pretrained(model_path)
-    else:
-        processor = load_feature_extractor(model_path)
-    prepare_model(model, device)
-    return model, processor, device
-
-
-def _json_value(value: Any) -> Any:
-    if isinstance(value, (np.ndarray, torch.Tensor)):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"cannot write {type(value).__name__} to JSON")
-
-
-def save_report(report: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2, default=_json_value) + "\n", encoding="utf-8")
-
-
-def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A plain text table: the first column left-aligned, the others right-aligned; floats with 4 decimals."""
-
-    def cell(value: Any) -> str:
-        return "-" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
-
-    table = [list(header)] + [[cell(value) for value in row] for row in rows]
-    widths = [max(len(line[column]) for line in table) for column in range(len(header))]
-    lines = [
-        "  ".join(
-            text.ljust(width) if column == 0 else text.rjust(width)
-            for column, (text, width) in enumerate(zip(line, widths))
-        )
-        for line in table
-    ]
-    lines.insert(1, "  ".join("-" * width for width in widths))
-    return "\n".join(lines)
-
-
 __all__ = [
     "EMBEDDING_LEVELS",
     "EvaluationSet",
-    "add_common_arguments",
     "caption_groups",
     "class_names",
     "embed_audio",
     "embed_texts",
     "encode_targets",
-    "evaluation_set_from_args",
-    "format_table",
     "load_evaluation_set",
-    "load_model_and_processor",
     "load_waveform",
     "prepare_model",
-    "save_report",
     "unzip_lazily",
 ]

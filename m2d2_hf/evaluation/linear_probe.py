@@ -13,6 +13,7 @@ validation split, the validation clips are a stratified `valid_fraction` (0.1) o
 seed.
 """
 
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -128,6 +129,19 @@ def holdout(
     return np.setdiff1d(np.arange(len(targets)), valid), valid
 
 
+_TRAINING_OPTIONS = ("lr", "weight_decay", "batch_size", "max_epochs", "patience")
+
+
+def _training_settings(options: dict[str, Any]) -> dict[str, Any]:
+    """`train_linear_classifier`'s training options, its defaults filled in for those not in `options` (the report
+    states them all); any other option raises a TypeError."""
+    unknown = sorted(set(options) - set(_TRAINING_OPTIONS))
+    if unknown:
+        raise TypeError(f"unexpected training options {unknown}; expected some of {_TRAINING_OPTIONS}")
+    parameters = inspect.signature(train_linear_classifier).parameters
+    return {name: options.get(name, parameters[name].default) for name in _TRAINING_OPTIONS}
+
+
 def _experiments(
     split: Sequence[str] | None, folds: Sequence[Any] | None, count: int
 ) -> list[tuple[str, np.ndarray, np.ndarray | None, np.ndarray]]:
@@ -160,12 +174,9 @@ def linear_probe(
     multi_label: bool = False,
     seeds: Sequence[int] = SEEDS,
     valid_fraction: float = 0.1,
-    lr: float = 3e-5,
-    weight_decay: float = 1e-8,
-    batch_size: int = 200,
-    max_epochs: int = 200,
-    patience: int = 20,
+    *,
     device: str | torch.device | None = None,
+    **training_options: Any,
 ) -> dict[str, Any]:
     """Linear evaluation of fixed embeddings [N, D] with class-index targets [N] (or multi-hot [N, C]).
 
@@ -175,6 +186,8 @@ def linear_probe(
         folds: per clip a fold id instead: each fold is the test set once (the others train, `valid_fraction` of
             them validate); the score is the mean over folds.
         num_classes: default: from the targets.
+        training_options: `train_linear_classifier`'s training options (lr, weight_decay, batch_size, max_epochs,
+            patience); its defaults, the original settings, for those not given.
 
     Returns:
         `metric` ("accuracy" or "mAP"), `score` (mean over seeds of the mean over folds), `std` (over seeds),
@@ -185,13 +198,7 @@ def linear_probe(
     y = np.asarray(targets)
     if num_classes is None:
         num_classes = y.shape[1] if multi_label else int(y.max()) + 1
-    training = {
-        "lr": lr,
-        "weight_decay": weight_decay,
-        "batch_size": batch_size,
-        "max_epochs": max_epochs,
-        "patience": patience,
-    }
+    training = _training_settings(training_options)
     runs, per_seed = [], {}
     for seed in seeds:
         fold_scores = []

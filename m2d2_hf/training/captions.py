@@ -33,6 +33,7 @@ no-op (it does not even load the model).
 from __future__ import annotations
 
 import glob
+import inspect
 import json
 import logging
 import os
@@ -451,39 +452,20 @@ def embed_captions(
     captions: Mapping[str, Sequence[str]],
     model_name_or_path: str | os.PathLike | CaptionEncoder,
     *,
-    pooling: str = "mean",
-    instruction: str = "",
-    batch_size: int = 64,
-    max_length: int = 512,
-    normalize: bool = False,
-    device: str | torch.device | None = None,
-    dtype: torch.dtype | str | None = None,
-    trust_remote_code: bool = False,
-    append_eos: bool = False,
     progress: bool = True,
+    **encoder_options: Any,
 ) -> dict[str, np.ndarray]:
     """
     Embed every caption: `{clip id: np.float16 [n_captions, D]}` (rows in the order of the clip's captions).
 
-    Identical texts are embedded once. See `CaptionEncoder` for the pooling modes and options; pass a
-    `CaptionEncoder` instead of a model name to reuse a loaded model (the other options are then ignored).
+    Identical texts are embedded once. `encoder_options` are `CaptionEncoder`'s (pooling, instruction, batch_size,
+    max_length, normalize, device, dtype, trust_remote_code, append_eos; its defaults otherwise); pass a
+    `CaptionEncoder` instead of a model name to reuse a loaded model (the options are then ignored).
     """
-    encoder = (
-        model_name_or_path
-        if isinstance(model_name_or_path, CaptionEncoder)
-        else CaptionEncoder(
-            model_name_or_path,
-            pooling=pooling,
-            instruction=instruction,
-            max_length=max_length,
-            normalize=normalize,
-            device=device,
-            dtype=dtype,
-            trust_remote_code=trust_remote_code,
-            append_eos=append_eos,
-            batch_size=batch_size,
-        )
-    )
+    if isinstance(model_name_or_path, CaptionEncoder):
+        encoder = model_name_or_path
+    else:
+        encoder = CaptionEncoder(model_name_or_path, **encoder_options)
     return _embed_chunk(encoder, captions, progress)
 
 
@@ -542,34 +524,37 @@ def cached_ids(folder: str | os.PathLike) -> set[str]:
     return ids
 
 
+def _encoder_arguments(model_name_or_path: str | os.PathLike, options: Mapping[str, Any]) -> dict[str, Any]:
+    """`CaptionEncoder`'s arguments for `options`, its defaults filled in, without loading the model (an unknown
+    option raises a TypeError here already)."""
+    bound = inspect.signature(CaptionEncoder).bind(model_name_or_path, **options)
+    bound.apply_defaults()
+    return bound.arguments
+
+
 def cache_caption_embeddings(
     captions: str | os.PathLike | Mapping[str, Sequence[str]],
     model_name_or_path: str | os.PathLike,
     output_dir: str | os.PathLike,
     *,
-    pooling: str = "mean",
-    instruction: str = "",
-    batch_size: int = 64,
-    max_length: int = 512,
-    normalize: bool = False,
-    device: str | torch.device | None = None,
-    dtype: torch.dtype | str | None = None,
-    trust_remote_code: bool = False,
-    append_eos: bool = False,
     id_column: str = "id",
     caption_column: str = "caption",
     split: str = "train",
     separator: str | None = None,
     shard_size: int = 10000,
     progress: bool = True,
+    **encoder_options: Any,
 ) -> dict[str, Any]:
     """
     Embed the captions of every clip not yet in `output_dir` and append them as new shards (see the module doc).
 
-    `captions` is a source for `read_captions` or a ready `{id: [captions]}` mapping. Settings that change the values
-    (model, pooling, instruction, max_length, normalize, append_eos) are stored in `info.json`; resuming with other
-    settings raises. Returns a summary: `num_ids` (with captions), `num_cached_before`, `num_new`, `shards_written`.
+    `captions` is a source for `read_captions` or a ready `{id: [captions]}` mapping. `encoder_options` are
+    `CaptionEncoder`'s (pooling, instruction, batch_size, max_length, normalize, device, dtype, trust_remote_code,
+    append_eos; its defaults otherwise). Settings that change the values (model, pooling, instruction, max_length,
+    normalize, append_eos) are stored in `info.json`; resuming with other settings raises. Returns a summary:
+    `num_ids` (with captions), `num_cached_before`, `num_new`, `shards_written`.
     """
+    arguments = _encoder_arguments(model_name_or_path, encoder_options)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     for stale in output_dir.glob(".shard-*.parquet.tmp"):  # an interrupted write
@@ -580,11 +565,11 @@ def cache_caption_embeddings(
         )
     settings = {
         "model": os.fspath(model_name_or_path),
-        "pooling": pooling,
-        "instruction": instruction or "",
-        "max_length": int(max_length),
-        "normalize": bool(normalize),
-        "append_eos": bool(append_eos),
+        "pooling": arguments["pooling"],
+        "instruction": arguments["instruction"] or "",
+        "max_length": int(arguments["max_length"]),
+        "normalize": bool(arguments["normalize"]),
+        "append_eos": bool(arguments["append_eos"]),
     }
     info_path = output_dir / INFO_NAME
     info = json.loads(info_path.read_text()) if info_path.is_file() else {}
@@ -609,18 +594,7 @@ def cache_caption_embeddings(
         logger.info(f"All {summary['num_ids']} clips already have embeddings in {output_dir}: nothing to do.")
         return summary
 
-    encoder = CaptionEncoder(
-        model_name_or_path,
-        pooling=pooling,
-        instruction=instruction,
-        max_length=max_length,
-        normalize=normalize,
-        device=device,
-        dtype=dtype,
-        trust_remote_code=trust_remote_code,
-        append_eos=append_eos,
-        batch_size=batch_size,
-    )
+    encoder = CaptionEncoder(model_name_or_path, **encoder_options)
     next_index = max([_shard_index(p) for p in _shard_files(output_dir)], default=-1) + 1
     for chunk in iter_caption_embeddings(todo, encoder, chunk_size=shard_size, progress=progress):
         dim = int(next(iter(chunk.values())).shape[-1])
