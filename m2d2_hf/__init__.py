@@ -4,7 +4,14 @@ Importing the package registers its classes with the transformers Auto classes, 
 `AutoFeatureExtractor`, `AutoProcessor` and `pipeline(...)` load saved M2D2 folders.
 """
 
-from transformers import AutoConfig, AutoFeatureExtractor, AutoModel, AutoModelForPreTraining, AutoProcessor
+from transformers import (
+    AutoConfig,
+    AutoFeatureExtractor,
+    AutoModel,
+    AutoModelForAudioClassification,
+    AutoModelForPreTraining,
+    AutoProcessor,
+)
 
 from .configuration_m2d2 import M2D2AudioConfig, M2D2Config
 from .feature_extraction_m2d2 import M2D2FeatureExtractor
@@ -13,6 +20,7 @@ from .modeling_m2d2 import (
     M2D2AudioModelOutput,
     M2D2ClapModel,
     M2D2ClapOutput,
+    M2D2ForAudioClassification,
     M2D2PreTrainedModel,
     frame_timestamps,
 )
@@ -26,6 +34,7 @@ def _register() -> None:
     AutoModel.register(M2D2AudioConfig, M2D2AudioModel, exist_ok=True)
     AutoModel.register(M2D2Config, M2D2ClapModel, exist_ok=True)
     AutoModelForPreTraining.register(M2D2AudioConfig, M2D2ForPreTraining, exist_ok=True)
+    AutoModelForAudioClassification.register(M2D2AudioConfig, M2D2ForAudioClassification, exist_ok=True)
     for config_class in (M2D2AudioConfig, M2D2Config):
         AutoFeatureExtractor.register(config_class, M2D2FeatureExtractor, exist_ok=True)
     AutoProcessor.register(M2D2Config, M2D2Processor, exist_ok=True)
@@ -37,6 +46,7 @@ def _register() -> None:
     M2D2AudioModel.register_for_auto_class("AutoModel")
     M2D2ClapModel.register_for_auto_class("AutoModel")
     M2D2ForPreTraining.register_for_auto_class("AutoModelForPreTraining")
+    M2D2ForAudioClassification.register_for_auto_class("AutoModelForAudioClassification")
     M2D2FeatureExtractor.register_for_auto_class("AutoFeatureExtractor")
     M2D2Processor.register_for_auto_class("AutoProcessor")
 
@@ -53,6 +63,7 @@ __all__ = [
     "M2D2ClapOutput",
     "M2D2Config",
     "M2D2FeatureExtractor",
+    "M2D2ForAudioClassification",
     "M2D2ForPreTraining",
     "M2D2PreTrainedModel",
     "M2D2PreTrainingOutput",

@@ -13,7 +13,7 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.modeling_outputs import BaseModelOutputWithPooling, SequenceClassifierOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.utils import ModelOutput, can_return_tuple
 
@@ -282,18 +282,20 @@ class M2D2PreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         """M2D's initialisation: xavier-uniform Linear (and patch projection as a Linear), zero biases, unit
-        LayerNorm, N(0, 0.02) tokens and the fixed sin-cos positional table."""
+        LayerNorm, N(0, 0.02) tokens and the fixed sin-cos positional table.
+
+        transformers skips, for code outside its tree, modules that hold no parameters of their own, so every
+        rule here is keyed on a module that owns the tensors it sets."""
         std = self.config.initializer_range
         if isinstance(module, nn.Linear):
             init.xavier_uniform_(module.weight)
             if module.bias is not None:
                 init.zeros_(module.bias)
-        elif isinstance(module, M2D2PatchEmbeddings):
-            weight = module.projection.weight
-            fan_in, fan_out = weight[0].numel(), weight.shape[0]
+        elif isinstance(module, nn.Conv2d):  # the patch projection, initialised as the Linear it is
+            fan_in, fan_out = module.weight[0].numel(), module.weight.shape[0]
             bound = math.sqrt(6.0 / (fan_in + fan_out))
-            init.uniform_(weight, -bound, bound)
-            init.zeros_(module.projection.bias)
+            init.uniform_(module.weight, -bound, bound)
+            init.zeros_(module.bias)
         elif isinstance(module, nn.LayerNorm):
             init.ones_(module.weight)
             init.zeros_(module.bias)
@@ -401,11 +403,82 @@ class M2D2AudioModel(M2D2PreTrainedModel):
             hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
         )
 
+    def encode_visible(self, patches: torch.Tensor, visible_indices: torch.Tensor) -> torch.Tensor:
+        """Encodes only some patches of one-chunk inputs, as masked training does.
+
+        Args:
+            patches: `self.embeddings(input_features)` of inputs of at most `chunk_frames` frames: the patch
+                embeddings with their positions, added before the other patches are dropped.
+            visible_indices: [B, V] patches to keep (patch p = f * columns + t).
+
+        Returns:
+            [B, 1 + V, D] normalised outputs: CLS first, then the visible tokens in `visible_indices` order.
+        """
+        visible = patches.gather(1, visible_indices[..., None].expand(-1, -1, patches.shape[-1]))
+        cls = self.embeddings.cls_embedding().to(patches.dtype).expand(len(patches), -1, -1)
+        hidden_states = torch.cat([cls, visible], dim=1)
+        for layer in self.layers:
+            hidden_states = layer(hidden_states)
+        return self.layernorm(hidden_states)
+
     def timestamp_embeddings(self, outputs: M2D2AudioModelOutput) -> torch.Tensor:
         """[B, frames, hidden_size]: per frame, the mean of its frequency-row tokens (HEAR timestamp embeddings)."""
         batch, frames, _ = outputs.frame_features.shape
         rows = self.config.frequency_patches
         return outputs.frame_features.reshape(batch, frames, rows, -1).mean(2)
+
+
+class M2D2ForAudioClassification(M2D2PreTrainedModel):
+    """The audio encoder with EVAR's classification head (stage 1.1 fine-tuning): the mean of the patch tokens →
+    BatchNorm1d without affine parameters → Linear. Multi-label problems (AudioSet) use a sigmoid with BCE, single-
+    label ones a softmax with cross-entropy (`config.problem_type`)."""
+
+    def __init__(self, config: M2D2AudioConfig):
+        super().__init__(config)
+        self.audio_model = M2D2AudioModel(config)
+        self.head_norm = nn.BatchNorm1d(config.hidden_size, affine=False)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if module is self.classifier:  # EVAR's head initialisation
+            init.normal_(module.weight, std=0.01)
+            init.zeros_(module.bias)
+        else:
+            super()._init_weights(module)
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_features: torch.Tensor,
+        input_features_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        visible_indices: torch.Tensor | None = None,
+        **kwargs,
+    ) -> SequenceClassifierOutput:
+        r"""
+        input_features, input_features_mask: [`M2D2FeatureExtractor`]'s output (any length; chunked as the base model).
+        labels (`torch.Tensor`, *optional*): class indices [B] (single-label) or multi-hot [B, num_labels].
+        visible_indices (`torch.LongTensor` of shape `(batch_size, num_visible)`, *optional*): encode only these
+            patches of one-chunk inputs (the structured patch masking of fine-tuning); all tokens otherwise.
+        """
+        if visible_indices is not None:
+            pooled = self.audio_model.encode_visible(self.audio_model.embeddings(input_features), visible_indices)[
+                :, 1:
+            ].mean(1)
+            hidden_states = None
+        else:
+            outputs = self.audio_model(input_features, input_features_mask, **kwargs)
+            pooled = masked_mean(outputs.last_hidden_state, outputs.token_mask)
+            hidden_states = outputs.hidden_states
+        logits = self.classifier(self.head_norm(pooled))
+        loss = None
+        if labels is not None:
+            if self.config.problem_type == "multi_label_classification" or labels.dim() == 2:
+                loss = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+            else:
+                loss = F.cross_entropy(logits, labels)
+        return SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=hidden_states)
 
 
 class M2D2SemanticProjector(nn.Module):
@@ -570,6 +643,7 @@ __all__ = [
     "M2D2AudioModelOutput",
     "M2D2ClapModel",
     "M2D2ClapOutput",
+    "M2D2ForAudioClassification",
     "M2D2PreTrainedModel",
     "contrastive_loss",
     "frame_timestamps",

@@ -16,6 +16,7 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput, can_return_tuple
 
 from .configuration_m2d2 import M2D2AudioConfig
+from .masking import complement_indices, random_unstructured_mask
 from .modeling_m2d2 import (
     M2D2AudioModel,
     M2D2Layer,
@@ -55,24 +56,6 @@ class M2D2PreTrainingOutput(ModelOutput):
     text_embeds: torch.FloatTensor | None = None
     visible_indices: torch.LongTensor | None = None
     masked_indices: torch.LongTensor | None = None
-
-
-def random_unstructured_mask(
-    batch_size: int, num_patches: int, mask_ratio: float, device: torch.device, generator: torch.Generator | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per sample, a random permutation of the patches: the first `int(L * (1 - ratio))` are visible, the rest
-    masked (so every sample keeps the same number)."""
-    num_visible = int(num_patches * (1 - mask_ratio))
-    noise = torch.rand(batch_size, num_patches, device=generator.device if generator else device, generator=generator)
-    order = noise.argsort(dim=1).to(device)
-    return order[:, :num_visible], order[:, num_visible:]
-
-
-def complement_indices(visible_indices: torch.Tensor, num_patches: int) -> torch.Tensor:
-    """The patches not in `visible_indices` [B, V], ascending, [B, L - V]."""
-    hidden = torch.ones(visible_indices.shape[0], num_patches, dtype=torch.bool, device=visible_indices.device)
-    hidden.scatter_(1, visible_indices, False)
-    return hidden.nonzero()[:, 1].reshape(visible_indices.shape[0], -1)
 
 
 def m2d_loss(predictions: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,6 +173,7 @@ class M2D2ForPreTraining(M2D2PreTrainedModel):
             )
             self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value))
         self.post_init()
+        self.copy_online_to_target()
 
     def _init_weights(self, module: nn.Module) -> None:
         """The encoder's initialisation, plus the predictor's sin-cos table and mask token, and a target that
@@ -201,18 +185,23 @@ class M2D2ForPreTraining(M2D2PreTrainedModel):
             table = sincos_position_table(config.predictor_hidden_size, config.frequency_patches, config.time_patches)
             init.copy_(module.position_embeddings, table[None])
         elif isinstance(module, M2D2ForPreTraining):
-            for target, online in module.target_parameter_pairs():
-                init.copy_(target, online.detach())
-            if hasattr(module, "logit_scale"):
-                init.constant_(module.logit_scale, module.config.logit_scale_init_value)
+            init.constant_(module.logit_scale, module.config.logit_scale_init_value)
 
     @classmethod
-    def from_pretrained(cls, *args, **kwargs):
+    def from_pretrained(cls, *args, output_loading_info: bool = False, **kwargs):
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        # A folder without the target (an M2D2AudioModel export) starts it as a copy of the loaded online encoder.
+        if any(key.startswith(("target_layers.", "target_layernorm.")) for key in info["missing_keys"]):
+            model.copy_online_to_target()
         # transformers' loader re-creates loaded parameters as trainable; the EMA target must stay out of the
         # optimiser and of DDP's gradient bookkeeping.
-        loaded = super().from_pretrained(*args, **kwargs)
-        (loaded[0] if isinstance(loaded, tuple) else loaded).freeze_target()
-        return loaded
+        model.freeze_target()
+        return (model, info) if output_loading_info else model
+
+    @torch.no_grad()
+    def copy_online_to_target(self) -> None:
+        for target, online in self.target_parameter_pairs():
+            target.copy_(online)
 
     def freeze_target(self) -> None:
         for target, _ in self.target_parameter_pairs():
@@ -273,11 +262,7 @@ class M2D2ForPreTraining(M2D2PreTrainedModel):
         else:
             masked_indices = complement_indices(visible_indices, num_patches)
         cls = self.audio_model.embeddings.cls_embedding().to(patches.dtype).expand(batch, -1, -1)
-
-        latent = torch.cat([cls, patches.gather(1, visible_indices[..., None].expand(-1, -1, dim))], dim=1)
-        for layer in self.audio_model.layers:
-            latent = layer(latent)
-        latent = self.audio_model.layernorm(latent)
+        latent = self.audio_model.encode_visible(patches, visible_indices)
 
         with torch.no_grad():
             hidden = torch.cat([cls, patches.gather(1, masked_indices[..., None].expand(-1, -1, dim))], dim=1).detach()
@@ -291,8 +276,7 @@ class M2D2ForPreTraining(M2D2PreTrainedModel):
 
         loss_clap = audio_embeds = text_embeds = None
         if self.config.caption_embedding_size and caption_embeddings is not None:
-            visible_tokens = latent[:, 1:]
-            audio_embeds = self.audio_projection(visible_tokens)
+            audio_embeds = self.audio_projection(latent[:, 1:])
             text_embeds = self.text_projection(caption_embeddings.to(audio_embeds.dtype))
             valid = has_caption if has_caption is not None else torch.ones(batch, dtype=torch.bool, device=latent.device)
             loss_clap = global_clap_loss(audio_embeds.float(), text_embeds.float(), self.logit_scale, valid.bool())
@@ -316,5 +300,4 @@ __all__ = [
     "M2D2PreTrainingOutput",
     "global_clap_loss",
     "m2d_loss",
-    "random_unstructured_mask",
 ]

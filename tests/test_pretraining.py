@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from m2d2_hf import M2D2AudioConfig, M2D2AudioModel, M2D2ForPreTraining
-from m2d2_hf.modeling_m2d2_pretraining import MAX_LOGIT_SCALE, random_unstructured_mask
+from m2d2_hf.masking import random_unstructured_mask
+from m2d2_hf.modeling_m2d2_pretraining import MAX_LOGIT_SCALE
 from m2d2_hf.training.optim import scaled_learning_rate, warmup_cosine_lambda, weight_decay_groups
 
 from .conftest import TINY_AUDIO
