@@ -123,11 +123,16 @@ def accumulation_steps(global_batch: int, per_device_batch: int, num_processes: 
     return global_batch // per_pass
 
 
+def step_seed(seed: int, step: int, process_index: int, purpose: str) -> int:
+    """A seed that depends only on (seed, step, process, purpose)."""
+    digest = hashlib.sha256(f"{seed}/{step}/{process_index}/{purpose}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
 def step_generator(seed: int, step: int, process_index: int, purpose: str, device: str = "cpu") -> torch.Generator:
     """A generator that depends only on (seed, step, process, purpose): a resumed run draws what the
     uninterrupted run drew at the same step."""
-    digest = hashlib.sha256(f"{seed}/{step}/{process_index}/{purpose}".encode()).digest()
-    return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+    return torch.Generator(device=device).manual_seed(step_seed(seed, step, process_index, purpose))
 
 
 class BatchStream:
@@ -304,6 +309,9 @@ def run_training(
         sums = torch.zeros(len(loss_names) + 2, device=device)  # the losses, clips, skipped items
         for micro in range(accelerator.gradient_accumulation_steps):
             batch, skipped = next_batch(batches)
+            # The global RNG (dropout, e.g. of a text tower) restarts from a per-step seed: a resumed run must not
+            # depend on what else drew from it (DataLoader iterators do, once per epoch and on resume).
+            torch.manual_seed(step_seed(args.seed, step, accelerator.process_index, f"global{micro}"))
             with accelerator.accumulate(model):
                 out = model(**make_inputs(batch, step, micro))
                 accelerator.backward(out.loss)

@@ -1,0 +1,276 @@
+"""Stages 2 and 2.1 of the M2D2 recipe: CLAP training of a text tower and a new semantic audio projector against
+the FROZEN stage-1.1 audio encoder, with accelerate (spec §7, §11.2).
+
+`examples/pretrain_stage2.py` is the command line. Data path: streamed audio + captions (several per clip, one drawn
+per step) → log-mel of whole clips on the device → random 1001-frame crops → normalisation with the encoder's
+`norm_stats` → frozen encoder over the visible patches of a structured mask (ratio 0.3 in stage 2, 0 in stage 2.1)
+→ projector; captions tokenised on the fly → text tower (CLS) → contrastive loss over the global batch → the
+complete `M2D2ClapModel` folder with its processor, ready for `pipeline("zero-shot-audio-classification")`.
+"""
+
+import argparse
+import logging
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoTokenizer
+from transformers.utils import ModelOutput
+
+from ..configuration_m2d2 import M2D2Config
+from ..conversion import feature_extractor_for
+from ..masking import random_structured_mask, random_unstructured_mask
+from ..modeling_m2d2 import M2D2AudioModel, M2D2ClapModel
+from ..modeling_m2d2_pretraining import MAX_LOGIT_SCALE, global_clap_loss
+from ..processing_m2d2 import M2D2Processor
+from .captions import read_captions
+from .data import AudioBatchCollator, load_audio_stream, random_log_mel_crops
+from .loop import (
+    BatchStream,
+    RunState,
+    add_common_arguments,
+    build_accelerator,
+    parse_filters,
+    resolve_checkpoint,
+    run_training,
+    step_generator,
+)
+from .optim import scaled_learning_rate, warmup_cosine_schedule, weight_decay_groups
+
+
+logger = logging.getLogger(__name__)
+
+MASK_TYPES = ("structured", "structured_drop_stripes", "unstructured")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Stage-2 / 2.1 M2D2 CLAP training with the audio encoder frozen. Defaults follow the 2025 "
+        "paper's stage 2: 10-s crops (1001 frames), structured mask 0.3 (stage 2.1: --mask_ratio 0), BERT-base text "
+        "tower (CLS), new semantic projector, logit scale ln 100 clamped to [0, ln 100], global batch 2048, AdamW "
+        "(0.9, 0.95) weight decay 0.05, base lr 3e-6 x batch/256, 5 of 30 epochs warm-up then cosine, clip 3.0.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_common_arguments(parser)
+    model = parser.add_argument_group("model")
+    model.add_argument("--audio_model", default=None, help="M2D2AudioModel folder: the frozen stage-1.1 encoder")
+    model.add_argument(
+        "--text_model", default="google-bert/bert-base-uncased", help="transformers text model folder or hub id"
+    )
+    model.add_argument(
+        "--model_name_or_path",
+        default=None,
+        help="continue from an M2D2ClapModel folder (stage 2.1 starts from the stage-2 result): encoder, text tower, "
+        "projector and temperature all come from it",
+    )
+    model.add_argument("--text_pooling", choices=("cls", "mean"), default="cls", help="BERT: CLS (the paper)")
+    model.add_argument("--caption_column", default="caption", help="column of train_data holding the captions")
+    model.add_argument("--caption_separator", default=None, help="split a caption cell into several captions")
+    model.add_argument("--captions", default=None, help="captions from a separate CSV/JSONL/folder, keyed by clip id")
+    model.add_argument("--crop_frames", type=int, default=1001, help="log-mel frames per crop (10 s)")
+    model.add_argument("--mask_ratio", type=float, default=0.3, help="audio patches hidden (stage 2.1: 0)")
+    model.add_argument(
+        "--mask_type",
+        choices=MASK_TYPES,
+        default="structured",
+        help="structured: frequency/time stripes with the original code's ordering (it keeps the stripes and drops "
+        "other patches; the released model was trained so); structured_drop_stripes: drop the stripes; "
+        "unstructured: random patches",
+    )
+    model.add_argument("--base_learning_rate", type=float, default=3e-6, help="lr = base × global batch / 256")
+    model.add_argument("--logit_scale_init", type=float, default=math.log(100.0))
+    model.add_argument("--export_steps", type=int, default=0, help="also export the model every N steps")
+    parser.set_defaults(warmup_ratio=5 / 30, seed=777)
+    return parser
+
+
+class FrozenEncoderClapObjective(nn.Module):
+    """The stage-2 objective around an `M2D2ClapModel`: the frozen audio encoder encodes the visible patches of one
+    crop without gradients, the projector and text tower are trained with the global contrastive loss."""
+
+    def __init__(self, clap: M2D2ClapModel):
+        super().__init__()
+        self.clap = clap
+
+    def forward(
+        self,
+        input_features: torch.Tensor,
+        visible_indices: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        has_caption: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> ModelOutput:
+        encoder = self.clap.audio_model
+        with torch.no_grad():  # frozen: no activations kept for backward
+            tokens = encoder.encode_visible(encoder.embeddings(input_features), visible_indices)[:, 1:]
+        audio_embeds = self.clap.audio_projection(tokens)
+        text_embeds = self.clap.get_text_features(input_ids, attention_mask, token_type_ids).pooler_output
+        loss = global_clap_loss(audio_embeds.float(), text_embeds.float(), self.clap.logit_scale, has_caption)
+        return ModelOutput(loss=loss, audio_embeds=audio_embeds, text_embeds=text_embeds)
+
+
+def build_model(args: argparse.Namespace) -> tuple[M2D2ClapModel, object]:
+    """The CLAP model (frozen encoder + text tower + new projector, or a whole stage-2 folder) and its tokenizer."""
+    if args.model_name_or_path:
+        model = M2D2ClapModel.from_pretrained(args.model_name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
+    else:
+        if not args.audio_model:
+            raise ValueError("stage 2 needs --audio_model (the stage-1.1 encoder) or --model_name_or_path")
+        encoder = M2D2AudioModel.from_pretrained(args.audio_model)
+        text_config = AutoConfig.from_pretrained(args.text_model)
+        hidden = encoder.config.hidden_size
+        config = M2D2Config(
+            audio_config=encoder.config,
+            text_config=text_config,
+            text_pooling=args.text_pooling,
+            text_projection=text_config.hidden_size != hidden,
+            projection_dim=hidden,
+            projector_intermediate_size=hidden,
+            logit_scale_init_value=args.logit_scale_init,
+        )
+        model = M2D2ClapModel(config)
+        model.audio_model.load_state_dict(encoder.state_dict())
+        model.text_model = AutoModel.from_pretrained(args.text_model)
+        tokenizer = AutoTokenizer.from_pretrained(args.text_model)
+    if args.crop_frames > model.config.audio_config.chunk_frames:
+        raise ValueError(
+            f"--crop_frames {args.crop_frames} exceeds the encoder's chunk ({model.config.audio_config.chunk_frames})"
+        )
+    model.audio_model.requires_grad_(False)
+    # The embedding is pooled from the last hidden state: a BERT pooler gets no gradient (and would stall DDP).
+    if getattr(model.text_model, "pooler", None) is not None:
+        model.text_model.pooler.requires_grad_(False)
+    return model, tokenizer
+
+
+class Stage2Batches:
+    """Turns collated batches into the objective's inputs: crops, mask, one caption per clip, tokens."""
+
+    def __init__(self, args, feature_extractor, tokenizer, config, captions: dict[str, list[str]] | None):
+        self.args, self.feature_extractor, self.tokenizer, self.config = args, feature_extractor, tokenizer, config
+        self.captions = captions
+
+    def clip_captions(self, batch: dict) -> list[list[str]]:
+        if self.captions is not None:
+            return [self.captions.get(clip_id, []) for clip_id in batch["ids"]]
+        separator = self.args.caption_separator
+        cells = batch[self.args.caption_column]
+        return [[] if not cell else (cell.split(separator) if separator else [cell]) for cell in cells]
+
+    def mask(self, batch_size: int, columns: int, device: torch.device, generator: torch.Generator):
+        rows, args = self.config.frequency_patches, self.args
+        if args.mask_ratio <= 0:
+            visible = torch.arange(rows * columns, device=device).expand(batch_size, -1)
+            return visible
+        if args.mask_type == "unstructured":
+            return random_unstructured_mask(batch_size, rows * columns, args.mask_ratio, device, generator)[0]
+        original = args.mask_type == "structured"
+        return random_structured_mask(batch_size, rows, columns, args.mask_ratio, device, generator, original)[0]
+
+    def inputs(self, batch: dict, device: torch.device, step: int, process: int, micro: int) -> dict:
+        seed = self.args.seed
+        waves = batch["waveforms"].to(device, non_blocking=True)
+        clips = [wave[:length] for wave, length in zip(waves, batch["lengths"].tolist())]
+        log_mel, num_frames = self.feature_extractor.batch_log_mel(clips)
+        crops = random_log_mel_crops(
+            log_mel, num_frames, self.args.crop_frames, step_generator(seed, step, process, f"crop{micro}")
+        )
+        columns = self.args.crop_frames // self.config.patch_size[1]
+        visible = self.mask(len(clips), columns, device, step_generator(seed, step, process, f"mask{micro}"))
+        generator = step_generator(seed, step, process, f"caption{micro}")
+        texts, has_caption = [], []
+        for options in self.clip_captions(batch):
+            choice = int(torch.randint(len(options), (1,), generator=generator)) if options else None
+            texts.append(options[choice] if options else "")
+            has_caption.append(bool(options))
+        # The original tokenises without truncation; a text longer than the tower's positions would crash it, so
+        # texts are cut at the tokenizer's maximum length instead.
+        tokens = self.tokenizer(texts, padding="longest", truncation=True, return_tensors="pt").to(device)
+        return {
+            "input_features": self.feature_extractor.normalize(crops),
+            "visible_indices": visible,
+            "has_caption": torch.tensor(has_caption, device=device),
+            **tokens,
+        }
+
+
+def export_clap(model: M2D2ClapModel, tokenizer, output_dir: Path, accelerator) -> None:
+    """Saves the complete CLAP model with its processor (feature extractor + tokenizer)."""
+    if accelerator.is_main_process:
+        model.save_pretrained(output_dir)
+        M2D2Processor(feature_extractor_for(model.config.audio_config), tokenizer).save_pretrained(output_dir)
+        logger.info(f"exported the CLAP model to {output_dir}")
+
+
+def train(args: argparse.Namespace) -> Path:
+    """Runs stage 2 (or 2.1) and returns the folder of the final export (`<output_dir>/final`)."""
+    output_dir = Path(args.output_dir)
+    accelerator = build_accelerator(args)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+
+    clap, tokenizer = build_model(args)
+    audio_config = clap.config.audio_config
+    captions = None
+    if args.captions:
+        captions = read_captions(args.captions, caption_column=args.caption_column, separator=args.caption_separator)
+    keep = [] if captions is not None else [args.caption_column]
+    dataset = load_audio_stream(
+        args.train_data,
+        split=args.split,
+        audio_column=args.audio_column,
+        id_column=args.id_column,
+        keep_columns=keep,
+        max_seconds=args.max_seconds,
+        sampling_rate=audio_config.sampling_rate,
+        shuffle_buffer=args.shuffle_buffer,
+        seed=args.seed,
+        process_index=accelerator.process_index,
+        num_processes=accelerator.num_processes,
+        filter_fn=parse_filters(args.filter),
+    )
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=args.per_device_train_batch_size,
+        collate_fn=AudioBatchCollator(keep_columns=keep),
+        num_workers=args.dataloader_num_workers,
+    )
+    prepare = Stage2Batches(args, feature_extractor_for(audio_config), tokenizer, audio_config, captions)
+
+    optimizer = torch.optim.AdamW(
+        weight_decay_groups(clap, args.weight_decay),
+        lr=scaled_learning_rate(args.base_learning_rate, args.global_batch_size),
+        betas=(args.adam_beta1, args.adam_beta2),
+    )
+    scheduler = warmup_cosine_schedule(optimizer, round(args.warmup_ratio * args.max_train_steps), args.max_train_steps)
+    objective, optimizer = accelerator.prepare(FrozenEncoderClapObjective(clap), optimizer)
+    stream, state = BatchStream(loader, accelerator.process_index), RunState()
+    accelerator.register_for_checkpointing(scheduler, stream, state)
+    checkpoint, start_step = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    if checkpoint:
+        accelerator.load_state(checkpoint)
+        logger.info(f"resumed from {checkpoint} at step {start_step}")
+    accelerator.init_trackers("m2d2_stage2", {k: v for k, v in vars(args).items() if v is not None})
+
+    def after_step(step: int) -> dict:
+        with torch.no_grad():
+            clap.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+        return {"logit_scale": clap.logit_scale.item()}
+
+    def make_inputs(batch: dict, step: int, micro: int) -> dict:
+        return prepare.inputs(batch, accelerator.device, step, accelerator.process_index, micro)
+
+    objective.train()
+    clap.audio_model.eval()  # frozen, and dropout-free anyway; the text tower trains with its dropout as the paper
+    return run_training(
+        accelerator, args, objective, optimizer, scheduler, stream, state, start_step, make_inputs, ("loss",),
+        after_step, lambda folder: export_clap(clap, tokenizer, folder, accelerator), "stage 2",
+    )  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> Path:
+    return train(build_parser().parse_args(argv))
