@@ -26,7 +26,7 @@ from transformers.utils import logging
 
 from .configuration_m2d2 import DEFAULT_NORM_STATS, M2D2AudioConfig, M2D2Config
 from .feature_extraction_m2d2 import M2D2FeatureExtractor
-from .modeling_m2d2 import M2D2AudioModel, M2D2ClapModel
+from .modeling_m2d2 import M2D2AudioModel, M2D2ClapModel, M2D2ForAudioClassification
 from .modeling_m2d2_pretraining import M2D2ForPreTraining
 from .processing_m2d2 import M2D2Processor
 
@@ -83,7 +83,7 @@ DROPPED = [
     (r"target_(blocks|norm)\..+", "pre-training EMA target encoder"),
     (r"(decoder_.+|mask_token)", "pre-training predictor"),
     (r"offline_predictor\..+", "M2D-X offline predictor (pre-training only)"),
-    (r"head\..+", "EVAR classification head (audio classification is not converted)"),
+    (r"head\..+", "EVAR classification head (kept unless encoder_only)"),
 ]
 
 
@@ -278,6 +278,8 @@ def convert_checkpoint(
                 "M2D-CLAP pre-training checkpoints (checkpoint-N.pth of the training runs) can continue pre-training"
             )
         return _write_pretraining(state, audio_config, output_dir)
+    if layout == "evar" and "head.mlp.mlp.0.weight" in state and not encoder_only:
+        return _write_classifier(state, audio_config, output_dir)
     if encoder_only or not any(k.startswith("audio_proj.") for k in state):
         state = {k: v for k, v in state.items() if not k.startswith(("audio_proj.", "text_proj.", "text_encoder."))}
         state.pop("logit_scale", None)
@@ -397,6 +399,29 @@ def _write_clap(state, layout, arch, audio_config, output_dir, tokenizer, text_m
     M2D2Processor(feature_extractor=feature_extractor_for(audio_config), tokenizer=text_tokenizer).save_pretrained(
         output_dir
     )
+    return output_dir
+
+
+HEAD_RULES = [
+    (r"head\.norm\.(running_mean|running_var|num_batches_tracked)", r"head_norm.\1"),
+    (r"head\.mlp\.mlp\.0\.(weight|bias)", r"classifier.\1"),
+]
+
+
+def _write_classifier(state: dict[str, torch.Tensor], audio_config: M2D2AudioConfig, output_dir: Path) -> Path:
+    """An EVAR fine-tuned checkpoint (encoder + BatchNorm/Linear head) as an `M2D2ForAudioClassification`.
+
+    The label names are not in the checkpoint (AudioSet's 527 classes in the releases): the config gets
+    LABEL_0 ... LABEL_N; set `id2label` from the dataset's class list after conversion."""
+    audio_config.num_labels = state["head.mlp.mlp.0.weight"].shape[0]
+    audio_config.problem_type = "multi_label_classification"  # the released fine-tunes are AudioSet's
+    model = M2D2ForAudioClassification(audio_config)
+    mapped = _map_and_report(state, [(p, f"audio_model.{t}") for p, t in ENCODER_RULES] + HEAD_RULES, "evar")
+    # EVAR's head predates BatchNorm's step counter; it only matters for momentum=None, which is not used.
+    mapped.setdefault("head_norm.num_batches_tracked", torch.tensor(0))
+    _load_total(model, mapped)
+    model.save_pretrained(output_dir)
+    feature_extractor_for(audio_config).save_pretrained(output_dir)
     return output_dir
 
 

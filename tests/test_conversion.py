@@ -4,9 +4,9 @@ import datetime
 
 import pytest
 import torch
-from transformers import AutoModel, AutoTokenizer
+from transformers import AutoModel, AutoModelForAudioClassification, AutoTokenizer
 
-from m2d2_hf import M2D2AudioModel, M2D2ClapModel
+from m2d2_hf import M2D2AudioModel, M2D2ClapModel, M2D2ForAudioClassification
 from m2d2_hf.conversion import Architecture, convert_checkpoint, load_original_checkpoint, parse_checkpoint_name
 
 from . import original_layout as layout
@@ -56,9 +56,17 @@ def test_evar_finetuned_checkpoint(tmp_path):
     state = {f"module.ar.runtime.backbone.{k}": v for k, v in layout.encoder_state().items()}
     state["module.ar.runtime.to_spec.mel_basis"] = torch.rand(80, 201)
     state.update({"module.head.norm.running_mean": torch.zeros(32), "module.head.mlp.mlp.0.weight": torch.randn(5, 32)})
+    state.update({"module.head.norm.running_var": torch.rand(32) + 0.5, "module.head.mlp.mlp.0.bias": torch.randn(5)})
     path = layout.save(state, tmp_path, "m2d_vit_base-80x208p16x16-240101_AS-FT_enconly", "weights_ep1.pth", wrap=False)
-    model = AutoModel.from_pretrained(convert_checkpoint(path, tmp_path / "out"))
-    assert torch.equal(model.embeddings.cls_token, state["module.ar.runtime.backbone.cls_token"])
+    classifier = AutoModelForAudioClassification.from_pretrained(convert_checkpoint(path, tmp_path / "out"))
+    assert isinstance(classifier, M2D2ForAudioClassification) and classifier.config.num_labels == 5
+    assert classifier.config.problem_type == "multi_label_classification"
+    assert torch.equal(classifier.audio_model.embeddings.cls_token, state["module.ar.runtime.backbone.cls_token"])
+    assert torch.equal(classifier.classifier.weight, state["module.head.mlp.mlp.0.weight"])
+    assert torch.equal(classifier.head_norm.running_var, state["module.head.norm.running_var"])
+    encoder = AutoModel.from_pretrained(convert_checkpoint(path, tmp_path / "encoder", encoder_only=True))
+    assert isinstance(encoder, M2D2AudioModel)
+    assert torch.equal(encoder.embeddings.cls_token, state["module.ar.runtime.backbone.cls_token"])
 
 
 def test_2025_layout_with_bert_tower(tmp_path, tokenizer_dir):
