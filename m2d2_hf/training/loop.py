@@ -34,9 +34,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     """Data, optimisation, checkpointing and logging options shared by the training programs."""
     data = parser.add_argument_group("data")
     data.add_argument("--train_data", required=True, help="audiofolder, Parquet/WebDataset shards, CSV list or hub id")
-    data.add_argument("--split", default="train", help="split of train_data (default: train)")
-    data.add_argument("--audio_column", default="audio", help="column holding the audio (default: audio)")
-    data.add_argument("--id_column", default=None, help="clip id column (default: the audio file stem)")
+    data.add_argument("--split", default="train", help="split of train_data")
+    data.add_argument("--audio_column", default="audio", help="column holding the audio")
+    data.add_argument("--id_column", default=None, help="clip id column (None: the audio file stem)")
     data.add_argument(
         "--filter", action="append", default=[], metavar="COLUMN=VALUE", help="keep rows whose column equals value"
     )
