@@ -3,8 +3,6 @@
 CLAP embeddings, gradients, one clipped AdamW step, the EMA update and the temperature clamp."""
 
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -22,7 +20,7 @@ from m2d2_hf.conversion import (
 )
 from m2d2_hf.training.optim import weight_decay_groups
 
-from .conftest import SHARED_DIR, _require
+from .conftest import SHARED_DIR, generate_checkpoint, load_npz
 
 pytestmark = pytest.mark.slow
 
@@ -40,16 +38,12 @@ def converted_name(original_key: str) -> str | None:
 
 @pytest.fixture(scope="module")
 def reference() -> dict:
-    with np.load(_require(PRETRAIN_DIR / "reference_stage1.npz")) as data:
-        return {key: data[key] for key in data.files}
+    return load_npz(PRETRAIN_DIR / "reference_stage1.npz")
 
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    out = tmp_path_factory.mktemp("pretrain_original")
-    script = _require(PRETRAIN_DIR / "make_pretrain_checkpoint.py")
-    subprocess.run([sys.executable, str(script), "--out", str(out), "--seed", "0"], check=True, capture_output=True)
-    checkpoint = next(out.glob("*/checkpoint-300.pth"))
+    checkpoint = generate_checkpoint(PRETRAIN_DIR / "make_pretrain_checkpoint.py", tmp_path_factory.mktemp("original"))
     return convert_checkpoint(checkpoint, tmp_path_factory.mktemp("pretrain_converted"), pretraining=True)
 
 
