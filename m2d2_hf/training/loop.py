@@ -315,7 +315,7 @@ def run_training(
             with accelerator.accumulate(model):
                 out = model(**make_inputs(batch, step, micro))
                 accelerator.backward(out.loss)
-                if accelerator.sync_gradients:
+                if accelerator.sync_gradients and args.max_grad_norm > 0:  # 0 turns clipping off
                     accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad()

@@ -1,0 +1,681 @@
+"""Stage 1.1 of the M2D2 recipe: audio-classification fine-tuning of an M2D2 encoder, with accelerate.
+
+`examples/finetune_audio_classification.py` is the command line; everything it does lives here. The defaults are
+the stage-1.1 recipe (spec §11.3: EVAR `finetune.py` with m2d `util/ft-as2m.sh` settings): random 1001-frame
+crops, mixup α 0.5 on the raw log-mel and the labels, normalisation with the encoder's `norm_stats`, one frequency
+mask (30 bins) and one time mask (192 frames) shared by the batch, structured patch masking at 0.5, the EVAR head
+(BatchNorm1d without affine → Linear), SGD with momentum 0.9 and no weight decay (the original's LARS, whose trust
+ratio is skipped at weight decay 0) at lr 2.0 for batch 64, 15 of 70 epochs warm-up then cosine (timm's
+`CosineLRScheduler`), no gradient clipping, BCE (multi-label) or cross-entropy (single-label).
+
+Data path: streamed audio with a label column (`load_audio_stream`, decoded in DataLoader workers, broken items
+skipped and counted) → log-mel of whole clips on the training device → a random crop per clip (zero-padded at the
+end in raw log-mel space) → mixup → normalisation → frequency/time masks → `M2D2ForAudioClassification` (visible
+patches only when the patch mask is on) → loss against the (mixed) targets.
+
+Labels:
+* the label set is `--labels` (comma list) or, without it, every label found by one pass over the filtered training
+  rows at the start (rows only: no audio is decoded), sorted; `id2label` follows that order;
+* single-label: the cell is one label (a string, or an integer used as its string form); multi-label
+  (`--multi_label`): a list cell (Parquet / JSONL / hub datasets) or a string split on `--label_separator`
+  (e.g. "Speech;Music" in a CSV; giving a separator implies `--multi_label`);
+* rows with no label of the set (an unknown label, an empty cell) are left out of the stream before decoding, as
+  `--filter` does; each DataLoader worker counts them and logs the first one and then a summary every 1000
+  (`LabelledRows`). In a multi-label row, names outside the set are ignored and the known ones kept.
+
+Evaluation (every `--eval_steps` and at the end, when `--eval_split`, `--eval_filter` or `--eval_data` is given): the
+first `--crop_frames` frames of each clip (zero-padded in raw log-mel space), all tokens, the head's running
+BatchNorm statistics; each process scores its shard of the evaluation stream and the main process computes top-1
+accuracy (single-label) or macro mAP (multi-label) over the gathered predictions, logged as `eval_accuracy` /
+`eval_map` with `eval_loss` and `eval_clips`.
+
+Model and loss: the encoder of `--model_name_or_path` under a new head (`num_labels`, `id2label`, `problem_type`).
+When `--crop_frames` exceeds the encoder's `chunk_frames` (608 → 1001 in stage 1.1), `chunk_frames` becomes the
+crop length and the positional table is recomputed for the longer grid with `sincos_position_table` (it is fixed
+sin-cos; `--position_table bicubic` resizes the stored one as the original's EVAR loader did instead); the log says
+which. The loss is computed by `ClassificationObjective` against float targets [B, C], so that mixed (soft) targets
+work for both problems: cross-entropy with probability targets (single-label) or BCE-with-logits (multi-label); the
+model's own `labels` loss (which takes 2-D labels as multi-label) is not used. Training batches drop the last
+partial batch of each pass, so the BatchNorm head always normalises full batches.
+
+The head's BatchNorm1d stays a plain (per-process) BatchNorm, as the original trained in one process (DataParallel);
+before each evaluation the main process's running statistics are copied to the others.
+"""
+
+import argparse
+import copy
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate.utils import broadcast_object_list, gather_object
+from torch import nn
+from transformers import AutoConfig
+from transformers.modeling_outputs import SequenceClassifierOutput
+
+from ..configuration_m2d2 import M2D2AudioConfig, M2D2Config
+from ..conversion import feature_extractor_for
+from ..evaluation.metrics import mean_average_precision, top_k_accuracy
+from ..masking import random_structured_mask
+from ..modeling_m2d2 import M2D2AudioModel, M2D2ClapModel, M2D2ForAudioClassification, sincos_position_table
+from .data import AudioBatchCollator, load_audio_stream, random_log_mel_crops
+from .loop import (
+    BatchStream,
+    RunState,
+    add_common_arguments,
+    build_accelerator,
+    parse_filters,
+    resolve_checkpoint,
+    run_training,
+    step_generator,
+)
+
+
+logger = logging.getLogger(__name__)
+
+SINGLE_LABEL, MULTI_LABEL = "single_label_classification", "multi_label_classification"
+POSITION_KEY = "embeddings.position_embeddings"
+# timm CosineLRScheduler(lr_min=1e-7) of the original.
+MIN_LEARNING_RATE = 1e-7
+DEFAULT_LEARNING_RATES = {"sgd": 2.0, "adamw": 1e-4}
+DEFAULT_WEIGHT_DECAYS = {"sgd": 0.0, "adamw": 0.05}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Stage-1.1 M2D2 fine-tuning: audio classification from an M2D2 encoder folder. Defaults follow "
+        "the 2025 recipe (AudioSet-2M in EVAR): 1001-frame random crops, mixup 0.5, frequency mask 30, time mask "
+        "192, structured patch mask 0.5, SGD momentum 0.9 without weight decay (the original's LARS) at lr 2.0 for "
+        "batch 64, 15 of 70 epochs warm-up then cosine, no gradient clipping. --weight_decay defaults to 0 with sgd "
+        "and 0.05 with adamw; --learning_rate to 2.0 with sgd and 1e-4 with adamw. Scale the lr with the batch.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_common_arguments(parser)
+    model = parser.add_argument_group("model")
+    model.add_argument(
+        "--model_name_or_path",
+        required=True,
+        help="M2D2AudioModel folder (e.g. the stage-1 export <out>/final, a converted encoder), or an M2D2 CLAP / "
+        "pre-training / classification folder whose audio encoder is taken",
+    )
+    model.add_argument("--crop_frames", type=int, default=1001, help="log-mel frames per crop (10.01 s)")
+    model.add_argument(
+        "--position_table",
+        choices=("recompute", "bicubic"),
+        default="recompute",
+        help="when --crop_frames exceeds the encoder's chunk_frames: recompute the fixed sin-cos table for the "
+        "longer grid, or resize the stored one bicubically as the original's EVAR loader did",
+    )
+    model.add_argument("--min_seconds", type=float, default=0.0, help="zero-pad waveforms to this length first")
+
+    labels = parser.add_argument_group("labels")
+    labels.add_argument("--label_column", default="label", help="column holding the label(s)")
+    labels.add_argument(
+        "--labels",
+        default=None,
+        help="comma-separated label set (its order is id2label's); default: every label of the filtered training "
+        "rows, sorted, from one pass over the rows at the start (no audio decoding, but remote data is read once: "
+        "give the labels there). Rows with no label of the set are left out. Integer labels (a ClassLabel column) "
+        "are used as their string form: prefer a column of names",
+    )
+    labels.add_argument("--multi_label", action="store_true", help="multi-label targets, sigmoid + BCE, mAP")
+    labels.add_argument(
+        "--label_separator", default=None, help="split string label cells on this (e.g. ';'); implies --multi_label"
+    )
+
+    augment = parser.add_argument_group("augmentation and masking")
+    augment.add_argument("--mixup", type=float, default=0.5, help="mixup alpha, lambda ~ Beta(a, a) per clip (0: off)")
+    augment.add_argument("--freq_mask", type=int, default=30, help="torchaudio FrequencyMasking bins (0: off)")
+    augment.add_argument("--time_mask", type=int, default=192, help="torchaudio TimeMasking frames (0: off)")
+    augment.add_argument(
+        "--training_mask", type=float, default=0.5, help="structured frequency/time patch mask ratio (0: off)"
+    )
+    augment.add_argument(
+        "--drop_stripes",
+        action="store_true",
+        help="drop the stripe patches (the method as described) instead of the original code's order, which keeps "
+        "them and drops the last non-stripe patches (spec 11.1)",
+    )
+
+    optim = parser.add_argument_group("fine-tuning optimiser")
+    optim.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd", help="sgd: momentum 0.9 (LARS as used)")
+    optim.add_argument("--learning_rate", type=float, default=None, help="peak lr (sgd: 2.0 at batch 64)")
+    optim.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    optim.add_argument(
+        "--layer_decay",
+        type=float,
+        default=1.0,
+        help="layer-wise lr decay (1.0: off): lr × decay^(L+1-level), level 0 = patch embedding + CLS, level i = "
+        "encoder layer i, level L+1 = final LayerNorm + head",
+    )
+
+    evaluation = parser.add_argument_group("evaluation")
+    evaluation.add_argument("--eval_data", default=None, help="evaluation source (default: --train_data)")
+    evaluation.add_argument("--eval_split", default=None, help="evaluation split (default: --split)")
+    evaluation.add_argument(
+        "--eval_filter", action="append", default=[], metavar="COLUMN=VALUE", help="evaluation rows, e.g. split=test"
+    )
+    evaluation.add_argument(
+        "--eval_steps", type=int, default=3125, help="evaluate every N steps and at the end (original: one epoch)"
+    )
+    evaluation.add_argument("--per_device_eval_batch_size", type=int, default=None, help="default: training batch")
+    evaluation.add_argument("--export_steps", type=int, default=0, help="also export every N steps")
+    parser.set_defaults(
+        global_batch_size=64,
+        per_device_train_batch_size=64,
+        warmup_ratio=15 / 70,
+        weight_decay=None,
+        max_grad_norm=0.0,
+        seed=7,
+    )
+    for action in parser._actions:  # the shared flags' help names the pre-training values
+        if action.dest == "weight_decay":
+            action.help = "weight decay (default: 0 with sgd, 0.05 with adamw; no decay on biases and 1-D tensors)"
+        elif action.dest == "max_grad_norm":
+            action.help = "gradient clipping (0: off, the original)"
+        elif action.dest == "global_batch_size":
+            action.help = "clips per optimiser step (stage 1.1: 64)"
+        elif action.dest == "warmup_ratio":
+            action.help = "fraction of the steps for linear warm-up (stage 1.1: 15 of 70 epochs)"
+    return parser
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Labels
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class LabelReader:
+    """The label names of one row's label cell (picklable: DataLoader workers get it through the row filter)."""
+
+    def __init__(self, column: str, multi_label: bool, separator: str | None):
+        self.column, self.multi_label, self.separator = column, multi_label, separator
+
+    def names(self, cell) -> list[str]:
+        if cell is None:
+            return []
+        if hasattr(cell, "tolist") and not isinstance(cell, str):
+            cell = cell.tolist()
+        if isinstance(cell, (list, tuple)):
+            values = [str(value) for value in cell if value is not None]
+        elif self.separator is not None and isinstance(cell, str):
+            values = cell.split(self.separator)
+        else:
+            values = [str(cell)]
+        values = [value.strip() for value in values if value.strip()]
+        if not self.multi_label and len(values) > 1:
+            raise ValueError(
+                f"column {self.column!r} holds several labels {values} in a single-label run: pass --multi_label"
+            )
+        return values
+
+
+class LabelledRows:
+    """Row predicate of the streams: `--filter` (or `--eval_filter`) and at least one label of the label set.
+
+    The rows it rejects for their labels are counted by each DataLoader worker (each pass over the data starts its
+    workers afresh): the first one is logged with its labels, then a summary every `warn_every`."""
+
+    def __init__(self, reader: LabelReader, label_set, base_filter=None, warn_every: int = 1000):
+        self.reader, self.label_set, self.base_filter = reader, frozenset(label_set), base_filter
+        self.warn_every = warn_every
+        self.left_out = 0
+
+    def __call__(self, row: dict) -> bool:
+        if self.base_filter is not None and not self.base_filter(row):
+            return False
+        names = self.reader.names(row.get(self.reader.column))
+        if any(name in self.label_set for name in names):
+            return True
+        self.left_out += 1
+        if self.left_out == 1:
+            logger.warning(
+                f"leaving out rows with no label of the label set (first: {names or 'no label'}); a summary follows "
+                f"every {self.warn_every} such rows of this worker"
+            )
+        elif self.left_out % self.warn_every == 0:
+            logger.warning(f"{self.left_out} rows with no label of the label set left out by this worker so far")
+        return False
+
+
+class LabelCollector:
+    """Row predicate of the label pass: records every label of the rows `base_filter` keeps and rejects all rows,
+    so that iterating the stream reads the rows without decoding any audio."""
+
+    def __init__(self, reader: LabelReader, base_filter=None):
+        self.reader, self.base_filter = reader, base_filter
+        self.counts: dict[str, int] = {}
+        self.rows = self.unlabelled = 0
+
+    def __call__(self, row: dict) -> bool:
+        if self.base_filter is None or self.base_filter(row):
+            names = self.reader.names(row.get(self.reader.column))
+            self.rows += 1
+            self.unlabelled += not names
+            for name in names:
+                self.counts[name] = self.counts.get(name, 0) + 1
+        return False
+
+
+def collect_labels(args: argparse.Namespace, reader: LabelReader) -> list[str]:
+    """The sorted labels of the filtered training rows (one pass over the rows, in this process)."""
+    collector = LabelCollector(reader, parse_filters(args.filter))
+    stream = load_audio_stream(
+        args.train_data, split=args.split, audio_column=args.audio_column, id_column=args.id_column,
+        keep_columns=[args.label_column], shuffle_buffer=0, filter_fn=collector,
+    )  # fmt: skip
+    for _ in stream:  # the collector rejects every row: nothing is decoded
+        pass
+    if not collector.counts:
+        raise ValueError(
+            f"no labels in column {args.label_column!r} of {collector.rows} training rows: check --label_column, "
+            f"--split and --filter"
+        )
+    logger.info(
+        f"label pass: {len(collector.counts)} labels in {collector.rows} rows"
+        + (f" ({collector.unlabelled} rows without a label are left out)" if collector.unlabelled else "")
+    )
+    return sorted(collector.counts)
+
+
+def resolve_labels(args: argparse.Namespace, reader: LabelReader, accelerator) -> list[str]:
+    if args.labels:
+        labels = [name.strip() for name in args.labels.split(",") if name.strip()]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"--labels repeats a name: {labels}")
+        return labels
+    found = [collect_labels(args, reader) if accelerator.is_main_process else None]
+    broadcast_object_list(found, from_process=0)
+    return found[0]
+
+
+def targets_of(cells: list, reader: LabelReader, label2id: dict[str, int]) -> torch.Tensor:
+    """[B, C] float targets: one-hot (single-label) or multi-hot (names outside the label set ignored)."""
+    targets = torch.zeros(len(cells), len(label2id))
+    for row, cell in enumerate(cells):
+        for name in reader.names(cell):
+            if name in label2id:
+                targets[row, label2id[name]] = 1.0
+    return targets
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def load_encoder(path: str) -> M2D2AudioModel:
+    """The audio encoder of an M2D2 folder: an M2D2AudioModel, a classification or pre-training folder (their
+    `audio_model`), or a CLAP folder (its audio tower)."""
+    config = AutoConfig.from_pretrained(path)
+    if isinstance(config, M2D2Config):
+        return M2D2ClapModel.from_pretrained(path).audio_model
+    if not isinstance(config, M2D2AudioConfig):
+        raise ValueError(f"{path} is not an M2D2 folder (config type {type(config).__name__})")
+    return M2D2AudioModel.from_pretrained(path)
+
+
+def resized_position_table(table: torch.Tensor, rows: int, old_columns: int, new_columns: int) -> torch.Tensor:
+    """The original's EVAR resize: the patch rows of [1, 1 + rows * old, D] bicubically resized to `new_columns`
+    (align_corners False, no antialias), the CLS row kept."""
+    grid = table[:, 1:].reshape(1, rows, old_columns, -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid.float(), size=(rows, new_columns), mode="bicubic", align_corners=False)
+    return torch.cat([table[:, :1], grid.permute(0, 2, 3, 1).reshape(1, rows * new_columns, -1)], dim=1)
+
+
+def build_model(args: argparse.Namespace, labels: list[str]) -> M2D2ForAudioClassification:
+    """`M2D2ForAudioClassification` with the encoder of `--model_name_or_path`, a new head for `labels` and, when
+    `--crop_frames` exceeds the encoder's chunk, the grid extended to it."""
+    encoder = load_encoder(args.model_name_or_path)
+    config = copy.deepcopy(encoder.config)
+    config.architectures = None
+    config.num_labels = len(labels)
+    config.id2label = dict(enumerate(labels))
+    config.label2id = {name: index for index, name in enumerate(labels)}
+    config.problem_type = MULTI_LABEL if args.multi_label else SINGLE_LABEL
+    state = encoder.state_dict()
+    old_columns = config.time_patches
+    if args.crop_frames > config.chunk_frames:
+        config.chunk_frames = args.crop_frames
+        rows, columns = config.frequency_patches, config.time_patches
+        if args.position_table == "recompute":
+            table = sincos_position_table(config.hidden_size, rows, columns)[None]
+            how = "recomputed as the fixed 2-D sin-cos table (not interpolated)"
+        else:
+            table = resized_position_table(state[POSITION_KEY], rows, old_columns, columns)
+            how = "resized bicubically from the stored table (the original EVAR loader's way)"
+        state[POSITION_KEY] = table.to(state[POSITION_KEY].dtype)
+        logger.info(
+            f"--crop_frames {args.crop_frames} exceeds the encoder's chunk of {encoder.config.chunk_frames} frames: "
+            f"chunk_frames set to {args.crop_frames}, positional table {rows}x{old_columns} → {rows}x{columns} {how}"
+        )
+    model = M2D2ForAudioClassification(config)
+    model.audio_model.load_state_dict(state, strict=True)
+    return model
+
+
+class ClassificationObjective(nn.Module):
+    """The training model: `M2D2ForAudioClassification` and the loss against float targets [B, C] (mixup makes them
+    soft): cross-entropy with probability targets (single-label; equal to the index form for one-hot targets) or
+    BCE-with-logits (multi-label), as the original. A one-clip batch uses the head's running statistics (BatchNorm
+    cannot normalise one value)."""
+
+    def __init__(self, model: M2D2ForAudioClassification):
+        super().__init__()
+        self.model = model
+        self.multi_label = model.config.problem_type == MULTI_LABEL
+
+    def forward(self, input_features, targets, visible_indices=None) -> SequenceClassifierOutput:
+        single = self.training and input_features.shape[0] == 1
+        if single:
+            self.model.head_norm.eval()
+        logits = self.model(input_features=input_features, visible_indices=visible_indices).logits
+        if single:
+            self.model.head_norm.train()
+        targets = targets.to(logits.dtype)
+        if self.multi_label:
+            loss = F.binary_cross_entropy_with_logits(logits, targets)
+        else:
+            loss = F.cross_entropy(logits, targets)
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Optimiser and schedule
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def layer_level(name: str, num_layers: int) -> int:
+    """Layer-decay level of a parameter of M2D2ForAudioClassification: 0 patch embedding and CLS, i + 1 encoder
+    layer i, num_layers + 1 everything after the layers (final LayerNorm, head)."""
+    if name.startswith("audio_model.embeddings."):
+        return 0
+    if name.startswith("audio_model.layers."):
+        return int(name.split(".")[2]) + 1
+    return num_layers + 1
+
+
+def parameter_groups(
+    model: M2D2ForAudioClassification, learning_rate: float, weight_decay: float, layer_decay: float
+) -> list[dict]:
+    """Groups by (layer level, decay): lr × layer_decay^(L + 1 - level); `weight_decay` except on biases and tensors
+    of at most one dimension (timm's rule). The head's group comes first, so the logged lr is the peak one."""
+    num_layers = model.config.num_hidden_layers
+    groups: dict[tuple[int, float], dict] = {}
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        level = layer_level(name, num_layers)
+        decay = 0.0 if parameter.ndim <= 1 or name.endswith(".bias") else weight_decay
+        group = groups.setdefault(
+            (level, decay),
+            {"params": [], "lr": learning_rate * layer_decay ** (num_layers + 1 - level), "weight_decay": decay},
+        )
+        group["params"].append(parameter)
+    return [groups[key] for key in sorted(groups, key=lambda key: (-key[0], key[1]))]
+
+
+def timm_cosine_lambda(warmup_steps: int, total_steps: int, min_ratio: float):
+    """timm `CosineLRScheduler(warmup_prefix=False)` per step, as the original: linear warm-up from 0, and a cosine
+    that counts from step 0 (so it is at cos(π·warmup/total) when the warm-up ends) down to `min_ratio`."""
+
+    def multiplier(step: int) -> float:
+        if step < warmup_steps:
+            return step / warmup_steps
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(step / max(1, total_steps), 1.0)))
+
+    return multiplier
+
+
+def build_optimizer(args: argparse.Namespace, model: M2D2ForAudioClassification) -> torch.optim.Optimizer:
+    learning_rate = args.learning_rate if args.learning_rate is not None else DEFAULT_LEARNING_RATES[args.optimizer]
+    weight_decay = args.weight_decay if args.weight_decay is not None else DEFAULT_WEIGHT_DECAYS[args.optimizer]
+    groups = parameter_groups(model, learning_rate, weight_decay, args.layer_decay)
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=learning_rate, momentum=args.momentum)
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=(args.adam_beta1, args.adam_beta2))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Batches
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def head_log_mel_crops(log_mel: torch.Tensor, num_frames: torch.Tensor, crop_frames: int) -> torch.Tensor:
+    """The first `crop_frames` frames of each clip, zeros past its own frames (raw log-mel space), [B, F, crop]."""
+    if log_mel.shape[-1] < crop_frames:
+        log_mel = F.pad(log_mel, (0, crop_frames - log_mel.shape[-1]))
+    crops = log_mel[..., :crop_frames]
+    valid = torch.arange(crop_frames, device=log_mel.device)[None, :] < num_frames.to(log_mel.device)[:, None]
+    return crops.masked_fill(~valid[:, None, :], 0.0)
+
+
+def mixup(
+    log_mel: torch.Tensor, targets: torch.Tensor, alpha: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """λ ~ Beta(α, α) per clip, paired with a random permutation of the batch: x λ + x[perm] (1 - λ), the same for
+    the targets. The draws come from `generator` (through a numpy generator seeded from it)."""
+    rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=generator)))
+    batch = log_mel.shape[0]
+    lam = torch.from_numpy(rng.beta(alpha, alpha, size=batch).astype(np.float32)).to(log_mel.device)
+    perm = torch.from_numpy(rng.permutation(batch)).to(log_mel.device)
+    mixed = lam[:, None, None] * log_mel + (1 - lam[:, None, None]) * log_mel[perm]
+    return mixed, lam[:, None] * targets + (1 - lam[:, None]) * targets[perm]
+
+
+def spec_masks(features: torch.Tensor, freq_mask: int, time_mask: int, generator: torch.Generator) -> torch.Tensor:
+    """torchaudio `FrequencyMasking(freq_mask)` then `TimeMasking(time_mask)` with `iid_masks=False` (one mask of
+    each for the whole batch, value 0), their draws seeded from `generator` (torchaudio uses the global CPU RNG,
+    which is forked around the call)."""
+    if not freq_mask and not time_mask:
+        return features
+    import torchaudio
+
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        if freq_mask:
+            features = torchaudio.transforms.FrequencyMasking(freq_mask)(features)
+        if time_mask:
+            features = torchaudio.transforms.TimeMasking(time_mask)(features)
+    return features
+
+
+class FinetuneBatches:
+    """Turns collated waveform batches into the inputs of `ClassificationObjective` on the training device."""
+
+    def __init__(self, args: argparse.Namespace, feature_extractor, config: M2D2AudioConfig, reader: LabelReader):
+        self.args, self.feature_extractor, self.reader = args, feature_extractor, reader
+        self.label2id = dict(config.label2id)
+        self.grid = (config.frequency_patches, args.crop_frames // config.patch_size[1])
+
+    def log_mel(self, batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        waves = batch["waveforms"].to(device, non_blocking=True)
+        clips = [wave[:length] for wave, length in zip(waves, batch["lengths"].tolist())]
+        return self.feature_extractor.batch_log_mel(clips)
+
+    def targets(self, batch: dict, device: torch.device) -> torch.Tensor:
+        return targets_of(batch[self.args.label_column], self.reader, self.label2id).to(device)
+
+    def train_inputs(self, batch: dict, device: torch.device, step: int, process: int, micro: int) -> dict:
+        args = self.args
+
+        def generator(purpose: str) -> torch.Generator:
+            return step_generator(args.seed, step, process, f"{purpose}{micro}")
+
+        log_mel, num_frames = self.log_mel(batch, device)
+        crops = random_log_mel_crops(log_mel, num_frames, args.crop_frames, generator("crop"))
+        targets = self.targets(batch, device)
+        if args.mixup > 0:
+            crops, targets = mixup(crops, targets, args.mixup, generator("mixup"))
+        features = self.feature_extractor.normalize(crops)
+        features = spec_masks(features, args.freq_mask, args.time_mask, generator("specmask"))
+        inputs = {"input_features": features, "targets": targets}
+        if args.training_mask > 0:
+            inputs["visible_indices"], _ = random_structured_mask(
+                features.shape[0], *self.grid, args.training_mask, device, generator("patchmask"),
+                original_order=not args.drop_stripes,
+            )  # fmt: skip
+        return inputs
+
+    def eval_inputs(self, batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        log_mel, num_frames = self.log_mel(batch, device)
+        features = self.feature_extractor.normalize(head_log_mel_crops(log_mel, num_frames, self.args.crop_frames))
+        return features, self.targets(batch, device)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def evaluation_enabled(args: argparse.Namespace) -> bool:
+    return bool(args.eval_split or args.eval_filter or args.eval_data)
+
+
+@torch.no_grad()
+def evaluate(model: M2D2ForAudioClassification, make_loader, prepare: FinetuneBatches, accelerator) -> dict:
+    """Scores this process's shard of the evaluation stream; the main process computes the metrics over all
+    shards (the others return an empty dict)."""
+    if accelerator.num_processes > 1 and torch.distributed.is_initialized():
+        for buffer in model.head_norm.buffers():  # the saved model is the main process's
+            torch.distributed.broadcast(buffer, src=0)
+    was_training = model.training
+    model.eval()
+    logits, targets = [], []
+    for batch in make_loader():
+        if batch["waveforms"].shape[0] == 0:
+            continue
+        features, batch_targets = prepare.eval_inputs(batch, accelerator.device)
+        logits.append(model(input_features=features).logits.float().cpu())
+        targets.append(batch_targets.cpu())
+    model.train(was_training)
+    empty = torch.zeros(0, model.config.num_labels)
+    local = (torch.cat(logits) if logits else empty, torch.cat(targets) if targets else empty)
+    shards = gather_object([local])
+    if not accelerator.is_main_process:
+        return {}
+    scores = torch.cat([shard[0] for shard in shards])
+    labels = torch.cat([shard[1] for shard in shards])
+    if scores.shape[0] == 0:
+        logger.warning("the evaluation stream is empty: check --eval_split / --eval_filter and the label set")
+        return {"eval_clips": 0}
+    values = {"eval_clips": int(scores.shape[0])}
+    if model.config.problem_type == MULTI_LABEL:
+        values["eval_loss"] = float(F.binary_cross_entropy_with_logits(scores, labels))
+        try:
+            values["eval_map"] = mean_average_precision(scores.sigmoid().numpy(), labels.numpy())
+        except ValueError as error:  # no class with a positive clip
+            logger.warning(f"eval_map: {error}")
+            values["eval_map"] = float("nan")
+    else:
+        index = labels.argmax(1)
+        values["eval_loss"] = float(F.cross_entropy(scores, index))
+        values["eval_accuracy"] = top_k_accuracy(scores, index, k=1)
+    return values
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Program
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def export_classifier(model: M2D2ForAudioClassification, output_dir: Path, accelerator) -> None:
+    """Saves the classification model with its feature extractor: a folder `pipeline("audio-classification")`
+    loads."""
+    if accelerator.is_main_process:
+        model.save_pretrained(output_dir)
+        feature_extractor_for(model.config).save_pretrained(output_dir)
+        logger.info(f"exported the classifier to {output_dir}")
+
+
+def train(args: argparse.Namespace) -> Path:
+    """Fine-tunes and returns the folder of the final export (`<output_dir>/final`)."""
+    output_dir = Path(args.output_dir)
+    accelerator = build_accelerator(args)
+    if args.label_separator is not None and not args.multi_label:
+        args.multi_label = True
+        logger.info("--label_separator given: a multi-label run")
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+
+    reader = LabelReader(args.label_column, args.multi_label, args.label_separator)
+    labels = resolve_labels(args, reader, accelerator)
+    logger.info(f"{len(labels)} labels ({'multi' if args.multi_label else 'single'}-label): {labels[:20]}")
+    model = build_model(args, labels)
+    config = model.config
+    sampling_rate = config.sampling_rate
+    feature_extractor = feature_extractor_for(config)
+    prepare = FinetuneBatches(args, feature_extractor, config, reader)
+
+    def stream_of(data, split, filters, batch_size, shuffle_buffer, training):
+        dataset = load_audio_stream(
+            data, split=split, audio_column=args.audio_column, id_column=args.id_column,
+            keep_columns=[args.label_column], max_seconds=args.max_seconds, sampling_rate=sampling_rate,
+            shuffle_buffer=shuffle_buffer, seed=args.seed, process_index=accelerator.process_index,
+            num_processes=accelerator.num_processes, filter_fn=LabelledRows(reader, labels, parse_filters(filters)),
+        )  # fmt: skip
+        return torch.utils.data.DataLoader(
+            dataset,
+            batch_size=batch_size,
+            collate_fn=AudioBatchCollator(
+                min_samples=int(args.min_seconds * sampling_rate), keep_columns=[args.label_column]
+            ),
+            num_workers=args.dataloader_num_workers,
+            drop_last=training,  # equal training batches for the BatchNorm head
+        )
+
+    eval_batch = args.per_device_eval_batch_size or args.per_device_train_batch_size
+
+    def eval_loader():
+        return stream_of(
+            args.eval_data or args.train_data, args.eval_split or args.split, args.eval_filter, eval_batch, 0, False
+        )
+
+    checkpoint, start_step = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    optimizer = build_optimizer(args, model)
+    warmup_steps = round(args.warmup_ratio * args.max_train_steps)
+    min_ratio = MIN_LEARNING_RATE / optimizer.param_groups[0]["lr"]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, timm_cosine_lambda(warmup_steps, args.max_train_steps, min_ratio)
+    )
+    objective = ClassificationObjective(model)
+    objective, optimizer = accelerator.prepare(objective, optimizer)
+    train_loader = stream_of(
+        args.train_data, args.split, args.filter, args.per_device_train_batch_size, args.shuffle_buffer, True
+    )
+    stream, state = BatchStream(train_loader, accelerator.process_index), RunState(list(config.norm_stats))
+    accelerator.register_for_checkpointing(scheduler, stream, state)
+    if checkpoint:
+        accelerator.load_state(checkpoint)
+        logger.info(f"resumed from {checkpoint} at step {start_step}")
+    unwrapped: M2D2ForAudioClassification = accelerator.unwrap_model(objective).model
+    accelerator.init_trackers("m2d2_finetune", {k: v for k, v in vars(args).items() if v is not None})
+
+    def after_step(step: int) -> dict:
+        done = step + 1
+        if evaluation_enabled(args) and (
+            done == args.max_train_steps or (args.eval_steps and done % args.eval_steps == 0)
+        ):
+            values = evaluate(unwrapped, eval_loader, prepare, accelerator)
+            if accelerator.is_main_process:
+                logger.info(f"evaluation at step {done}: {values}")
+            accelerator.log(values, step=done)
+        return {}
+
+    def make_inputs(batch: dict, step: int, micro: int) -> dict:
+        return prepare.train_inputs(batch, accelerator.device, step, accelerator.process_index, micro)
+
+    objective.train()
+    return run_training(
+        accelerator, args, objective, optimizer, scheduler, stream, state, start_step, make_inputs, ("loss",),
+        after_step, lambda folder: export_classifier(unwrapped, folder, accelerator), "fine-tuning",
+    )  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> Path:
+    return train(build_parser().parse_args(argv))
