@@ -61,16 +61,19 @@ from ..conversion import feature_extractor_for
 from ..evaluation.metrics import mean_average_precision, top_k_accuracy
 from ..masking import random_structured_mask
 from ..modeling_m2d2 import M2D2AudioModel, M2D2ClapModel, M2D2ForAudioClassification, sincos_position_table
-from .data import AudioBatchCollator, load_audio_stream, random_log_mel_crops
+from .data import load_audio_stream, random_log_mel_crops
 from .loop import (
     BatchStream,
     RunState,
-    add_common_arguments,
     build_accelerator,
+    make_output_dir,
+    program_parser,
     parse_filters,
     resolve_checkpoint,
     run_training,
+    start_run,
     step_generator,
+    streamed_loader,
 )
 
 
@@ -85,16 +88,13 @@ DEFAULT_WEIGHT_DECAYS = {"sgd": 0.0, "adamw": 0.05}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Stage-1.1 M2D2 fine-tuning: audio classification from an M2D2 encoder folder. Defaults follow "
+    parser, model = program_parser(
+        "Stage-1.1 M2D2 fine-tuning: audio classification from an M2D2 encoder folder. Defaults follow "
         "the 2025 recipe (AudioSet-2M in EVAR): 1001-frame random crops, mixup 0.5, frequency mask 30, time mask "
         "192, structured patch mask 0.5, SGD momentum 0.9 without weight decay (the original's LARS) at lr 2.0 for "
         "batch 64, 15 of 70 epochs warm-up then cosine, no gradient clipping. --weight_decay defaults to 0 with sgd "
-        "and 0.05 with adamw; --learning_rate to 2.0 with sgd and 1e-4 with adamw. Scale the lr with the batch.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "and 0.05 with adamw; --learning_rate to 2.0 with sgd and 1e-4 with adamw. Scale the lr with the batch."
     )
-    add_common_arguments(parser)
-    model = parser.add_argument_group("model")
     model.add_argument(
         "--model_name_or_path",
         required=True,
@@ -594,14 +594,11 @@ def export_classifier(model: M2D2ForAudioClassification, output_dir: Path, accel
 
 def train(args: argparse.Namespace) -> Path:
     """Fine-tunes and returns the folder of the final export (`<output_dir>/final`)."""
-    output_dir = Path(args.output_dir)
     accelerator = build_accelerator(args)
     if args.label_separator is not None and not args.multi_label:
         args.multi_label = True
         logger.info("--label_separator given: a multi-label run")
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
+    make_output_dir(accelerator, args)
 
     reader = LabelReader(args.label_column, args.multi_label, args.label_separator)
     labels = resolve_labels(args, reader, accelerator)
@@ -613,21 +610,12 @@ def train(args: argparse.Namespace) -> Path:
     prepare = FinetuneBatches(args, feature_extractor, config, reader)
 
     def stream_of(data, split, filters, batch_size, shuffle_buffer, training):
-        dataset = load_audio_stream(
-            data, split=split, audio_column=args.audio_column, id_column=args.id_column,
-            keep_columns=[args.label_column], max_seconds=args.max_seconds, sampling_rate=sampling_rate,
-            shuffle_buffer=shuffle_buffer, seed=args.seed, process_index=accelerator.process_index,
-            num_processes=accelerator.num_processes, filter_fn=LabelledRows(reader, labels, parse_filters(filters)),
-        )  # fmt: skip
-        return torch.utils.data.DataLoader(
-            dataset,
-            batch_size=batch_size,
-            collate_fn=AudioBatchCollator(
-                min_samples=int(args.min_seconds * sampling_rate), keep_columns=[args.label_column]
-            ),
-            num_workers=args.dataloader_num_workers,
+        return streamed_loader(
+            args, accelerator, sampling_rate, data=data, split=split, batch_size=batch_size,
+            filter_fn=LabelledRows(reader, labels, parse_filters(filters)), shuffle_buffer=shuffle_buffer,
+            keep_columns=[args.label_column], min_samples=int(args.min_seconds * sampling_rate),
             drop_last=training,  # equal training batches for the BatchNorm head
-        )
+        )  # fmt: skip
 
     eval_batch = args.per_device_eval_batch_size or args.per_device_train_batch_size
 
@@ -649,12 +637,8 @@ def train(args: argparse.Namespace) -> Path:
         args.train_data, args.split, args.filter, args.per_device_train_batch_size, args.shuffle_buffer, True
     )
     stream, state = BatchStream(train_loader, accelerator.process_index), RunState(list(config.norm_stats))
-    accelerator.register_for_checkpointing(scheduler, stream, state)
-    if checkpoint:
-        accelerator.load_state(checkpoint)
-        logger.info(f"resumed from {checkpoint} at step {start_step}")
+    start_run(accelerator, args, "m2d2_finetune", checkpoint, start_step, scheduler, stream, state)
     unwrapped: M2D2ForAudioClassification = accelerator.unwrap_model(objective).model
-    accelerator.init_trackers("m2d2_finetune", {k: v for k, v in vars(args).items() if v is not None})
 
     def after_step(step: int) -> dict:
         done = step + 1

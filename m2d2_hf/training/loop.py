@@ -350,3 +350,73 @@ def run_training(
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return final
+
+
+def make_output_dir(accelerator: Accelerator, args: argparse.Namespace) -> Path:
+    """Creates `--output_dir` on the main process; every process waits for it."""
+    output_dir = Path(args.output_dir)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    return output_dir
+
+
+def streamed_loader(
+    args: argparse.Namespace,
+    accelerator: Accelerator,
+    sampling_rate: int,
+    *,
+    data: str | None = None,
+    split: str | None = None,
+    filter_fn=None,
+    batch_size: int | None = None,
+    shuffle_buffer: int | None = None,
+    keep_columns: list[str] | tuple[str, ...] = (),
+    min_samples: int = 0,
+    seed: int | None = None,
+    drop_last: bool = False,
+) -> DataLoader:
+    """A DataLoader over this process's share of a decoded audio stream (the run's data flags unless overridden),
+    collated into zero-padded waveform batches with broken items skipped and counted."""
+    from .data import AudioBatchCollator, load_audio_stream
+
+    dataset = load_audio_stream(
+        data or args.train_data,
+        split=split or args.split,
+        audio_column=args.audio_column,
+        id_column=args.id_column,
+        keep_columns=list(keep_columns),
+        max_seconds=args.max_seconds,
+        sampling_rate=sampling_rate,
+        shuffle_buffer=args.shuffle_buffer if shuffle_buffer is None else shuffle_buffer,
+        seed=args.seed if seed is None else seed,
+        process_index=accelerator.process_index,
+        num_processes=accelerator.num_processes,
+        filter_fn=parse_filters(args.filter) if filter_fn is None else filter_fn,
+    )
+    return DataLoader(
+        dataset,
+        batch_size=batch_size or args.per_device_train_batch_size,
+        collate_fn=AudioBatchCollator(min_samples=min_samples, keep_columns=list(keep_columns)),
+        num_workers=args.dataloader_num_workers,
+        drop_last=drop_last,
+    )
+
+
+def start_run(
+    accelerator: Accelerator, args: argparse.Namespace, name: str, checkpoint: str | None, step: int, *checkpointed
+) -> None:
+    """Registers the objects saved with each checkpoint (scheduler, stream, run state), restores them and the
+    prepared model and optimiser when resuming, and opens the trackers with the run's arguments."""
+    accelerator.register_for_checkpointing(*checkpointed)
+    if checkpoint:
+        accelerator.load_state(checkpoint)
+        logger.info(f"resumed from {checkpoint} at step {step}")
+    accelerator.init_trackers(name, {key: value for key, value in vars(args).items() if value is not None})
+
+
+def program_parser(description: str) -> tuple[argparse.ArgumentParser, argparse._ArgumentGroup]:
+    """A training program's parser with the shared flags; returns it and its (empty) "model" group."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_common_arguments(parser)
+    return parser, parser.add_argument_group("model")

@@ -18,16 +18,18 @@ from ..configuration_m2d2 import M2D2AudioConfig
 from ..conversion import feature_extractor_for
 from ..modeling_m2d2_pretraining import M2D2ForPreTraining
 from .captions import CaptionEmbeddingTable, draw_captions
-from .data import AudioBatchCollator, load_audio_stream, random_log_mel_crops
+from .data import random_log_mel_crops
 from .loop import (
     BatchStream,
     RunState,
-    add_common_arguments,
     build_accelerator,
-    parse_filters,
+    make_output_dir,
+    program_parser,
     resolve_checkpoint,
     run_training,
+    start_run,
     step_generator,
+    streamed_loader,
 )
 from .optim import scaled_learning_rate, warmup_cosine_schedule, weight_decay_groups
 
@@ -35,15 +37,12 @@ from .optim import scaled_learning_rate, warmup_cosine_schedule, weight_decay_gr
 logger = logging.getLogger(__name__)
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Stage-1 M2D2 pre-training (M2D + CLAP against cached caption embeddings). Defaults follow the "
+    parser, model = program_parser(
+        "Stage-1 M2D2 pre-training (M2D + CLAP against cached caption embeddings). Defaults follow the "
         "2025 paper: 608-frame crops, 16x16 patches, mask ratio 0.7, global batch 2048, AdamW (0.9, 0.95), weight "
         "decay 0.05, base lr 3e-4 x batch/256, 20 of 300 epochs warm-up then cosine, clip 3.0, EMA 0.99995→0.99999, "
-        "loss 1.0·M2D + 0.01·CLAP, seed 7.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "loss 1.0·M2D + 0.01·CLAP, seed 7."
     )
-    add_common_arguments(parser)
-    model = parser.add_argument_group("model")
     model.add_argument(
         "--model_name_or_path",
         default=None,
@@ -157,36 +156,16 @@ def export_encoder(model: M2D2ForPreTraining, output_dir: Path, accelerator) -> 
 
 def train(args: argparse.Namespace) -> Path:
     """Runs stage 1 and returns the folder of the final encoder export (`<output_dir>/final`)."""
-    output_dir = Path(args.output_dir)
     accelerator = build_accelerator(args)
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
+    make_output_dir(accelerator, args)
 
     caption_table = CaptionEmbeddingTable.from_path(args.caption_embeddings) if args.caption_embeddings else None
     model = build_model(args, caption_table.embedding_size if caption_table else None)
     sampling_rate = model.config.sampling_rate
 
     def batch_stream(seed_offset: int) -> BatchStream:
-        dataset = load_audio_stream(
-            args.train_data,
-            split=args.split,
-            audio_column=args.audio_column,
-            id_column=args.id_column,
-            max_seconds=args.max_seconds,
-            sampling_rate=sampling_rate,
-            shuffle_buffer=args.shuffle_buffer,
-            seed=args.seed + seed_offset,
-            process_index=accelerator.process_index,
-            num_processes=accelerator.num_processes,
-            filter_fn=parse_filters(args.filter),
-        )
-        loader = torch.utils.data.DataLoader(
-            dataset,
-            batch_size=args.per_device_train_batch_size,
-            collate_fn=AudioBatchCollator(min_samples=int(args.min_seconds * sampling_rate)),
-            num_workers=args.dataloader_num_workers,
-        )
+        min_samples = int(args.min_seconds * sampling_rate)
+        loader = streamed_loader(args, accelerator, sampling_rate, min_samples=min_samples, seed=args.seed + seed_offset)
         return BatchStream(loader, accelerator.process_index)
 
     checkpoint, start_step = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
@@ -208,14 +187,9 @@ def train(args: argparse.Namespace) -> Path:
     scheduler = warmup_cosine_schedule(optimizer, round(args.warmup_ratio * args.max_train_steps), args.max_train_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     stream, state = batch_stream(0), RunState(feature_extractor.norm_stats)
-    accelerator.register_for_checkpointing(scheduler, stream, state)
-    if checkpoint:
-        accelerator.load_state(checkpoint)
-        logger.info(f"resumed from {checkpoint} at step {start_step}")
+    start_run(accelerator, args, "m2d2_stage1", checkpoint, start_step, scheduler, stream, state)
     unwrapped: M2D2ForPreTraining = accelerator.unwrap_model(model)
     unwrapped.config.norm_stats = feature_extractor.norm_stats = list(state.norm_stats)
-    accelerator.init_trackers("m2d2_stage1", {k: v for k, v in vars(args).items() if v is not None})
-
 
     def after_step(step: int) -> dict:
         decay = unwrapped.ema_decay(step, args.max_train_steps)

@@ -25,16 +25,18 @@ from ..modeling_m2d2 import M2D2AudioModel, M2D2ClapModel
 from ..modeling_m2d2_pretraining import MAX_LOGIT_SCALE, global_clap_loss
 from ..processing_m2d2 import M2D2Processor
 from .captions import read_captions
-from .data import AudioBatchCollator, load_audio_stream, random_log_mel_crops
+from .data import random_log_mel_crops
 from .loop import (
     BatchStream,
     RunState,
-    add_common_arguments,
     build_accelerator,
-    parse_filters,
+    make_output_dir,
+    program_parser,
     resolve_checkpoint,
     run_training,
+    start_run,
     step_generator,
+    streamed_loader,
 )
 from .optim import scaled_learning_rate, warmup_cosine_schedule, weight_decay_groups
 
@@ -45,15 +47,12 @@ MASK_TYPES = ("structured", "structured_drop_stripes", "unstructured")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Stage-2 / 2.1 M2D2 CLAP training with the audio encoder frozen. Defaults follow the 2025 "
+    parser, model = program_parser(
+        "Stage-2 / 2.1 M2D2 CLAP training with the audio encoder frozen. Defaults follow the 2025 "
         "paper's stage 2: 10-s crops (1001 frames), structured mask 0.3 (stage 2.1: --mask_ratio 0), BERT-base text "
         "tower (CLS), new semantic projector, logit scale ln 100 clamped to [0, ln 100], global batch 2048, AdamW "
-        "(0.9, 0.95) weight decay 0.05, base lr 3e-6 x batch/256, 5 of 30 epochs warm-up then cosine, clip 3.0.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "(0.9, 0.95) weight decay 0.05, base lr 3e-6 x batch/256, 5 of 30 epochs warm-up then cosine, clip 3.0."
     )
-    add_common_arguments(parser)
-    model = parser.add_argument_group("model")
     model.add_argument("--audio_model", default=None, help="M2D2AudioModel folder: the frozen stage-1.1 encoder")
     model.add_argument(
         "--text_model", default="google-bert/bert-base-uncased", help="transformers text model folder or hub id"
@@ -207,11 +206,8 @@ def export_clap(model: M2D2ClapModel, tokenizer, output_dir: Path, accelerator) 
 
 def train(args: argparse.Namespace) -> Path:
     """Runs stage 2 (or 2.1) and returns the folder of the final export (`<output_dir>/final`)."""
-    output_dir = Path(args.output_dir)
     accelerator = build_accelerator(args)
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
+    make_output_dir(accelerator, args)
 
     clap, tokenizer = build_model(args)
     audio_config = clap.config.audio_config
@@ -219,26 +215,7 @@ def train(args: argparse.Namespace) -> Path:
     if args.captions:
         captions = read_captions(args.captions, caption_column=args.caption_column, separator=args.caption_separator)
     keep = [] if captions is not None else [args.caption_column]
-    dataset = load_audio_stream(
-        args.train_data,
-        split=args.split,
-        audio_column=args.audio_column,
-        id_column=args.id_column,
-        keep_columns=keep,
-        max_seconds=args.max_seconds,
-        sampling_rate=audio_config.sampling_rate,
-        shuffle_buffer=args.shuffle_buffer,
-        seed=args.seed,
-        process_index=accelerator.process_index,
-        num_processes=accelerator.num_processes,
-        filter_fn=parse_filters(args.filter),
-    )
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=args.per_device_train_batch_size,
-        collate_fn=AudioBatchCollator(keep_columns=keep),
-        num_workers=args.dataloader_num_workers,
-    )
+    loader = streamed_loader(args, accelerator, audio_config.sampling_rate, keep_columns=keep)
     prepare = Stage2Batches(args, feature_extractor_for(audio_config), tokenizer, audio_config, captions)
 
     optimizer = torch.optim.AdamW(
@@ -249,12 +226,8 @@ def train(args: argparse.Namespace) -> Path:
     scheduler = warmup_cosine_schedule(optimizer, round(args.warmup_ratio * args.max_train_steps), args.max_train_steps)
     objective, optimizer = accelerator.prepare(FrozenEncoderClapObjective(clap), optimizer)
     stream, state = BatchStream(loader, accelerator.process_index), RunState()
-    accelerator.register_for_checkpointing(scheduler, stream, state)
     checkpoint, start_step = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
-    if checkpoint:
-        accelerator.load_state(checkpoint)
-        logger.info(f"resumed from {checkpoint} at step {start_step}")
-    accelerator.init_trackers("m2d2_stage2", {k: v for k, v in vars(args).items() if v is not None})
+    start_run(accelerator, args, "m2d2_stage2", checkpoint, start_step, scheduler, stream, state)
 
     def after_step(step: int) -> dict:
         with torch.no_grad():
