@@ -1,0 +1,61 @@
+"""The HEAR 2021 API (hear-eval-kit's common interface) over an M2D2 model folder.
+
+    import m2d2_hf.hear as hear
+    model = hear.load_model("path/to/m2d2")                       # an M2D2AudioModel or M2D2ClapModel folder
+    scene = hear.get_scene_embeddings(audio, model)               # audio: [n_sounds, n_samples] at 16 kHz
+    embeddings, timestamps = hear.get_timestamp_embeddings(audio, model)
+
+Scene embeddings are the clip embeddings of EVAR's linear evaluation (the mean of the 3840-d frame features);
+timestamp embeddings are the frames with their frequency bands averaged (768-d), as the original runtime's
+`get_timestamp_embeddings`, at the times (ms) it reports (one frame per 16 log-mel frames, about 160 ms).
+"""
+
+import torch
+from torch import nn
+
+from .feature_extraction_m2d2 import M2D2FeatureExtractor
+from .modeling_m2d2 import M2D2AudioModel, frame_timestamps
+
+
+class HearModel(nn.Module):
+    """An M2D2 audio encoder with its feature extractor and the attributes the HEAR API requires."""
+
+    def __init__(self, audio_model: M2D2AudioModel, feature_extractor: M2D2FeatureExtractor):
+        super().__init__()
+        self.audio_model = audio_model.eval()
+        self.feature_extractor = feature_extractor
+        self.sample_rate = feature_extractor.sampling_rate
+        self.scene_embedding_size = audio_model.config.frame_feature_size
+        self.timestamp_embedding_size = audio_model.config.hidden_size
+
+    @torch.no_grad()
+    def encode(self, audio: torch.Tensor):
+        if audio.dim() != 2:
+            raise ValueError(f"HEAR audio must be [n_sounds, n_samples] at {self.sample_rate} Hz, got {tuple(audio.shape)}")
+        device = next(self.audio_model.parameters()).device
+        inputs = self.feature_extractor(audio.to(device), sampling_rate=self.sample_rate, return_tensors="pt")
+        return self.audio_model(**inputs)
+
+
+def load_model(model_file_path: str = "", device: str | None = None) -> HearModel:
+    """Loads the audio encoder of an M2D2 folder (audio, CLAP, pre-training or classification) for HEAR."""
+    if not model_file_path:
+        raise ValueError("load_model needs the path of an M2D2 model folder (m2d2-hf convert makes one)")
+    audio_model = M2D2AudioModel.from_pretrained(model_file_path)
+    if device:
+        audio_model.to(device)
+    return HearModel(audio_model, M2D2FeatureExtractor.from_pretrained(model_file_path))
+
+
+def get_scene_embeddings(audio: torch.Tensor, model: HearModel) -> torch.Tensor:
+    """[n_sounds, scene_embedding_size]: the mean of each sound's frame features."""
+    return model.encode(audio).pooler_output
+
+
+def get_timestamp_embeddings(audio: torch.Tensor, model: HearModel) -> tuple[torch.Tensor, torch.Tensor]:
+    """([n_sounds, n_frames, timestamp_embedding_size], [n_sounds, n_frames] ms): per frame, the mean of its
+    frequency-band tokens, and the frame times as the original computes them (sounds have equal lengths in HEAR)."""
+    outputs = model.encode(audio)
+    embeddings = model.audio_model.timestamp_embeddings(outputs)
+    times = torch.from_numpy(frame_timestamps(audio.shape[1], embeddings.shape[1], model.sample_rate))
+    return embeddings, times.to(embeddings.device).expand(audio.shape[0], -1)
