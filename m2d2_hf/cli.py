@@ -22,12 +22,12 @@ import torch
 import torchaudio
 from safetensors.numpy import save_file
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoFeatureExtractor, AutoModel, PreTrainedConfig, pipeline
+from transformers import AutoConfig, AutoFeatureExtractor, AutoModel, AutoProcessor, PreTrainedConfig, pipeline
 
 from .configuration_m2d2 import M2D2AudioConfig, M2D2Config
 from .conversion import convert_checkpoint
 from .feature_extraction_m2d2 import M2D2FeatureExtractor
-from .modeling_m2d2 import frame_timestamps, masked_mean
+from .modeling_m2d2 import M2D2ClapModel, frame_timestamps, masked_mean
 
 
 # The prompt of the original zero-shot evaluation (spec §4, ESC-50 notebook).
@@ -147,6 +147,20 @@ def add_zero_shot_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(handler=run_zero_shot)
 
 
+def add_timeline_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds the arguments of `timeline` to `parser` and makes it run the timeline."""
+    parser.add_argument("model", metavar="MODEL_DIR", help="M2D2 CLAP model folder or hub id")
+    parser.add_argument("audio", metavar="AUDIO", type=Path, help="an audio file (any rate, any channels)")
+    parser.add_argument("--queries", required=True, help="comma-separated text queries, e.g. 'a dog barks,speech'")
+    parser.add_argument("--window", type=float, default=2.0, help="window length in seconds (default: 2.0)")
+    parser.add_argument("--hop", type=float, default=0.5, help="stride between windows in seconds (default: 0.5)")
+    parser.add_argument(
+        "--output", type=Path, required=True, help="PNG to write; the numbers go beside it as .csv and .json"
+    )
+    parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    parser.set_defaults(handler=run_timeline)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="m2d2-hf", description="M2D2 / M2D-CLAP (2025) audio and audio-language models for transformers."
@@ -172,6 +186,14 @@ def build_parser() -> argparse.ArgumentParser:
             help="classify audio files against free-text labels",
             description="Zero-shot classification with an M2D2 CLAP folder (the zero-shot-audio-classification "
             "pipeline), prompts made from the labels with underscores read as spaces.",
+        )
+    )
+    add_timeline_arguments(
+        commands.add_parser(
+            "timeline",
+            help="plot how well text queries match an audio file over time",
+            description="Text-queried sound-event timeline: cosine similarity of each query to sliding windows of "
+            "the audio through the CLAP audio path; writes a PNG plot and the numbers as CSV and JSON.",
         )
     )
     return parser
@@ -542,3 +564,36 @@ def print_results(results: list[dict], as_json: bool) -> None:
 
 
 __all__ = ["CLIError", "add_convert_arguments", "build_parser", "main", "run"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# timeline
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def run_timeline(args: argparse.Namespace) -> None:
+    from .timeline import plot_timeline, sound_event_timeline
+
+    queries = [query.strip() for query in args.queries.split(",") if query.strip()]
+    if not queries:
+        raise CLIError("no queries given: pass --queries 'a dog barks,a bell rings'")
+    if args.window <= 0 or args.hop <= 0:
+        raise CLIError(f"--window ({args.window}) and --hop ({args.hop}) must be positive")
+    if args.output.suffix.lower() != ".png":
+        raise CLIError(f"--output must name a .png file, got {args.output}")
+    (file,) = inspect_audio_files([args.audio])
+    config = load_m2d2_config(args.model)
+    if config.model_type != M2D2Config.model_type:
+        raise CLIError(f"timeline needs an M2D2 CLAP model folder; {args.model} holds an audio encoder only")
+    device = pick_device(args.device)
+    processor = AutoProcessor.from_pretrained(args.model)
+    check_long_enough([file], processor.feature_extractor)
+    model = M2D2ClapModel.from_pretrained(args.model).to(device).eval()
+    wave = mono_at(file, processor.feature_extractor.sampling_rate)
+    timeline = sound_event_timeline(model, processor, wave, queries, args.window, args.hop)
+    png = plot_timeline(timeline, wave, processor.feature_extractor.sampling_rate, args.output, title=file.path.name)
+    csv_path, json_path = timeline.save(args.output.with_suffix(""))
+    for query, row in zip(timeline.queries, timeline.similarities):
+        peak = int(np.argmax(row))
+        print(f"{query}: peak {row[peak]:.3f} at {timeline.times[peak]:.2f} s")
+    print(f"wrote {png}, {csv_path} and {json_path}")
