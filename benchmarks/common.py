@@ -1,5 +1,9 @@
-"""Timing helpers shared by the benchmarks: warm-up, median of repetitions, measured matmul peaks, FLOP counting."""
+"""Timing helpers shared by the benchmarks: warm-up, median of repetitions, measured matmul peaks, FLOP counting,
+interleaved timing of several contenders, peak memory, and a description of the machine."""
 
+import os
+import platform
+import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -20,6 +24,40 @@ def median_seconds(fn: Callable[[], object], repeats: int = 5, warmup: int = 2) 
     return statistics.median(times)
 
 
+def interleaved_seconds(
+    fns: dict[str, Callable[[], object]], repeats: int = 5, warmup: int = 1, settle: float = 0.1
+) -> dict[str, float]:
+    """Median wall time of each of `fns`, run round-robin (`warmup` rounds, then `repeats` timed rounds).
+
+    On a shared machine the load drifts over seconds; alternating the contenders exposes each of them to the same
+    drift, so the ratios of these medians are fairer than those of back-to-back `median_seconds` calls. Each timed
+    call starts after `settle` seconds of sleep, so that the thread pools the previous contender woke (OpenMP,
+    BLAS) stop spinning on the cores instead of slowing the next one down.
+    """
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            time.sleep(settle)
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def matmul_peak_fn(dtype: torch.dtype = torch.float32, size: int = 2048, inner: int = 8) -> tuple[Callable, int]:
+    """A `size`² matmul repeated `inner` times and its FLOPs: time it next to a model to get the practical peak."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+
+    def run() -> None:
+        for _ in range(inner):
+            torch.mm(a, b)
+
+    return run, 2 * size**3 * inner
+
+
 def matmul_flops_per_second(dtype: torch.dtype = torch.float32, size: int = 2048, repeats: int = 10) -> float:
     """The machine's practical peak: FLOP/s of a square matmul, measured in this process."""
     a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
@@ -34,8 +72,45 @@ def count_flops(fn: Callable[[], object]) -> int:
     return counter.get_total_flops()
 
 
-def describe_machine() -> str:
-    import os
-    import platform
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process so far: Linux's `VmHWM` (which, unlike `ru_maxrss`, does not inherit
+    the parent's peak across fork + exec), else `ru_maxrss`."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    scale = 1 if platform.system() == "Darwin" else 1024  # bytes on macOS, kilobytes on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+def load_average() -> str:
+    try:
+        return "load average " + " ".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        return "load average unknown"
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            info = handle.read()
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    extras = [flag for flag in ("avx512f", "avx512_bf16", "amx_bf16") if flag in flags]
+    return f"{name or platform.machine()}{' (' + ', '.join(extras) + ')' if extras else ''}"
+
+
+def describe_machine() -> str:
+    import transformers
+
+    settings = [f"{name}={os.environ[name]}" for name in ("OMP_NUM_THREADS", "OMP_PROC_BIND", "OMP_PLACES")
+                if name in os.environ]
+    return (
+        f"{cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"{torch.get_num_threads()} threads{', ' + ' '.join(settings) if settings else ''}, {load_average()}"
+    )

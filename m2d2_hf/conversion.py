@@ -286,7 +286,7 @@ def convert_checkpoint(
         model = M2D2AudioModel(audio_config)
         _load_total(model, _map_and_report(state, ENCODER_RULES, layout))
         model.save_pretrained(output_dir)
-        feature_extractor_for(audio_config).save_pretrained(output_dir)
+        M2D2FeatureExtractor.from_audio_config(audio_config).save_pretrained(output_dir)
         return output_dir
     return _write_clap(state, layout, arch, audio_config, output_dir, tokenizer, text_model, text_pooling)
 
@@ -314,20 +314,6 @@ def resolve_architecture(
     if sampling_rate is not None:
         arch.sampling_rate = sampling_rate
     return arch
-
-
-def feature_extractor_for(audio_config: M2D2AudioConfig) -> M2D2FeatureExtractor:
-    """The front end an audio config describes."""
-    return M2D2FeatureExtractor(
-        feature_size=audio_config.num_mel_bins,
-        sampling_rate=audio_config.sampling_rate,
-        n_fft=audio_config.n_fft,
-        hop_length=audio_config.hop_length,
-        f_min=audio_config.f_min,
-        f_max=audio_config.f_max,
-        norm_stats=audio_config.norm_stats,
-        min_frames=audio_config.patch_size[1],
-    )
 
 
 def _map_and_report(state: dict[str, torch.Tensor], rules: list[tuple[str, str]], layout: str) -> dict:
@@ -396,7 +382,7 @@ def _write_clap(state, layout, arch, audio_config, output_dir, tokenizer, text_m
     mapped.setdefault("logit_scale", torch.tensor(config.logit_scale_init_value))
     _load_total(model, mapped)
     model.save_pretrained(output_dir)
-    M2D2Processor(feature_extractor=feature_extractor_for(audio_config), tokenizer=text_tokenizer).save_pretrained(
+    M2D2Processor(feature_extractor=M2D2FeatureExtractor.from_audio_config(audio_config), tokenizer=text_tokenizer).save_pretrained(
         output_dir
     )
     return output_dir
@@ -421,7 +407,7 @@ def _write_classifier(state: dict[str, torch.Tensor], audio_config: M2D2AudioCon
     mapped.setdefault("head_norm.num_batches_tracked", torch.tensor(0))
     _load_total(model, mapped)
     model.save_pretrained(output_dir)
-    feature_extractor_for(audio_config).save_pretrained(output_dir)
+    M2D2FeatureExtractor.from_audio_config(audio_config).save_pretrained(output_dir)
     return output_dir
 
 
@@ -459,7 +445,7 @@ def _write_pretraining(state: dict[str, torch.Tensor], audio_config: M2D2AudioCo
     model = M2D2ForPreTraining(audio_config)
     _load_total(model, _map_and_report(state, rules, "pretraining"))
     model.save_pretrained(output_dir)
-    feature_extractor_for(audio_config).save_pretrained(output_dir)
+    M2D2FeatureExtractor.from_audio_config(audio_config).save_pretrained(output_dir)
     return output_dir
 
 

@@ -187,6 +187,20 @@ class M2D2FeatureExtractor(SequenceFeatureExtractor):
             )
         }
 
+    @classmethod
+    def from_audio_config(cls, config) -> "M2D2FeatureExtractor":
+        """The front end an [`M2D2AudioConfig`] describes (rate, STFT, mel bank, `norm_stats`, one patch minimum)."""
+        return cls(
+            feature_size=config.num_mel_bins,
+            sampling_rate=config.sampling_rate,
+            n_fft=config.n_fft,
+            hop_length=config.hop_length,
+            f_min=config.f_min,
+            f_max=config.f_max,
+            norm_stats=config.norm_stats,
+            min_frames=config.patch_size[1],
+        )
+
     def to_dict(self) -> dict[str, Any]:
         """Settings to serialise, without the derived kernels (they are rebuilt from the settings on load)."""
         output = copy.deepcopy({key: value for key, value in self.__dict__.items() if key not in _CACHE_ATTRIBUTES})

@@ -100,7 +100,7 @@ def sincos_position_table(embed_dim: int, frequency_patches: int, time_patches: 
 
 
 def frame_timestamps(num_samples: int, num_frames: int, sampling_rate: int = 16000) -> np.ndarray:
-    """Centre-less start times in ms of the `num_frames` frame features of a clip of `num_samples` samples.
+    """Times in ms of the `num_frames` frame features of a clip of `num_samples` samples (frame starts).
 
     As the original: step = (num_samples / sampling_rate) / num_frames * 1000 ms (10 s → 161.29 ms), times i * step
     computed in float64 and returned as float32.
@@ -220,9 +220,16 @@ class M2D2MLP(nn.Module):
         self.fc1 = nn.Linear(hidden_size, intermediate_size)
         self.activation_fn = ACT2FN[hidden_act]
         self.fc2 = nn.Linear(intermediate_size, hidden_size)
+        # The exact (erf) GELU, which ATen's in-place `gelu_` computes with the same values.
+        self._exact_gelu = getattr(self.activation_fn, "act", None) is F.gelu
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.activation_fn(self.fc1(hidden_states)))
+        hidden_states = self.fc1(hidden_states)
+        if hidden_states.requires_grad or not self._exact_gelu:
+            hidden_states = self.activation_fn(hidden_states)
+        else:  # no autograd graph to keep: reuse the buffer (same values, ~8% faster on CPU: fewer page faults)
+            torch.ops.aten.gelu_(hidden_states)
+        return self.fc2(hidden_states)
 
 
 class M2D2Layer(GradientCheckpointingLayer):
@@ -250,8 +257,12 @@ class M2D2Layer(GradientCheckpointingLayer):
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         attn_output, _ = self.attention(self.norm1(hidden_states), attention_mask, **kwargs)
-        hidden_states = hidden_states + attn_output
-        return hidden_states + self.mlp(self.norm2(hidden_states))
+        if attn_output.requires_grad or hidden_states.requires_grad:
+            hidden_states = hidden_states + attn_output
+            return hidden_states + self.mlp(self.norm2(hidden_states))
+        # Without autograd, the residual sums go into the fresh outputs of the branches (bitwise the same sums).
+        hidden_states = attn_output.add_(hidden_states)
+        return self.mlp(self.norm2(hidden_states)).add_(hidden_states)
 
 
 def encoder_layers(config: M2D2AudioConfig) -> nn.ModuleList:
@@ -427,6 +438,14 @@ class M2D2AudioModel(M2D2PreTrainedModel):
         rows = self.config.frequency_patches
         return outputs.frame_features.reshape(batch, frames, rows, -1).mean(2)
 
+    def embed_long_audio(self, audio, sampling_rate: int | None = None, **kwargs):
+        """Encodes one long recording (minutes to hours) window by window with bounded memory: the log-mel and the
+        encoder run over `chunks_per_window` chunks at a time, with the same outputs as the whole-clip forward.
+        See [`m2d2_hf.streaming.embed_long_audio`] for the arguments; returns an [`M2D2LongAudioOutput`]."""
+        from .streaming import embed_long_audio
+
+        return embed_long_audio(self, audio, sampling_rate, **kwargs)
+
 
 class M2D2ForAudioClassification(M2D2PreTrainedModel):
     """The audio encoder with EVAR's classification head (stage 1.1 fine-tuning): the mean of the patch tokens →
@@ -570,6 +589,14 @@ class M2D2ClapModel(M2D2PreTrainedModel):
         embedding = self.audio_projection(audio_outputs.last_hidden_state, audio_outputs.token_mask)
         audio_outputs.pooler_output = F.normalize(embedding, dim=-1)
         return audio_outputs
+
+    def embed_long_audio(self, audio, sampling_rate: int | None = None, **kwargs):
+        """Encodes one long recording (minutes to hours) window by window with bounded memory, returning its clip
+        embedding, CLAP `audio_embeds` and optionally frame features, equal to `get_audio_features` on the whole
+        clip. See [`m2d2_hf.streaming.embed_long_audio`] for the arguments; returns an [`M2D2LongAudioOutput`]."""
+        from .streaming import embed_long_audio
+
+        return embed_long_audio(self, audio, sampling_rate, **kwargs)
 
     @can_return_tuple
     def get_text_features(

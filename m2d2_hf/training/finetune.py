@@ -57,7 +57,7 @@ from transformers import AutoConfig
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from ..configuration_m2d2 import M2D2AudioConfig, M2D2Config
-from ..conversion import feature_extractor_for
+from ..feature_extraction_m2d2 import M2D2FeatureExtractor
 from ..evaluation.metrics import mean_average_precision, top_k_accuracy
 from ..masking import random_structured_mask
 from ..modeling_m2d2 import M2D2AudioModel, M2D2ClapModel, M2D2ForAudioClassification, sincos_position_table
@@ -588,7 +588,7 @@ def export_classifier(model: M2D2ForAudioClassification, output_dir: Path, accel
     loads."""
     if accelerator.is_main_process:
         model.save_pretrained(output_dir)
-        feature_extractor_for(model.config).save_pretrained(output_dir)
+        M2D2FeatureExtractor.from_audio_config(model.config).save_pretrained(output_dir)
         logger.info(f"exported the classifier to {output_dir}")
 
 
@@ -606,7 +606,7 @@ def train(args: argparse.Namespace) -> Path:
     model = build_model(args, labels)
     config = model.config
     sampling_rate = config.sampling_rate
-    feature_extractor = feature_extractor_for(config)
+    feature_extractor = M2D2FeatureExtractor.from_audio_config(config)
     prepare = FinetuneBatches(args, feature_extractor, config, reader)
 
     def stream_of(data, split, filters, batch_size, shuffle_buffer, training):

@@ -15,7 +15,7 @@ import torch
 from transformers import AutoConfig
 
 from ..configuration_m2d2 import M2D2AudioConfig
-from ..conversion import feature_extractor_for
+from ..feature_extraction_m2d2 import M2D2FeatureExtractor
 from ..modeling_m2d2_pretraining import M2D2ForPreTraining
 from .captions import CaptionEmbeddingTable, draw_captions
 from .data import random_log_mel_crops
@@ -150,7 +150,7 @@ def export_encoder(model: M2D2ForPreTraining, output_dir: Path, accelerator) -> 
     """Saves the online encoder as an `M2D2AudioModel` folder with its feature extractor."""
     if accelerator.is_main_process:
         model.audio_model.save_pretrained(output_dir)
-        feature_extractor_for(model.config).save_pretrained(output_dir)
+        M2D2FeatureExtractor.from_audio_config(model.config).save_pretrained(output_dir)
         logger.info(f"exported the encoder to {output_dir}")
 
 
@@ -169,7 +169,7 @@ def train(args: argparse.Namespace) -> Path:
         return BatchStream(loader, accelerator.process_index)
 
     checkpoint, start_step = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
-    feature_extractor = feature_extractor_for(model.config)
+    feature_extractor = M2D2FeatureExtractor.from_audio_config(model.config)
     prepare = Stage1Batches(feature_extractor, args.crop_frames, caption_table, args.seed)
     if args.norm_stats:
         model.config.norm_stats = list(args.norm_stats)

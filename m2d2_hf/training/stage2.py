@@ -19,7 +19,7 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer
 from transformers.utils import ModelOutput
 
 from ..configuration_m2d2 import M2D2Config
-from ..conversion import feature_extractor_for
+from ..feature_extraction_m2d2 import M2D2FeatureExtractor
 from ..masking import random_structured_mask, random_unstructured_mask
 from ..modeling_m2d2 import M2D2AudioModel, M2D2ClapModel
 from ..modeling_m2d2_pretraining import MAX_LOGIT_SCALE, global_clap_loss
@@ -200,7 +200,7 @@ def export_clap(model: M2D2ClapModel, tokenizer, output_dir: Path, accelerator) 
     """Saves the complete CLAP model with its processor (feature extractor + tokenizer)."""
     if accelerator.is_main_process:
         model.save_pretrained(output_dir)
-        M2D2Processor(feature_extractor_for(model.config.audio_config), tokenizer).save_pretrained(output_dir)
+        M2D2Processor(M2D2FeatureExtractor.from_audio_config(model.config.audio_config), tokenizer).save_pretrained(output_dir)
         logger.info(f"exported the CLAP model to {output_dir}")
 
 
@@ -216,7 +216,7 @@ def train(args: argparse.Namespace) -> Path:
         captions = read_captions(args.captions, caption_column=args.caption_column, separator=args.caption_separator)
     keep = [] if captions is not None else [args.caption_column]
     loader = streamed_loader(args, accelerator, audio_config.sampling_rate, keep_columns=keep)
-    prepare = Stage2Batches(args, feature_extractor_for(audio_config), tokenizer, audio_config, captions)
+    prepare = Stage2Batches(args, M2D2FeatureExtractor.from_audio_config(audio_config), tokenizer, audio_config, captions)
 
     optimizer = torch.optim.AdamW(
         weight_decay_groups(clap, args.weight_decay),

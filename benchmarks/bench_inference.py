@@ -1,0 +1,137 @@
+"""Inference on 8 x 10 s clips with the ViT-B M2D2 encoder (random weights): fp32 FLOP/s as a fraction of the fp32
+matmul peak, bf16 (`dtype=torch.bfloat16` weights) against fp32, and transformers' `ClapModel` (LAION HTSAT, the
+`ClapConfig()` defaults, random weights) on the same clips at 48 kHz, all timed in one run.
+
+    python benchmarks/bench_inference.py [--repeats 5] [--compile {none,default,freezing}] [--tune-malloc]
+
+Contenders are timed round-robin (warm-up round, then the median of `--repeats` rounds), so all of them see the same
+machine load. The features are computed once beforehand (the front end has its own benchmark).
+"""
+
+import argparse
+import copy
+import ctypes
+import time
+
+import numpy as np
+import torch
+
+from m2d2_hf import M2D2AudioConfig, M2D2AudioModel, M2D2FeatureExtractor
+
+from common import count_flops, describe_machine, interleaved_seconds, matmul_peak_fn
+
+
+def tune_glibc_malloc() -> bool:
+    """Keep freed activation buffers in the heap instead of returning them to the kernel (glibc only): fewer page
+    faults per forward. Equivalent to `MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824`."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    return bool(libc.mallopt(-3, 32 * 1024 * 1024)) and bool(libc.mallopt(-1, 1 << 30))  # M_MMAP/M_TRIM_THRESHOLD
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clips", type=int, default=8)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--compile",
+        choices=("none", "default", "freezing"),
+        default="none",
+        help="also time torch.compile'd fp32 and bf16 encoders (freezing: inductor's inference-only weight freezing, "
+        "which prepacks the weights for oneDNN and fuses bias / GELU into the matmuls)",
+    )
+    parser.add_argument("--tune-malloc", action="store_true", help="apply glibc mallopt settings first (see README)")
+    parser.add_argument("--no-peer", action="store_true", help="skip transformers' ClapModel")
+    args = parser.parse_args()
+
+    tuned = tune_glibc_malloc() if args.tune_malloc else False
+    torch.manual_seed(0)
+    print(f"machine: {describe_machine()}{', glibc malloc tuned' if tuned else ''}")
+    rng = np.random.default_rng(0)
+    clips = [rng.standard_normal(int(16000 * args.seconds)).astype(np.float32) * 0.1 for _ in range(args.clips)]
+    features = M2D2FeatureExtractor()(clips, sampling_rate=16000, return_tensors="pt")
+
+    model = M2D2AudioModel(M2D2AudioConfig()).eval()
+    model_bf16 = copy.deepcopy(model).to(torch.bfloat16)  # the same weights, rounded to bf16
+    peak32, peak32_flops = matmul_peak_fn(torch.float32)
+    peak16, peak16_flops = matmul_peak_fn(torch.bfloat16)
+
+    with torch.inference_mode():
+        m2d2_flops = count_flops(lambda: model(**features))
+        contenders = {
+            "fp32 matmul peak": peak32,
+            "bf16 matmul peak": peak16,
+            "M2D2 fp32": lambda: model(**features),
+            "M2D2 bf16": lambda: model_bf16(**features),
+        }
+        if args.compile != "none":
+            if args.compile == "freezing":
+                from torch._inductor import config as inductor_config
+
+                inductor_config.freezing = True
+            from torch._dynamo import config as dynamo_config
+
+            # Each of the 12 layers is its own frame (transformers' checkpointing wrapper): allow a graph per layer.
+            dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
+            compiled, compiled_bf16 = torch.compile(model), torch.compile(model_bf16)
+            for name, fn in (("M2D2 fp32 compiled", compiled), ("M2D2 bf16 compiled", compiled_bf16)):
+                start = time.perf_counter()
+                fn(**features)
+                print(f"{name}: first call (compilation) {time.perf_counter() - start:.1f} s")
+                contenders[name] = lambda fn=fn: fn(**features)
+        if not args.no_peer:
+            from transformers import ClapConfig, ClapFeatureExtractor, ClapModel
+
+            peer = ClapModel(ClapConfig()).eval()
+            # The unfused LAION model's front end (clap-htsat-unfused: rand_trunc / repeatpad); 10 s clips are used
+            # whole. Resampled to 48 kHz outside the timing.
+            import torchaudio
+
+            clips48 = [torchaudio.functional.resample(torch.from_numpy(c), 16000, 48000).numpy() for c in clips]
+            peer_features = ClapFeatureExtractor(truncation="rand_trunc")(
+                clips48, sampling_rate=48000, return_tensors="pt"
+            )
+            peer_flops = count_flops(lambda: peer.get_audio_features(**peer_features))
+            contenders["ClapModel (HTSAT) fp32"] = lambda: peer.get_audio_features(**peer_features)
+        seconds = interleaved_seconds(contenders, repeats=args.repeats, warmup=1)
+        cosine = torch.nn.functional.cosine_similarity(
+            model(**features).pooler_output, model_bf16(**features).pooler_output.float()
+        )
+
+    peak32_rate = peak32_flops / seconds["fp32 matmul peak"]
+    peak16_rate = peak16_flops / seconds["bf16 matmul peak"]
+    n = args.clips
+    print(f"input: {n} x {args.seconds:g} s clips, M2D2 ViT-B {m2d2_flops / 1e9:.1f} GFLOP per batch "
+          f"({m2d2_flops / n / 1e9:.1f} GFLOP/clip)")
+    print(f"matmul peaks (2048², same run): fp32 {peak32_rate / 1e9:.1f} GFLOP/s, bf16 {peak16_rate / 1e9:.1f} GFLOP/s")
+    t32 = seconds["M2D2 fp32"]
+    for name, t in seconds.items():
+        if "peak" in name:
+            continue
+        if name.startswith("ClapModel"):
+            flops, reference, label = peer_flops, peak32_rate, "fp32"
+        else:
+            flops, reference = m2d2_flops, peak16_rate if "bf16" in name else peak32_rate
+            label = "bf16" if "bf16" in name else "fp32"
+        achieved = flops / t
+        print(
+            f"{name:>24}: {t:6.3f} s, {n / t:6.2f} clips/s, {achieved / 1e9:6.1f} GFLOP/s = {achieved / reference:6.1%} "
+            f"of the {label} peak, {t32 / t:5.2f}x M2D2 fp32"
+        )
+    print(f"fp32 fraction of the fp32 matmul peak: {m2d2_flops / t32 / peak32_rate:.1%} (target >= 80%)")
+    print(f"bf16 speed-up over fp32: {t32 / seconds['M2D2 bf16']:.2f}x (target >= 2x); "
+          f"bf16 vs fp32 clip-embedding cosine (random weights) min {cosine.min().item():.5f}")
+    if not args.no_peer:
+        t_peer = seconds["ClapModel (HTSAT) fp32"]
+        print(
+            f"peer: ClapModel HTSAT {n / t_peer:.2f} clips/s ({peer_flops / n / 1e9:.1f} GFLOP/clip) vs M2D2 fp32 "
+            f"{n / t32:.2f} clips/s ({m2d2_flops / n / 1e9:.1f} GFLOP/clip), bf16 {n / seconds['M2D2 bf16']:.2f} "
+            f"clips/s; M2D2 does {m2d2_flops / peer_flops:.1f}x the FLOPs per clip"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""Long audio with the ViT-B M2D2 encoder (random weights).
+
+1. A 60 s clip: all its 1001-frame chunks packed into one batched forward (`M2D2AudioModel`) against encoding the
+   chunks one after another (the original runtime's loop), fp32, with the outputs checked to agree (<= 1e-5 rel).
+2. A 1-hour recording through `embed_long_audio` (windows of chunks, CLAP model in bf16 by default) in a fresh
+   process: peak RSS and throughput as x real time.
+
+    python benchmarks/bench_long_audio.py [--repeats 5] [--minutes 60] [--hour-dtype bf16] [--hour-model clap]
+        [--chunks-per-window 8]
+"""
+
+import argparse
+import copy
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from m2d2_hf import M2D2AudioConfig, M2D2AudioModel, M2D2FeatureExtractor
+
+from common import describe_machine, interleaved_seconds, peak_rss_bytes
+
+SAMPLING_RATE = 16000
+
+
+def synthetic_audio(seconds: float, seed: int = 0) -> torch.Tensor:
+    """Noise under a slowly varying envelope plus a few tones: a float32 waveform at 16 kHz, made in place."""
+    generator = torch.Generator().manual_seed(seed)
+    samples = int(seconds * SAMPLING_RATE)
+    wave = torch.empty(samples)
+    block = SAMPLING_RATE * 60  # one minute at a time keeps the temporaries small
+    for start in range(0, samples, block):
+        t = torch.arange(start, min(start + block, samples), dtype=torch.float64) / SAMPLING_RATE
+        envelope = 0.05 + 0.05 * torch.sin(2 * math.pi * t / 7.3) ** 2
+        tones = 0.1 * torch.sin(2 * math.pi * 440 * t) * (torch.sin(2 * math.pi * t / 3.1) > 0)
+        noise = torch.randn(len(t), generator=generator)
+        wave[start : start + len(t)] = noise * envelope.float() + tones.float()
+    return wave
+
+
+def encode_chunk_by_chunk(model: M2D2AudioModel, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The original runtime's way for one clip [1, F, T]: zero-pad to whole patches, then encode each
+    `chunk_frames`-frame chunk in its own forward and concatenate (tokens, frame features)."""
+    unit, width = model.config.chunk_frames, model.config.patch_size[1]
+    frames = features.shape[-1]
+    padded = torch.nn.functional.pad(features, (0, (width - frames % unit % width) % width))
+    tokens, frame_features = [], []
+    for start in range(0, frames, unit):
+        out = model(padded[..., start : start + unit])
+        tokens.append(out.last_hidden_state)
+        frame_features.append(out.frame_features)
+    return torch.cat(tokens, 1), torch.cat(frame_features, 1)
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def packed_vs_sequential(repeats: int) -> None:
+    torch.manual_seed(0)
+    model = M2D2AudioModel(M2D2AudioConfig()).eval()
+    model_bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    features = M2D2FeatureExtractor()(synthetic_audio(60.0), sampling_rate=SAMPLING_RATE, return_tensors="pt")
+    frames = features["input_features"].shape[-1]
+    chunks = math.ceil(frames / model.config.chunk_frames)
+    with torch.inference_mode():
+        packed = model(**features)
+        tokens, frame_features = encode_chunk_by_chunk(model, features["input_features"])
+        errors = {
+            "tokens": relative_error(packed.last_hidden_state, tokens),
+            "frame features": relative_error(packed.frame_features, frame_features),
+            "clip embedding": relative_error(packed.pooler_output, frame_features.mean(1)),
+        }
+        seconds = interleaved_seconds(
+            {
+                "sequential fp32": lambda: encode_chunk_by_chunk(model, features["input_features"]),
+                "packed fp32": lambda: model(**features),
+                "packed bf16": lambda: model_bf16(**features),
+            },
+            repeats=repeats,
+            warmup=1,
+        )
+        cosine = torch.nn.functional.cosine_similarity(
+            model_bf16(**features).pooler_output.float(), packed.pooler_output
+        ).item()
+    print(f"60 s clip: {frames} frames = {chunks} chunks of {model.config.chunk_frames} frames, ViT-B fp32")
+    print("  packed vs chunk-by-chunk outputs, relative error: "
+          + ", ".join(f"{name} {value:.1e}" for name, value in errors.items())
+          + f" ({'OK' if max(errors.values()) <= 1e-5 else 'ABOVE'} the 1e-5 bound)")
+    base = seconds["sequential fp32"]
+    for name, value in seconds.items():
+        print(f"  {name:>16}: {value:6.3f} s, {60.0 / value:5.1f}x real time, {base / value:5.2f}x chunk-by-chunk")
+    print(f"  packed fp32 speed-up over chunk-by-chunk fp32: {base / seconds['packed fp32']:.2f}x (target >= 2.5x)")
+    print(f"  packed bf16 (cosine {cosine:.5f} to fp32, not the 1e-5 bound): {base / seconds['packed bf16']:.2f}x")
+
+
+def hour_worker(minutes: float, dtype_name: str, chunks_per_window: int, model_name: str) -> None:
+    """Runs in its own process so that its peak RSS is the long-audio path's alone; prints one JSON line."""
+    from m2d2_hf import M2D2ClapModel, M2D2Config
+
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
+    after_import = peak_rss_bytes()
+    torch.manual_seed(0)
+    if model_name == "clap":
+        model = M2D2ClapModel._from_config(M2D2Config(), dtype=dtype).eval()
+        audio_config = model.config.audio_config
+    else:
+        model = M2D2AudioModel._from_config(M2D2AudioConfig(), dtype=dtype).eval()
+        audio_config = model.config
+    after_model = peak_rss_bytes()
+    wave = synthetic_audio(minutes * 60)
+    after_audio = peak_rss_bytes()
+    start = time.perf_counter()
+    out = model.embed_long_audio(wave, SAMPLING_RATE, chunks_per_window=chunks_per_window)
+    elapsed = time.perf_counter() - start
+    report = {
+        "minutes": minutes,
+        "dtype": dtype_name,
+        "chunks_per_window": chunks_per_window,
+        "model": type(model).__name__,
+        "chunks": math.ceil(M2D2FeatureExtractor().num_frames(len(wave)) / audio_config.chunk_frames),
+        "seconds": elapsed,
+        "peak_rss": peak_rss_bytes(),
+        "rss_after_import": after_import,
+        "rss_after_model": after_model,
+        "rss_after_audio": after_audio,
+        "waveform_bytes": wave.numel() * wave.element_size(),
+        "frame_features_bytes": out.frame_features.numel() * out.frame_features.element_size(),
+        "frame_features_shape": list(out.frame_features.shape),
+        "embeddings_finite": bool(torch.isfinite(out.pooler_output).all()),
+    }
+    print(json.dumps(report))
+
+
+def one_hour(minutes: float, dtype_name: str, chunks_per_window: int, model_name: str) -> None:
+    command = [sys.executable, str(Path(__file__).resolve()), "--hour-worker", "--minutes", str(minutes),
+               "--hour-dtype", dtype_name, "--chunks-per-window", str(chunks_per_window), "--hour-model", model_name]
+    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    mb = 1 / 2**20
+    audio_seconds = report["minutes"] * 60
+    print(f"{report['minutes']:g} min recording ({report['chunks']} chunks), {report['model']} {report['dtype']}, "
+          f"embed_long_audio with {report['chunks_per_window']} chunks per window, frame features + clip "
+          f"{'+ CLAP ' if report['model'] == 'M2D2ClapModel' else ''}embeddings, fresh process")
+    print(f"  {report['seconds']:.1f} s = {audio_seconds / report['seconds']:.1f}x real time")
+    print(f"  peak RSS {report['peak_rss'] * mb:.0f} MB (target < 2048 MB): after imports "
+          f"{report['rss_after_import'] * mb:.0f} MB, + model {report['rss_after_model'] * mb:.0f} MB, + waveform "
+          f"{report['rss_after_audio'] * mb:.0f} MB (waveform {report['waveform_bytes'] * mb:.0f} MB, frame features "
+          f"{report['frame_features_bytes'] * mb:.0f} MB {report['frame_features_shape']})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--minutes", type=float, default=60.0, help="length of the long recording")
+    parser.add_argument("--hour-dtype", choices=("bf16", "fp32"), default="bf16")
+    parser.add_argument("--hour-model", choices=("clap", "audio"), default="clap",
+                        help="M2D2ClapModel (with its BERT text tower) or the audio encoder alone")
+    parser.add_argument("--chunks-per-window", type=int, default=8)
+    parser.add_argument("--skip-60s", action="store_true")
+    parser.add_argument("--skip-hour", action="store_true")
+    parser.add_argument("--hour-worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.hour_worker:
+        hour_worker(args.minutes, args.hour_dtype, args.chunks_per_window, args.hour_model)
+        return
+    print(f"machine: {describe_machine()}")
+    if not args.skip_60s:
+        packed_vs_sequential(args.repeats)
+    if not args.skip_hour:
+        one_hour(args.minutes, args.hour_dtype, args.chunks_per_window, args.hour_model)
+
+
+if __name__ == "__main__":
+    main()
