@@ -10,7 +10,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DIR = Path(os.environ.get("M2D2_SHARED_DIR", REPO_ROOT.parent / "shared"))
+# Absolute: training subprocesses and generated metadata files must not depend on the working directory.
+SHARED_DIR = Path(os.environ.get("M2D2_SHARED_DIR", REPO_ROOT.parent / "shared")).resolve()
 FIXTURE_DIR = SHARED_DIR / "fixtures" / "original_m2d2"
 REAL_SOUNDS_DIR = SHARED_DIR / "data" / "real_sounds"
 

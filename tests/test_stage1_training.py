@@ -119,3 +119,14 @@ def test_single_process_run_learns_skips_broken_items_and_exports(data_dir, capt
     assert encoder.config.norm_stats[1] > 0 and encoder.config.chunk_frames == 608
     config = json.loads((out / "run_config.json").read_text())
     assert config["max_train_steps"] == 30
+
+
+def test_a_stream_of_only_broken_items_stops_with_a_clear_error():
+    from m2d2_hf.training.loop import BatchStream
+
+    empty = {"waveforms": torch.zeros(0, 0), "lengths": torch.zeros(0), "ids": [], "num_skipped": 4}
+    loader = torch.utils.data.DataLoader([0, 1], batch_size=1, collate_fn=lambda items: empty)
+    stream = iter(BatchStream(loader))
+    with pytest.raises(RuntimeError, match="every item of the training stream was skipped"):
+        for _ in range(3):
+            next(stream)

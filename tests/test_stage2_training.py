@@ -50,7 +50,7 @@ def common_args(real_sounds_dir, encoder_dir, tokenizer_dir, output_dir, steps) 
         "--train_data", real_sounds_dir, "--filter", "split=train", "--audio_model", encoder_dir,
         "--text_model", tokenizer_dir, "--output_dir", output_dir, "--crop_frames", 208,
         "--max_train_steps", steps, "--global_batch_size", 8, "--per_device_train_batch_size", 2,
-        "--logging_steps", 1, "--dataloader_num_workers", 0, "--shuffle_buffer", 32, "--base_learning_rate", 0.01,
+        "--logging_steps", 1, "--dataloader_num_workers", 1, "--shuffle_buffer", 32, "--base_learning_rate", 0.01,
     ]  # fmt: skip
 
 

@@ -169,9 +169,10 @@ class BatchStream:
             dataset = self.dataloader.dataset
             if hasattr(dataset, "set_epoch"):
                 dataset.set_epoch(self.epoch)
-            produced = 0
+            produced = usable = 0
             for batch in self.dataloader:
                 produced += 1
+                usable += batch["waveforms"].shape[0]
                 if self._skip:
                     self._skip -= 1
                     continue
@@ -179,6 +180,11 @@ class BatchStream:
                 yield batch
             if produced == 0:
                 raise RuntimeError("the training stream is empty: check --train_data, --split and --filter")
+            if usable == 0:  # else the run would skip broken items forever
+                raise RuntimeError(
+                    f"every item of the training stream was skipped as undecodable ({produced} batches): check that "
+                    "the audio paths of --train_data resolve and that the files are audio"
+                )
             self.epoch += 1
             self.batches_in_epoch = 0
 
