@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from m2d2_hf import M2D2AudioModel, M2D2ClapModel, M2D2Config, M2D2FeatureExtractor
+from m2d2_hf import M2D2AudioModel, M2D2ClapModel, M2D2FeatureExtractor
 from m2d2_hf.streaming import WindowedLogMel, embed_long_audio
 
-from .conftest import TINY_AUDIO, TINY_TEXT
+from .test_modeling import tiny_clap_model
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -21,15 +21,7 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def tiny_clap(**overrides) -> M2D2ClapModel:
-    torch.manual_seed(0)
-    config = M2D2Config(
-        audio_config=TINY_AUDIO,
-        text_config={**TINY_TEXT, "vocab_size": 100},
-        projection_dim=32,
-        projector_intermediate_size=32,
-        **overrides,
-    )
-    model = M2D2ClapModel(config).eval()
+    model = tiny_clap_model(**overrides)
     with torch.no_grad():  # random positions and projector token: a wrong column, chunk or key shows in the outputs
         model.audio_model.embeddings.position_embeddings.normal_()
         if hasattr(model.audio_projection, "sem_token"):
