@@ -178,10 +178,11 @@ class M2D2Config(PreTrainedConfig):
             raise ValueError(f"audio_projector_type must be 'semantic' or 'mlp', got {self.audio_projector_type!r}")
         if self.text_pooling not in ("cls", "mean"):
             raise ValueError(f"text_pooling must be 'cls' or 'mean', got {self.text_pooling!r}")
-        if self.audio_config.hidden_size != self.projection_dim:
+        if self.audio_projector_type == "semantic" and self.audio_config.hidden_size != self.projection_dim:
             raise ValueError(
-                f"the audio projector keeps the encoder width: projection_dim ({self.projection_dim}) must equal "
-                f"audio_config.hidden_size ({self.audio_config.hidden_size})"
+                f"the semantic audio projector keeps the encoder width: projection_dim ({self.projection_dim}) must "
+                f"equal audio_config.hidden_size ({self.audio_config.hidden_size}); the 'mlp' projector maps to "
+                "any projection_dim"
             )
         if not self.text_projection and self.text_config.hidden_size != self.projection_dim:
             raise ValueError(

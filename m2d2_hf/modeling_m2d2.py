@@ -414,13 +414,18 @@ class M2D2AudioModel(M2D2PreTrainedModel):
             hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
         )
 
-    def encode_visible(self, patches: torch.Tensor, visible_indices: torch.Tensor) -> torch.Tensor:
+    def encode_visible(
+        self, patches: torch.Tensor, visible_indices: torch.Tensor, visible_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Encodes only some patches of one-chunk inputs, as masked training does.
 
         Args:
             patches: `self.embeddings(input_features)` of inputs of at most `chunk_frames` frames: the patch
                 embeddings with their positions, added before the other patches are dropped.
             visible_indices: [B, V] patches to keep (patch p = f * columns + t).
+            visible_mask: [B, V] optional; False marks kept patches that no token may attend to (crop padding past
+                a short clip's end), as the inference forward never sees such patches. None: all attend (the
+                original training).
 
         Returns:
             [B, 1 + V, D] normalised outputs: CLS first, then the visible tokens in `visible_indices` order.
@@ -428,8 +433,14 @@ class M2D2AudioModel(M2D2PreTrainedModel):
         visible = patches.gather(1, visible_indices[..., None].expand(-1, -1, patches.shape[-1]))
         cls = self.embeddings.cls_embedding().to(patches.dtype).expand(len(patches), -1, -1)
         hidden_states = torch.cat([cls, visible], dim=1)
+        attention_mask = None
+        if visible_mask is not None and not bool(visible_mask.all()):
+            key_mask = torch.cat([visible_mask.new_ones(visible_mask.shape[0], 1), visible_mask], dim=1)
+            attention_mask = create_bidirectional_mask(
+                config=self.config, inputs_embeds=hidden_states, attention_mask=key_mask
+            )
         for layer in self.layers:
-            hidden_states = layer(hidden_states)
+            hidden_states = layer(hidden_states, attention_mask)
         return self.layernorm(hidden_states)
 
     def timestamp_embeddings(self, outputs: M2D2AudioModelOutput) -> torch.Tensor:
@@ -546,8 +557,6 @@ class M2D2MLPProjector(nn.Module):
     def forward(self, tokens: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
         pooled = tokens.mean(1) if token_mask is None else masked_mean(tokens, token_mask)
         return self.fc2(F.relu(self.fc1(pooled)))
-
-
 
 
 class M2D2ClapModel(M2D2PreTrainedModel):

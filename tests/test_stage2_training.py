@@ -12,9 +12,10 @@ import pytest
 import soundfile as sf
 import torch
 from safetensors.torch import load_file
-from transformers import pipeline
+from transformers import AutoModel, pipeline
 
-from m2d2_hf import M2D2AudioConfig, M2D2AudioModel, M2D2ClapModel
+from m2d2_hf import M2D2AudioConfig, M2D2AudioModel, M2D2ClapModel, M2D2Config
+from m2d2_hf.training.stage2 import build_model, build_parser, crop_padding_mask
 
 from .conftest import TINY_AUDIO
 
@@ -93,3 +94,56 @@ def test_stage_2_1_continues_without_mask(real_sounds_dir, encoder_dir, tokenize
     assert metrics(stage21)[0]["logit_scale"] == pytest.approx(before.logit_scale.item(), abs=1e-3)
     assert not torch.equal(before.audio_projection.sem_token, after.audio_projection.sem_token)
     assert torch.equal(before.audio_model.layers[0].mlp.fc1.weight, after.audio_model.layers[0].mlp.fc1.weight)
+
+
+def test_crop_padding_mask_marks_the_audio_columns():
+    columns, width = 4, 16
+    visible = torch.tensor([[0, 3, 5, 7], [0, 1, 2, 3], [3, 7, 2, 6]])
+    # Clip 0: 20 frames of audio in the crop → columns 0 and 1 (the second partly filled, as at inference).
+    # Clip 1: longer than the crop. Clip 2: 10 frames, but only columns 2-3 are visible → keeps them all.
+    mask = crop_padding_mask(visible, torch.tensor([20, 500, 10]), columns, width)
+    assert mask.tolist() == [[True, False, True, False], [True] * 4, [True] * 4]
+
+
+def test_masked_visible_encoding_equals_encoding_only_the_audio():
+    torch.manual_seed(0)
+    encoder = M2D2AudioModel(M2D2AudioConfig(**TINY_AUDIO)).eval()
+    patches = encoder.embeddings(torch.randn(2, 80, 208))
+    visible = torch.tensor([[0, 4, 13, 20, 30], [1, 2, 15, 16, 40]])
+    keep = torch.tensor([[True, False, True, True, False], [True, True, True, True, True]])
+    with torch.no_grad():
+        masked = encoder.encode_visible(patches, visible, keep)
+        for row in range(2):
+            alone = encoder.encode_visible(patches[row : row + 1], visible[row : row + 1, keep[row]])
+            expected = torch.cat([alone[0, :1], alone[0, 1:]])
+            torch.testing.assert_close(masked[row, 1:][keep[row]], expected[1:], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(masked[row, 0], expected[0], rtol=1e-5, atol=1e-5)
+
+
+def test_projection_dim_needs_the_mlp_projector(encoder_dir, tokenizer_dir):
+    parser = build_parser()
+    base = ["--train_data", "x", "--output_dir", "y", "--max_train_steps", "1", "--audio_model", str(encoder_dir),
+            "--text_model", str(tokenizer_dir), "--crop_frames", "208"]  # fmt: skip
+    with pytest.raises(ValueError, match="needs --audio_projector_type mlp"):
+        build_model(parser.parse_args(base + ["--projection_dim", "384"]))
+    model, _ = build_model(parser.parse_args(base + ["--audio_projector_type", "mlp", "--projection_dim", "384"]))
+    assert model.audio_projection.fc2.out_features == 384 and not model.config.text_projection
+    with pytest.raises(ValueError, match="semantic audio projector keeps the encoder width"):
+        M2D2Config(audio_config=model.config.audio_config, text_config=model.config.text_config, projection_dim=384)
+
+
+def test_frozen_text_tower_mlp_projector_and_hidden_padding(real_sounds_dir, encoder_dir, tokenizer_dir, tmp_path):
+    """The demo recipe's stage-2 settings: the text tower keeps its weights, the projector maps into its space."""
+    output = tmp_path / "frozen_text"
+    run(common_args(real_sounds_dir, encoder_dir, tokenizer_dir, output, 2)
+        + ["--freeze_text_model", "--audio_projector_type", "mlp", "--projection_dim", 384, "--mask_padding",
+           "--text_pooling", "mean", "--crop_frames", 96, "--checkpointing_steps", 1])  # fmt: skip
+    model = M2D2ClapModel.from_pretrained(output / "final")
+    text_tower = AutoModel.from_pretrained(tokenizer_dir)
+    for name, tensor in text_tower.state_dict().items():
+        assert torch.equal(model.text_model.state_dict()[name], tensor), name
+    assert model.config.audio_projector_type == "mlp" and isinstance(model.text_projection, torch.nn.Identity)
+    assert model.audio_projection.fc2.weight.shape == (384, 32)
+    first, second = (load_file(output / f"step_{step}" / "model.safetensors") for step in (1, 2))
+    assert not torch.equal(first["clap.audio_projection.fc2.weight"], second["clap.audio_projection.fc2.weight"])
+    assert all(np.isfinite(m["loss"]) for m in metrics(output))

@@ -64,6 +64,26 @@ def build_parser() -> argparse.ArgumentParser:
         "projector and temperature all come from it",
     )
     model.add_argument("--text_pooling", choices=("cls", "mean"), default="cls", help="BERT: CLS (the paper)")
+    model.add_argument(
+        "--audio_projector_type",
+        choices=("semantic", "mlp"),
+        default="semantic",
+        help="semantic: the 2025 AudioToSemantic projector (output: the encoder's hidden size); mlp: the 2024 "
+        "mean-pool MLP, whose output size is --projection_dim",
+    )
+    model.add_argument(
+        "--projection_dim",
+        type=int,
+        default=None,
+        help="mlp projector only: size of the shared space (default: the encoder's hidden size); set it to the text "
+        "tower's hidden size to compare audio with the tower's own embeddings, without a text projection",
+    )
+    model.add_argument(
+        "--freeze_text_model",
+        action="store_true",
+        help="keep the text tower's pretrained weights (train only the audio projector, the text tower's projection (when it has one) and the temperature): with few "
+        "captions this keeps the tower's wording generalisation for zero-shot prompts (the demo recipe uses it)",
+    )
     model.add_argument("--caption_column", default="caption", help="column of train_data holding the captions")
     model.add_argument("--caption_separator", default=None, help="split a caption cell into several captions")
     model.add_argument("--captions", default=None, help="captions from a separate CSV/JSONL/folder, keyed by clip id")
@@ -76,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="structured: frequency/time stripes with the original code's ordering (it keeps the stripes and drops "
         "other patches; the released model was trained so); structured_drop_stripes: drop the stripes; "
         "unstructured: random patches",
+    )
+    model.add_argument(
+        "--mask_padding",
+        action="store_true",
+        help="hide the zero padding of clips shorter than the crop from attention and from the projector, as "
+        "inference never sees it (the original attends to it; harmless for 10-s AudioSet clips, not for short ones)",
     )
     model.add_argument("--base_learning_rate", type=float, default=3e-6, help="lr = base × global batch / 256")
     model.add_argument("--logit_scale_init", type=float, default=math.log(100.0))
@@ -100,11 +126,12 @@ class FrozenEncoderClapObjective(nn.Module):
         attention_mask: torch.Tensor,
         has_caption: torch.Tensor,
         token_type_ids: torch.Tensor | None = None,
+        visible_mask: torch.Tensor | None = None,
     ) -> ModelOutput:
         encoder = self.clap.audio_model
         with torch.no_grad():  # frozen: no activations kept for backward
-            tokens = encoder.encode_visible(encoder.embeddings(input_features), visible_indices)[:, 1:]
-        audio_embeds = self.clap.audio_projection(tokens)
+            tokens = encoder.encode_visible(encoder.embeddings(input_features), visible_indices, visible_mask)[:, 1:]
+        audio_embeds = self.clap.audio_projection(tokens, visible_mask)
         text_embeds = self.clap.get_text_features(input_ids, attention_mask, token_type_ids).pooler_output
         loss = global_clap_loss(audio_embeds.float(), text_embeds.float(), self.clap.logit_scale, has_caption)
         return ModelOutput(loss=loss, audio_embeds=audio_embeds, text_embeds=text_embeds)
@@ -121,12 +148,19 @@ def build_model(args: argparse.Namespace) -> tuple[M2D2ClapModel, object]:
         encoder = M2D2AudioModel.from_pretrained(args.audio_model)
         text_config = AutoConfig.from_pretrained(args.text_model)
         hidden = encoder.config.hidden_size
+        if args.projection_dim and args.audio_projector_type != "mlp":
+            raise ValueError(
+                "--projection_dim needs --audio_projector_type mlp (the semantic projector keeps the encoder's "
+                "hidden size)"
+            )
+        projection_dim = args.projection_dim or hidden
         config = M2D2Config(
             audio_config=encoder.config,
             text_config=text_config,
+            audio_projector_type=args.audio_projector_type,
             text_pooling=args.text_pooling,
-            text_projection=text_config.hidden_size != hidden,
-            projection_dim=hidden,
+            text_projection=text_config.hidden_size != projection_dim,
+            projection_dim=projection_dim,
             projector_intermediate_size=hidden,
             logit_scale_init_value=args.logit_scale_init,
         )
@@ -139,10 +173,24 @@ def build_model(args: argparse.Namespace) -> tuple[M2D2ClapModel, object]:
             f"--crop_frames {args.crop_frames} exceeds the encoder's chunk ({model.config.audio_config.chunk_frames})"
         )
     model.audio_model.requires_grad_(False)
+    if args.freeze_text_model:
+        model.text_model.requires_grad_(False)
     # The embedding is pooled from the last hidden state: a BERT pooler gets no gradient (and would stall DDP).
     if getattr(model.text_model, "pooler", None) is not None:
         model.text_model.pooler.requires_grad_(False)
     return model, tokenizer
+
+
+def crop_padding_mask(
+    visible_indices: torch.Tensor, valid_frames: torch.Tensor, columns: int, patch_width: int
+) -> torch.Tensor:
+    """[B, V] True for the visible patches that hold audio: patch p = f * columns + t is audio when its column t
+    starts before the clip's end in the crop (a partly filled last column counts, as at inference, where the last
+    patch of a clip is zero-padded). A row whose visible patches are all padding keeps them all, so that every
+    clip still gets an embedding (only possible with a mask ratio above 0 and clips under one patch column)."""
+    valid_columns = torch.div(valid_frames.clamp(min=1) + patch_width - 1, patch_width, rounding_mode="floor")
+    mask = (visible_indices % columns) < valid_columns[:, None]
+    return mask | ~mask.any(dim=1, keepdim=True)
 
 
 class Stage2Batches:
@@ -174,11 +222,20 @@ class Stage2Batches:
         waves = batch["waveforms"].to(device, non_blocking=True)
         clips = [wave[:length] for wave, length in zip(waves, batch["lengths"].tolist())]
         log_mel, num_frames = self.feature_extractor.batch_log_mel(clips)
-        crops = random_log_mel_crops(
-            log_mel, num_frames, self.args.crop_frames, step_generator(seed, step, process, f"crop{micro}")
+        crops, starts = random_log_mel_crops(
+            log_mel,
+            num_frames,
+            self.args.crop_frames,
+            step_generator(seed, step, process, f"crop{micro}"),
+            return_starts=True,
         )
         columns = self.args.crop_frames // self.config.patch_size[1]
         visible = self.mask(len(clips), columns, device, step_generator(seed, step, process, f"mask{micro}"))
+        extra = {}
+        if self.args.mask_padding:
+            extra["visible_mask"] = crop_padding_mask(
+                visible, num_frames.to(device) - starts, columns, self.config.patch_size[1]
+            )
         generator = step_generator(seed, step, process, f"caption{micro}")
         texts, has_caption = [], []
         for options in self.clip_captions(batch):
@@ -193,6 +250,7 @@ class Stage2Batches:
             "visible_indices": visible,
             "has_caption": torch.tensor(has_caption, device=device),
             **tokens,
+            **extra,
         }
 
 
@@ -239,6 +297,8 @@ def train(args: argparse.Namespace) -> Path:
 
     objective.train()
     clap.audio_model.eval()  # frozen, and dropout-free anyway; the text tower trains with its dropout as the paper
+    if args.freeze_text_model:
+        clap.text_model.eval()
     return run_training(
         accelerator, args, objective, optimizer, scheduler, stream, state, start_step, make_inputs, ("loss",),
         after_step, lambda folder: export_clap(clap, tokenizer, folder, accelerator), "stage 2",
