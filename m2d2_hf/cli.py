@@ -3,6 +3,7 @@
     m2d2-hf convert CHECKPOINT OUT_DIR [--tokenizer ...] [--text-model ...] [--encoder-only] [--pretraining] ...
     m2d2-hf embed MODEL_DIR AUDIO... --output OUT [--format npy|safetensors] [--level clip|frame|clap|all]
     m2d2-hf zero-shot MODEL_DIR AUDIO... --labels a,b,c [--template "{} can be heard"] [--top-k 5] [--json]
+    m2d2-hf zero-shot MODEL_DIR --metadata DATA/metadata.csv [--split test] [--labels ...]   (prints the accuracy)
 
 Every command is a thin layer over the package (`convert_checkpoint`, the Auto classes, the
 zero-shot-audio-classification pipeline). User errors (missing or unreadable files, a folder that is not an M2D2
@@ -10,6 +11,7 @@ model, no labels, ...) end with one line on stderr and exit code 2, never a trac
 """
 
 import argparse
+import csv
 import json
 import sys
 from collections.abc import Iterator, Sequence
@@ -132,10 +134,26 @@ def add_embed_arguments(parser: argparse.ArgumentParser) -> None:
 def add_zero_shot_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds the arguments of `zero-shot` to `parser` and makes it run the classification."""
     parser.add_argument("model", metavar="MODEL_DIR", help="M2D2 CLAP model folder or hub id")
-    parser.add_argument("audio", metavar="AUDIO", nargs="+", type=Path, help="audio files (any rate, any channels)")
-    labels = parser.add_mutually_exclusive_group(required=True)
+    parser.add_argument(
+        "audio",
+        metavar="AUDIO",
+        nargs="*",
+        type=Path,
+        help="audio files (any rate, any channels); default with --metadata: every file it lists",
+    )
+    labels = parser.add_mutually_exclusive_group()
     labels.add_argument("--labels", help="comma-separated class names (underscores read as spaces in the prompt)")
     labels.add_argument("--labels-file", type=Path, help="a text file with one class name per line")
+    parser.add_argument(
+        "--metadata",
+        type=Path,
+        help="a labelled set's metadata.csv (audiofolder layout: file_name relative to its folder, a label column): "
+        "scores the predictions and prints the top-1 accuracy; the class names default to all its distinct labels",
+    )
+    parser.add_argument("--label-column", default="label", help="label column of --metadata (default: label)")
+    parser.add_argument(
+        "--split", help="keep the --metadata rows whose 'split' column has this value (e.g. test)"
+    )
     parser.add_argument(
         "--template",
         default=DEFAULT_TEMPLATE,
@@ -477,7 +495,45 @@ def run_embed(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def parse_labels(args: argparse.Namespace) -> list[str]:
+@dataclass
+class LabelledSet:
+    """The rows of a metadata.csv that zero-shot scores against: resolved audio path → label, and the class names
+    (the distinct labels of the whole file, so a split lacking a class still ranks it)."""
+
+    targets: dict[Path, str]
+    labels: list[str]
+
+    @classmethod
+    def read(cls, metadata: Path, label_column: str, split: str | None) -> "LabelledSet":
+        try:
+            with open(metadata, newline="", encoding="utf-8") as handle:
+                rows = list(csv.DictReader(handle))
+        except OSError as error:
+            raise CLIError(f"cannot read --metadata {metadata}: {error}") from error
+        for column in ("file_name", label_column) + (("split",) if split else ()):
+            if rows and column not in rows[0]:
+                raise CLIError(f"--metadata {metadata} has no {column!r} column (columns: {', '.join(rows[0])})")
+        labels = sorted({row[label_column] for row in rows})
+        if split:
+            rows = [row for row in rows if row["split"] == split]
+        if not rows:
+            where = f" with split {split!r}" if split else ""
+            raise CLIError(f"--metadata {metadata} lists no clips{where}")
+        root = metadata.parent
+        return cls({(root / row["file_name"]).resolve(): row[label_column] for row in rows}, labels)
+
+    def target(self, path: Path) -> str:
+        try:
+            return self.targets[path.resolve()]
+        except KeyError:
+            raise CLIError(f"{path} is not listed in --metadata (or not in its --split)") from None
+
+
+def parse_labels(args: argparse.Namespace, labelled: LabelledSet | None = None) -> list[str]:
+    if args.labels is None and args.labels_file is None:
+        if labelled is None:
+            raise CLIError("no labels given: pass --labels a,b,c, a --labels-file, or a labelled --metadata")
+        return labelled.labels
     if args.labels_file is not None:
         try:
             text = args.labels_file.read_text(encoding="utf-8")
@@ -515,9 +571,18 @@ def mono_at(file: AudioFile, sampling_rate: int) -> np.ndarray:
 
 
 def run_zero_shot(args: argparse.Namespace) -> None:
-    labels = parse_labels(args)
+    if args.split and args.metadata is None:
+        raise CLIError("--split selects rows of --metadata; pass --metadata too")
+    labelled = LabelledSet.read(args.metadata, args.label_column, args.split) if args.metadata else None
+    labels = parse_labels(args, labelled)
     names = label_prompts(labels, args.template)
-    files = inspect_audio_files(args.audio)
+    if not args.audio and labelled is None:
+        raise CLIError("no audio given: pass audio files, or --metadata to classify the files it lists")
+    files = inspect_audio_files(args.audio or sorted(labelled.targets))
+    targets = [labelled.target(file.path) for file in files] if labelled is not None else None
+    unknown = sorted(set(targets or ()) - set(labels))
+    if unknown:
+        raise CLIError(f"--metadata labels {unknown[:5]} are not among the class names; add them to --labels")
     config = load_m2d2_config(args.model)
     if config.model_type != M2D2Config.model_type:
         raise CLIError(f"zero-shot needs an M2D2 CLAP model folder; {args.model} holds an audio encoder only")
@@ -548,19 +613,33 @@ def run_zero_shot(args: argparse.Namespace) -> None:
                 }
             )
             bar.update()
-    print_results(results, as_json=args.json)
+    summary = None
+    if targets is not None:
+        for result, target in zip(results, targets):
+            result["target"] = target
+        correct = sum(result["predictions"][0]["label"] == result["target"] for result in results)
+        summary = {"num_files": len(results), "correct": correct, "top1_accuracy": correct / len(results),
+                   "num_labels": len(labels), "chance_accuracy": 1 / len(labels)}  # fmt: skip
+    print_results(results, as_json=args.json, summary=summary)
 
 
-def print_results(results: list[dict], as_json: bool) -> None:
-    """Prints the predictions as JSON or as one block per file: rank, label, score."""
+def print_results(results: list[dict], as_json: bool, summary: dict | None = None) -> None:
+    """Prints the predictions as JSON or as one block per file: rank, label, score (and the target and accuracy
+    when the files are labelled)."""
     if as_json:
-        print(json.dumps(results, indent=2))
+        print(json.dumps(results if summary is None else {**summary, "results": results}, indent=2))
         return
     width = max(len(p["label"]) for result in results for p in result["predictions"])
     for result in results:
-        print(result["file"])
+        target = f"  (target: {result['target']})" if "target" in result else ""
+        print(f"{result['file']}{target}")
         for rank, prediction in enumerate(result["predictions"], 1):
             print(f"  {rank:>2}  {prediction['label']:<{width}}  {prediction['score']:.4f}")
+    if summary is not None:
+        print(
+            f"top-1 accuracy {summary['top1_accuracy']:.3f} ({summary['correct']}/{summary['num_files']} files); "
+            f"chance 1/{summary['num_labels']} = {summary['chance_accuracy']:.3f}"
+        )
 
 
 __all__ = ["CLIError", "add_convert_arguments", "build_parser", "main", "run"]

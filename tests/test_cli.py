@@ -230,9 +230,41 @@ def test_zero_shot_table_labels_file_and_template(tiny_clap_dir, clips, tmp_path
     assert float(rows[0][2]) == pytest.approx(float(scores.max()), abs=1e-4)
 
 
+def write_metadata(folder: Path, clips: list[Path]) -> Path:
+    """A labelled audiofolder over copies of the clips: two test clips, one train clip, three labels."""
+    rows = [("a.flac", "dog_cat", "test"), ("b.flac", "alarm", "test"), ("c.flac", "rain", "train")]
+    for clip, (name, _, _) in zip(clips, rows):
+        (folder / name).write_bytes(clip.read_bytes())
+    metadata = folder / "metadata.csv"
+    with open(metadata, "w", newline="") as handle:
+        csv.writer(handle).writerows([("file_name", "label", "split"), *rows])
+    return metadata
+
+
+def test_zero_shot_scores_the_files_of_a_labelled_split(tiny_clap_dir, clips, tmp_path, capsys):
+    metadata = write_metadata(tmp_path, clips)
+    code, out, err = run_cli(capsys, "zero-shot", tiny_clap_dir, "--metadata", metadata, "--split", "test", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    results = report["results"]
+    assert [Path(result["file"]).name for result in results] == ["a.flac", "b.flac"]
+    assert [result["target"] for result in results] == ["dog_cat", "alarm"]
+    # All three labels of the file are candidates, although the train clip's label is not in the split.
+    assert {p["label"] for p in results[0]["predictions"]} == {"dog_cat", "alarm", "rain"}
+    correct = sum(result["predictions"][0]["label"] == result["target"] for result in results)
+    assert report["correct"] == correct and report["top1_accuracy"] == correct / 2
+    assert report["num_labels"] == 3 and report["chance_accuracy"] == pytest.approx(1 / 3)
+
+    code, out, err = run_cli(capsys, "zero-shot", tiny_clap_dir, tmp_path / "b.flac", "--metadata", metadata)
+    assert code == 0, err
+    assert "(target: alarm)" in out and out.strip().splitlines()[-1].startswith("top-1 accuracy ")
+
+
 @pytest.mark.parametrize(
     "case",
     [
+        "split without metadata", "file not in metadata", "no audio", "empty split", "missing label column",
+        "label not a candidate",
         "missing checkpoint", "not a checkpoint", "missing file", "not audio", "directory as audio", "not a model",
         "no config", "clap on encoder", "zero-shot on encoder", "empty labels", "blank labels", "template without {}",
         "same stem", "too short",
@@ -246,7 +278,17 @@ def test_user_errors_exit_2_with_one_line(case, encoder_dir, tiny_clap_dir, toke
     copy.write_bytes(clips[0].read_bytes())
     short = tmp_path / "short.wav"
     sf.write(str(short), np.zeros(1000, dtype=np.float32), 16000)
+    metadata = write_metadata(tmp_path, clips)
     argv, message = {
+        "split without metadata": (["zero-shot", tiny_clap_dir, clips[0], "--labels", "a", "--split", "test"],
+                                   "pass --metadata too"),
+        "file not in metadata": (["zero-shot", tiny_clap_dir, clips[0], "--metadata", metadata], "not listed"),
+        "no audio": (["zero-shot", tiny_clap_dir, "--labels", "a,b"], "no audio given"),
+        "empty split": (["zero-shot", tiny_clap_dir, "--metadata", metadata, "--split", "dev"], "lists no clips"),
+        "missing label column": (["zero-shot", tiny_clap_dir, "--metadata", metadata, "--label-column", "tag"],
+                                 "has no 'tag' column"),
+        "label not a candidate": (["zero-shot", tiny_clap_dir, "--metadata", metadata, "--labels", "dog_cat,rain"],
+                                  "not among the class names"),
         "missing checkpoint": (["convert", tmp_path / "absent.pth", out], "checkpoint not found"),
         "not a checkpoint": (["convert", not_audio, out, "--input-size", "80x208"], "cannot convert"),
         "missing file": (["embed", encoder_dir, tmp_path / "absent.flac", "-o", out], "no such file"),
