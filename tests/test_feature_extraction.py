@@ -249,3 +249,25 @@ def test_real_clip(fe, real_sounds_dir):
     assert np.isfinite(features).all() and out["input_features_mask"].all()
     # Real audio lands roughly in the normalised range the encoder was trained on.
     assert -5 < features.mean() < 5 and 0.1 < features.std() < 5
+
+
+def test_fft_stft_stays_within_the_parity_contract(reference, real_sounds_dir):
+    """stft="fft" (torch.stft) against the original's log-mel: the 1e-3 contract, on the fixture inputs and real clips."""
+    fast = M2D2FeatureExtractor(norm_stats=reference["norm_stats"].tolist(), stft="fft")
+    exact = M2D2FeatureExtractor(norm_stats=reference["norm_stats"].tolist())
+    for tag in ("sine1k_10s", "chirp_10s", "noise_10s"):
+        log_mel = fast.log_mel(torch.from_numpy(reference[f"wave__{tag}"])[None])[0].numpy()
+        assert np.abs(log_mel - reference[f"lms__{tag}"]).max() <= 1e-3, tag
+    clips = [soundfile.read(path, dtype="float32")[0] for path in sorted(real_sounds_dir.glob("audio/*/*.flac"))[:40]]
+    clips = [clip for clip in clips if len(clip) >= fast.min_samples]
+    got = fast(clips, sampling_rate=16000, return_tensors="pt")["input_features"]
+    expected = exact(clips, sampling_rate=16000, return_tensors="pt")["input_features"]
+    assert (got - expected).abs().max() * exact.norm_stats[1] <= 1e-3
+    assert not torch.equal(got, expected)  # a different computation, not the conv1d under another name
+
+
+def test_stft_method_is_saved_and_checked(tmp_path):
+    M2D2FeatureExtractor(stft="fft").save_pretrained(tmp_path)
+    assert M2D2FeatureExtractor.from_pretrained(tmp_path).stft == "fft"
+    with pytest.raises(ValueError, match="stft must be one of"):
+        M2D2FeatureExtractor(stft="wavelet")
