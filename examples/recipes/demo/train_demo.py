@@ -20,7 +20,8 @@ Steps (fixed seeds; every step is the package's code, the recipe only chooses se
    No patches are masked (`--mask_ratio 0`, as the paper's stage 2.1): the clips are short already. With no
    validation split (191 clips), these settings and the step counts were picked among a handful of variants by
    their test accuracy (see the README's demo section);
-5. export: the CLAP model in float16 safetensors (loads as float32 by default), with its processor;
+5. export: the CLAP model in float16 safetensors (loads as float32 by default), with its processor, without the
+   module copies that `trust_remote_code` would use (the folder loads through the installed package);
 6. zero-shot classification of the TEST split among the 22 labels (`m2d2_hf.evaluation.zero_shot_classify`,
    default prompt), written to `<export_dir>/demo_report.json` with the recipe's settings and timings.
 
