@@ -101,6 +101,12 @@ def slaney_mel_filter_bank(
     return weights
 
 
+def periodic_hann_window(n_fft: int) -> np.ndarray:
+    """The periodic Hann window of the original front end, computed in float64 and rounded to float32."""
+    n = np.arange(n_fft, dtype=np.float64)
+    return (0.5 - 0.5 * np.cos(2.0 * np.pi * n / n_fft)).astype(np.float32)
+
+
 def windowed_fourier_kernels(n_fft: int) -> np.ndarray:
     """
     Real and imaginary STFT kernels stacked for one `conv1d`: `[2 * (n_fft // 2 + 1), 1, n_fft]`, float32.
@@ -110,7 +116,7 @@ def windowed_fourier_kernels(n_fft: int) -> np.ndarray:
     float32 first, and only then multiplied (in float32); multiplying in float64 moves the log-mel by up to 4e-4.
     """
     n = np.arange(n_fft, dtype=np.float64)
-    window = (0.5 - 0.5 * np.cos(2.0 * np.pi * n / n_fft)).astype(np.float32)
+    window = periodic_hann_window(n_fft)
     angles = 2.0 * np.pi * np.arange(n_fft // 2 + 1, dtype=np.float64)[:, None] * n[None, :] / n_fft
     cos_kernels = np.cos(angles).astype(np.float32) * window
     sin_kernels = np.sin(angles).astype(np.float32) * window
@@ -188,12 +194,13 @@ class M2D2FeatureExtractor(SequenceFeatureExtractor):
         if stft not in STFT_METHODS:
             raise ValueError(f"stft must be one of {STFT_METHODS}, got {stft!r}")
         self.stft = stft
-        # float32 (fourier kernels, mel matrix) per device, built once on the CPU and copied to other devices on
-        # first use.
+        # float32 (Fourier kernels, Hann window, mel matrix) per device, built once on the CPU and copied to other
+        # devices on first use.
         cpu = torch.device("cpu")
-        self._kernels: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {
+        self._kernels: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {
             cpu: (
                 torch.from_numpy(windowed_fourier_kernels(self.n_fft)),
+                torch.from_numpy(periodic_hann_window(self.n_fft)),
                 torch.from_numpy(
                     slaney_mel_filter_bank(self.feature_size, self.n_fft, self.sampling_rate, self.f_min, self.f_max)
                 ),
@@ -223,7 +230,7 @@ class M2D2FeatureExtractor(SequenceFeatureExtractor):
     @property
     def mel_basis(self) -> torch.Tensor:
         """The Slaney mel filter bank, `[feature_size, n_fft // 2 + 1]` float32 on the CPU."""
-        return self._kernels[torch.device("cpu")][1]
+        return self._kernels[torch.device("cpu")][2]
 
     @property
     def min_samples(self) -> int:
@@ -234,21 +241,24 @@ class M2D2FeatureExtractor(SequenceFeatureExtractor):
         """Frames of a clip of `num_samples` samples: `1 + num_samples // hop_length` for an even `n_fft`."""
         return 1 + (num_samples + 2 * (self.n_fft // 2) - self.n_fft) // self.hop_length
 
-    def _kernels_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _kernels_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(Fourier kernels, Hann window, mel matrix) on `device`."""
         if device not in self._kernels:
-            fourier, mel = self._kernels[torch.device("cpu")]
-            self._kernels[device] = (fourier.to(device), mel.to(device))
+            self._kernels[device] = tuple(tensor.to(device) for tensor in self._kernels[torch.device("cpu")])
         return self._kernels[device]
 
     def _log_mel_of_padded(self, padded: torch.Tensor) -> torch.Tensor:
         """Log-mel `[B, n_mels, frames]` of already reflect-padded float32 waveforms `[B, samples]`."""
-        fourier, mel = self._kernels_on(padded.device)
+        fourier, window, mel = self._kernels_on(padded.device)
         num_frames = self.num_frames(padded.shape[-1] - 2 * (self.n_fft // 2))
         # Mixed-precision autocast or TF32 would compute the STFT with a 7- or 10-bit mantissa and wreck the
         # near-silent bins.
         with torch.autocast(device_type=padded.device.type, enabled=False), _ieee_float32(padded.device):
             if self.stft == "fft":
-                power = self._fft_power(padded)[..., :num_frames]
+                spectrum = torch.stft(
+                    padded, self.n_fft, self.hop_length, window=window, center=False, return_complex=True
+                )
+                power = (spectrum.real.pow(2) + spectrum.imag.pow(2))[..., :num_frames]
             else:
                 # On the CPU, torch runs a conv1d with a batch of 1 and at most 20480 input samples on its native
                 # kernel and every other one on oneDNN; the two round differently (up to ~5e-4 in log-mel on
@@ -261,15 +271,6 @@ class M2D2FeatureExtractor(SequenceFeatureExtractor):
                 # sqrt then square (instead of re² + im² directly) rounds like the original.
                 power = torch.sqrt(real.pow(2) + imag.pow(2)).pow(2)
             return torch.log(torch.matmul(mel, power) + LOG_OFFSET)
-
-    def _fft_power(self, padded: torch.Tensor) -> torch.Tensor:
-        """|STFT|² `[B, n_fft // 2 + 1, frames]` by FFT, with the float32-rounded periodic Hann window of the kernels."""
-        n = torch.arange(self.n_fft, dtype=torch.float64, device=padded.device)
-        window = (0.5 - 0.5 * torch.cos(2.0 * torch.pi * n / self.n_fft)).float()
-        spectrum = torch.stft(
-            padded, self.n_fft, self.hop_length, window=window, center=False, return_complex=True
-        )
-        return spectrum.real.pow(2) + spectrum.imag.pow(2)
 
     def log_mel(self, waveforms: torch.Tensor) -> torch.Tensor:
         """

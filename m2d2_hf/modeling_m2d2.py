@@ -109,6 +109,15 @@ def frame_timestamps(num_samples: int, num_frames: int, sampling_rate: int = 160
     return (np.arange(num_frames, dtype=np.float64) * step).astype(np.float32)
 
 
+def lead_token_attention_mask(
+    config: M2D2AudioConfig | M2D2Config, hidden_states: torch.Tensor, token_mask: torch.Tensor
+) -> torch.Tensor:
+    """The attention mask of `[lead token, tokens...]` sequences (CLS or semantic token first, always attended) in
+    which only the tokens where `token_mask` is True may be attended to."""
+    key_mask = torch.cat([token_mask.new_ones(token_mask.shape[0], 1), token_mask], dim=1)
+    return create_bidirectional_mask(config=config, inputs_embeds=hidden_states, attention_mask=key_mask)
+
+
 def contrastive_loss(logits_per_audio: torch.Tensor) -> torch.Tensor:
     """Symmetric InfoNCE over a square similarity matrix whose matching pairs lie on the diagonal."""
     labels = torch.arange(logits_per_audio.shape[0], device=logits_per_audio.device)
@@ -391,11 +400,7 @@ class M2D2AudioModel(M2D2PreTrainedModel):
         hidden_states = torch.cat([self.embeddings.cls_embedding().expand(len(patches), -1, -1).to(patches.dtype), patches], 1)
         attention_mask = None
         if not layout.is_uniform:
-            key_mask = layout.token_padding_mask()
-            key_mask = torch.cat([key_mask.new_ones(key_mask.shape[0], 1), key_mask], dim=1)
-            attention_mask = create_bidirectional_mask(
-                config=self.config, inputs_embeds=hidden_states, attention_mask=key_mask
-            )
+            attention_mask = lead_token_attention_mask(self.config, hidden_states, layout.token_padding_mask())
 
         all_hidden_states = [layout.unpack_tokens(hidden_states[:, 1:])] if output_hidden_states else None
         for layer in self.layers:
@@ -435,10 +440,7 @@ class M2D2AudioModel(M2D2PreTrainedModel):
         hidden_states = torch.cat([cls, visible], dim=1)
         attention_mask = None
         if visible_mask is not None and not bool(visible_mask.all()):
-            key_mask = torch.cat([visible_mask.new_ones(visible_mask.shape[0], 1), visible_mask], dim=1)
-            attention_mask = create_bidirectional_mask(
-                config=self.config, inputs_embeds=hidden_states, attention_mask=key_mask
-            )
+            attention_mask = lead_token_attention_mask(self.config, hidden_states, visible_mask)
         for layer in self.layers:
             hidden_states = layer(hidden_states, attention_mask)
         return self.layernorm(hidden_states)
@@ -537,10 +539,7 @@ class M2D2SemanticProjector(nn.Module):
         hidden_states = torch.cat([self.sem_token.expand(tokens.shape[0], -1, -1).to(tokens.dtype), tokens], dim=1)
         attention_mask = None
         if token_mask is not None and not bool(token_mask.all()):
-            key_mask = torch.cat([token_mask.new_ones(token_mask.shape[0], 1), token_mask], dim=1)
-            attention_mask = create_bidirectional_mask(
-                config=self.config, inputs_embeds=hidden_states, attention_mask=key_mask
-            )
+            attention_mask = lead_token_attention_mask(self.config, hidden_states, token_mask)
         for layer in self.layers:
             hidden_states = layer(hidden_states, attention_mask)
         return self.layernorm(hidden_states[:, 0])

@@ -12,8 +12,6 @@ from transformers import AutoModel, AutoProcessor
 from m2d2_hf import M2D2ClapModel
 from m2d2_hf.evaluation import EvaluationSet, zero_shot_classify
 
-from .conftest import REAL_SOUNDS_DIR
-
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_MODEL = REPO_ROOT / "examples" / "demo_model"
 BUNDLED = REPO_ROOT / "examples" / "data"
@@ -43,11 +41,9 @@ def test_demo_model_is_small_and_computes_in_float32():
     assert not list(DEMO_MODEL.glob("*.py")) and "auto_map" not in (DEMO_MODEL / "config.json").read_text()
 
 
-def test_demo_model_reproduces_its_reported_accuracy(demo):
-    if not (REAL_SOUNDS_DIR / "metadata.csv").is_file():
-        pytest.skip("the FSDD test clips are read from ../shared/data/real_sounds")
+def test_demo_model_reproduces_its_reported_accuracy(demo, real_sounds_dir):
     model, processor = demo
-    test_set = EvaluationSet.from_folder(REAL_SOUNDS_DIR).where("split", "test")
+    test_set = EvaluationSet.from_folder(real_sounds_dir).where("split", "test")
     result = zero_shot_classify(model, processor, test_set, labels=REPORT["labels"], progress=False)
     assert result["top1_accuracy"] == pytest.approx(REPORT["top1_accuracy"], abs=1.5 / 60)
     assert result["top1_accuracy"] >= 3 * REPORT["chance_accuracy"]

@@ -5,10 +5,6 @@ import json
 import runpy
 from pathlib import Path
 
-import pytest
-
-from .conftest import REAL_SOUNDS_DIR
-
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RECIPE = REPO_ROOT / "examples" / "recipes" / "demo" / "train_demo.py"
 SHIPPED = json.loads((REPO_ROOT / "examples" / "demo_model" / "demo_report.json").read_text())
@@ -19,11 +15,9 @@ SHIPPED = json.loads((REPO_ROOT / "examples" / "demo_model" / "demo_report.json"
 FRACTION = 0.5
 
 
-def test_quick_recipe_reaches_a_fraction_of_the_shipped_accuracy(tmp_path):
-    if not (REAL_SOUNDS_DIR / "metadata.csv").is_file():
-        pytest.skip("the recipe trains on ../shared/data/real_sounds")
+def test_quick_recipe_reaches_a_fraction_of_the_shipped_accuracy(real_sounds_dir, tmp_path):
     recipe = runpy.run_path(str(RECIPE))
-    report = recipe["main"](["--data", str(REAL_SOUNDS_DIR), "--work_dir", str(tmp_path), "--quick"])
+    report = recipe["main"](["--data", str(real_sounds_dir), "--work_dir", str(tmp_path), "--quick"])
     assert report["schedule"] == "quick" and report["test_clips"] == 60
     assert report["top1_accuracy"] >= FRACTION * SHIPPED["top1_accuracy"], report
     assert report["mean_per_class_accuracy"] >= FRACTION * SHIPPED["mean_per_class_accuracy"], report

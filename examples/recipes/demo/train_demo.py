@@ -21,7 +21,8 @@ Steps (fixed seeds; every step is the package's code, the recipe only chooses se
    validation split (191 clips), these settings and the step counts were picked among a handful of variants by
    their test accuracy (see the README's demo section);
 5. export: the CLAP model in float16 safetensors (loads as float32 by default), with its processor, without the
-   module copies that `trust_remote_code` would use (the folder loads through the installed package);
+   module copies that `trust_remote_code` would use (the folder loads through the installed package) and without
+   the paths of this machine;
 6. zero-shot classification of the TEST split among the 22 labels (`m2d2_hf.evaluation.zero_shot_classify`,
    default prompt), written to `<export_dir>/demo_report.json` with the recipe's settings and timings.
 
@@ -93,22 +94,23 @@ def common_training_arguments(data: Path, output_dir: Path, steps: int) -> list[
     ]  # fmt: skip
 
 
-def strip_remote_code(folder: Path) -> None:
-    """Removes the module copies and `auto_map` entries that `save_pretrained` adds for `trust_remote_code`: the
-    shipped folder lives in this repository and loads through the installed package (`import m2d2_hf`), and copies of
-    the package's modules inside it would go stale as the package changes."""
+def make_portable(folder: Path) -> None:
+    """Removes what ties the exported folder to this machine or to module copies: `_name_or_path` (the local folders
+    the run loaded from) and the module copies and `auto_map` entries that `save_pretrained` adds for
+    `trust_remote_code`. The shipped folder lives in this repository and loads through the installed package
+    (`import m2d2_hf`); copies of the package's modules inside it would go stale as the package changes."""
     for module in folder.glob("*.py"):
         module.unlink()
 
-    def without_auto_map(value):
+    def cleaned(value):
         if isinstance(value, dict):
-            return {key: without_auto_map(item) for key, item in value.items() if key != "auto_map"}
+            return {key: cleaned(item) for key, item in value.items() if key not in ("auto_map", "_name_or_path")}
         return value
 
     for path in folder.glob("*.json"):
         settings = json.loads(path.read_text())
-        if "auto_map" in json.dumps(settings):
-            path.write_text(json.dumps(without_auto_map(settings), indent=2, sort_keys=True) + "\n")
+        if settings != cleaned(settings):
+            path.write_text(json.dumps(cleaned(settings), indent=2, sort_keys=True) + "\n")
 
 
 def mean_per_class_accuracy(result: dict) -> float:
@@ -185,7 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
     config["dtype"] = "float32"
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     processor.save_pretrained(export_dir)
-    strip_remote_code(export_dir)
+    make_portable(export_dir)
 
     model = M2D2ClapModel.from_pretrained(export_dir, dtype=torch.float32)
     test_set = EvaluationSet.from_folder(data).where("split", "test")
