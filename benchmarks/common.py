@@ -47,13 +47,27 @@ def interleaved_seconds(
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def matmul_peak_fn(dtype: torch.dtype = torch.float32, size: int = 2048, inner: int = 8) -> tuple[Callable, int]:
-    """A `size`² matmul repeated `inner` times and its FLOPs: time it next to a model to get the practical peak."""
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+def matmul_peak_fn(
+    dtype: torch.dtype = torch.float32, size: int = 2048, inner: int = 8, kernel: str = "mm"
+) -> tuple[Callable, int]:
+    """A `size`² matmul repeated `inner` times and its FLOPs: time it next to a model to get the practical peak.
 
-    def run() -> None:
-        for _ in range(inner):
-            torch.mm(a, b)
+    `kernel="mm"` is `torch.mm` (MKL for fp32 on x86); `kernel="onednn"` multiplies by a weight prepacked for
+    oneDNN, the kernel `optimize_for_cpu_inference` uses, which runs faster on AVX-512 machines.
+    """
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    if kernel == "onednn":
+        packed = torch.ops.mkldnn._reorder_linear_weight(b.t().contiguous(), None)
+
+        def run() -> None:
+            for _ in range(inner):
+                torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], "")
+
+    else:
+
+        def run() -> None:
+            for _ in range(inner):
+                torch.mm(a, b)
 
     return run, 2 * size**3 * inner
 

@@ -14,6 +14,7 @@ from transformers import (
 )
 
 from .configuration_m2d2 import M2D2AudioConfig, M2D2Config
+from .cpu_inference import optimize_for_cpu_inference
 from .feature_extraction_m2d2 import M2D2FeatureExtractor
 from .modeling_m2d2 import (
     M2D2AudioModel,
@@ -69,4 +70,5 @@ __all__ = [
     "M2D2PreTrainingOutput",
     "M2D2Processor",
     "frame_timestamps",
+    "optimize_for_cpu_inference",
 ]

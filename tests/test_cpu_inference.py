@@ -1,0 +1,159 @@
+"""`optimize_for_cpu_inference`: prepacked Linear weights and the per-dtype attention kernel keep the numbers, fall
+back to `F.linear` wherever the packed kernel does not apply, follow weight updates, and leave checkpoints alone."""
+
+import copy
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from m2d2_hf import M2D2AudioModel, M2D2ClapModel
+from m2d2_hf import cpu_inference
+from m2d2_hf.cpu_inference import PrepackedLinear, optimize_for_cpu_inference
+
+from .test_modeling import tiny_audio_model, tiny_clap_model
+
+pytestmark = pytest.mark.skipif(
+    not cpu_inference.onednn_prepacking_available(), reason="this torch build has no oneDNN"
+)
+
+
+def features(batch: int = 2, frames: int = 250) -> torch.Tensor:
+    return torch.randn(batch, 80, frames, generator=torch.Generator().manual_seed(1))
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
+
+
+def packed_linear(in_features: int = 48, out_features: int = 40, dtype: torch.dtype = torch.float32) -> tuple:
+    torch.manual_seed(0)
+    plain = nn.Linear(in_features, out_features).to(dtype)
+    packed = copy.deepcopy(plain)
+    packed.__class__ = PrepackedLinear
+    return plain, packed
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_linear_equals_linear(dtype):
+    plain, packed = packed_linear(dtype=dtype)
+    x = torch.randn(3, 7, 48).to(dtype)
+    with torch.no_grad():
+        expected, actual = plain(x), packed(x)
+        strided = packed(torch.randn(7, 3, 48).to(dtype).transpose(0, 1))
+    assert packed._packed is not None, "the packed kernel was not used"
+    assert actual.dtype == dtype and actual.shape == expected.shape and strided.shape == expected.shape
+    if dtype == torch.bfloat16:
+        assert torch.equal(actual, expected)  # the same bf16 products, only the weight layout differs
+    else:
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_packed_linear_follows_weight_updates_and_copies():
+    plain, packed = packed_linear()
+    x = torch.randn(5, 48)
+    with torch.no_grad():
+        packed(x)
+        first = packed._packed[1]
+        packed.weight.mul_(2)  # in place: the version counter moves
+        plain.weight.mul_(2)
+        torch.testing.assert_close(packed(x), plain(x), rtol=1e-5, atol=1e-6)
+        assert packed._packed[1] is not first
+        packed.load_state_dict({"weight": torch.zeros(40, 48), "bias": torch.ones(40)})
+        assert torch.equal(packed(x), torch.ones(5, 40))
+        # Opaque oneDNN tensors cannot be copied: copies drop the cache and repack.
+        clone = copy.deepcopy(packed)
+        restored = pickle.loads(pickle.dumps(packed))
+        assert clone._packed is None and restored._packed is None
+        assert torch.equal(clone(x), torch.ones(5, 40)) and torch.equal(restored(x), torch.ones(5, 40))
+
+
+def test_packed_linear_falls_back_for_autograd_autocast_and_mismatched_inputs():
+    plain, packed = packed_linear()
+    x = torch.randn(4, 48, requires_grad=True)
+    packed(x).sum().backward()  # the packed op has no backward: autograd takes F.linear
+    plain(x.detach().requires_grad_()).sum().backward()
+    assert packed._packed is None
+    torch.testing.assert_close(packed.weight.grad, plain.weight.grad)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert packed(x).dtype == torch.bfloat16 and packed._packed is None
+    with torch.no_grad():
+        assert packed(torch.randn(0, 48)).shape == (0, 40)
+        with pytest.raises(RuntimeError):  # a dtype mismatch fails as nn.Linear fails, not inside oneDNN
+            packed(torch.randn(2, 48, dtype=torch.float64))
+
+
+def test_optimized_audio_model_matches_fp32_and_bf16():
+    model = tiny_audio_model()
+    inputs = features()
+    with torch.inference_mode():
+        expected = model(inputs)
+        fast32 = optimize_for_cpu_inference(copy.deepcopy(model))(inputs)
+        bf16 = copy.deepcopy(model).to(torch.bfloat16)
+        plain16 = bf16(inputs)
+        optimized16 = optimize_for_cpu_inference(bf16)
+        fast16 = optimized16(inputs)
+    assert relative_error(fast32.last_hidden_state, expected.last_hidden_state) < 1e-6
+    assert torch.equal(fast32.token_mask, expected.token_mask)
+    assert optimized16.config._attn_implementation == "eager"
+    assert all(type(m) is PrepackedLinear for m in optimized16.modules() if isinstance(m, nn.Linear))
+    assert relative_error(fast16.pooler_output, plain16.pooler_output) < 1e-2
+    assert F.cosine_similarity(fast16.pooler_output.float(), expected.pooler_output).min() > 0.999
+
+
+def test_optimized_fp32_model_keeps_sdpa_and_trains_as_before():
+    model = tiny_audio_model()
+    optimized = optimize_for_cpu_inference(copy.deepcopy(model)).train()
+    assert optimized.config._attn_implementation == "sdpa"
+    inputs = features(frames=200)
+    model.train()
+    model(inputs).pooler_output.square().sum().backward()
+    optimized(inputs).pooler_output.square().sum().backward()
+    for (name, a), (_, b) in zip(model.named_parameters(), optimized.named_parameters()):
+        torch.testing.assert_close(b.grad, a.grad, msg=name)
+
+
+def test_optimized_clap_model_saves_plain_checkpoints(tmp_path):
+    model = tiny_clap_model()
+    optimized = optimize_for_cpu_inference(copy.deepcopy(model).to(torch.bfloat16))
+    ids = torch.tensor([[2, 5, 7, 3], [2, 9, 3, 0]])
+    with torch.inference_mode():
+        out = optimized(input_ids=ids, attention_mask=(ids > 0).long(), input_features=features())
+        reference = model(input_ids=ids, attention_mask=(ids > 0).long(), input_features=features())
+    assert F.cosine_similarity(out.audio_embeds.float(), reference.audio_embeds).min() > 0.99
+    assert F.cosine_similarity(out.text_embeds.float(), reference.text_embeds).min() > 0.99
+    optimized.save_pretrained(tmp_path)
+    reloaded = M2D2ClapModel.from_pretrained(tmp_path)
+    assert set(reloaded.state_dict()) == set(model.state_dict())
+    assert all(type(m) is nn.Linear for m in reloaded.modules() if isinstance(m, nn.Linear))
+    torch.testing.assert_close(
+        reloaded.audio_model.layers[0].mlp.fc1.weight,
+        model.audio_model.layers[0].mlp.fc1.weight.to(torch.bfloat16),
+    )
+    assert reloaded.config._attn_implementation == "sdpa"  # the tuning is not saved with the model
+
+
+def test_missing_onednn_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="oneDNN"):
+        optimize_for_cpu_inference(M2D2AudioModel(tiny_audio_model().config))
+
+
+def test_readme_snippet_runs_the_pipeline_on_an_optimized_bf16_model():
+    """The README's recipe, on the shipped demo model: the tuned bf16 model ranks labels as the fp32 one does."""
+    from transformers import pipeline
+
+    from .test_demo_model import DEMO_MODEL
+
+    classifier = pipeline("zero-shot-audio-classification", model=str(DEMO_MODEL), dtype=torch.bfloat16)
+    model = optimize_for_cpu_inference(classifier.model)
+    assert model is classifier.model and model.dtype == torch.bfloat16
+    reference = pipeline("zero-shot-audio-classification", model=str(DEMO_MODEL))
+    labels = ["dog", "telephone", "rain", "speech digit"]
+    audio = torch.randn(48000, generator=torch.Generator().manual_seed(2)).numpy() * 0.1
+    fast, slow = classifier(audio, candidate_labels=labels), reference(audio, candidate_labels=labels)
+    assert type(model.audio_model.layers[0].mlp.fc1) is PrepackedLinear
+    assert [r["label"] for r in fast][0] == [r["label"] for r in slow][0]
+    assert sum(r["score"] for r in fast) == pytest.approx(1.0, abs=1e-2)
