@@ -84,6 +84,11 @@ def optimize_for_cpu_inference(model: PreTrainedModel) -> PreTrainedModel:
             "optimize_for_cpu_inference needs oneDNN (torch.backends.mkldnn), which this torch build lacks; "
             "use the model as it is, or install a torch wheel built with oneDNN (the x86-64 and arm64 PyPI wheels are)."
         )
+    if model.device.type != "cpu":
+        raise ValueError(
+            f"optimize_for_cpu_inference tunes models that run on the CPU, but this one is on {model.device}; "
+            "call it after `model.to('cpu')`, or leave GPU models as they are (SDPA is already their fast path)."
+        )
     for module in model.modules():
         if type(module) is nn.Linear:
             module.__class__ = PrepackedLinear

@@ -331,3 +331,34 @@ def test_wrapper_script(tiny_checkpoint, encoder_dir, tmp_path, capsys):
     assert written.keys() == in_process.keys()
     for key, value in written.items():
         np.testing.assert_array_equal(value, in_process[key])
+
+
+def test_bf16_runs_every_model_command_close_to_float32(tiny_clap_dir, clips, tmp_path, capsys):
+    """`--bf16` (tuned for the CPU here) on embed, zero-shot and timeline: outputs within bf16 rounding of float32."""
+    for flags, folder in (([], "fp32"), (["--bf16"], "bf16")):
+        code, _, err = run_cli(capsys, "embed", tiny_clap_dir, *clips[:2], "-o", tmp_path / folder, "--level", "all",
+                               *flags)
+        assert code == 0, err
+    for clip in clips[:2]:
+        for level in ("clip", "clap"):
+            fp32 = np.load(tmp_path / "fp32" / f"{clip.stem}.{level}.npy")
+            bf16 = np.load(tmp_path / "bf16" / f"{clip.stem}.{level}.npy")
+            assert bf16.dtype == np.float32 and bf16.shape == fp32.shape
+            cosine = float(fp32 @ bf16 / np.linalg.norm(fp32) / np.linalg.norm(bf16))
+            assert 0.995 < cosine and not np.array_equal(fp32, bf16), (level, cosine)
+
+    labels = "dog_cat,alarm,rain"
+    scores = {}
+    for flags in ([], ["--bf16"]):
+        code, out, err = run_cli(capsys, "zero-shot", tiny_clap_dir, clips[0], "--labels", labels, "--json", *flags)
+        assert code == 0, err
+        predictions = json.loads(out)[0]["predictions"]
+        scores[bool(flags)] = {p["label"]: p["score"] for p in predictions}
+    assert sum(scores[True].values()) == pytest.approx(1.0, abs=1e-2)
+    for label, value in scores[False].items():  # bf16 logits (scaled cosines) carry ~3 significant digits
+        assert scores[True][label] == pytest.approx(value, abs=0.05)
+
+    code, out, err = run_cli(capsys, "timeline", tiny_clap_dir, clips[0], "--queries", "a dog barks", "--bf16",
+                             "--output", tmp_path / "timeline.png")
+    assert code == 0, err
+    assert "peak" in out and (tmp_path / "timeline.png").exists()

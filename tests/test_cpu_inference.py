@@ -157,3 +157,10 @@ def test_readme_snippet_runs_the_pipeline_on_an_optimized_bf16_model():
     assert type(model.audio_model.layers[0].mlp.fc1) is PrepackedLinear
     assert [r["label"] for r in fast][0] == [r["label"] for r in slow][0]
     assert sum(r["score"] for r in fast) == pytest.approx(1.0, abs=1e-2)
+
+
+def test_a_model_off_the_cpu_is_a_clear_error():
+    model = tiny_audio_model().to("meta")
+    with pytest.raises(ValueError, match="on the CPU, but this one is on meta"):
+        optimize_for_cpu_inference(model)
+    assert all(type(m) is nn.Linear for m in model.modules() if isinstance(m, nn.Linear))
