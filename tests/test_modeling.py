@@ -155,6 +155,19 @@ def test_eager_and_sdpa_agree():
     torch.testing.assert_close(sdpa.last_hidden_state, eager.last_hidden_state, rtol=1e-5, atol=1e-5)
 
 
+def test_eager_and_sdpa_gradients_agree():
+    """The eager attention scales and masks its scores in place: autograd must still see the same function."""
+    sdpa, eager = tiny_audio_model().train(), tiny_audio_model().train()
+    eager.set_attn_implementation("eager")
+    features = torch.randn(2, 80, 500)
+    mask = torch.ones(2, 500, dtype=torch.bool)
+    mask[1, 300:] = False
+    for model in (sdpa, eager):
+        model(features, mask).pooler_output.square().sum().backward()
+    for (name, a), (_, b) in zip(sdpa.named_parameters(), eager.named_parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
 def test_hidden_states_and_tuple_output():
     model = tiny_audio_model()
     features = torch.randn(1, 80, 300)
