@@ -93,5 +93,6 @@ def main() -> None:
         print(f"{name}: vs the conv1d Fourier-kernel log-mel {seconds['conv1d Fourier-kernel log-mel (16 kHz)'] / own:.2f}x "
               f"(target >= 1x); vs ClapFeatureExtractor {seconds['ClapFeatureExtractor (48 kHz)'] / own:.1f}x (target >= 5x)")
 
+
 if __name__ == "__main__":
     main()

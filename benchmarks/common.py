@@ -52,18 +52,21 @@ def matmul_peak_fn(
 ) -> tuple[Callable, int]:
     """A `size`² matmul repeated `inner` times and its FLOPs: time it next to a model to get the practical peak.
 
-    `kernel="mm"` is `torch.mm` (MKL for fp32 on x86); `kernel="onednn"` multiplies by a weight prepacked for
-    oneDNN, the kernel `optimize_for_cpu_inference` uses, which runs faster on AVX-512 machines.
+    `kernel="mm"` is `torch.mm` (MKL for fp32 on x86); `kernel="onednn"` is the package's `PrepackedLinear` (a
+    weight prepacked for oneDNN, as `optimize_for_cpu_inference` uses it), which runs faster on AVX-512 machines.
     """
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    a = torch.randn(size, size, dtype=dtype)
     if kernel == "onednn":
-        packed = torch.ops.mkldnn._reorder_linear_weight(b.t().contiguous(), None)
+        from m2d2_hf.cpu_inference import PrepackedLinear
+
+        linear = PrepackedLinear(size, size, bias=False, dtype=dtype).requires_grad_(False)
 
         def run() -> None:
             for _ in range(inner):
-                torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], "")
+                linear(a)
 
     else:
+        b = torch.randn(size, size, dtype=dtype)
 
         def run() -> None:
             for _ in range(inner):

@@ -81,8 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument(
         "--freeze_text_model",
         action="store_true",
-        help="keep the text tower's pretrained weights (train only the audio projector, the text tower's projection (when it has one) and the temperature): with few "
-        "captions this keeps the tower's wording generalisation for zero-shot prompts (the demo recipe uses it)",
+        help="keep the text tower's pretrained weights (train only the audio projector, the text tower's projection "
+        "(when it has one) and the temperature): with few captions this keeps the tower's wording generalisation for "
+        "zero-shot prompts (the demo recipe uses it)",
     )
     model.add_argument("--caption_column", default="caption", help="column of train_data holding the captions")
     model.add_argument("--caption_separator", default=None, help="split a caption cell into several captions")
