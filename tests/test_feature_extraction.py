@@ -12,6 +12,9 @@ from transformers.testing_utils import CaptureLogger
 from m2d2_hf import feature_extraction_m2d2
 from m2d2_hf.feature_extraction_m2d2 import M2D2FeatureExtractor
 
+# The log-mel contract for clips on the original's own conv1d path (>= 1.3 s): the original's values to 1e-5 abs,
+# ten times the 1-ulp differences that CPUs with other oneDNN kernels (Intel Xeon AMX) give.
+LONG_CLIP_LOG_MEL_TOLERANCE = 1e-5
 
 def _sine(sampling_rate: int, seconds: float, hz: float = 1000.0) -> np.ndarray:
     t = np.arange(int(round(sampling_rate * seconds))) / sampling_rate
@@ -44,10 +47,12 @@ def test_log_mel_matches_original_for_every_tag(fe, reference):
         errors[str(tag)] = float(np.abs(log_mel - expected).max())
     print("log-mel max abs error per tag:", errors)
     assert max(errors.values()) <= 1e-3
-    # Clips longer than ~1.3 s take the original's own conv1d path and must match it bit for bit; the 1 s ones
-    # are kept on the same path too (batch invariance), which the original only takes when batched.
+    # Clips longer than ~1.3 s take the original's own conv1d path: bit-exact on the AMD EPYC machines, within one
+    # float32 ulp of the log-mel (<= 9.5e-7 seen) on Intel Xeon with AMX, whose oneDNN conv1d kernel sums in another
+    # order. The 1 s ones are kept on the same path too (batch invariance), which the original only takes when
+    # batched, hence their looser bound above.
     long_tags = [tag for tag in errors if not tag.endswith("_1s")]
-    assert long_tags and all(errors[tag] == 0.0 for tag in long_tags), errors
+    assert long_tags and all(errors[tag] <= LONG_CLIP_LOG_MEL_TOLERANCE for tag in long_tags), errors
 
 
 def test_normalised_features_match_original(fe, reference):
@@ -236,7 +241,10 @@ def test_log_mel_ignores_autocast(fe, reference):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         log_mel = fe.log_mel(wave)
     assert log_mel.dtype == torch.float32
-    np.testing.assert_array_equal(log_mel[0].numpy(), reference["lms__chirp_10s"])
+    # The same kernel as without autocast (so the same bits on this CPU), and the original's values within the
+    # cross-CPU bound: a bf16 conv1d would miss both by about 1e-2.
+    torch.testing.assert_close(log_mel, fe.log_mel(wave), rtol=0, atol=0)
+    np.testing.assert_allclose(log_mel[0].numpy(), reference["lms__chirp_10s"], rtol=0, atol=LONG_CLIP_LOG_MEL_TOLERANCE)
 
 
 def test_real_clip(fe, real_sounds_dir):
