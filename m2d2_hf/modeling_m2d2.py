@@ -19,7 +19,7 @@ from transformers.utils import ModelOutput, can_return_tuple
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .chunking import ChunkLayout
-from .configuration_m2d2 import M2D2AudioConfig, M2D2Config
+from .configuration_m2d2 import M2D2AudioConfig, M2D2Config, auto_map_kept_on_disk_only
 
 
 @dataclass
@@ -326,6 +326,12 @@ class M2D2PreTrainedModel(PreTrainedModel):
     _no_split_modules = ["M2D2Embeddings", "M2D2Layer"]
     _supports_sdpa = True
     _supports_attention_backend = True
+
+    def save_pretrained(self, *args, **kwargs):
+        """transformers' `save_pretrained`; the saved folder carries an `auto_map`, the model's config is left as
+        it was (its `to_dict()` does not change by saving)."""
+        with auto_map_kept_on_disk_only(self.config):
+            return super().save_pretrained(*args, **kwargs)
 
     def _init_weights(self, module: nn.Module) -> None:
         """M2D's initialisation: xavier-uniform Linear (and patch projection as a Linear), zero biases, unit
