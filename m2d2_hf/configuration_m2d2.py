@@ -1,17 +1,39 @@
 """Configurations of the M2D2 audio encoder and of the M2D2 (M2D-CLAP 2025) audio-language model."""
 
 import math
-from typing import Literal
+from contextlib import contextmanager
+from typing import Iterator, Literal
 
 from transformers import AutoConfig
 from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
+
+
+@contextmanager
+def auto_map_kept_on_disk_only(config: PreTrainedConfig) -> Iterator[None]:
+    """`save_pretrained` writes an `auto_map` (for trust_remote_code loading) and, in transformers, also sets it on
+    the object being saved; this restores the in-memory config, so that saving does not change `to_dict()`."""
+    missing = object()
+    before = config.__dict__.get("auto_map", missing)
+    try:
+        yield
+    finally:
+        if before is missing:
+            config.__dict__.pop("auto_map", None)
+        else:
+            config.auto_map = before
+
+
+class _SavesWithoutChangingItself:
+    def save_pretrained(self, *args, **kwargs):
+        with auto_map_kept_on_disk_only(self):
+            return super().save_pretrained(*args, **kwargs)
 
 
 # Dataset statistics the original loaders fall back to for weights saved without `norm_stats` (2022 releases).
 DEFAULT_NORM_STATS = (-7.1, 4.2)
 
 
-class M2D2AudioConfig(PreTrainedConfig):
+class M2D2AudioConfig(_SavesWithoutChangingItself, PreTrainedConfig):
     r"""
     Configuration of [`M2D2AudioModel`]: the log-mel front end, the chunking of long inputs and the ViT encoder.
     The defaults describe the released M2D-CLAP 2025 encoder (`m2d_clap_vit_base-80x1001p16x16p16kpBpTI-2025`).
@@ -118,7 +140,7 @@ class M2D2AudioConfig(PreTrainedConfig):
         return self.frequency_patches * self.hidden_size
 
 
-class M2D2Config(PreTrainedConfig):
+class M2D2Config(_SavesWithoutChangingItself, PreTrainedConfig):
     r"""
     Configuration of [`M2D2ClapModel`]: an [`M2D2AudioConfig`] audio tower, any transformers text tower, and the
     parts that map both into the shared embedding space.

@@ -16,9 +16,10 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling, SequenceClassifierOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.utils import ModelOutput, can_return_tuple
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .chunking import ChunkLayout
-from .configuration_m2d2 import M2D2AudioConfig, M2D2Config
+from .configuration_m2d2 import M2D2AudioConfig, M2D2Config, auto_map_kept_on_disk_only
 
 
 @dataclass
@@ -27,26 +28,33 @@ class M2D2AudioModelOutput(ModelOutput):
     last_hidden_state (`torch.FloatTensor` of shape `(batch_size, num_tokens, hidden_size)`):
         Patch tokens after the final LayerNorm. Per clip: the tokens of each chunk in frequency-major order
         (`f * columns + t`), chunks concatenated; padded with zeros past `token_mask`.
-    token_mask (`torch.BoolTensor` of shape `(batch_size, num_tokens)`):
-        True for the tokens that exist.
+    token_mask (`torch.LongTensor` of shape `(batch_size, num_tokens)`):
+        1 for the tokens that exist, 0 for padding (integers, as transformers' attention masks, so that generic
+        code can compare and subtract outputs; use `token_mask.bool()` to index).
     frame_features (`torch.FloatTensor` of shape `(batch_size, num_frames, frequency_patches * hidden_size)`):
         One feature per patch column (160 ms for 16-frame patches): the tokens of all frequency rows
         concatenated, low band first.
-    frame_mask (`torch.BoolTensor` of shape `(batch_size, num_frames)`):
-        True for the frames that exist.
+    frame_mask (`torch.LongTensor` of shape `(batch_size, num_frames)`):
+        1 for the frames that exist, 0 for padding.
     pooler_output (`torch.FloatTensor` of shape `(batch_size, frequency_patches * hidden_size)`):
         Clip embedding: the mean of the frame features over the clip's frames.
     hidden_states (`tuple(torch.FloatTensor)`, returned with `output_hidden_states=True`):
         The patch tokens after the embeddings and after each layer (before the final LayerNorm), in the layout
         of `last_hidden_state`.
+    attentions (`tuple(torch.FloatTensor)`, returned with `output_attentions=True` and eager attention):
+        Per encoder layer, the softmax attention weights `(num_chunks, num_heads, 1 + chunk_tokens, 1 + chunk_tokens)`
+        of every encoded chunk (CLS first), the chunks of all clips in batch order: one chunk per clip for clips of
+        at most `chunk_frames` frames. As in transformers, SDPA computes no weights (it warns): load the model with
+        `attn_implementation="eager"` or call `model.set_attn_implementation("eager")` to get them.
     """
 
     last_hidden_state: torch.FloatTensor | None = None
-    token_mask: torch.BoolTensor | None = None
+    token_mask: torch.LongTensor | None = None
     frame_features: torch.FloatTensor | None = None
-    frame_mask: torch.BoolTensor | None = None
+    frame_mask: torch.LongTensor | None = None
     pooler_output: torch.FloatTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 @dataclass
@@ -118,6 +126,19 @@ def lead_token_attention_mask(
     return create_bidirectional_mask(config=config, inputs_embeds=hidden_states, attention_mask=key_mask)
 
 
+def record_clip_tokens(layout: ChunkLayout, hidden_states: torch.Tensor, recorded: list[torch.Tensor]) -> torch.Tensor:
+    """Appends the per-clip tokens of packed `[chunks, 1 + tokens, D]` states to `recorded` and returns the packed
+    states rebuilt from them, so that the next layer computes from the recorded tensor: gradients then reach the
+    returned `hidden_states` (`retain_grad`, attributions). The real tokens are copied unchanged; padding tokens of
+    narrow chunks become zero, which no real token attends to."""
+    clip_tokens = layout.unpack_tokens(hidden_states[:, 1:])
+    recorded.append(clip_tokens)
+    flat = clip_tokens.new_zeros(hidden_states.shape[0] * (hidden_states.shape[1] - 1), hidden_states.shape[-1])
+    real = layout.token_mask
+    flat = flat.index_put((layout.token_index[real],), clip_tokens[real])
+    return torch.cat([hidden_states[:, :1], flat.view(hidden_states.shape[0], -1, hidden_states.shape[-1])], dim=1)
+
+
 def contrastive_loss(logits_per_audio: torch.Tensor) -> torch.Tensor:
     """Symmetric InfoNCE over a square similarity matrix whose matching pairs lie on the diagonal."""
     labels = torch.arange(logits_per_audio.shape[0], device=logits_per_audio.device)
@@ -153,9 +174,11 @@ class M2D2Embeddings(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
         # A persistent buffer: stored with the weights (converted checkpoints carry tables that are not the
         # formula's, e.g. the 2025 release's bicubically resized one) and never trained.
+        # Built from the formula here already, so that a model whose weights were never initialised (meta-device
+        # construction, `from_pretrained` of a folder without the table) holds the same table as `_init_weights`.
         self.register_buffer(
             "position_embeddings",
-            torch.zeros(1, 1 + config.frequency_patches * config.time_patches, config.hidden_size),
+            sincos_position_table(config.hidden_size, config.frequency_patches, config.time_patches)[None],
             persistent=True,
         )
 
@@ -304,6 +327,12 @@ class M2D2PreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_attention_backend = True
 
+    def save_pretrained(self, *args, **kwargs):
+        """transformers' `save_pretrained`; the saved folder carries an `auto_map`, the model's config is left as
+        it was (its `to_dict()` does not change by saving)."""
+        with auto_map_kept_on_disk_only(self.config):
+            return super().save_pretrained(*args, **kwargs)
+
     def _init_weights(self, module: nn.Module) -> None:
         """M2D's initialisation: xavier-uniform Linear (and patch projection as a Linear), zero biases, unit
         LayerNorm, N(0, 0.02) tokens and the fixed sin-cos positional table.
@@ -323,6 +352,14 @@ class M2D2PreTrainedModel(PreTrainedModel):
         elif isinstance(module, nn.LayerNorm):
             init.ones_(module.weight)
             init.zeros_(module.bias)
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm):  # the classifier's head norm and its statistics
+            if module.affine:
+                init.ones_(module.weight)
+                init.zeros_(module.bias)
+            if module.track_running_stats:
+                init.zeros_(module.running_mean)
+                init.ones_(module.running_var)
+                init.zeros_(module.num_batches_tracked)
         elif isinstance(module, M2D2Embeddings):
             audio = module.config
             init.normal_(module.cls_token, std=std)
@@ -342,6 +379,10 @@ class M2D2AudioModel(M2D2PreTrainedModel):
     Inputs longer than `config.chunk_frames` are cut into chunks that are encoded independently (as the original
     runtime does); all chunks of all clips of a batch go through the encoder in one batched pass.
     """
+
+    # `output_attentions=True` records each encoder layer's attention weights (transformers' output capturing);
+    # the hidden states keep their per-clip layout and are collected by `forward` itself.
+    _can_record_outputs = {"attentions": OutputRecorder(M2D2Attention, index=1, layer_name="layers")}
 
     def __init__(self, config: M2D2AudioConfig):
         super().__init__(config)
@@ -379,7 +420,7 @@ class M2D2AudioModel(M2D2PreTrainedModel):
         )
         return layout, lengths
 
-    @can_return_tuple
+    @capture_outputs
     def forward(
         self,
         input_features: torch.Tensor,
@@ -394,6 +435,8 @@ class M2D2AudioModel(M2D2PreTrainedModel):
             1 for real frames, 0 for batch padding; each clip is encoded from its own frames only.
         output_hidden_states (`bool`, *optional*):
             Also return the tokens after the embeddings and after every layer.
+        output_attentions (`bool`, *optional*):
+            Also return every layer's attention weights (eager attention; see [`M2D2AudioModelOutput`]).
         """
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
@@ -406,25 +449,31 @@ class M2D2AudioModel(M2D2PreTrainedModel):
         if not layout.is_uniform:
             attention_mask = lead_token_attention_mask(self.config, hidden_states, layout.token_padding_mask())
 
-        all_hidden_states = [layout.unpack_tokens(hidden_states[:, 1:])] if output_hidden_states else None
+        all_hidden_states = [] if output_hidden_states else None
+        if output_hidden_states:
+            hidden_states = record_clip_tokens(layout, hidden_states, all_hidden_states)
         for layer in self.layers:
             hidden_states = layer(hidden_states, attention_mask, **kwargs)
             if output_hidden_states:
-                all_hidden_states.append(layout.unpack_tokens(hidden_states[:, 1:]))
+                hidden_states = record_clip_tokens(layout, hidden_states, all_hidden_states)
         chunk_tokens = self.layernorm(hidden_states)[:, 1:]
 
         frame_features = layout.unpack_frames(chunk_tokens)
         return M2D2AudioModelOutput(
             last_hidden_state=layout.unpack_tokens(chunk_tokens),
-            token_mask=layout.token_mask,
+            token_mask=layout.token_mask.long(),
             frame_features=frame_features,
-            frame_mask=layout.frame_mask,
+            frame_mask=layout.frame_mask.long(),
             pooler_output=masked_mean(frame_features, layout.frame_mask),
             hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
         )
 
     def encode_visible(
-        self, patches: torch.Tensor, visible_indices: torch.Tensor, visible_mask: torch.Tensor | None = None
+        self,
+        patches: torch.Tensor,
+        visible_indices: torch.Tensor,
+        visible_mask: torch.Tensor | None = None,
+        hidden_states_out: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Encodes only some patches of one-chunk inputs, as masked training does.
 
@@ -435,6 +484,8 @@ class M2D2AudioModel(M2D2PreTrainedModel):
             visible_mask: [B, V] optional; False marks kept patches that no token may attend to (crop padding past
                 a short clip's end), as the inference forward never sees such patches. None: all attend (the
                 original training).
+            hidden_states_out: a list to which the `[B, 1 + V, D]` tokens after the embeddings and after every layer
+                (before the final LayerNorm) are appended (pre-training's `output_hidden_states`); None: not kept.
 
         Returns:
             [B, 1 + V, D] normalised outputs: CLS first, then the visible tokens in `visible_indices` order.
@@ -445,8 +496,12 @@ class M2D2AudioModel(M2D2PreTrainedModel):
         attention_mask = None
         if visible_mask is not None and not bool(visible_mask.all()):
             attention_mask = lead_token_attention_mask(self.config, hidden_states, visible_mask)
+        if hidden_states_out is not None:
+            hidden_states_out.append(hidden_states)
         for layer in self.layers:
             hidden_states = layer(hidden_states, attention_mask)
+            if hidden_states_out is not None:
+                hidden_states_out.append(hidden_states)
         return self.layernorm(hidden_states)
 
     def timestamp_embeddings(self, outputs: M2D2AudioModelOutput) -> torch.Tensor:
@@ -502,11 +557,11 @@ class M2D2ForAudioClassification(M2D2PreTrainedModel):
             pooled = self.audio_model.encode_visible(self.audio_model.embeddings(input_features), visible_indices)[
                 :, 1:
             ].mean(1)
-            hidden_states = None
+            hidden_states = attentions = None
         else:
             outputs = self.audio_model(input_features, input_features_mask, **kwargs)
             pooled = masked_mean(outputs.last_hidden_state, outputs.token_mask)
-            hidden_states = outputs.hidden_states
+            hidden_states, attentions = outputs.hidden_states, outputs.attentions
         logits = self.classifier(self.head_norm(pooled))
         loss = None
         if labels is not None:
@@ -514,7 +569,7 @@ class M2D2ForAudioClassification(M2D2PreTrainedModel):
                 loss = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
             else:
                 loss = F.cross_entropy(logits, labels)
-        return SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=hidden_states)
+        return SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=hidden_states, attentions=attentions)
 
 
 class M2D2SemanticProjector(nn.Module):
@@ -568,6 +623,8 @@ class M2D2ClapModel(M2D2PreTrainedModel):
 
     config: M2D2Config
     base_model_prefix = "m2d2"
+    # The first argument of `forward`, as transformers' ClapModel (the audio towers' main input stays input_features).
+    main_input_name = "input_ids"
     input_modalities = ("audio", "text")
     _no_split_modules = ["M2D2Embeddings", "M2D2Layer"]
 

@@ -13,11 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
-from transformers.utils import ModelOutput, can_return_tuple
+from transformers.utils import ModelOutput
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_m2d2 import M2D2AudioConfig
 from .masking import complement_indices, random_unstructured_mask
 from .modeling_m2d2 import (
+    M2D2Attention,
     M2D2AudioModel,
     M2D2Layer,
     M2D2MLPProjector,
@@ -45,6 +47,10 @@ class M2D2PreTrainingOutput(ModelOutput):
     audio_embeds, text_embeds (`torch.FloatTensor` of shape `(batch_size, hidden_size)`, *optional*): projector
         outputs of the visible tokens and of the caption embeddings, not normalised.
     visible_indices, masked_indices (`torch.LongTensor`): the patches kept for and hidden from the online encoder.
+    hidden_states (`tuple(torch.FloatTensor)`, returned with `output_hidden_states=True`): the online encoder's
+        `(batch_size, 1 + num_visible, hidden_size)` tokens (CLS first) after the embeddings and after each layer.
+    attentions (`tuple(torch.FloatTensor)`, returned with `output_attentions=True` and eager attention): the online
+        encoder's attention weights per layer, `(batch_size, num_heads, 1 + num_visible, 1 + num_visible)`.
     """
 
     loss: torch.FloatTensor | None = None
@@ -56,6 +62,8 @@ class M2D2PreTrainingOutput(ModelOutput):
     text_embeds: torch.FloatTensor | None = None
     visible_indices: torch.LongTensor | None = None
     masked_indices: torch.LongTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 def m2d_loss(predictions: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,6 +109,17 @@ def global_clap_loss(
     return contrastive_loss(logits)
 
 
+def check_visible_indices(visible_indices: torch.Tensor, batch: int, num_patches: int) -> None:
+    """An explicit mask must name, per clip, the same number of distinct patches in [0, num_patches)."""
+    if visible_indices.dim() != 2 or visible_indices.shape[0] != batch:
+        raise ValueError(f"visible_indices must be [batch={batch}, num_visible], got {tuple(visible_indices.shape)}")
+    if visible_indices.numel() and (int(visible_indices.min()) < 0 or int(visible_indices.max()) >= num_patches):
+        raise ValueError(f"visible_indices must lie in [0, {num_patches}) (the patches of the input)")
+    ordered = visible_indices.sort(dim=1).values
+    if bool((ordered[:, 1:] == ordered[:, :-1]).any()):
+        raise ValueError("visible_indices repeats a patch within a clip: each visible patch must be listed once")
+
+
 class M2D2Predictor(nn.Module):
     """The M2D predictor ("decoder"): visible latents and mask tokens, in patch order with a fixed sin-cos table,
     through narrow transformer blocks, projected back to the encoder width."""
@@ -111,8 +130,10 @@ class M2D2Predictor(nn.Module):
         width = config.predictor_hidden_size
         self.decoder_embed = nn.Linear(config.hidden_size, width)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
+        # The formula's table from construction on, as the encoder's (`_init_weights` writes the same values).
         self.register_buffer(
-            "position_embeddings", torch.zeros(1, 1 + config.frequency_patches * config.time_patches, width)
+            "position_embeddings",
+            sincos_position_table(width, config.frequency_patches, config.time_patches)[None],
         )
         self.layers = nn.ModuleList(
             M2D2Layer(
@@ -151,6 +172,9 @@ class M2D2ForPreTraining(M2D2PreTrainedModel):
     tokens, `text_projection` of the caption embeddings, `logit_scale`)."""
 
     config: M2D2AudioConfig
+    # `output_attentions=True` returns the online encoder's attentions only (`audio_model` records its own layers);
+    # the target encoder, the predictor and the projector are left out.
+    _can_record_outputs = {"attentions": OutputRecorder(M2D2Attention, index=1, layer_name="audio_model")}
 
     def __init__(self, config: M2D2AudioConfig):
         super().__init__(config)
@@ -232,7 +256,7 @@ class M2D2ForPreTraining(M2D2PreTrainedModel):
         if hasattr(self, "logit_scale"):
             self.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
 
-    @can_return_tuple
+    @capture_outputs
     def forward(
         self,
         input_features: torch.Tensor,
@@ -240,6 +264,7 @@ class M2D2ForPreTraining(M2D2PreTrainedModel):
         has_caption: torch.Tensor | None = None,
         visible_indices: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        output_hidden_states: bool | None = None,
         **kwargs,
     ) -> M2D2PreTrainingOutput:
         r"""
@@ -252,7 +277,11 @@ class M2D2ForPreTraining(M2D2PreTrainedModel):
         visible_indices (`torch.LongTensor` of shape `(batch_size, num_visible)`, *optional*): an explicit mask
             (patch p = f * columns + t) to reproduce a step; random unstructured masking otherwise.
         generator (`torch.Generator`, *optional*): source of the random mask, for reproducible runs.
+        output_hidden_states (`bool`, *optional*): also return the online encoder's hidden states.
         """
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        hidden_states = [] if output_hidden_states else None
         patches = self.audio_model.embeddings(input_features)
         batch, num_patches, dim = patches.shape
         if visible_indices is None:
@@ -260,9 +289,10 @@ class M2D2ForPreTraining(M2D2PreTrainedModel):
                 batch, num_patches, self.config.mask_ratio, patches.device, generator
             )
         else:
+            check_visible_indices(visible_indices, batch, num_patches)
             masked_indices = complement_indices(visible_indices, num_patches)
         cls = self.audio_model.embeddings.cls_embedding().to(patches.dtype).expand(batch, -1, -1)
-        latent = self.audio_model.encode_visible(patches, visible_indices)
+        latent = self.audio_model.encode_visible(patches, visible_indices, hidden_states_out=hidden_states)
 
         with torch.no_grad():
             hidden = torch.cat([cls, patches.gather(1, masked_indices[..., None].expand(-1, -1, dim))], dim=1).detach()
@@ -292,6 +322,7 @@ class M2D2ForPreTraining(M2D2PreTrainedModel):
             text_embeds=text_embeds,
             visible_indices=visible_indices,
             masked_indices=masked_indices,
+            hidden_states=tuple(hidden_states) if output_hidden_states else None,
         )
 
 
