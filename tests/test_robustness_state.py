@@ -215,6 +215,7 @@ def test_resuming_with_a_larger_max_train_steps_follows_the_new_schedule(runner,
 
 def caption_table(folder: Path, ids: list[str]) -> Path:
     rng = np.random.default_rng(0)
+    folder.mkdir()
     write_embedding_shard(folder / "shard-00000.parquet", {i: rng.standard_normal((2, 24)) for i in ids})
     return folder
 
