@@ -2,6 +2,7 @@
 
     python conversion/convert_original_m2d2.py CHECKPOINT OUT_DIR [--tokenizer DIR_OR_ID] [--text-model DIR_OR_ID]
         [--text-pooling cls|mean] [--input-size 80x1001] [--patch-size 16x16] [--sampling-rate 16000] [--encoder-only]
+        [--overwrite]
 
 The same as `m2d2-hf convert`: the arguments and the error handling come from `m2d2_hf.cli`, the conversion from
 `m2d2_hf.conversion.convert_checkpoint`.

@@ -101,6 +101,9 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
         help="write an M2D2ForPreTraining folder (online + EMA target encoders, predictor, stage-1 CLAP head) from an "
         "original pre-training checkpoint, to continue pre-training with examples/pretrain_stage1.py",
     )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace OUT_DIR whole when it already holds files (refused otherwise)"
+    )
     parser.set_defaults(handler=run_convert)
 
 
@@ -279,6 +282,7 @@ def run_convert(args: argparse.Namespace) -> None:
             sampling_rate=args.sampling_rate,
             encoder_only=args.encoder_only,
             pretraining=args.pretraining,
+            overwrite=args.overwrite,
         )
     except (OSError, ValueError) as error:  # the converter's messages say what to change
         raise CLIError(f"cannot convert {args.checkpoint}: {error}") from error

@@ -11,12 +11,18 @@ The architecture comes from the checkpoint's parent folder name when it follows 
 (`m2d_clap_vit_base-80x1001p16x16p16kpBpTI-2025`), and every part of it can be overridden. The key mapping is
 explicit and total: a key that no rule maps or knowingly drops is an error, as is a model weight left unfilled.
 Files are read with `torch.load(weights_only=True)` and an allow-list of the plain types the training code pickles.
+The output folder appears whole or not at all: it is written under a hidden name beside it and renamed into place,
+and a folder that already holds files is only replaced (whole) when asked to.
 """
 
 import argparse
+import contextlib
 import math
+import os
 import pathlib
 import re
+import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,6 +91,25 @@ DROPPED = [
     (r"offline_predictor\..+", "M2D-X offline predictor (pre-training only)"),
     (r"head\..+", "EVAR classification head (kept unless encoder_only)"),
 ]
+
+
+class MissingTensorError(ValueError):
+    """A tensor that the checkpoint's layout needs is not in the file."""
+
+
+class Tensors(dict):
+    """A state dict whose missing keys raise an error that names the key (not a bare KeyError)."""
+
+    def __missing__(self, key: str):
+        raise MissingTensorError(
+            f"the checkpoint has no tensor {key!r}, which its layout needs: the file is truncated or is not an M2D / "
+            "M2D-CLAP checkpoint of that layout; nothing was written"
+        )
+
+
+def _count_blocks(state: dict[str, torch.Tensor], pattern: str) -> int:
+    """How many numbered blocks `pattern` (whose group is the index) finds among the keys; 0 when none."""
+    return 1 + max((int(m[1]) for k in state if (m := re.match(pattern, k))), default=-1)
 
 
 @dataclass
@@ -186,11 +211,25 @@ def map_keys(state: dict[str, torch.Tensor], rules: list[tuple[str, str]]) -> tu
     return mapped, dropped
 
 
+def checked_norm_stats(state: dict[str, torch.Tensor]) -> list[float]:
+    """The checkpoint's log-mel (mean, std), refused unless two finite numbers with a positive std."""
+    if "norm_stats" not in state:
+        return list(DEFAULT_NORM_STATS)
+    values = state["norm_stats"].flatten().tolist()
+    if len(values) != 2 or not all(math.isfinite(v) for v in values) or values[1] <= 0:
+        raise ValueError(
+            f"the checkpoint's norm_stats are {values}, not a finite (mean, std) with std > 0: the file is damaged; "
+            "re-export it, or drop the norm_stats tensor from the state dict to use the defaults "
+            f"{list(DEFAULT_NORM_STATS)} and set the right statistics in the config afterwards"
+        )
+    return values
+
+
 def audio_config_from(arch: Architecture, state: dict[str, torch.Tensor]) -> M2D2AudioConfig:
-    layers = 1 + max(int(m[1]) for k in state if (m := re.match(r"blocks\.(\d+)\.", k)))
+    layers = _count_blocks(state, r"blocks\.(\d+)\.")
     hidden = state["cls_token"].shape[-1]
     rate = arch.sampling_rate
-    norm_stats = state["norm_stats"].tolist() if "norm_stats" in state else list(DEFAULT_NORM_STATS)
+    norm_stats = checked_norm_stats(state)
     config = M2D2AudioConfig(
         sampling_rate=rate,
         n_fft=400 * rate // 16000,
@@ -220,7 +259,7 @@ def text_config_from_weights(state: dict[str, torch.Tensor]) -> BertConfig:
     """The BERT geometry of a `text_encoder.text_encoder.*` tower, read from its tensor shapes."""
     prefix = "text_encoder.text_encoder."
     word = state[prefix + "embeddings.word_embeddings.weight"]
-    layers = 1 + max(int(m[1]) for k in state if (m := re.match(re.escape(prefix) + r"encoder\.layer\.(\d+)\.", k)))
+    layers = _count_blocks(state, re.escape(prefix) + r"encoder\.layer\.(\d+)\.")
     hidden = word.shape[1]
     return BertConfig(
         vocab_size=word.shape[0],
@@ -246,8 +285,13 @@ def convert_checkpoint(
     sampling_rate: int | None = None,
     encoder_only: bool = False,
     pretraining: bool = False,
+    overwrite: bool = False,
 ) -> Path:
     """Converts an original checkpoint into a `save_pretrained` folder and returns its path.
+
+    The folder appears whole or not at all (a failed conversion leaves nothing behind); a folder that exists and
+    holds files is refused with `FileExistsError` unless `overwrite`, which replaces it whole (no stale file of
+    another model stays beside the new ones).
 
     Args:
         checkpoint_path: the `.pth` file; its parent folder name gives the architecture when it follows the
@@ -263,14 +307,56 @@ def convert_checkpoint(
         encoder_only: write only the audio encoder (M2D2AudioModel), dropping the CLAP parts.
         pretraining: write an `M2D2ForPreTraining` folder (online and EMA target encoders, predictor, stage-1 CLAP
             head) from a pre-training checkpoint, to continue pre-training from it.
+        overwrite: replace an output folder that already holds files.
     """
     checkpoint_path = Path(checkpoint_path)
     if not checkpoint_path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {checkpoint_path}")
+    output_dir = Path(output_dir)
+    check_output_dir(output_dir, overwrite)
     arch = resolve_architecture(checkpoint_path, input_size, patch_size, sampling_rate)
     state, layout = strip_layout_prefix(load_original_checkpoint(checkpoint_path))
+    state = Tensors(state)
     audio_config = audio_config_from(arch, state)
-    output_dir = Path(output_dir)
+    with staged_folder(output_dir) as staging:
+        _write(state, layout, arch, audio_config, staging, tokenizer, text_model, text_pooling, encoder_only, pretraining)
+    return output_dir
+
+
+def check_output_dir(output_dir: Path, overwrite: bool) -> None:
+    """Refuses, before any work, an output path that is a file, or a folder with files in it unless `overwrite`."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise FileExistsError(
+            f"the output path {output_dir} is a file, not a folder: give the path of a new (or empty) folder for the "
+            "converted model"
+        )
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
+        raise FileExistsError(
+            f"the output folder {output_dir} is not empty: choose a new or empty folder, or pass overwrite=True "
+            "(--overwrite) to replace it whole"
+        )
+
+
+@contextlib.contextmanager
+def staged_folder(output_dir: Path) -> Iterator[Path]:
+    """A hidden folder beside `output_dir` to write into; renamed to `output_dir` (replacing it whole) when the
+    block succeeds, removed when it fails."""
+    staging = output_dir.with_name(f".{output_dir.name}.{os.getpid()}.partial")
+    shutil.rmtree(staging, ignore_errors=True)  # left by a process of this id that was killed
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+        replaced = staging.with_suffix(".replaced")
+        if output_dir.exists():
+            output_dir.rename(replaced)
+        staging.rename(output_dir)
+        shutil.rmtree(replaced, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _write(state, layout, arch, audio_config, output_dir, tokenizer, text_model, text_pooling, encoder_only, pretraining):
+    """Writes the model the layout and the flags ask for into `output_dir`."""
     if pretraining:
         if layout != "pretraining":
             raise ValueError(
@@ -330,7 +416,7 @@ def _projector_fields(state: dict[str, torch.Tensor]) -> dict:
         return {"audio_projector_type": "mlp", "projector_intermediate_size": state["audio_proj.0.weight"].shape[0]}
     return {
         "audio_projector_type": "semantic",
-        "projector_num_layers": 1 + max(int(m[1]) for k in state if (m := re.match(r"audio_proj\.sem_blocks\.(\d+)\.", k))),
+        "projector_num_layers": _count_blocks(state, r"audio_proj\.sem_blocks\.(\d+)\."),
         "projector_intermediate_size": state["audio_proj.sem_blocks.0.mlp.fc1.weight"].shape[0],
     }
 
@@ -429,9 +515,7 @@ def _write_pretraining(state: dict[str, torch.Tensor], audio_config: M2D2AudioCo
     rules = [(p, f"audio_model.{t}") for p, t in ENCODER_RULES] + TARGET_RULES + PREDICTOR_RULES
     width = state["decoder_embed.weight"].shape[0]
     audio_config.predictor_hidden_size = width
-    audio_config.predictor_num_hidden_layers = 1 + max(
-        int(m[1]) for k in state if (m := re.match(r"decoder_blocks\.(\d+)\.", k))
-    )
+    audio_config.predictor_num_hidden_layers = _count_blocks(state, r"decoder_blocks\.(\d+)\.")
     # Not in the weights: the released predictors use 32-wide heads (512 / 16).
     audio_config.predictor_num_attention_heads = max(1, width // 32)
     audio_config.predictor_intermediate_size = state["decoder_blocks.0.mlp.fc1.weight"].shape[0]
@@ -452,6 +536,12 @@ def _write_pretraining(state: dict[str, torch.Tensor], audio_config: M2D2AudioCo
 def _load_total(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Loads `state` into `model`, failing on any missing, unexpected or mis-shaped tensor."""
     expected = model.state_dict()
+    not_finite = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if not_finite:
+        raise ValueError(
+            f"the checkpoint's tensors {not_finite[:20]} hold NaN or infinite values: the file is damaged; convert an "
+            "intact copy (nothing was written)"
+        )
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong_shape = [k for k in state if k in expected and state[k].shape != expected[k].shape]
@@ -464,4 +554,4 @@ def _load_total(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
 
 
-__all__ = ["Architecture", "convert_checkpoint", "load_original_checkpoint", "parse_checkpoint_name"]
+__all__ = ["Architecture", "MissingTensorError", "convert_checkpoint", "load_original_checkpoint", "parse_checkpoint_name"]

@@ -61,6 +61,7 @@ from ..feature_extraction_m2d2 import M2D2FeatureExtractor
 from ..evaluation.metrics import mean_average_precision, top_k_accuracy
 from ..masking import random_structured_mask
 from ..modeling_m2d2 import M2D2AudioModel, M2D2ClapModel, M2D2ForAudioClassification, sincos_position_table
+from .checkpoint import resolve_checkpoint
 from .data import load_audio_stream, random_log_mel_crops
 from .loop import (
     BatchStream,
@@ -69,7 +70,6 @@ from .loop import (
     make_output_dir,
     program_parser,
     parse_filters,
-    resolve_checkpoint,
     run_training,
     start_run,
     step_generator,
@@ -637,7 +637,7 @@ def train(args: argparse.Namespace) -> Path:
         args.train_data, args.split, args.filter, args.per_device_train_batch_size, args.shuffle_buffer, True
     )
     stream, state = BatchStream(train_loader, accelerator.process_index), RunState(list(config.norm_stats))
-    start_run(accelerator, args, "m2d2_finetune", checkpoint, start_step, scheduler, stream, state)
+    start_run(accelerator, args, "m2d2_finetune", checkpoint, objective, optimizer, scheduler, stream, state)
     unwrapped: M2D2ForAudioClassification = accelerator.unwrap_model(objective).model
 
     def after_step(step: int) -> dict:

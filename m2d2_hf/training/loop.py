@@ -2,7 +2,8 @@
 stream that resumes at the exact batch, per-step random generators, step checkpoints, trackers and progress.
 
 Resuming is step-exact because everything random that a step uses is either derived from (seed, step, process)
-or restored from the checkpoint (model, optimiser, scheduler, the stream's epoch and position).
+or restored from the checkpoint (model, optimiser, the stream's epoch and position; see `checkpoint`), and the
+learning rate is a function of the step.
 """
 
 import argparse
@@ -11,7 +12,6 @@ import json
 import logging
 import math
 import os
-import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,14 +20,14 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 from accelerate import Accelerator
-from accelerate.tracking import GeneralTracker
-from accelerate.utils import gather_object, set_seed
+from accelerate.tracking import GeneralTracker, get_available_trackers
+from accelerate.utils import LoggerType, gather_object, set_seed
 from torch.utils.data import DataLoader
+
+from .checkpoint import check_distributed_type, load_checkpoint, save_checkpoint
 
 
 logger = logging.getLogger(__name__)
-
-CHECKPOINT_PATTERN = re.compile(r"step_(\d+)$")
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,10 +62,20 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
 
     run = parser.add_argument_group("run")
     run.add_argument("--output_dir", required=True)
-    run.add_argument("--checkpointing_steps", type=int, default=1000, help="save_state every N optimiser steps")
-    run.add_argument("--resume_from_checkpoint", default=None, help="a step_N folder, or 'latest' in output_dir")
+    run.add_argument("--checkpointing_steps", type=int, default=1000, help="checkpoint every N optimiser steps")
+    run.add_argument(
+        "--resume_from_checkpoint",
+        default=None,
+        help="a step_N folder, or 'latest' (the newest complete one in output_dir); a larger --max_train_steps "
+        "than the checkpointed run's continues on the schedule of the new total",
+    )
     run.add_argument("--logging_steps", type=int, default=10, help="log every N optimiser steps")
-    run.add_argument("--report_to", default="jsonl", help="comma-separated trackers: jsonl, tensorboard, wandb, all")
+    run.add_argument(
+        "--report_to",
+        default="jsonl",
+        help="comma-separated trackers: jsonl, tensorboard, wandb, all (all installed ones); pip install "
+        "'m2d2-hf[train]' installs tensorboard",
+    )
 
 
 class JSONLTracker(GeneralTracker):
@@ -94,12 +104,35 @@ class JSONLTracker(GeneralTracker):
             handle.write(json.dumps({"step": step, **values}, default=float) + "\n")
 
 
+def tracker_names(report_to: str) -> list[str]:
+    """The `--report_to` trackers, refused before any training when accelerate does not know one or its package
+    is not installed (accelerate would drop it with no more than a log line, and the run would log nothing)."""
+    names = [name.strip() for name in report_to.split(",") if name.strip() and name.strip() != "none"]
+    known = {str(kind) for kind in LoggerType}
+    available = {str(kind) for kind in get_available_trackers()}
+    for name in names:
+        if name in ("jsonl", "all"):
+            continue
+        if name not in known:
+            raise ValueError(
+                f"--report_to {name!r} is not a tracker: choose from jsonl, {', '.join(sorted(known))} (comma-separated)"
+            )
+        if name not in available:
+            hint = "pip install 'm2d2-hf[train]'" if name == "tensorboard" else f"pip install {name}"
+            raise ValueError(
+                f"--report_to {name}: the {name} package is not installed, so nothing would be logged to it: {hint}, "
+                "or leave it out of --report_to (jsonl needs nothing)"
+            )
+    return names
+
+
 def build_accelerator(args: argparse.Namespace) -> Accelerator:
     """The Accelerator of a run: trackers from `--report_to` (jsonl writes `metrics.jsonl` in the output folder),
     and gradient accumulation that makes per-device batch × processes × accumulation the global batch."""
-    names = [name.strip() for name in args.report_to.split(",") if name.strip()]
-    trackers: list[Any] = [JSONLTracker("m2d2", args.output_dir) if n == "jsonl" else n for n in names if n != "none"]
+    names = tracker_names(args.report_to)
+    trackers: list[Any] = [JSONLTracker("m2d2", args.output_dir) if n == "jsonl" else n for n in names]
     accelerator = Accelerator(log_with=trackers or None, project_dir=args.output_dir)
+    check_distributed_type(accelerator)
     # Known only once the processes are set up, hence set after construction.
     accelerator.gradient_accumulation_steps = accumulation_steps(
         args.global_batch_size, args.per_device_train_batch_size, accelerator.num_processes
@@ -140,9 +173,9 @@ class BatchStream:
     epoch with `set_epoch`. Registered for checkpointing, it restores its epoch and position, and re-reading the
     consumed batches of that epoch puts a resumed run on the very next batch.
 
-    Each process reads its own shards, so positions differ between processes; accelerate writes custom state from
-    the main process only, hence `state_dict` gathers every process's position (all processes call it in
-    `save_state`) and `load_state_dict` takes this process's entry."""
+    Each process reads its own shards, so positions differ between processes; the main process writes the
+    checkpoint's state, hence `state_dict` gathers every process's position (all processes call it when saving;
+    the keys are strings, as JSON has them) and `load_state_dict` takes this process's entry."""
 
     def __init__(self, dataloader: DataLoader, process_index: int = 0):
         self.dataloader = dataloader
@@ -153,15 +186,15 @@ class BatchStream:
 
     def state_dict(self) -> dict:
         positions = gather_object([(self.process_index, self.epoch, self.batches_in_epoch)])
-        return {"positions": {rank: (epoch, batches) for rank, epoch, batches in positions}}
+        return {"positions": {str(rank): [epoch, batches] for rank, epoch, batches in positions}}
 
     def load_state_dict(self, state: dict) -> None:
-        if self.process_index not in state["positions"]:
+        if str(self.process_index) not in state["positions"]:
             raise ValueError(
                 f"the checkpoint holds stream positions of processes {sorted(state['positions'])}, not of process "
                 f"{self.process_index}: resume with the same number of processes"
             )
-        epoch, batches = state["positions"][self.process_index]
+        epoch, batches = state["positions"][str(self.process_index)]
         self.epoch, self.batches_in_epoch, self._skip = int(epoch), int(batches), int(batches)
 
     def __iter__(self) -> Iterator[dict]:
@@ -191,7 +224,7 @@ class BatchStream:
 
 class RunState:
     """What a resumed run must get back besides weights, optimiser and stream: the skipped-item total and the
-    log-mel statistics the run normalises with. Saved with the accelerate state."""
+    log-mel statistics the run normalises with. Saved in the checkpoint's `trainer_state.json`."""
 
     def __init__(self, norm_stats: list[float] | None = None):
         self.skipped_items = 0
@@ -203,22 +236,6 @@ class RunState:
     def load_state_dict(self, state: dict) -> None:
         self.skipped_items = int(state["skipped_items"])
         self.norm_stats = state["norm_stats"]
-
-
-def resolve_checkpoint(resume_from: str | None, output_dir: str) -> tuple[str | None, int]:
-    """The checkpoint folder to resume from and its optimiser step (`step_N`); 'latest' picks the newest in
-    output_dir (a fresh run when there is none)."""
-    if resume_from is None:
-        return None, 0
-    if resume_from == "latest":
-        candidates = [p for p in Path(output_dir).glob("step_*") if CHECKPOINT_PATTERN.search(p.name)]
-        if not candidates:
-            return None, 0
-        resume_from = str(max(candidates, key=lambda p: int(CHECKPOINT_PATTERN.search(p.name)[1])))
-    match = CHECKPOINT_PATTERN.search(Path(resume_from).name)
-    if match is None or not Path(resume_from).is_dir():
-        raise ValueError(f"--resume_from_checkpoint {resume_from!r} is not a step_N folder written by this program")
-    return resume_from, int(match[1])
 
 
 def parse_filters(filters: list[str]):
@@ -302,8 +319,13 @@ def run_training(
     Per optimiser step: `gradient_accumulation_steps` micro-batches (`make_inputs(batch, step, micro)` → model
     kwargs; the model output's `loss` is back-propagated and the `loss_names` fields are logged), gradient clipping,
     AdamW, the scheduler, then `after_step(step) -> dict` (EMA, temperature clamp, ...; its values are logged).
-    Logs through the accelerate trackers, checkpoints with `save_state` every `--checkpointing_steps`, exports with
-    `export(folder)` every `--export_steps` or on request, and at the end. Returns the final export folder.
+    Logs through the accelerate trackers, checkpoints (`checkpoint.save_checkpoint`) every `--checkpointing_steps`,
+    exports with `export(folder)` every `--export_steps` or on request, and at the end. Returns the final export
+    folder.
+
+    Inputs with a `has_caption` mask (contrastive training) add `uncaptioned_clips`, the clips of each logging
+    window that had no caption, to the logs; when no clip of the run's first step has one, the captions do not
+    belong to the clips (e.g. other ids) and the run stops, unless `args.allow_uncaptioned`.
     """
     output_dir = Path(args.output_dir)
     batches, throughput = iter(stream), Throughput()
@@ -311,15 +333,19 @@ def run_training(
         total=args.max_train_steps, initial=start_step, disable=not accelerator.is_local_main_process, desc=description
     )
     device = accelerator.device
+    captioned_inputs, window_uncaptioned = False, 0
     for step in range(start_step, args.max_train_steps):
-        sums = torch.zeros(len(loss_names) + 2, device=device)  # the losses, clips, skipped items
+        sums = torch.zeros(len(loss_names) + 3, device=device)  # the losses, uncaptioned clips, clips, skipped items
         for micro in range(accelerator.gradient_accumulation_steps):
             batch, skipped = next_batch(batches)
             # The global RNG (dropout, e.g. of a text tower) restarts from a per-step seed: a resumed run must not
             # depend on what else drew from it (DataLoader iterators do, once per epoch and on resume).
             torch.manual_seed(step_seed(args.seed, step, accelerator.process_index, f"global{micro}"))
+            inputs = make_inputs(batch, step, micro)
+            captioned_inputs = "has_caption" in inputs
+            uncaptioned = (~inputs["has_caption"]).sum().float() if captioned_inputs else torch.zeros((), device=device)
             with accelerator.accumulate(model):
-                out = model(**make_inputs(batch, step, micro))
+                out = model(**inputs)
                 accelerator.backward(out.loss)
                 if accelerator.sync_gradients and args.max_grad_norm > 0:  # 0 turns clipping off
                     accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
@@ -327,7 +353,7 @@ def run_training(
                 optimizer.zero_grad()
             values = [getattr(out, name) for name in loss_names]
             values = [v.detach().float() if v is not None else torch.zeros((), device=device) for v in values]
-            sums += torch.stack(values + [torch.tensor(float(len(batch["ids"])), device=device),
+            sums += torch.stack(values + [uncaptioned.to(device), torch.tensor(float(len(batch["ids"])), device=device),
                                           torch.tensor(float(skipped), device=device)])  # fmt: skip
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
@@ -337,20 +363,25 @@ def run_training(
         totals = accelerator.reduce(sums, "sum")
         state.skipped_items += int(totals[-1])
         throughput.add(int(totals[-2]))
+        window_uncaptioned += int(totals[-3])
+        if captioned_inputs and step == start_step and totals[-3] == totals[-2]:
+            require_captions(args, int(totals[-2]))
         progress.update(1)
         if done % args.logging_steps == 0 or done == args.max_train_steps:
             micro_batches = accelerator.gradient_accumulation_steps * accelerator.num_processes
             logged = {name: float(total) / micro_batches for name, total in zip(loss_names, totals)}
             logged.update(lr=lr, skipped_items=state.skipped_items, clips_per_second=throughput.rate(), **extra)
+            if captioned_inputs:
+                logged["uncaptioned_clips"], window_uncaptioned = window_uncaptioned, 0
             accelerator.log(logged, step=done)
             progress.set_postfix(loss=f"{logged[loss_names[0]]:.4f}", skipped=state.skipped_items)
         if done % args.checkpointing_steps == 0 and done < args.max_train_steps:
-            accelerator.save_state(str(output_dir / f"step_{done}"))
+            save_checkpoint(accelerator, output_dir / f"step_{done}", done, model, optimizer, stream, state)
         if export_requested(getattr(args, "export_steps", 0), done, output_dir):
             export(output_dir / f"export_step_{done}")
     progress.close()
 
-    accelerator.save_state(str(output_dir / f"step_{args.max_train_steps}"))
+    save_checkpoint(accelerator, output_dir / f"step_{args.max_train_steps}", args.max_train_steps, model, optimizer, stream, state)
     final = output_dir / "final"
     export(final)
     accelerator.wait_for_everyone()
@@ -409,14 +440,36 @@ def streamed_loader(
     )
 
 
+def require_captions(args: argparse.Namespace, clips: int) -> None:
+    """Stops a contrastive run whose first step found a caption for none of its clips, unless allowed."""
+    if getattr(args, "allow_uncaptioned", False):
+        logger.warning(f"none of the {clips} clips of the first step has a caption: training without the CLAP term")
+        return
+    fix = "fix the ids, or pass --allow_uncaptioned to train without captions"
+    if not hasattr(args, "allow_uncaptioned"):
+        fix = "fix the ids"
+    raise ValueError(
+        f"none of the {clips} clips of the first step has a caption, so the contrastive loss is 0 and learns nothing: "
+        "the caption ids do not match the clip ids of --train_data (by default the audio file stem; see --id_column), "
+        f"or the captions are empty; {fix}"
+    )
+
+
 def start_run(
-    accelerator: Accelerator, args: argparse.Namespace, name: str, checkpoint: str | None, step: int, *checkpointed
+    accelerator: Accelerator,
+    args: argparse.Namespace,
+    name: str,
+    checkpoint: str | None,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LambdaLR,
+    stream: BatchStream,
+    state: RunState,
 ) -> None:
-    """Registers the objects saved with each checkpoint (scheduler, stream, run state), restores them and the
-    prepared model and optimiser when resuming, and opens the trackers with the run's arguments."""
-    accelerator.register_for_checkpointing(*checkpointed)
+    """Restores the prepared model and optimiser, the scheduler, stream and run state from `checkpoint` when
+    resuming, and opens the trackers with the run's arguments."""
     if checkpoint:
-        accelerator.load_state(checkpoint)
+        step = load_checkpoint(accelerator, checkpoint, model, optimizer, scheduler, stream, state)
         logger.info(f"resumed from {checkpoint} at step {step}")
     accelerator.init_trackers(name, {key: value for key, value in vars(args).items() if value is not None})
 

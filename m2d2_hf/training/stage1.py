@@ -4,7 +4,7 @@
 reused. Data path: streamed audio (decoded and resampled in DataLoader workers, broken items skipped and counted)
 → log-mel of whole clips on the training device → random 608-frame crops (zero-padded in raw log-mel space) →
 normalisation with the run's `norm_stats` → `M2D2ForPreTraining` → clipped AdamW, warm-up + cosine schedule, EMA
-target update, temperature clamp → `save_state` checkpoints and `M2D2AudioModel` exports.
+target update, temperature clamp → step checkpoints and `M2D2AudioModel` exports.
 """
 
 import argparse
@@ -18,6 +18,7 @@ from ..configuration_m2d2 import M2D2AudioConfig
 from ..feature_extraction_m2d2 import M2D2FeatureExtractor
 from ..modeling_m2d2_pretraining import M2D2ForPreTraining
 from .captions import CaptionEmbeddingTable, draw_captions
+from .checkpoint import resolve_checkpoint
 from .data import random_log_mel_crops
 from .loop import (
     BatchStream,
@@ -25,7 +26,6 @@ from .loop import (
     build_accelerator,
     make_output_dir,
     program_parser,
-    resolve_checkpoint,
     run_training,
     start_run,
     step_generator,
@@ -53,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--config_overrides", default="", help="for a new model, e.g. 'hidden_size=192,num_hidden_layers=4'"
     )
     model.add_argument("--caption_embeddings", default=None, help="folder written by cache_caption_embeddings.py")
+    model.add_argument(
+        "--allow_uncaptioned",
+        action="store_true",
+        help="go on when no clip of the first step has a caption embedding (the CLAP term is then 0): without it, "
+        "the run stops, as caption ids that match no clip id train M2D alone",
+    )
     model.add_argument("--crop_frames", type=int, default=608, help="log-mel frames per training crop (6.08 s)")
     model.add_argument("--mask_ratio", type=float, default=0.7, help="fraction of patches hidden from the encoder")
     model.add_argument("--m2d_loss_weight", type=float, default=1.0)
@@ -187,7 +193,7 @@ def train(args: argparse.Namespace) -> Path:
     scheduler = warmup_cosine_schedule(optimizer, round(args.warmup_ratio * args.max_train_steps), args.max_train_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     stream, state = batch_stream(0), RunState(feature_extractor.norm_stats)
-    start_run(accelerator, args, "m2d2_stage1", checkpoint, start_step, scheduler, stream, state)
+    start_run(accelerator, args, "m2d2_stage1", checkpoint, model, optimizer, scheduler, stream, state)
     unwrapped: M2D2ForPreTraining = accelerator.unwrap_model(model)
     unwrapped.config.norm_stats = feature_extractor.norm_stats = list(state.norm_stats)
 

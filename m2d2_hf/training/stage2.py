@@ -25,6 +25,7 @@ from ..modeling_m2d2 import M2D2AudioModel, M2D2ClapModel
 from ..modeling_m2d2_pretraining import MAX_LOGIT_SCALE, global_clap_loss
 from ..processing_m2d2 import M2D2Processor
 from .captions import read_captions
+from .checkpoint import resolve_checkpoint
 from .data import random_log_mel_crops
 from .loop import (
     BatchStream,
@@ -32,7 +33,6 @@ from .loop import (
     build_accelerator,
     make_output_dir,
     program_parser,
-    resolve_checkpoint,
     run_training,
     start_run,
     step_generator,
@@ -286,7 +286,7 @@ def train(args: argparse.Namespace) -> Path:
     objective, optimizer = accelerator.prepare(FrozenEncoderClapObjective(clap), optimizer)
     stream, state = BatchStream(loader, accelerator.process_index), RunState()
     checkpoint, start_step = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
-    start_run(accelerator, args, "m2d2_stage2", checkpoint, start_step, scheduler, stream, state)
+    start_run(accelerator, args, "m2d2_stage2", checkpoint, objective, optimizer, scheduler, stream, state)
 
     def after_step(step: int) -> dict:
         with torch.no_grad():

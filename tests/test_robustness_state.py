@@ -1,0 +1,363 @@
+"""Robustness of the state the package writes and reads (issue 12): checkpoints that run no code and are never
+used half-written, resumes that follow a new schedule, training that says what happens, and a converter whose
+output appears whole or not at all, with clear errors.
+
+The training runs are tiny stage-1 runs forked from one process that imported the package once
+(`tests/training_runner.py`), so that killing runs and resuming them stays cheap."""
+
+import csv
+import json
+import os
+import pickle
+import random
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from m2d2_hf import cli
+from m2d2_hf.conversion import convert_checkpoint
+from m2d2_hf.training import loop
+from m2d2_hf.training.captions import write_embedding_shard
+from m2d2_hf.training.checkpoint import COMPLETE_MARKER
+
+from . import original_layout as layout
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TINY = (
+    "hidden_size=32,num_hidden_layers=2,num_attention_heads=2,intermediate_size=64,predictor_hidden_size=16,"
+    "predictor_num_hidden_layers=1,predictor_num_attention_heads=2,predictor_intermediate_size=32,"
+    "projector_intermediate_size=32"
+)
+STEPS = 4
+CLIPS = 8
+
+
+class Payload:
+    """A pickle that, when unpickled, creates `marker`: what a replaced checkpoint file could do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+class Runner:
+    """The test side of `training_runner.py`."""
+
+    def __init__(self):
+        env = dict(os.environ, ACCELERATE_USE_CPU="1", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+        env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")])
+        self.process = subprocess.Popen(
+            [sys.executable, str(REPO_ROOT / "tests" / "training_runner.py")],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=REPO_ROOT,
+        )  # fmt: skip
+
+    def start(self, argv: list, log: Path, save_delay: float = 0.0) -> int:
+        request = {"program": "stage1", "argv": [str(a) for a in argv], "log": str(log), "save_delay": save_delay}
+        self.process.stdin.write(json.dumps(request) + "\n")
+        self.process.stdin.flush()
+        return json.loads(self.process.stdout.readline())["pid"]
+
+    def wait(self) -> int:
+        return json.loads(self.process.stdout.readline())["returncode"]
+
+    def run(self, argv: list, log: Path) -> tuple[int, str]:
+        self.start(argv, log)
+        code = self.wait()
+        return code, log.read_text()
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def runner():
+    runner = Runner()
+    yield runner
+    runner.close()
+
+
+@pytest.fixture(scope="module")
+def data_dir(real_sounds_dir, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("robust_data")
+    with open(real_sounds_dir / "metadata.csv", newline="") as handle:
+        rows = [r for r in csv.DictReader(handle) if r["split"] == "train"][::8][:CLIPS]
+    for row in rows:
+        shutil.copy(real_sounds_dir / row["file_name"], folder / Path(row["file_name"]).name)
+    return folder
+
+
+def stage1_args(data_dir: Path, output_dir: Path, steps: int = STEPS) -> list:
+    return [
+        "--train_data", data_dir, "--output_dir", output_dir, "--max_train_steps", steps, "--global_batch_size", 4,
+        "--per_device_train_batch_size", 4, "--config_overrides", TINY, "--norm_stats", 0, 1, "--logging_steps", 1,
+        "--dataloader_num_workers", 0, "--shuffle_buffer", 0, "--checkpointing_steps", 1, "--crop_frames", 64,
+        "--min_seconds", 0.7, "--max_seconds", 1, "--base_learning_rate", 0.05,
+    ]  # fmt: skip
+
+
+def metrics(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    first, second = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    return first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+@pytest.fixture(scope="module")
+def baseline(runner, data_dir, tmp_path_factory) -> Path:
+    """An uninterrupted run, checkpointed at every step."""
+    out = tmp_path_factory.mktemp("baseline") / "run"
+    code, log = runner.run(stage1_args(data_dir, out), out.parent / "log.txt")
+    assert code == 0, log[-3000:]
+    assert all((out / f"step_{s}" / COMPLETE_MARKER).is_file() for s in range(1, STEPS + 1))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Security: a checkpoint folder runs no code
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_a_payload_in_any_checkpoint_file_runs_no_code_and_names_the_file(runner, baseline, data_dir, tmp_path):
+    names = sorted(p.name for p in (baseline / "step_2").iterdir())
+    assert names == sorted([COMPLETE_MARKER, "model.safetensors", "optimizer.safetensors", "rng_state_0.safetensors",
+                            "trainer_state.json"])  # fmt: skip: no pickle is written
+    for name in names:
+        out = tmp_path / name
+        shutil.copytree(baseline / "step_2", out / "step_2")
+        marker = tmp_path / f"ran_{name}"
+        (out / "step_2" / name).write_bytes(pickle.dumps(Payload(marker)))
+        code, log = runner.run(stage1_args(data_dir, out) + ["--resume_from_checkpoint", "latest"], tmp_path / "log")
+        assert not marker.exists(), f"the payload in {name} ran"
+        assert code != 0 and "CheckpointError" in log and str(out / "step_2" / name) in log, log[-2000:]
+
+
+def test_pickles_of_accelerate_checkpoints_are_never_loaded(runner, baseline, data_dir, tmp_path):
+    """What accelerate's save_state writes (and loaded with weights_only=False) is ignored beside a checkpoint, and
+    an accelerate-style folder is refused or skipped, never read."""
+    pickles = ["custom_checkpoint_0.pkl", "custom_checkpoint_1.pkl", "custom_checkpoint_2.pkl", "optimizer.bin",
+               "scheduler.bin", "random_states_0.pkl", "pytorch_model.bin", "sampler.bin", "scaler.pt"]  # fmt: skip
+    marker = tmp_path / "ran"
+    out = tmp_path / "run"
+    shutil.copytree(baseline / "step_2", out / "step_2")
+    (out / "step_3").mkdir()
+    for folder in (out / "step_2", out / "step_3"):
+        for name in pickles:
+            (folder / name).write_bytes(pickle.dumps(Payload(marker)))
+    code, log = runner.run(stage1_args(data_dir, out) + ["--resume_from_checkpoint", out / "step_3"], tmp_path / "a")
+    assert code != 0 and f"has no {COMPLETE_MARKER}" in log and "earlier version" in log, log[-2000:]
+    code, log = runner.run(stage1_args(data_dir, out) + ["--resume_from_checkpoint", "latest"], tmp_path / "b")
+    assert code == 0, log[-2000:]
+    assert f"ignoring {out / 'step_3'}" in log and "resumed from" in log and "step_2 at step 2" in log
+    assert not marker.exists()
+    assert same_weights(baseline / f"step_{STEPS}", out / f"step_{STEPS}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Crash safety: nothing half-written is ever used
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_runs_killed_during_saves_resume_step_exactly(runner, baseline, data_dir, tmp_path):
+    """Each try SIGKILLs a run at a random moment of the save of a random step (every flush of a save sleeps 0.1 s,
+    so that the kill lands inside it), resumes from `latest` and must end with the uninterrupted run's weights."""
+    rng = random.Random(12)
+    expected = metrics(baseline)
+    for attempt in range(5):
+        out = tmp_path / f"try{attempt}"
+        step, delay = rng.randint(1, STEPS - 1), rng.uniform(0.0, 0.55)
+        pid = runner.start(stage1_args(data_dir, out), tmp_path / f"killed{attempt}", save_delay=0.1)
+        partial = out / f".step_{step}.partial"
+        deadline = time.monotonic() + 120
+        while not partial.exists():
+            assert time.monotonic() < deadline, "the save never started"
+            time.sleep(0.002)
+        time.sleep(delay)
+        os.kill(pid, 9)
+        assert runner.wait() == -9
+        context = f"try {attempt}: killed {delay:.3f} s into the save of step {step}"
+        complete = sorted(int(p.name[5:]) for p in out.glob("step_*") if (p / COMPLETE_MARKER).is_file())
+        assert sorted(int(p.name[5:]) for p in out.glob("step_*")) == complete, context
+        code, log = runner.run(stage1_args(data_dir, out) + ["--resume_from_checkpoint", "latest"], tmp_path / "log")
+        assert code == 0, (context, log[-2000:])
+        assert same_weights(baseline / f"step_{STEPS}", out / f"step_{STEPS}"), context
+        got = {m["step"]: m for m in metrics(out)}
+        for want in expected:
+            assert got[want["step"]]["loss"] == want["loss"], (context, want, got[want["step"]])
+        assert not [p.name for p in out.iterdir() if p.name.startswith(".")], context
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Training: say what happens
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_resuming_with_a_larger_max_train_steps_follows_the_new_schedule(runner, baseline, data_dir, tmp_path):
+    out = tmp_path / "run"
+    code, log = runner.run(stage1_args(data_dir, out, steps=2), tmp_path / "short")
+    assert code == 0, log[-2000:]
+    code, log = runner.run(stage1_args(data_dir, out) + ["--resume_from_checkpoint", "latest"], tmp_path / "longer")
+    assert code == 0, log[-2000:]
+    resumed = {m["step"]: m["lr"] for m in metrics(out)[2:]}
+    assert resumed == {m["step"]: m["lr"] for m in metrics(baseline)[2:]} and resumed[3] > 0, resumed
+
+
+def caption_table(folder: Path, ids: list[str]) -> Path:
+    rng = np.random.default_rng(0)
+    folder.mkdir()
+    write_embedding_shard(folder / "shard-00000.parquet", {i: rng.standard_normal((2, 24)) for i in ids})
+    return folder
+
+
+def test_captions_that_match_no_clip_stop_stage1_and_every_window_counts_uncaptioned_clips(
+    runner, data_dir, tmp_path
+):
+    stems = sorted(p.stem for p in data_dir.glob("*.flac"))
+    foreign = caption_table(tmp_path / "foreign", [f"other_{stem}" for stem in stems])
+    args = stage1_args(data_dir, tmp_path / "stopped", steps=2) + ["--caption_embeddings", foreign]
+    code, log = runner.run(args, tmp_path / "a")
+    assert code != 0 and "none of the 4 clips of the first step has a caption" in log, log[-2000:]
+    assert "--allow_uncaptioned" in log and not (tmp_path / "stopped" / "step_1").exists()
+
+    args = stage1_args(data_dir, tmp_path / "allowed", steps=2) + ["--caption_embeddings", foreign]
+    code, log = runner.run(args + ["--allow_uncaptioned"], tmp_path / "b")
+    assert code == 0, log[-2000:]
+    assert [(m["uncaptioned_clips"], m["clap_loss"]) for m in metrics(tmp_path / "allowed")] == [(4, 0.0), (4, 0.0)]
+
+    # Half the clips captioned, one window of two steps = one pass over the 8 clips: 4 without a caption.
+    half = caption_table(tmp_path / "half", stems[::2])
+    args = stage1_args(data_dir, tmp_path / "half_run", steps=2) + ["--caption_embeddings", half]
+    code, log = runner.run(args + ["--logging_steps", 2], tmp_path / "c")
+    assert code == 0, log[-2000:]
+    (logged,) = metrics(tmp_path / "half_run")
+    assert logged["uncaptioned_clips"] == CLIPS // 2 and logged["clap_loss"] > 0, logged
+
+
+def test_report_to_a_tracker_that_is_not_installed_stops_before_training(monkeypatch):
+    monkeypatch.setattr(loop, "get_available_trackers", lambda: [])
+    with pytest.raises(ValueError, match=r"tensorboard package is not installed.*m2d2-hf\[train\]"):
+        loop.tracker_names("jsonl,tensorboard")
+    with pytest.raises(ValueError, match="wandb package is not installed.*pip install wandb"):
+        loop.tracker_names("wandb")
+    with pytest.raises(ValueError, match="'tensorbord' is not a tracker"):
+        loop.tracker_names("tensorbord")
+    assert loop.tracker_names("jsonl, none,all") == ["jsonl", "all"]
+    monkeypatch.setattr(loop, "get_available_trackers", lambda: [loop.LoggerType.TENSORBOARD])
+    assert loop.tracker_names("jsonl,tensorboard") == ["jsonl", "tensorboard"]
+    # build_accelerator checks the trackers first: nothing is created, not even the output folder.
+    monkeypatch.setattr(loop, "get_available_trackers", lambda: [])
+    args = loop.program_parser("test")[0].parse_args(
+        ["--train_data", "x", "--output_dir", "/nonexistent/out", "--max_train_steps", "1", "--report_to", "wandb"]
+    )
+    with pytest.raises(ValueError, match="wandb"):
+        loop.build_accelerator(args)
+    import configparser
+
+    setup = configparser.ConfigParser()
+    setup.read(REPO_ROOT / "setup.cfg")
+    assert "tensorboard" in setup["options.extras_require"]["train"].split()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The converter: whole folders, clear errors, one CLI line and exit code 2
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def encoder_checkpoint(tmp_path: Path, **changes) -> Path:
+    torch.manual_seed(0)
+    state = layout.encoder_state()
+    for key, value in changes.items():
+        if value is None:
+            del state[key]
+        else:
+            state[key] = value
+    return layout.save(state, tmp_path, "m2d_vit_base-80x208p16x16-240101")
+
+
+def cli_error(capsys, argv: list) -> str:
+    """Runs `m2d2-hf convert`, which must fail with exit code 2 and one line on stderr; returns the line."""
+    assert cli.main(["convert", *map(str, argv)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in lines[0], lines
+    return lines[0]
+
+
+def test_converter_refuses_a_non_empty_folder_and_overwrite_replaces_it_whole(tmp_path, capsys):
+    checkpoint = encoder_checkpoint(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "tokenizer.json").write_text("{}")  # a file of the model that was there before
+    with pytest.raises(FileExistsError, match="not empty.*--overwrite"):
+        convert_checkpoint(checkpoint, out)
+    assert "--overwrite" in cli_error(capsys, [checkpoint, out])
+    assert sorted(p.name for p in out.iterdir()) == ["tokenizer.json"]
+    assert cli.main(["convert", str(checkpoint), str(out), "--overwrite"]) == 0
+    assert "tokenizer.json" not in {p.name for p in out.iterdir()} and (out / "model.safetensors").is_file()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert (convert_checkpoint(checkpoint, empty) / "config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "m2d_vit_base-80x208p16x16-240101", "out"]
+
+
+def test_a_failed_conversion_leaves_nothing_behind(tmp_path, monkeypatch):
+    checkpoint = encoder_checkpoint(tmp_path)
+    old = tmp_path / "old"
+    convert_checkpoint(checkpoint, old)
+    before = {p.name: p.read_bytes() for p in old.iterdir()}
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("m2d2_hf.conversion.M2D2FeatureExtractor.save_pretrained", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        convert_checkpoint(checkpoint, tmp_path / "new")
+    with pytest.raises(OSError, match="No space left"):
+        convert_checkpoint(checkpoint, old, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m2d_vit_base-80x208p16x16-240101", "old"]
+    assert {p.name: p.read_bytes() for p in old.iterdir()} == before
+
+
+def test_converter_missing_tensor_is_a_clear_error(tmp_path, capsys):
+    for key in ("cls_token", "blocks.0.mlp.fc1.weight", "pos_embed"):
+        checkpoint = encoder_checkpoint(tmp_path / key, **{key: None})
+        with pytest.raises(ValueError, match=f"no tensor '{key}'.*truncated"):
+            convert_checkpoint(checkpoint, tmp_path / "out")
+        assert f"no tensor '{key}'" in cli_error(capsys, [checkpoint, tmp_path / "out"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_converter_output_path_that_is_a_file_is_a_clear_error(tmp_path, capsys):
+    checkpoint = encoder_checkpoint(tmp_path)
+    target = tmp_path / "model.bin"
+    target.write_text("keep me")
+    with pytest.raises(FileExistsError, match="is a file, not a folder"):
+        convert_checkpoint(checkpoint, target)
+    assert "is a file, not a folder" in cli_error(capsys, [checkpoint, target])
+    assert target.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("stats", [[float("nan"), 4.0], [-6.5, float("inf")], [-6.5, 0.0]])
+def test_converter_refuses_norm_stats_that_are_not_finite(tmp_path, capsys, stats):
+    checkpoint = encoder_checkpoint(tmp_path, norm_stats=torch.tensor(stats))
+    with pytest.raises(ValueError, match="norm_stats .* not a finite"):
+        convert_checkpoint(checkpoint, tmp_path / "out")
+    assert "norm_stats" in cli_error(capsys, [checkpoint, tmp_path / "out"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_converter_refuses_weights_that_are_not_finite(tmp_path):
+    nan_weight = encoder_checkpoint(tmp_path / "w", **{"norm.weight": torch.full((32,), float("nan"))})
+    with pytest.raises(ValueError, match=r"\['layernorm.weight'\] hold NaN"):
+        convert_checkpoint(nan_weight, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
