@@ -17,7 +17,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling, SequenceCl
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.utils import ModelOutput, can_return_tuple
 
-from .chunking import ChunkLayout
+from .chunking import ChunkLayout, EqualLengthChunks
 from .configuration_m2d2 import M2D2AudioConfig, M2D2Config
 
 
@@ -116,6 +116,21 @@ def lead_token_attention_mask(
     which only the tokens where `token_mask` is True may be attended to."""
     key_mask = torch.cat([token_mask.new_ones(token_mask.shape[0], 1), token_mask], dim=1)
     return create_bidirectional_mask(config=config, inputs_embeds=hidden_states, attention_mask=key_mask)
+
+
+def all_real(mask: torch.Tensor | None) -> bool:
+    """True when `mask` is None or all ones: nothing to mask out, so the unpadded (exportable) path applies.
+
+    torch.export cannot branch on tensor values: while exporting, a given mask is instead asserted to be all ones
+    when the exported program runs (exported programs have no ragged path; encode ragged batches eagerly)."""
+    if mask is None:
+        return True
+    if torch.compiler.is_exporting():
+        torch._assert_async(
+            mask.bool().all(), "exported M2D2 programs take unpadded batches only: a mask with zeros needs eager mode"
+        )
+        return True
+    return bool(mask.bool().all())
 
 
 def contrastive_loss(logits_per_audio: torch.Tensor) -> torch.Tensor:
@@ -353,22 +368,28 @@ class M2D2AudioModel(M2D2PreTrainedModel):
     def get_input_embeddings(self) -> M2D2PatchEmbeddings:
         return self.embeddings.patch_embeddings
 
-    def chunk_layout(self, input_features: torch.Tensor, input_features_mask: torch.Tensor | None) -> tuple:
-        """Validates the input and plans its chunks; returns (layout, per-clip frame counts)."""
+    def _check_inputs(self, input_features: torch.Tensor, input_features_mask: torch.Tensor | None) -> None:
         if input_features.dim() != 3 or input_features.shape[1] != self.config.num_mel_bins:
             raise ValueError(
                 f"input_features must be [batch, {self.config.num_mel_bins} mel bins, frames], got "
                 f"{tuple(input_features.shape)}: use M2D2FeatureExtractor to make them from waveforms"
             )
+        if input_features_mask is not None and input_features_mask.shape != (
+            input_features.shape[0],
+            input_features.shape[2],
+        ):
+            raise ValueError(
+                f"input_features_mask must be [batch, frames] = {(input_features.shape[0], input_features.shape[2])}, "
+                f"got {tuple(input_features_mask.shape)}"
+            )
+
+    def chunk_layout(self, input_features: torch.Tensor, input_features_mask: torch.Tensor | None) -> tuple:
+        """Validates the input and plans its chunks; returns (layout, per-clip frame counts)."""
+        self._check_inputs(input_features, input_features_mask)
         batch, _, frames = input_features.shape
         if input_features_mask is None:
             lengths = torch.full((batch,), frames, dtype=torch.long, device=input_features.device)
         else:
-            if input_features_mask.shape != (batch, frames):
-                raise ValueError(
-                    f"input_features_mask must be [batch, frames] = {(batch, frames)}, got "
-                    f"{tuple(input_features_mask.shape)}"
-                )
             lengths = input_features_mask.to(torch.long).sum(-1)
         layout = ChunkLayout.from_lengths(
             lengths.tolist(),
@@ -378,6 +399,24 @@ class M2D2AudioModel(M2D2PreTrainedModel):
             device=input_features.device,
         )
         return layout, lengths
+
+    def _encode_chunks(
+        self, chunks: torch.Tensor, token_mask: torch.Tensor | None, output_hidden_states: bool, **kwargs
+    ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        """[N, F, W] chunks → (normalised patch tokens [N, F * C, D], the tokens after the embeddings and after each
+        layer if asked), CLS dropped. `token_mask` [N, F * C]: the tokens that may be attended to (None: all)."""
+        patches = self.embeddings(chunks)
+        cls = self.embeddings.cls_embedding().expand(patches.shape[0], -1, -1).to(patches.dtype)
+        hidden_states = torch.cat([cls, patches], 1)
+        attention_mask = None
+        if token_mask is not None:
+            attention_mask = lead_token_attention_mask(self.config, hidden_states, token_mask)
+        all_hidden_states = [hidden_states[:, 1:]] if output_hidden_states else None
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, attention_mask, **kwargs)
+            if output_hidden_states:
+                all_hidden_states.append(hidden_states[:, 1:])
+        return self.layernorm(hidden_states)[:, 1:], all_hidden_states
 
     @can_return_tuple
     def forward(
@@ -397,22 +436,14 @@ class M2D2AudioModel(M2D2PreTrainedModel):
         """
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
+        self._check_inputs(input_features, input_features_mask)
+        if all_real(input_features_mask):
+            return self._forward_unpadded(input_features, output_hidden_states, **kwargs)
+
         layout, lengths = self.chunk_layout(input_features, input_features_mask)
         chunks = layout.pack(input_features, lengths, self.config.patch_size[1])
-
-        patches = self.embeddings(chunks)
-        hidden_states = torch.cat([self.embeddings.cls_embedding().expand(len(patches), -1, -1).to(patches.dtype), patches], 1)
-        attention_mask = None
-        if not layout.is_uniform:
-            attention_mask = lead_token_attention_mask(self.config, hidden_states, layout.token_padding_mask())
-
-        all_hidden_states = [layout.unpack_tokens(hidden_states[:, 1:])] if output_hidden_states else None
-        for layer in self.layers:
-            hidden_states = layer(hidden_states, attention_mask, **kwargs)
-            if output_hidden_states:
-                all_hidden_states.append(layout.unpack_tokens(hidden_states[:, 1:]))
-        chunk_tokens = self.layernorm(hidden_states)[:, 1:]
-
+        token_mask = None if layout.is_uniform else layout.token_padding_mask()
+        chunk_tokens, all_hidden_states = self._encode_chunks(chunks, token_mask, output_hidden_states, **kwargs)
         frame_features = layout.unpack_frames(chunk_tokens)
         return M2D2AudioModelOutput(
             last_hidden_state=layout.unpack_tokens(chunk_tokens),
@@ -420,7 +451,33 @@ class M2D2AudioModel(M2D2PreTrainedModel):
             frame_features=frame_features,
             frame_mask=layout.frame_mask,
             pooler_output=masked_mean(frame_features, layout.frame_mask),
-            hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
+            hidden_states=tuple(layout.unpack_tokens(h) for h in all_hidden_states) if output_hidden_states else None,
+        )
+
+    def _forward_unpadded(
+        self, input_features: torch.Tensor, output_hidden_states: bool, **kwargs
+    ) -> M2D2AudioModelOutput:
+        """Equal-length clips, every frame real: the full chunks and the last chunks are encoded in two passes
+        without masks (what the packed path computes, in the original's chunk-by-chunk form), with shapes that
+        torch.export traces symbolically."""
+        chunks = EqualLengthChunks.split(
+            input_features, self.config.chunk_frames, self.config.patch_size[1], self.config.frequency_patches
+        )
+        last_tokens, last_hidden = self._encode_chunks(chunks.last, None, output_hidden_states, **kwargs)
+        if chunks.full.shape[0] == 0:  # clips of one chunk (attention kernels reject empty batches)
+            full_tokens, full_hidden = last_tokens[:0], [h[:0] for h in last_hidden] if output_hidden_states else None
+        else:
+            full_tokens, full_hidden = self._encode_chunks(chunks.full, None, output_hidden_states, **kwargs)
+        tokens = chunks.merge_tokens(full_tokens, last_tokens)
+        frame_features = chunks.merge_frames(full_tokens, last_tokens)
+        frame_mask = torch.ones(frame_features.shape[:2], dtype=torch.bool, device=frame_features.device)
+        return M2D2AudioModelOutput(
+            last_hidden_state=tokens,
+            token_mask=torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device),
+            frame_features=frame_features,
+            frame_mask=frame_mask,
+            pooler_output=masked_mean(frame_features, frame_mask),
+            hidden_states=tuple(map(chunks.merge_tokens, full_hidden, last_hidden)) if output_hidden_states else None,
         )
 
     def encode_visible(
@@ -542,7 +599,7 @@ class M2D2SemanticProjector(nn.Module):
     def forward(self, tokens: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
         hidden_states = torch.cat([self.sem_token.expand(tokens.shape[0], -1, -1).to(tokens.dtype), tokens], dim=1)
         attention_mask = None
-        if token_mask is not None and not bool(token_mask.all()):
+        if not all_real(token_mask):
             attention_mask = lead_token_attention_mask(self.config, hidden_states, token_mask)
         for layer in self.layers:
             hidden_states = layer(hidden_states, attention_mask)
