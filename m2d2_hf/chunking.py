@@ -5,12 +5,18 @@ right-padded with zeros to make the last chunk a multiple of the patch width, ev
 and each full chunk drops its `chunk_frames % patch_width` trailing frames. Here the chunks of all clips of a batch
 are gathered into one tensor (shorter chunks zero-filled, their padding columns masked out of attention), encoded
 in a single forward pass, and the outputs are scattered back per clip in the original order.
+
+Batches of equal-length clips without padding (`EqualLengthChunks`) need no plan: every clip has the same chunks,
+so the full chunks and the last chunk are cut with reshapes and slices whose sizes are arithmetic in the number of
+frames. No Python loop and no value read back from a tensor, so `torch.export` traces it with a symbolic batch and
+time axis.
 """
 
 import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 
 @dataclass(frozen=True)
@@ -126,6 +132,53 @@ class ChunkLayout:
         by_column = chunk_tokens.reshape(n, self.frequency_patches, self.max_columns, dim).transpose(1, 2)
         flat = by_column.reshape(n * self.max_columns, self.frequency_patches * dim)
         return flat[self.frame_index] * self.frame_mask[..., None].to(flat.dtype)
+
+
+@dataclass(frozen=True)
+class EqualLengthChunks:
+    """The chunks of a batch of B clips of T frames each: `full` [B * (n - 1), F, W_full] holds the n - 1 full
+    chunks of every clip (clip-major, their trailing `chunk_frames % patch_width` frames dropped) and `last`
+    [B, F, W_last] the last chunk of each clip, zero-padded up to whole patches but never beyond `chunk_frames`
+    (n = ceil(T / chunk_frames); `full` is empty for clips of one chunk). Sizes may be symbolic (torch.export)."""
+
+    full: torch.Tensor
+    last: torch.Tensor
+    batch_size: int
+    frequency_patches: int
+
+    @classmethod
+    def split(
+        cls, features: torch.Tensor, chunk_frames: int, patch_width: int, frequency_patches: int
+    ) -> "EqualLengthChunks":
+        """Cuts `features` [B, F, T] (every frame real) into its chunks, as `ChunkLayout` plans them."""
+        batch, bins, frames = features.shape
+        num_full = (frames - 1) // chunk_frames  # ceil(T / chunk_frames) - 1
+        full_width = (chunk_frames // patch_width) * patch_width
+        full = features[..., : num_full * chunk_frames].reshape(batch, bins, num_full, chunk_frames)
+        full = full[..., :full_width].permute(0, 2, 1, 3).reshape(batch * num_full, bins, full_width)
+        rest = frames - num_full * chunk_frames
+        last_width = torch.sym_min(-(-rest // patch_width), chunk_frames // patch_width) * patch_width
+        last = F.pad(features[..., num_full * chunk_frames :], (0, last_width - rest))
+        return cls(full=full, last=last, batch_size=batch, frequency_patches=frequency_patches)
+
+    def merge_tokens(self, full_tokens: torch.Tensor, last_tokens: torch.Tensor) -> torch.Tensor:
+        """Encoded patch tokens of `full` [B * (n - 1), F * C, D] and `last` [B, F * C', D] → [B, tokens, D] per
+        clip, chunks concatenated (frequency-major within each chunk), as `ChunkLayout.unpack_tokens` orders them."""
+        dim = last_tokens.shape[-1]
+        return torch.cat([full_tokens.reshape(self.batch_size, -1, dim), last_tokens], dim=1)
+
+    def merge_frames(self, full_tokens: torch.Tensor, last_tokens: torch.Tensor) -> torch.Tensor:
+        """Encoded patch tokens → [B, frames, F * D] frame features (low band first), as `ChunkLayout.unpack_frames`."""
+        full_frames = self._frames(full_tokens)
+        full_frames = full_frames.reshape(self.batch_size, -1, full_frames.shape[-1])
+        return torch.cat([full_frames, self._frames(last_tokens)], dim=1)
+
+    def _frames(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[N, F * C, D] → [N, C, F * D]: the tokens of each patch column side by side."""
+        chunks, length, dim = tokens.shape
+        columns = length // self.frequency_patches
+        by_column = tokens.reshape(chunks, self.frequency_patches, columns, dim).transpose(1, 2)
+        return by_column.reshape(chunks, columns, self.frequency_patches * dim)
 
 
 def _pad_rows(rows: list[list[int]], device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:

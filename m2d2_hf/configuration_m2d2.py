@@ -23,7 +23,29 @@ def auto_map_kept_on_disk_only(config: PreTrainedConfig) -> Iterator[None]:
             config.auto_map = before
 
 
+# The modules a saved folder's `auto_map` names for this package's classes (written beside the weights).
+_OWN_MODULES = ("configuration_m2d2.", "modeling_m2d2.", "feature_extraction_m2d2.", "processing_m2d2.")
+
+
+def is_own_auto_map(auto_map: object) -> bool:
+    """True for an `auto_map` that only names this package's classes, as `save_pretrained` writes it."""
+    if not isinstance(auto_map, dict) or not auto_map:
+        return False
+    targets = [t for value in auto_map.values() for t in (value if isinstance(value, (list, tuple)) else [value])]
+    return all(isinstance(t, str) and t.split("--")[-1].startswith(_OWN_MODULES) for t in targets if t is not None)
+
+
 class _SavesWithoutChangingItself:
+    """Saving leaves the config as it was, and loading a saved folder gives the config that was saved: with the
+    package installed, its own `auto_map` lives on disk only (`save_pretrained` writes it again), so `to_dict()`
+    round-trips. Loaded as the folder's remote code, the config keeps it: the Auto classes find the model by it."""
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        installed = type(self).__module__.startswith("m2d2_hf.")
+        if installed and is_own_auto_map(self.__dict__.get("auto_map")):
+            del self.__dict__["auto_map"]
+
     def save_pretrained(self, *args, **kwargs):
         with auto_map_kept_on_disk_only(self):
             return super().save_pretrained(*args, **kwargs)

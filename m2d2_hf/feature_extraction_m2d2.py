@@ -147,7 +147,10 @@ class M2D2FeatureExtractor(SequenceFeatureExtractor):
         f_min, f_max (`float`, defaults to 50 and 8000): mel filter bank edges in Hz.
         norm_stats (`list[float]`, defaults to `[-7.1, 4.2]`): mean and std used to normalise the log-mel; must equal
             the model config's `norm_stats` (the 2025 release: `[-7.261779308319092, 4.3511505126953125]`).
-        min_frames (`int`, defaults to 16): shortest accepted clip in frames (one patch width); shorter clips raise.
+        min_frames (`int`, defaults to 16): one patch width in frames: the outputs are at least this long. Shorter
+            clips (under 0.15 s) are not refused: their frames are padded to one patch, marked as padding in
+            `input_features_mask`, as the model pads a clip's last chunk (zeros in normalised space); clips of at
+            most `n_fft // 2` samples get trailing zero samples first, for the reflect padding.
         padding_value (`float`, defaults to 0.0): value of the padded frames of shorter clips, in normalised space.
         return_attention_mask (`bool`, defaults to `True`): whether `__call__` returns `input_features_mask`.
         stft (`str`, defaults to `"conv1d"`): `"conv1d"` (bit-exact with the original) or `"fft"` (faster).
@@ -349,14 +352,8 @@ class M2D2FeatureExtractor(SequenceFeatureExtractor):
                 clips = [
                     torchaudio.functional.resample(clip, int(sampling_rate), self.sampling_rate) for clip in clips
                 ]
-            for index, clip in enumerate(clips):
-                if clip.shape[-1] < self.min_samples:
-                    raise ValueError(
-                        f"Clip {index} is too short: {clip.shape[-1]} samples at {self.sampling_rate} Hz give "
-                        f"{self.num_frames(clip.shape[-1])} frames, fewer than one patch ({self.min_frames} "
-                        f"frames). Pass at least {self.min_samples / self.sampling_rate:g} s of audio "
-                        f"({self.min_samples} samples at {self.sampling_rate} Hz), e.g. by zero-padding the clip."
-                    )
+            # Clips too short for the reflect padding (<= n_fft // 2 samples) get trailing zeros first.
+            clips = [F.pad(clip, (0, max(0, self.n_fft // 2 + 1 - clip.shape[-1]))) for clip in clips]
             features, mask = self._batch_features(clips)
 
         data: dict[str, Any] = {"input_features": features}
@@ -393,7 +390,10 @@ class M2D2FeatureExtractor(SequenceFeatureExtractor):
         features = self.normalize(log_mel)
         mask = torch.arange(features.shape[-1], device=features.device)[None, :] < num_frames[:, None]
         features = features.masked_fill(~mask[:, None, :], self.padding_value)
-        return features, mask.long()
+        # Clips shorter than one patch: padded up to `min_frames` as the model pads a last chunk (frames past the
+        # clip's own count are padding in the mask, which the model reads as zeros in normalised space).
+        short = max(0, self.min_frames - features.shape[-1])
+        return F.pad(features, (0, short), value=self.padding_value), F.pad(mask.long(), (0, short))
 
     def _to_clips(self, raw_audio: Any, mono: bool) -> list[torch.Tensor]:
         """Split the input into a list of 1-D float32 clips (channels averaged if `mono`), validating each."""

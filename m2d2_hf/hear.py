@@ -7,14 +7,19 @@
 
 Scene embeddings are the clip embeddings of EVAR's linear evaluation (the mean of the 3840-d frame features);
 timestamp embeddings are the frames with their frequency bands averaged (768-d), as the original runtime's
-`get_timestamp_embeddings`, at the times (ms) it reports (one frame per 16 log-mel frames, about 160 ms).
+`get_timestamp_embeddings`. Their timestamps follow the HEAR API: the centre of each frame at the encoder's real hop
+(one frame per patch of 16 log-mel frames of 10 ms: frame i at (i + 0.5) * 160 ms, `centred_frame_timestamps`).
+The original runtime instead spreads frame starts evenly over the clip (`m2d2_hf.frame_timestamps`, 161.29 ms apart
+at 10 s, up to 159 ms early); that formula stays for parity with the original.
 """
+
+import numpy as np
 
 import torch
 from torch import nn
 
 from .feature_extraction_m2d2 import M2D2FeatureExtractor
-from .modeling_m2d2 import M2D2AudioModel, frame_timestamps
+from .modeling_m2d2 import M2D2AudioModel
 
 
 class HearModel(nn.Module):
@@ -47,6 +52,11 @@ def load_model(model_file_path: str = "", device: str | None = None) -> HearMode
     return HearModel(audio_model, M2D2FeatureExtractor.from_pretrained(model_file_path))
 
 
+def centred_frame_timestamps(num_frames: int, frame_hop_ms: float) -> np.ndarray:
+    """Times in ms of the centres of `num_frames` consecutive frames `frame_hop_ms` apart: (i + 0.5) * hop."""
+    return ((np.arange(num_frames, dtype=np.float64) + 0.5) * frame_hop_ms).astype(np.float32)
+
+
 def get_scene_embeddings(audio: torch.Tensor, model: HearModel) -> torch.Tensor:
     """[n_sounds, scene_embedding_size]: the mean of each sound's frame features."""
     return model.encode(audio).pooler_output
@@ -54,8 +64,10 @@ def get_scene_embeddings(audio: torch.Tensor, model: HearModel) -> torch.Tensor:
 
 def get_timestamp_embeddings(audio: torch.Tensor, model: HearModel) -> tuple[torch.Tensor, torch.Tensor]:
     """([n_sounds, n_frames, timestamp_embedding_size], [n_sounds, n_frames] ms): per frame, the mean of its
-    frequency-band tokens, and the frame times as the original computes them (sounds have equal lengths in HEAR)."""
+    frequency-band tokens, and the centre of each frame in ms (sounds have equal lengths in HEAR)."""
     outputs = model.encode(audio)
     embeddings = model.audio_model.timestamp_embeddings(outputs)
-    times = torch.from_numpy(frame_timestamps(audio.shape[1], embeddings.shape[1], model.sample_rate))
+    config = model.audio_model.config
+    hop_ms = 1000.0 * config.patch_size[1] * model.feature_extractor.hop_length / model.sample_rate
+    times = torch.from_numpy(centred_frame_timestamps(embeddings.shape[1], hop_ms))
     return embeddings, times.to(embeddings.device).expand(audio.shape[0], -1)

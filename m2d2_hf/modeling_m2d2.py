@@ -3,6 +3,7 @@
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -18,7 +19,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.utils import ModelOutput, can_return_tuple
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
-from .chunking import ChunkLayout
+from .chunking import ChunkLayout, EqualLengthChunks
 from .configuration_m2d2 import M2D2AudioConfig, M2D2Config, auto_map_kept_on_disk_only
 
 
@@ -137,6 +138,21 @@ def record_clip_tokens(layout: ChunkLayout, hidden_states: torch.Tensor, recorde
     real = layout.token_mask
     flat = flat.index_put((layout.token_index[real],), clip_tokens[real])
     return torch.cat([hidden_states[:, :1], flat.view(hidden_states.shape[0], -1, hidden_states.shape[-1])], dim=1)
+
+
+def all_real(mask: torch.Tensor | None) -> bool:
+    """True when `mask` is None or all ones: nothing to mask out, so the unpadded (exportable) path applies.
+
+    torch.export cannot branch on tensor values: while exporting, a given mask is instead asserted to be all ones
+    when the exported program runs (exported programs have no ragged path; encode ragged batches eagerly)."""
+    if mask is None:
+        return True
+    if torch.compiler.is_exporting():
+        torch._assert_async(
+            mask.bool().all(), "exported M2D2 programs take unpadded batches only: a mask with zeros needs eager mode"
+        )
+        return True
+    return bool(mask.bool().all())
 
 
 def contrastive_loss(logits_per_audio: torch.Tensor) -> torch.Tensor:
@@ -394,22 +410,28 @@ class M2D2AudioModel(M2D2PreTrainedModel):
     def get_input_embeddings(self) -> M2D2PatchEmbeddings:
         return self.embeddings.patch_embeddings
 
-    def chunk_layout(self, input_features: torch.Tensor, input_features_mask: torch.Tensor | None) -> tuple:
-        """Validates the input and plans its chunks; returns (layout, per-clip frame counts)."""
+    def _check_inputs(self, input_features: torch.Tensor, input_features_mask: torch.Tensor | None) -> None:
         if input_features.dim() != 3 or input_features.shape[1] != self.config.num_mel_bins:
             raise ValueError(
                 f"input_features must be [batch, {self.config.num_mel_bins} mel bins, frames], got "
                 f"{tuple(input_features.shape)}: use M2D2FeatureExtractor to make them from waveforms"
             )
+        if input_features_mask is not None and input_features_mask.shape != (
+            input_features.shape[0],
+            input_features.shape[2],
+        ):
+            raise ValueError(
+                f"input_features_mask must be [batch, frames] = {(input_features.shape[0], input_features.shape[2])}, "
+                f"got {tuple(input_features_mask.shape)}"
+            )
+
+    def chunk_layout(self, input_features: torch.Tensor, input_features_mask: torch.Tensor | None) -> tuple:
+        """Validates the input and plans its chunks; returns (layout, per-clip frame counts)."""
+        self._check_inputs(input_features, input_features_mask)
         batch, _, frames = input_features.shape
         if input_features_mask is None:
             lengths = torch.full((batch,), frames, dtype=torch.long, device=input_features.device)
         else:
-            if input_features_mask.shape != (batch, frames):
-                raise ValueError(
-                    f"input_features_mask must be [batch, frames] = {(batch, frames)}, got "
-                    f"{tuple(input_features_mask.shape)}"
-                )
             lengths = input_features_mask.to(torch.long).sum(-1)
         layout = ChunkLayout.from_lengths(
             lengths.tolist(),
@@ -419,6 +441,30 @@ class M2D2AudioModel(M2D2PreTrainedModel):
             device=input_features.device,
         )
         return layout, lengths
+
+    def _encode_chunks(
+        self,
+        chunks: torch.Tensor,
+        token_mask: torch.Tensor | None,
+        record: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        """[N, F, W] chunks → normalised patch tokens [N, F * C, D], CLS dropped. `token_mask` [N, F * C]: the tokens
+        that may be attended to (None: all). `record`, if given, sees the states after the embeddings and after each
+        layer and returns the states the next layer computes from (see `record_clip_tokens`)."""
+        patches = self.embeddings(chunks)
+        cls = self.embeddings.cls_embedding().expand(patches.shape[0], -1, -1).to(patches.dtype)
+        hidden_states = torch.cat([cls, patches], 1)
+        attention_mask = None
+        if token_mask is not None:
+            attention_mask = lead_token_attention_mask(self.config, hidden_states, token_mask)
+        if record is not None:
+            hidden_states = record(hidden_states)
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, attention_mask, **kwargs)
+            if record is not None:
+                hidden_states = record(hidden_states)
+        return self.layernorm(hidden_states)[:, 1:]
 
     @capture_outputs
     def forward(
@@ -440,24 +486,19 @@ class M2D2AudioModel(M2D2PreTrainedModel):
         """
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
+        output_attentions = kwargs.get("output_attentions", self.config.output_attentions)
+        self._check_inputs(input_features, input_features_mask)
+        # The unpadded path encodes full and last chunks in separate passes, so per-clip hidden states and
+        # attentions come from the packed path (an exported program returns neither).
+        if all_real(input_features_mask) and not (output_hidden_states or output_attentions):
+            return self._forward_unpadded(input_features, **kwargs)
+
         layout, lengths = self.chunk_layout(input_features, input_features_mask)
         chunks = layout.pack(input_features, lengths, self.config.patch_size[1])
-
-        patches = self.embeddings(chunks)
-        hidden_states = torch.cat([self.embeddings.cls_embedding().expand(len(patches), -1, -1).to(patches.dtype), patches], 1)
-        attention_mask = None
-        if not layout.is_uniform:
-            attention_mask = lead_token_attention_mask(self.config, hidden_states, layout.token_padding_mask())
-
+        token_mask = None if layout.is_uniform else layout.token_padding_mask()
         all_hidden_states = [] if output_hidden_states else None
-        if output_hidden_states:
-            hidden_states = record_clip_tokens(layout, hidden_states, all_hidden_states)
-        for layer in self.layers:
-            hidden_states = layer(hidden_states, attention_mask, **kwargs)
-            if output_hidden_states:
-                hidden_states = record_clip_tokens(layout, hidden_states, all_hidden_states)
-        chunk_tokens = self.layernorm(hidden_states)[:, 1:]
-
+        record = partial(record_clip_tokens, layout, recorded=all_hidden_states) if output_hidden_states else None
+        chunk_tokens = self._encode_chunks(chunks, token_mask, record, **kwargs)
         frame_features = layout.unpack_frames(chunk_tokens)
         return M2D2AudioModelOutput(
             last_hidden_state=layout.unpack_tokens(chunk_tokens),
@@ -466,6 +507,29 @@ class M2D2AudioModel(M2D2PreTrainedModel):
             frame_mask=layout.frame_mask.long(),
             pooler_output=masked_mean(frame_features, layout.frame_mask),
             hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
+        )
+
+    def _forward_unpadded(self, input_features: torch.Tensor, **kwargs) -> M2D2AudioModelOutput:
+        """Equal-length clips, every frame real: the full chunks and the last chunks are encoded in two passes
+        without masks (what the packed path computes, in the original's chunk-by-chunk form), with shapes that
+        torch.export traces symbolically."""
+        chunks = EqualLengthChunks.split(
+            input_features, self.config.chunk_frames, self.config.patch_size[1], self.config.frequency_patches
+        )
+        last_tokens = self._encode_chunks(chunks.last, None, **kwargs)
+        if chunks.full.shape[0] == 0:  # clips of one chunk (attention kernels reject empty batches)
+            full_tokens = last_tokens[:0]
+        else:
+            full_tokens = self._encode_chunks(chunks.full, None, **kwargs)
+        tokens = chunks.merge_tokens(full_tokens, last_tokens)
+        frame_features = chunks.merge_frames(full_tokens, last_tokens)
+        frame_mask = torch.ones(frame_features.shape[:2], dtype=torch.long, device=frame_features.device)
+        return M2D2AudioModelOutput(
+            last_hidden_state=tokens,
+            token_mask=torch.ones(tokens.shape[:2], dtype=torch.long, device=tokens.device),
+            frame_features=frame_features,
+            frame_mask=frame_mask,
+            pooler_output=masked_mean(frame_features, frame_mask),
         )
 
     def encode_visible(
@@ -597,7 +661,7 @@ class M2D2SemanticProjector(nn.Module):
     def forward(self, tokens: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
         hidden_states = torch.cat([self.sem_token.expand(tokens.shape[0], -1, -1).to(tokens.dtype), tokens], dim=1)
         attention_mask = None
-        if token_mask is not None and not bool(token_mask.all()):
+        if not all_real(token_mask):
             attention_mask = lead_token_attention_mask(self.config, hidden_states, token_mask)
         for layer in self.layers:
             hidden_states = layer(hidden_states, attention_mask)

@@ -100,9 +100,6 @@ class M2D2AudioModelTester:
         return config, {"input_features": input_features}
 
 
-_EXPORT_PENDING = pytest.mark.xfail(reason="torch.export lands with the export branch", strict=False)
-
-
 class M2D2AudioModelTest(ModelTesterMixin, PipelineTesterMixin, unittest.TestCase):
     all_model_classes = (M2D2AudioModel, M2D2ForAudioClassification)
     pipeline_model_mapping = {"audio-classification": M2D2ForAudioClassification, "feature-extraction": M2D2AudioModel}
@@ -116,10 +113,6 @@ class M2D2AudioModelTest(ModelTesterMixin, PipelineTesterMixin, unittest.TestCas
 
     def test_config(self):
         self.config_tester.run_common_tests()
-
-    @_EXPORT_PENDING
-    def test_torch_export(self):
-        super().test_torch_export()
 
     @unittest.skip(reason="an audio encoder of log-mel patches has no inputs_embeds argument (as AST)")
     def test_inputs_embeds(self):
@@ -199,10 +192,6 @@ class M2D2ClapModelTest(ModelTesterMixin, PipelineTesterMixin, unittest.TestCase
 
     def test_config(self):
         self.config_tester.run_common_tests()
-
-    @_EXPORT_PENDING
-    def test_torch_export(self):
-        super().test_torch_export()
 
     @parameterized.expand(EAGER_MATCHES_SDPA_CASES)
     def test_eager_matches_sdpa_inference(
