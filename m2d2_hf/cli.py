@@ -537,12 +537,12 @@ def run_embed(args: argparse.Namespace) -> None:
     device = pick_device(args.device)
     feature_extractor = load_feature_extractor(args.model)
     check_long_enough(files, feature_extractor)
-    model = load_pretrained(AutoModel, args.model)
     fmt = args.format or ("safetensors" if args.output.suffix == ".safetensors" else "npy")
     if fmt == "npy":
         writer = NpyWriter(args.output)
     else:
         writer = SafetensorsWriter(args.output, {"model": str(args.model), "levels": ",".join(sorted(levels))})
+    model = load_pretrained(AutoModel, args.model)
     prepare_model(model, device, args.bf16)
     audio_model = model.audio_model if is_clap else model
 
