@@ -323,7 +323,10 @@ class M2D2FeatureExtractor(SequenceFeatureExtractor):
         Args:
             raw_audio: one clip (a 1-D array / tensor or a list of floats), a batch of clips of any lengths (a list
                 of 1-D arrays / tensors), or a batch of equal-length clips as a 2-D `[batch, samples]` array /
-                tensor. int16 audio is scaled by 1/32768 and int32 by 1/2**31; everything else is cast to float32.
+                tensor. Integer PCM is scaled to [-1, 1]: int16 by 1/32768, int32 by 1/2**31, int8 by 1/128 and
+                uint8 (8-bit WAV) as offset binary, (x - 128) / 128; other integer types and lists of Python ints
+                raise (their full scale is unknown). Float audio is cast to float32; samples beyond `max_peak`
+                raise instead of giving Inf/NaN features.
             sampling_rate (`int`, *optional*): rate of `raw_audio`. Audio at another rate than
                 `self.sampling_rate` is resampled (`torchaudio.functional.resample`). If omitted, the audio is
                 assumed to be at `self.sampling_rate` (with a warning).
