@@ -26,6 +26,7 @@ from .modeling_m2d2 import (
     frame_timestamps,
 )
 from .modeling_m2d2_pretraining import M2D2ForPreTraining, M2D2PreTrainingOutput
+from .pipelines import M2D2AudioClassificationPipeline, M2D2ZeroShotAudioClassificationPipeline, register_pipelines
 from .processing_m2d2 import M2D2Processor
 
 
@@ -39,6 +40,7 @@ def _register() -> None:
     for config_class in (M2D2AudioConfig, M2D2Config):
         AutoFeatureExtractor.register(config_class, M2D2FeatureExtractor, exist_ok=True)
     AutoProcessor.register(M2D2Config, M2D2Processor, exist_ok=True)
+    register_pipelines()
 
     # Saved folders then carry the defining modules and an `auto_map`, so they also load with
     # trust_remote_code=True where m2d2_hf is not installed.
@@ -69,6 +71,8 @@ __all__ = [
     "M2D2PreTrainedModel",
     "M2D2PreTrainingOutput",
     "M2D2Processor",
+    "M2D2AudioClassificationPipeline",
+    "M2D2ZeroShotAudioClassificationPipeline",
     "frame_timestamps",
     "optimize_for_cpu_inference",
 ]

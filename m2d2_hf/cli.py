@@ -6,14 +6,17 @@
     m2d2-hf zero-shot MODEL_DIR --metadata DATA/metadata.csv [--split test] [--labels ...]   (prints the accuracy)
 
 Every command is a thin layer over the package (`convert_checkpoint`, the Auto classes, the
-zero-shot-audio-classification pipeline). User errors (missing or unreadable files, a folder that is not an M2D2
+zero-shot-audio-classification pipeline's computation, batched). User errors (missing or unreadable files, a folder that is not an M2D2
 model, no labels, ...) end with one line on stderr and exit code 2, never a traceback.
 """
 
 import argparse
 import csv
 import json
+import math
+import os
 import sys
+import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,15 +25,17 @@ import numpy as np
 import soundfile as sf
 import torch
 import torchaudio
+from safetensors import SafetensorError
 from safetensors.numpy import save_file
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoFeatureExtractor, AutoModel, AutoProcessor, PreTrainedConfig, pipeline
+from transformers import AutoConfig, AutoFeatureExtractor, AutoModel, AutoProcessor, PreTrainedConfig
 
 from .configuration_m2d2 import M2D2AudioConfig, M2D2Config
 from .conversion import convert_checkpoint
 from .cpu_inference import optimize_for_cpu_inference
 from .feature_extraction_m2d2 import M2D2FeatureExtractor
 from .modeling_m2d2 import M2D2ClapModel, frame_timestamps, masked_mean
+from .pipelines import check_hypothesis_template
 
 
 # The prompt of the original zero-shot evaluation (spec §4, ESC-50 notebook).
@@ -41,6 +46,22 @@ M2D2_MODEL_TYPES = (M2D2AudioConfig.model_type, M2D2Config.model_type)
 
 class CLIError(Exception):
     """A user error: `run` prints it as one line on stderr and exits with code 2."""
+
+
+class IntermixedParser(argparse.ArgumentParser):
+    """A sub-command parser that takes options before, between and after the positionals
+    (`zero-shot MODEL --labels a,b FILE...`): `nargs="*"` positionals stop at the first option otherwise."""
+
+    _intermixing = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._intermixing:  # parse_known_intermixed_args calls back here for its two passes
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -63,6 +84,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive, finite number of seconds, got {text!r}")
     return value
 
 
@@ -184,6 +215,7 @@ def add_zero_shot_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"prompt with {{}} for the class name (default: {DEFAULT_TEMPLATE!r})",
     )
     parser.add_argument("--top-k", type=_positive_int, default=5, help="predictions shown per file (default: 5)")
+    parser.add_argument("--batch-size", type=_positive_int, default=8, help="files per forward pass (default: 8)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     add_bf16_argument(parser)
@@ -195,8 +227,12 @@ def add_timeline_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL_DIR", help="M2D2 CLAP model folder or hub id")
     parser.add_argument("audio", metavar="AUDIO", type=Path, help="an audio file (any rate, any channels)")
     parser.add_argument("--queries", required=True, help="comma-separated text queries, e.g. 'a dog barks,speech'")
-    parser.add_argument("--window", type=float, default=2.0, help="window length in seconds (default: 2.0)")
-    parser.add_argument("--hop", type=float, default=0.5, help="stride between windows in seconds (default: 0.5)")
+    parser.add_argument(
+        "--window", type=_positive_seconds, default=2.0, help="window length in seconds (default: 2.0)"
+    )
+    parser.add_argument(
+        "--hop", type=_positive_seconds, default=0.5, help="stride between windows in seconds (default: 0.5)"
+    )
     parser.add_argument(
         "--output", type=Path, required=True, help="PNG to write; the numbers go beside it as .csv and .json"
     )
@@ -209,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="m2d2-hf", description="M2D2 / M2D-CLAP (2025) audio and audio-language models for transformers."
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=IntermixedParser)
     add_convert_arguments(
         commands.add_parser(
             "convert",
@@ -373,6 +409,25 @@ def load_m2d2_config(model: str) -> PreTrainedConfig:
     return config
 
 
+def load_pretrained(loader, model: str, what: str = "the model"):
+    """`loader.from_pretrained(model)` with unreadable, truncated or foreign files as a CLIError."""
+    try:
+        return loader.from_pretrained(model)
+    except (OSError, ValueError, SafetensorError) as error:
+        raise CLIError(f"cannot load {what} from {model}: {error}") from error
+
+
+def writable_folder(folder: Path, option: str) -> Path:
+    """Creates `folder` if needed and checks that a file can be written there, before any compute."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise CLIError(f"cannot write {option} into {folder}: {error}") from error
+    return folder
+
+
 def load_feature_extractor(model: str) -> M2D2FeatureExtractor:
     """Loaded before the model, so that inputs are validated before the slow part."""
     try:
@@ -427,11 +482,14 @@ class NpyWriter:
     def __init__(self, folder: Path):
         if folder.exists() and not folder.is_dir():
             raise CLIError(f"--output {folder} exists and is not a folder (npy output is a folder)")
-        folder.mkdir(parents=True, exist_ok=True)
-        self.folder = folder
+        self.folder = writable_folder(folder, "--output")
 
     def add(self, stem: str, name: str, array: np.ndarray) -> None:
-        np.save(self.folder / f"{stem}.{name}.npy", array)
+        path = self.folder / f"{stem}.{name}.npy"
+        try:
+            np.save(path, array)
+        except OSError as error:
+            raise CLIError(f"cannot write {path}: {error}") from error
 
     def close(self) -> None:
         print(f"wrote .npy files to {self.folder}")
@@ -443,6 +501,7 @@ class SafetensorsWriter:
     def __init__(self, path: Path, metadata: dict[str, str]):
         if path.is_dir():
             raise CLIError(f"--output {path} is a folder (safetensors output is one file)")
+        writable_folder(path.parent, "--output")  # checked now: the file is written after all the compute
         self.path = path
         self.metadata = metadata
         self.tensors: dict[str, np.ndarray] = {}
@@ -451,8 +510,18 @@ class SafetensorsWriter:
         self.tensors[f"{stem}/{name}"] = np.ascontiguousarray(array)
 
     def close(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(self.tensors, str(self.path), metadata=self.metadata)
+        # A temporary file renamed into place: the output appears whole or not at all.
+        temporary = None
+        try:
+            handle, temporary = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+            os.close(handle)
+            save_file(self.tensors, temporary, metadata=self.metadata)
+            os.replace(temporary, self.path)
+        except OSError as error:
+            raise CLIError(f"cannot write {self.path}: {error}") from error
+        finally:
+            if temporary is not None and os.path.exists(temporary):
+                os.remove(temporary)
         print(f"wrote {len(self.tensors)} arrays to {self.path}")
 
 
@@ -472,15 +541,12 @@ def run_embed(args: argparse.Namespace) -> None:
     device = pick_device(args.device)
     feature_extractor = load_feature_extractor(args.model)
     check_long_enough(files, feature_extractor)
-    try:
-        model = AutoModel.from_pretrained(args.model)
-    except (OSError, ValueError) as error:
-        raise CLIError(f"cannot load the model from {args.model}: {error}") from error
     fmt = args.format or ("safetensors" if args.output.suffix == ".safetensors" else "npy")
     if fmt == "npy":
         writer = NpyWriter(args.output)
     else:
         writer = SafetensorsWriter(args.output, {"model": str(args.model), "levels": ",".join(sorted(levels))})
+    model = load_pretrained(AutoModel, args.model)
     prepare_model(model, device, args.bf16)
     audio_model = model.audio_model if is_clap else model
 
@@ -578,10 +644,9 @@ def parse_labels(args: argparse.Namespace, labelled: LabelledSet | None = None) 
 def label_prompts(labels: Sequence[str], template: str) -> dict[str, str]:
     """Maps each prompt label (underscores read as spaces, as the original evaluation) back to its given name."""
     try:
-        if template.format("a") == template.format("b"):
-            raise CLIError(f"--template {template!r} has no {{}} for the label")
-    except (IndexError, KeyError, ValueError) as error:
-        raise CLIError(f"--template {template!r} is not a format string with one {{}}: {error!r}") from error
+        check_hypothesis_template(template)
+    except ValueError as error:
+        raise CLIError(f"--template: {error}") from error
     names: dict[str, str] = {}
     for label in labels:
         spoken = label.replace("_", " ")
@@ -592,8 +657,8 @@ def label_prompts(labels: Sequence[str], template: str) -> dict[str, str]:
 
 
 def mono_at(file: AudioFile, sampling_rate: int) -> np.ndarray:
-    """The file averaged to mono and resampled as the feature extractor would: the pipeline takes numpy arrays as
-    already at the extractor's rate, and decoding here spares the ffmpeg binary it needs for paths."""
+    """The file averaged to mono and resampled as the feature extractor would (decoding here spares the ffmpeg
+    binary the pipeline needs for paths)."""
     return resample_to_mono(read_audio(file), file.sampling_rate, sampling_rate)
 
 
@@ -616,31 +681,29 @@ def run_zero_shot(args: argparse.Namespace) -> None:
     device = pick_device(args.device)
     feature_extractor = load_feature_extractor(args.model)
     check_long_enough(files, feature_extractor)
-    try:
-        classifier = pipeline(
-            "zero-shot-audio-classification", model=args.model, feature_extractor=feature_extractor, device=device
-        )
-    except (OSError, ValueError) as error:
-        raise CLIError(f"cannot load the model from {args.model}: {error}") from error
-    prepare_model(classifier.model, device, args.bf16)
-
+    tokenizer = load_pretrained(AutoProcessor, args.model, "the processor").tokenizer
+    model = prepare_model(load_pretrained(M2D2ClapModel, args.model), device, args.bf16)
+    # The zero-shot-audio-classification pipeline's computation (softmax over the labels of logits_per_audio),
+    # batched: one forward pass per --batch-size files instead of one pipeline call per file.
+    text_inputs = tokenizer([args.template.format(name) for name in names], return_tensors="pt", padding=True)
+    text_inputs = text_inputs.to(device)
+    label_names = list(names.values())
     results = []
     with progress(len(files), "zero-shot") as bar:
-        for file in files:
-            predictions = classifier(
-                mono_at(file, feature_extractor.sampling_rate),
-                candidate_labels=list(names),
-                hypothesis_template=args.template,
-            )
-            results.append(
-                {
-                    "file": str(file.path),
-                    "predictions": [
-                        {"label": names[p["label"]], "score": float(p["score"])} for p in predictions[: args.top_k]
-                    ],
-                }
-            )
-            bar.update()
+        for start in range(0, len(files), args.batch_size):
+            batch = files[start : start + args.batch_size]
+            rate = feature_extractor.sampling_rate
+            features = feature_extractor(
+                [mono_at(file, rate) for file in batch], sampling_rate=rate, return_tensors="pt"
+            ).to(device)
+            with torch.no_grad():
+                logits = model(**text_inputs, **features.to(model.dtype)).logits_per_audio
+            all_scores = logits.float().softmax(-1).cpu()
+            for file, scores in zip(batch, all_scores):
+                order = scores.argsort(descending=True, stable=True)[: args.top_k].tolist()
+                predictions = [{"label": label_names[i], "score": float(scores[i])} for i in order]
+                results.append({"file": str(file.path), "predictions": predictions})
+            bar.update(len(batch))
     summary = None
     if targets is not None:
         for result, target in zip(results, targets):
@@ -684,8 +747,6 @@ def run_timeline(args: argparse.Namespace) -> None:
     queries = [query.strip() for query in args.queries.split(",") if query.strip()]
     if not queries:
         raise CLIError("no queries given: pass --queries 'a dog barks,a bell rings'")
-    if args.window <= 0 or args.hop <= 0:
-        raise CLIError(f"--window ({args.window}) and --hop ({args.hop}) must be positive")
     if args.output.suffix.lower() != ".png":
         raise CLIError(f"--output must name a .png file, got {args.output}")
     (file,) = inspect_audio_files([args.audio])
@@ -693,13 +754,23 @@ def run_timeline(args: argparse.Namespace) -> None:
     if config.model_type != M2D2Config.model_type:
         raise CLIError(f"timeline needs an M2D2 CLAP model folder; {args.model} holds an audio encoder only")
     device = pick_device(args.device)
-    processor = AutoProcessor.from_pretrained(args.model)
+    processor = load_pretrained(AutoProcessor, args.model, "the processor")
+    rate = processor.feature_extractor.sampling_rate
+    shortest = processor.feature_extractor.min_samples / rate
+    if args.window < shortest:
+        raise CLIError(f"--window {args.window:g} s is shorter than the model's shortest input ({shortest:g} s)")
+    if round(args.hop * rate) < 1:
+        raise CLIError(f"--hop {args.hop:g} s is shorter than one sample at {rate} Hz")
     check_long_enough([file], processor.feature_extractor)
-    model = prepare_model(M2D2ClapModel.from_pretrained(args.model), device, args.bf16)
-    wave = mono_at(file, processor.feature_extractor.sampling_rate)
+    writable_folder(args.output.parent, "--output")  # before the compute, not after it
+    model = prepare_model(load_pretrained(M2D2ClapModel, args.model), device, args.bf16)
+    wave = mono_at(file, rate)
     timeline = sound_event_timeline(model, processor, wave, queries, args.window, args.hop)
-    png = plot_timeline(timeline, wave, processor.feature_extractor.sampling_rate, args.output, title=file.path.name)
-    csv_path, json_path = timeline.save(args.output.with_suffix(""))
+    try:
+        png = plot_timeline(timeline, wave, rate, args.output, title=file.path.name)
+        csv_path, json_path = timeline.save(args.output.with_suffix(""))
+    except OSError as error:
+        raise CLIError(f"cannot write the timeline next to {args.output}: {error}") from error
     for query, row in zip(timeline.queries, timeline.similarities):
         peak = int(np.argmax(row))
         print(f"{query}: peak {row[peak]:.3f} at {timeline.times[peak]:.2f} s")

@@ -34,6 +34,15 @@ STFT_METHODS = ("conv1d", "fft")
 # Attributes derived from the settings; rebuilt by `__init__`, so never written to preprocessor_config.json.
 _CACHE_ATTRIBUTES = ("_kernels",)
 
+# Integer PCM formats: (offset, full scale), sample value = (pcm - offset) / full scale. 8-bit WAV is unsigned offset
+# binary (scipy.io.wavfile returns it as uint8, silence = 128); the wider formats are two's complement.
+_PCM_SCALES = {
+    torch.uint8: (128.0, 128.0),
+    torch.int8: (0.0, 128.0),
+    torch.int16: (0.0, 32768.0),
+    torch.int32: (0.0, 2.0**31),
+}
+
 
 @contextmanager
 def _ieee_float32(device: torch.device) -> Iterator[None]:
@@ -317,7 +326,10 @@ class M2D2FeatureExtractor(SequenceFeatureExtractor):
         Args:
             raw_audio: one clip (a 1-D array / tensor or a list of floats), a batch of clips of any lengths (a list
                 of 1-D arrays / tensors), or a batch of equal-length clips as a 2-D `[batch, samples]` array /
-                tensor. int16 audio is scaled by 1/32768 and int32 by 1/2**31; everything else is cast to float32.
+                tensor. Integer PCM is scaled to [-1, 1]: int16 by 1/32768, int32 by 1/2**31, int8 by 1/128 and
+                uint8 (8-bit WAV) as offset binary, (x - 128) / 128; other integer types and lists of Python ints
+                raise (their full scale is unknown). Float audio is cast to float32; samples beyond `max_peak`
+                raise instead of giving Inf/NaN features.
             sampling_rate (`int`, *optional*): rate of `raw_audio`. Audio at another rate than
                 `self.sampling_rate` is resampled (`torchaudio.functional.resample`). If omitted, the audio is
                 assumed to be at `self.sampling_rate` (with a warning).
@@ -444,25 +456,72 @@ class M2D2FeatureExtractor(SequenceFeatureExtractor):
                     f"Clip {index} is not numeric audio (numpy dtype {array.dtype}, from {type(item).__name__}): "
                     f"pass float or integer PCM samples as an array, tensor or list of numbers."
                 )
+            if isinstance(item, (list, tuple)) and array.dtype == np.int64:
+                # numpy makes a list of Python ints int64: nothing tells their PCM width.
+                raise ValueError(
+                    f"Clip {index} is a list of integers, whose PCM width is unknown: pass "
+                    f"np.asarray(samples, dtype=np.int16) for 16-bit PCM values (or the matching integer dtype), or "
+                    f"float samples in [-1, 1]."
+                )
             # torch warns about read-only arrays (e.g. zero-copy views of Arrow data) even though nothing here
             # writes to the clip; copying them is cheaper than the noise.
             clip = torch.from_numpy(np.ascontiguousarray(array) if array.flags.writeable else array.copy())
-        if clip.dtype == torch.int16:
-            clip = clip.float() / 32768.0
-        elif clip.dtype == torch.int32:
-            clip = clip.float() / 2.0**31
-        clip = clip.to(device=device, dtype=torch.float32)
+        clip = self._pcm_to_float32(clip, index).to(device)
 
         expected = "[channels, samples] or [samples]" if mono else "[samples]"
         if clip.ndim == 2 and mono:
+            channels, samples = clip.shape
+            if channels > samples:
+                # More channels than samples: the layout of soundfile / librosa, [samples, channels].
+                raise ValueError(
+                    f"Clip {index} has shape {tuple(clip.shape)}: with mono=True a clip is [channels, samples], but "
+                    f"this looks like {channels} samples of {samples} channels with the channels on the last axis "
+                    f"(soundfile's [samples, channels] layout). Pass the transpose (`audio.T`)."
+                )
             clip = clip.mean(dim=0)
         elif clip.ndim != 1:
             hint = "" if mono else " Pass `mono=True` for multi-channel clips."
             raise ValueError(f"Clip {index} has shape {tuple(clip.shape)}, expected {expected}.{hint}")
         if clip.numel() == 0:
             raise ValueError(f"Clip {index} is empty (0 samples): every clip needs audio samples.")
-        if not torch.isfinite(clip).all():
+        return clip
+
+    @property
+    def max_peak(self) -> float:
+        """Largest sample magnitude whose features are finite in float32 (no audio in [-1, 1] comes near it).
+
+        An STFT bin's magnitude is at most the peak times the window's sum, so its power at most the square of that,
+        and a mel band's energy at most its filter's weight sum times the largest power. The bound keeps both 16x
+        below the float32 maximum (headroom for resampling overshoot and rounding); a louder input would overflow
+        into Inf, and a zero mel weight times Inf into NaN.
+        """
+        _, window, mel = self._kernels[torch.device("cpu")]
+        headroom = 16.0
+        max_power = torch.finfo(torch.float32).max / headroom / max(1.0, float(mel.sum(dim=1).max()))
+        return math.sqrt(max_power) / float(window.sum())
+
+    def _pcm_to_float32(self, clip: torch.Tensor, index: int) -> torch.Tensor:
+        """float32 samples from float audio (checked finite and in range) or integer PCM (scaled by its full range)."""
+        if clip.dtype in _PCM_SCALES:
+            offset, full_scale = _PCM_SCALES[clip.dtype]
+            return (clip.float() - offset) / full_scale
+        if not clip.is_floating_point():
+            raise ValueError(
+                f"Clip {index} has dtype {clip.dtype}, which is not a PCM sample format with a known full scale "
+                f"(uint8, int8, int16 and int32 are scaled to [-1, 1]). Convert it to the integer type of its PCM "
+                f"(e.g. .astype(np.int16) for 16-bit values) or to float samples in [-1, 1]."
+            )
+        if clip.numel() == 0:
+            return clip.float()
+        low, high = (float(value) for value in torch.aminmax(clip))  # NaN if any sample is NaN
+        if not (math.isfinite(low) and math.isfinite(high)):
             raise ValueError(
                 f"Clip {index} contains NaN or Inf values: clean or replace them (e.g. np.nan_to_num) first."
             )
-        return clip
+        peak = max(-low, high)
+        if peak > self.max_peak:
+            raise ValueError(
+                f"Clip {index} peaks at {peak:g}, too loud for float32 spectra (features would be Inf or NaN above "
+                f"{self.max_peak:.3g}): audio is expected in [-1, 1]; divide it by its full scale first."
+            )
+        return clip.float()

@@ -167,6 +167,30 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * weights).sum(1) / weights.sum(1).clamp(min=1)
 
 
+def frame_counts_from_mask(input_features_mask: torch.Tensor) -> torch.Tensor:
+    """Frames per clip [B] of an `input_features_mask` [B, T], which must be 1s for the real frames then 0s.
+
+    The encoder reads each clip as its first `count` frames, so any other mask (values other than 0/1, a 0 before
+    a 1) would silently encode other frames than the ones it marks: it is rejected.
+    """
+    mask = input_features_mask.to(torch.long)
+    if ((mask != 0) & (mask != 1)).any():
+        values = sorted(set(torch.unique(mask).tolist()) - {0, 1})[:5]
+        raise ValueError(
+            f"input_features_mask must hold 0 and 1 only (1 = real frame), got values {values}: pass the mask "
+            f"M2D2FeatureExtractor returns."
+        )
+    holes = (mask[:, 1:] > mask[:, :-1]).any(-1)
+    if holes.any():
+        clip = int(holes.nonzero()[0, 0])
+        raise ValueError(
+            f"input_features_mask of clip {clip} has a 0 before a 1: the mask must mark each clip's real frames as "
+            f"one run from its start (1s, then 0s for batch padding). To leave out a middle part, cut the audio "
+            f"and encode the parts as separate clips."
+        )
+    return mask.sum(-1)
+
+
 class M2D2PatchEmbeddings(nn.Module):
     """Non-overlapping patches of the log-mel ([B, F, W] → [B, rows * columns, D], frequency-major)."""
 
@@ -424,6 +448,9 @@ class M2D2AudioModel(M2D2PreTrainedModel):
                 f"input_features_mask must be [batch, frames] = {(input_features.shape[0], input_features.shape[2])}, "
                 f"got {tuple(input_features_mask.shape)}"
             )
+        if input_features_mask is not None and not torch.compiler.is_exporting():
+            # Also before the unpadded path, which would otherwise take a mask of 2s as all real.
+            frame_counts_from_mask(input_features_mask)
 
     def chunk_layout(self, input_features: torch.Tensor, input_features_mask: torch.Tensor | None) -> tuple:
         """Validates the input and plans its chunks; returns (layout, per-clip frame counts)."""
@@ -432,7 +459,7 @@ class M2D2AudioModel(M2D2PreTrainedModel):
         if input_features_mask is None:
             lengths = torch.full((batch,), frames, dtype=torch.long, device=input_features.device)
         else:
-            lengths = input_features_mask.to(torch.long).sum(-1)
+            lengths = frame_counts_from_mask(input_features_mask)
         layout = ChunkLayout.from_lengths(
             lengths.tolist(),
             self.config.chunk_frames,

@@ -1,10 +1,10 @@
-"""transformers' audio pipelines with batch_size > 1 over real clips of 0.1 s to 30 s (m2d2_hf.pipelines)."""
+"""`pipeline(...)` with batch_size > 1 over real clips of 0.1 s to 30 s (m2d2_hf.pipelines, registered on import)."""
 
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from transformers import pipeline
+from transformers import ZeroShotAudioClassificationPipeline, pipeline
 
 from m2d2_hf import M2D2AudioConfig, M2D2FeatureExtractor, M2D2ForAudioClassification
 from m2d2_hf.pipelines import M2D2AudioClassificationPipeline, M2D2ZeroShotAudioClassificationPipeline
@@ -35,9 +35,8 @@ def max_difference(batched: list[list[dict]], single: list[list[dict]]) -> float
 
 
 def test_zero_shot_batches_equal_single_calls(tiny_clap_dir, clips):
-    classifier = pipeline(
-        "zero-shot-audio-classification", model=str(tiny_clap_dir), pipeline_class=M2D2ZeroShotAudioClassificationPipeline
-    )
+    classifier = pipeline("zero-shot-audio-classification", model=str(tiny_clap_dir))
+    assert isinstance(classifier, M2D2ZeroShotAudioClassificationPipeline)
     single = [classifier(clip, candidate_labels=LABELS) for clip in clips]
     for batch_size in (2, 5, 16):
         assert max_difference(classifier(clips, candidate_labels=LABELS, batch_size=batch_size), single) <= 1e-5
@@ -49,14 +48,17 @@ def test_audio_classification_batches_equal_single_calls(tmp_path, clips):
     model = M2D2ForAudioClassification(config).eval()
     model.save_pretrained(tmp_path)
     M2D2FeatureExtractor.from_audio_config(config).save_pretrained(tmp_path)
-    classifier = pipeline("audio-classification", model=str(tmp_path), pipeline_class=M2D2AudioClassificationPipeline)
+    classifier = pipeline("audio-classification", model=str(tmp_path))
+    assert isinstance(classifier, M2D2AudioClassificationPipeline)
     single = [classifier(clip) for clip in clips]
     for batch_size in (2, 5, 16):
         assert max_difference(classifier(clips, batch_size=batch_size), single) <= 1e-5
 
 
 def test_transformers_collation_needs_the_m2d2_pipeline(tiny_clap_dir, clips):
-    """The stock pipeline pads [1, bins, frames] features along the bins: what the M2D2 subclasses work around."""
-    classifier = pipeline("zero-shot-audio-classification", model=str(tiny_clap_dir))
+    """transformers' own class pads [1, bins, frames] features along the bins: what the registered classes fix."""
+    classifier = pipeline(
+        "zero-shot-audio-classification", model=str(tiny_clap_dir), pipeline_class=ZeroShotAudioClassificationPipeline
+    )
     with pytest.raises(RuntimeError, match="expanded size"):
         classifier(clips[:2], candidate_labels=LABELS, batch_size=2)
