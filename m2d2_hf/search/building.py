@@ -280,7 +280,14 @@ def _settings(fingerprint: ModelFingerprint, window_seconds: float, hop_seconds:
 
 
 def _same_settings(meta: dict, settings: dict) -> bool:
-    return all(meta.get(key) == value for key, value in settings.items())
+    """Same model hashes (wherever the model now lies), window, hop and sampling rate."""
+
+    def hashes(model: dict | None) -> tuple:
+        return (model or {}).get("config_hash"), (model or {}).get("weights_hash")
+
+    return hashes(meta.get("model")) == hashes(settings["model"]) and all(
+        meta.get(key) == value for key, value in settings.items() if key != "model"
+    )
 
 
 def build_index(
@@ -311,13 +318,15 @@ def build_index(
         log: where progress lines go (default: stderr of the main process).
     """
     from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
 
     if window_seconds <= 0 or hop_seconds <= 0:
         raise ValueError(f"window ({window_seconds} s) and hop ({hop_seconds} s) must be positive")
     if index_type not in INDEX_TYPES:
         raise ValueError(f"unknown index type {index_type!r}: choose one of {INDEX_TYPES}")
     started = time.perf_counter()
-    state = PartialState()
+    # `accelerate launch` on CPUs only (ACCELERATE_USE_CPU=1) needs cpu=True for the gloo process group.
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     say = log or (lambda line: print(line, file=sys.stderr))
     if not state.is_main_process:
         say = lambda line: None  # noqa: E731 - one voice per run
