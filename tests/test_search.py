@@ -221,7 +221,7 @@ def test_cli_search_text_audio_json_and_model_mismatch(index_dir, collection, tm
 def test_sources_metadata_file_split_and_dataset(collection, tmp_path):
     test_rows = sum(1 for row in csv.DictReader(open(DATA / "metadata.csv")) if row["split"] == "test")
     assert len(list_source(collection / "metadata.csv", split="test")) == test_rows
-    with pytest.raises(ValueError, match="no 'split' column"):
+    with pytest.raises(ValueError, match="needs a metadata file with a 'split' column"):
         list_source(DATA / "audio" / "bird", split="test")
 
     datasets = pytest.importorskip("datasets")
