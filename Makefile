@@ -20,10 +20,12 @@ TIMELINE_CLIPS := examples/data/audio/alarm/fd_phone_outgoing_calling.flac:"a te
 .PHONY: setup demo demo-train test clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
-	@command -v ffmpeg >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq ffmpeg >/dev/null; \
-	  elif sudo -n true 2>/dev/null; then sudo apt-get update -qq && sudo apt-get install -y -qq ffmpeg >/dev/null; \
-	  else echo "note: ffmpeg is missing and cannot be installed here; audio file paths in pipeline() need it"; fi; }
+	@missing="$$(command -v ffmpeg >/dev/null || echo ffmpeg) $$(command -v chromium >/dev/null || echo chromium) \
+	  $$(command -v chromedriver >/dev/null || echo chromium-driver)"; missing="$$(echo $$missing)"; \
+	[ -z "$$missing" ] || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq $$missing >/dev/null; \
+	  elif sudo -n true 2>/dev/null; then sudo apt-get update -qq && sudo apt-get install -y -qq $$missing >/dev/null; \
+	  else echo "note: cannot install $$missing here: audio file paths in pipeline() need ffmpeg; the search page's browser test skips without chromium"; fi; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'

@@ -4,6 +4,9 @@
     m2d2-hf embed MODEL_DIR AUDIO... --output OUT [--format npy|safetensors] [--level clip|frame|clap|all]
     m2d2-hf zero-shot MODEL_DIR AUDIO... --labels a,b,c [--template "{} can be heard"] [--top-k 5] [--json]
     m2d2-hf zero-shot MODEL_DIR --metadata DATA/metadata.csv [--split test] [--labels ...]   (prints the accuracy)
+    m2d2-hf index MODEL_DIR SOURCE --output INDEX_DIR [--window 2 --hop 1] [--index-type flat|ivf|hnsw]
+    m2d2-hf search INDEX_DIR "a dog barks" [--audio example.wav] [--top-k 10] [--json]
+    m2d2-hf serve INDEX_DIR [--port 7860]
 
 Every command is a thin layer over the package (`convert_checkpoint`, the Auto classes, the
 zero-shot-audio-classification pipeline's computation, batched). User errors (missing or unreadable files, a folder that is not an M2D2
@@ -276,7 +279,34 @@ def build_parser() -> argparse.ArgumentParser:
             "the audio through the CLAP audio path; writes a PNG plot and the numbers as CSV and JSON.",
         )
     )
+    add_search_commands(commands)
     return parser
+
+
+def _library_errors(handler):
+    """Wraps a handler of the search package, whose errors are exceptions of the library, into CLIError."""
+
+    def run_handler(args: argparse.Namespace) -> None:
+        try:
+            handler(args)
+        except (ImportError, OSError, ValueError) as error:
+            raise CLIError(str(error)) from error
+
+    return run_handler
+
+
+def add_search_commands(commands) -> None:
+    """`index`, `search` and `serve` (m2d2_hf.search; FAISS and the web page come with the [search] / [app] extras)."""
+    from .search import commands as search
+
+    for name, add, handler, help_text in (
+        ("index", search.add_index_arguments, search.run_index, "embed a sound collection into a search index"),
+        ("search", search.add_search_arguments, search.run_search, "search an index by text or by example"),
+        ("serve", search.add_serve_arguments, search.run_serve, "serve an index as a web page on 127.0.0.1"),
+    ):
+        parser = commands.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".")
+        add(parser)
+        parser.set_defaults(handler=_library_errors(handler))
 
 
 def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:

@@ -49,6 +49,47 @@ class Timeline:
         return base.with_suffix(".csv"), base.with_suffix(".json")
 
 
+def window_starts(num_samples: int, window: int, hop: int) -> list[int]:
+    """First samples of the windows over a recording of `num_samples` (window and hop in samples): one every `hop`,
+    plus one that ends at the recording's end when the hops miss the tail. A recording shorter than one window is
+    one window (of its whole length: callers clip `window` to `num_samples`)."""
+    starts = list(range(0, max(num_samples - window, 0) + 1, hop))
+    if starts[-1] + window < num_samples:
+        starts.append(num_samples - window)  # cover the tail
+    return starts
+
+
+@torch.no_grad()
+def window_embeddings(
+    model: M2D2ClapModel,
+    processor,
+    waveform: np.ndarray,
+    window_seconds: float = 2.0,
+    hop_seconds: float = 0.5,
+    batch_size: int = 16,
+) -> tuple[np.ndarray, int, torch.Tensor]:
+    """CLAP audio embeddings of the windows of `waveform` (mono, at the processor's sampling rate), `batch_size`
+    windows per forward, so memory holds the waveform and one batch of windows whatever the length.
+
+    Returns (window start samples, window length in samples, L2-normalised embeddings [windows, projection_dim])."""
+    if window_seconds <= 0 or hop_seconds <= 0:
+        raise ValueError(f"window ({window_seconds} s) and hop ({hop_seconds} s) must be positive")
+    rate = processor.feature_extractor.sampling_rate
+    wave = np.asarray(waveform, dtype=np.float32)
+    if wave.ndim != 1:
+        raise ValueError(f"window embeddings take mono audio [samples], got shape {wave.shape}")
+    window, hop = int(round(window_seconds * rate)), int(round(hop_seconds * rate))
+    window = min(window, len(wave))
+    starts = window_starts(len(wave), window, hop)
+    device = next(model.parameters()).device
+    audio_rows = []
+    for first in range(0, len(starts), batch_size):
+        clips = np.stack([wave[start : start + window] for start in starts[first : first + batch_size]])
+        inputs = processor(audio=clips, sampling_rate=rate, return_tensors="pt").to(device)
+        audio_rows.append(model.get_audio_features(**inputs).pooler_output)
+    return np.asarray(starts), window, torch.cat(audio_rows)
+
+
 @torch.no_grad()
 def sound_event_timeline(
     model: M2D2ClapModel,
@@ -67,25 +108,13 @@ def sound_event_timeline(
     if window_seconds <= 0 or hop_seconds <= 0:
         raise ValueError(f"window ({window_seconds} s) and hop ({hop_seconds} s) must be positive")
     rate = processor.feature_extractor.sampling_rate
-    wave = np.asarray(waveform, dtype=np.float32)
-    if wave.ndim != 1:
-        raise ValueError(f"sound_event_timeline takes mono audio [samples], got shape {wave.shape}")
-    window, hop = int(round(window_seconds * rate)), int(round(hop_seconds * rate))
-    window = min(window, len(wave))
-    starts = list(range(0, max(len(wave) - window, 0) + 1, hop))
-    if starts[-1] + window < len(wave):
-        starts.append(len(wave) - window)  # cover the tail
     device = next(model.parameters()).device
-
     text_inputs = processor(text=queries, return_tensors="pt").to(device)
     text = model.get_text_features(**text_inputs).pooler_output
-    audio_rows = []
-    for first in range(0, len(starts), batch_size):
-        clips = np.stack([wave[start : start + window] for start in starts[first : first + batch_size]])
-        inputs = processor(audio=clips, sampling_rate=rate, return_tensors="pt").to(device)
-        audio_rows.append(model.get_audio_features(**inputs).pooler_output)
-    similarities = (torch.cat(audio_rows) @ text.t()).t().float().cpu().numpy()
-    times = (np.asarray(starts) + window / 2) / rate
+    starts, window, audio = window_embeddings(model, processor, waveform, window_seconds, hop_seconds, batch_size)
+    similarities = (audio @ text.t()).t().float().cpu().numpy()
+    times = (starts + window / 2) / rate
+    hop = int(round(hop_seconds * rate))
     return Timeline(list(queries), times, similarities, window / rate, hop / rate)
 
 

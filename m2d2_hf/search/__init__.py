@@ -1,0 +1,22 @@
+"""Search a sound collection by text or by example: `build_index` embeds it into an index folder (clip and window
+CLAP embeddings, Parquet, FAISS), `SoundIndex` searches it, `m2d2_hf.search.app` serves it as a web page.
+
+Needs the `[search]` extra (faiss-cpu); the web page needs `[app]` (fastapi, uvicorn, python-multipart).
+"""
+
+from .api import ModelMismatchError, SearchHit, SoundIndex
+from .building import IndexSummary, build_index
+from .sources import SourceItem, list_source
+from .vector_index import INDEX_TYPES
+
+
+__all__ = [
+    "INDEX_TYPES",
+    "IndexSummary",
+    "ModelMismatchError",
+    "SearchHit",
+    "SoundIndex",
+    "SourceItem",
+    "build_index",
+    "list_source",
+]

