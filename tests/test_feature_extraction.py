@@ -16,6 +16,7 @@ from m2d2_hf.feature_extraction_m2d2 import M2D2FeatureExtractor
 # ten times the 1-ulp differences that CPUs with other oneDNN kernels (Intel Xeon AMX) give.
 LONG_CLIP_LOG_MEL_TOLERANCE = 1e-5
 
+
 def _sine(sampling_rate: int, seconds: float, hz: float = 1000.0) -> np.ndarray:
     t = np.arange(int(round(sampling_rate * seconds))) / sampling_rate
     return (0.5 * np.sin(2 * np.pi * hz * t)).astype(np.float32)
