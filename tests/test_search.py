@@ -438,7 +438,7 @@ def chromium_driver(width: int = 1100, height: int = 900):
     options = webdriver.ChromeOptions()
     options.binary_location = binary
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                 f"--window-size={width},{height}"):  # fmt: skip
+                 "--autoplay-policy=no-user-gesture-required", f"--window-size={width},{height}"):  # fmt: skip
         options.add_argument(flag)
     return webdriver.Chrome(service=Service(driver_path), options=options)
 
@@ -458,22 +458,32 @@ def test_page_answers_a_query_in_a_headless_browser(served, collection):
         WebDriverWait(driver, 30).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "li.hit")) == 10)
         first = driver.find_elements(By.CSS_SELECTOR, "li.hit")[0]
         assert "#t=" in first.find_element(By.TAG_NAME, "audio").get_attribute("src")
+        # The player of the latest-starting match begins at its moment, not at 0.
+        start = driver.execute_script(
+            "const players = [...document.querySelectorAll('li.hit audio')];"
+            "const starts = players.map(a => parseFloat(a.src.split('#t=')[1]));"
+            "const i = starts.indexOf(Math.max(...starts)); window.player = players[i];"
+            "window.player.muted = true; window.player.play(); return starts[i];"
+        )
+        assert start > 0
+        WebDriverWait(driver, 30).until(lambda d: d.execute_script("return window.player.currentTime") > 0)
+        assert driver.execute_script("return window.player.currentTime") >= start - 0.05
+        driver.execute_script("window.player.pause()")
         first.find_element(By.CSS_SELECTOR, "button.plot").click()
         WebDriverWait(driver, 60).until(
             lambda d: d.execute_script("const i = document.getElementById('timeline-image'); "
                                        "return i !== null && i.complete && i.naturalWidth > 0")  # fmt: skip
         )
         if os.environ.get("M2D2_SEARCH_SCREENSHOT"):  # how docs/search_page.png is made
+            driver.set_window_size(1100, 1250)  # the plot and the first results
             driver.save_screenshot(os.environ["M2D2_SEARCH_SCREENSHOT"])
 
         # Search by an uploaded example: the clip comes first, and its timeline plots against the clip.
         clip = (collection / "audio" / "bird" / "si_canary_long.flac").resolve()
         driver.find_element(By.ID, "clip").send_keys(str(clip))
         driver.find_element(By.ID, "go-audio").click()
-        WebDriverWait(driver, 30).until(
-            lambda d: d.find_elements(By.CSS_SELECTOR, "li.hit .name")
-            and d.find_elements(By.CSS_SELECTOR, "li.hit .name")[0].get_attribute("title") == str(clip)
-        )
+        first_title = "const n = document.querySelector('li.hit .name'); return n === null ? null : n.title"
+        WebDriverWait(driver, 30).until(lambda d: d.execute_script(first_title) == str(clip))  # read in one step
         driver.find_elements(By.CSS_SELECTOR, "li.hit button.plot")[0].click()
         WebDriverWait(driver, 60).until(
             lambda d: d.execute_script("const i = document.getElementById('timeline-image'); "

@@ -54,8 +54,8 @@ PAGE = """<!doctype html>
  <button id="go-audio" type="submit">Search by clip</button>
 </form>
 <p id="error"></p>
-<ol id="results"></ol>
 <div id="timeline"></div>
+<ol id="results"></ol>
 <script>
 const results = document.getElementById("results"), errorBox = document.getElementById("error");
 const timeline = document.getElementById("timeline");
