@@ -8,7 +8,7 @@ retrieval.
 2. FAISS search latency over 10^5 and 10^6 synthetic L2-normalised vectors of the model's embedding size
    (clustered: 2,000 random centres plus noise, as embeddings of real sounds cluster; queries are perturbed indexed
    vectors): exact (`flat`) against IVF and HNSW built by the package's `build_vector_index` with its default
-   parameters, one query at a time and 100 at once, with recall@10 against exact; plus one `SoundIndex` text query
+   parameters, one query at a time and all (--queries, 100) at once, with recall@10 against exact; plus one `SoundIndex` text query
    end to end (text tower + search) on the real-clip index.
 3. Text→audio R@1 / R@5 of the captions of real_sounds against their clips on the demo model, against chance, for
    the clips the demo model was trained on (split train) and the held-out ones (split test).
@@ -47,9 +47,10 @@ def index_worker(model: str, source: str, output: str) -> None:
     load_clap_model(model)
     baseline = peak_rss_bytes()
     summary = build_index(model, source, output, progress=False, log=lambda line: None)
-    print(json.dumps({"seconds": summary.seconds, "audio_seconds": summary.audio_seconds,
-                      "num_files": summary.num_files, "num_vectors": summary.num_vectors,
-                      "failed": len(summary.failed), "baseline_rss": baseline, "peak_rss": peak_rss_bytes()}))  # fmt: skip
+    result = {"seconds": summary.seconds, "audio_seconds": summary.audio_seconds, "num_files": summary.num_files,
+              "num_vectors": summary.num_vectors, "failed": len(summary.failed), "baseline_rss": baseline,
+              "peak_rss": peak_rss_bytes()}  # fmt: skip
+    print(json.dumps(result))
 
 
 def run_index(model: str, source: Path, output: Path) -> dict:
@@ -66,7 +67,8 @@ def print_index(name: str, result: dict) -> None:
         f"  {name}: {result['num_files']} sounds, {audio / 3600:.3f} h of audio, {result['num_vectors']} vectors, "
         f"{result['failed']} failed: {seconds:.1f} s = {audio / seconds:.1f} audio hours per hour (x real time), "
         f"{result['num_files'] / seconds:.2f} clips/s; peak RSS {result['peak_rss'] / MB:.0f} MB against "
-        f"{result['baseline_rss'] / MB:.0f} MB after imports + model load (+{(result['peak_rss'] - result['baseline_rss']) / MB:.0f} MB)"
+        f"{result['baseline_rss'] / MB:.0f} MB after imports + model load "
+        f"(+{(result['peak_rss'] - result['baseline_rss']) / MB:.0f} MB)"
     )
 
 
@@ -144,7 +146,7 @@ def bench_latency(size: int, dim: int, num_queries: int) -> None:
         speed = "" if kind == "flat" else f" = {exact_single / single:.1f}x / {exact_batched / batched:.1f}x exact"
         print(
             f"    {kind:<4} {json.dumps(resolved_params(kind, size))}: built in {build:.1f} s; one query "
-            f"{single:.2f} ms, 100 at once {batched:.3f} ms/query{speed}; recall@10 against exact {recall:.4f}"
+            f"{single:.2f} ms, {len(queries)} at once {batched:.3f} ms/query{speed}; recall@10 against exact {recall:.4f}"
         )
         del index
 

@@ -81,7 +81,8 @@ def test_index_folder_contents(index_dir, collection):
     rows = _rows(index_dir)
     assert meta["num_vectors"] == len(rows)
     concatenated = str((collection / "audio" / "concatenated.wav").resolve())
-    kinds = [k for key, k in zip(rows.column("key").to_pylist(), rows.column("kind").to_pylist()) if key == concatenated]
+    keys, all_kinds = rows.column("key").to_pylist(), rows.column("kind").to_pylist()
+    kinds = [kind for key, kind in zip(keys, all_kinds) if key == concatenated]
     # 17.9 s: the clip, then windows every second up to the one ending at the end.
     assert kinds[0] == "clip" and kinds.count("window") == 17
     norms = np.linalg.norm(embeddings_of(rows), axis=1)
@@ -283,7 +284,8 @@ def test_sources_folder_audiofolder_and_metadata_files(collection, tmp_path):
     # A JSONL list elsewhere, paths relative to it.
     listing = tmp_path / "lists" / "some.jsonl"
     listing.parent.mkdir()
-    listing.write_text("".join(json.dumps({"path": os.path.relpath(key, listing.parent)}) + "\n" for key in expected[:3]))
+    lines = [json.dumps({"path": os.path.relpath(key, listing.parent)}) for key in expected[:3]]
+    listing.write_text("\n".join(lines) + "\n")
     assert [item.key for item in list_source(listing)] == expected[:3]
     with pytest.raises(ValueError, match="needs a metadata file with a 'split' column"):
         list_source(DATA / "audio" / "bird", split="test")

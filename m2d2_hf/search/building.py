@@ -34,7 +34,14 @@ from tqdm.auto import tqdm
 from ..training.data import AudioDecodeError, decode_audio
 from .embedding import ModelFingerprint, clip_embeddings, load_clap_model, model_fingerprint, timed_window_embeddings
 from .sources import SourceItem, list_source
-from .vector_index import INDEX_TYPES, build_vector_index, check_overrides, recall_at_k, resolved_params, write_vector_index
+from .vector_index import (
+    INDEX_TYPES,
+    build_vector_index,
+    check_overrides,
+    recall_at_k,
+    resolved_params,
+    write_vector_index,
+)
 
 
 FORMAT = "m2d2-hf-sound-index"
@@ -238,7 +245,9 @@ m2d2-hf serve INDEX_DIR --port 7860
 """
 
 
-def _write_index(output: Path, table, failures: list[dict], meta: dict, index_type: str, params: dict | None) -> float | None:
+def _write_index(
+    output: Path, table, failures: list[dict], meta: dict, index_type: str, params: dict | None
+) -> float | None:
     import pyarrow.parquet as pq
 
     vectors = embeddings_of(table)
@@ -260,8 +269,9 @@ def _write_index(output: Path, table, failures: list[dict], meta: dict, index_ty
     temporary.mkdir(parents=True)
     try:
         # The Parquet file names its model too, so that it stays identifiable when copied out of the folder.
-        described = table.replace_schema_metadata({PARQUET_MODEL_KEY: json.dumps(meta["model"]),
-                                                   PARQUET_SETTINGS_KEY: json.dumps(_window_settings(meta))})  # fmt: skip
+        described = table.replace_schema_metadata(
+            {PARQUET_MODEL_KEY: json.dumps(meta["model"]), PARQUET_SETTINGS_KEY: json.dumps(_window_settings(meta))}
+        )
         pq.write_table(described, temporary / ITEMS_FILE)
         write_vector_index(index, str(temporary / VECTORS_FILE))
         (temporary / META_FILE).write_text(json.dumps(meta, indent=2))

@@ -101,11 +101,13 @@ def _dataset_items(dataset, name: str, audio_column: str) -> list[SourceItem]:
         raise ValueError(f"the dataset {name} has no audio column {audio_column!r} (columns: {dataset.column_names})")
     dataset = _cast_audio_undecoded(dataset, audio_column)
     stamp = getattr(dataset, "_fingerprint", None) or "unknown"
-    return [SourceItem(f"{name}#{row}", stamp, None, _DatasetRow(dataset, audio_column, row)) for row in range(len(dataset))]
+    return [
+        SourceItem(f"{name}#{row}", stamp, None, _DatasetRow(dataset, audio_column, row)) for row in range(len(dataset))
+    ]
 
 
 def _is_saved_dataset(folder: Path) -> bool:
-    """A `save_to_disk` folder of a `Dataset` (dataset_info.json + state.json) or a `DatasetDict` (dataset_dict.json)."""
+    """A `save_to_disk` folder: of a `Dataset` (state.json) or of a `DatasetDict` (dataset_dict.json)."""
     return folder.is_dir() and any((folder / name).is_file() for name in ("state.json", "dataset_dict.json"))
 
 
