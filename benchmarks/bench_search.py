@@ -8,8 +8,8 @@ retrieval.
 2. FAISS search latency over 10^5 and 10^6 synthetic L2-normalised vectors of the model's embedding size
    (clustered: 2,000 random centres plus noise, as embeddings of real sounds cluster; queries are perturbed indexed
    vectors): exact (`flat`) against IVF and HNSW built by the package's `build_vector_index` with its default
-   parameters, one query at a time and all (--queries, 100) at once, with recall@10 against exact; plus one `SoundIndex` text query
-   end to end (text tower + search) on the real-clip index.
+   parameters, one query at a time and all (--queries, 100) at once, with recall@10 against exact; plus one
+   `SoundIndex` text query end to end (text tower + search) on the real-clip index.
 3. Text→audio R@1 / R@5 of the captions of real_sounds against their clips on the demo model, against chance, for
    the clips the demo model was trained on (split train) and the held-out ones (split test).
 
@@ -146,7 +146,8 @@ def bench_latency(size: int, dim: int, num_queries: int) -> None:
         speed = "" if kind == "flat" else f" = {exact_single / single:.1f}x / {exact_batched / batched:.1f}x exact"
         print(
             f"    {kind:<4} {json.dumps(resolved_params(kind, size))}: built in {build:.1f} s; one query "
-            f"{single:.2f} ms, {len(queries)} at once {batched:.3f} ms/query{speed}; recall@10 against exact {recall:.4f}"
+            f"{single:.2f} ms, {len(queries)} at once {batched:.3f} ms/query{speed}; "
+            f"recall@10 against exact {recall:.4f}"
         )
         del index
 
