@@ -25,7 +25,7 @@ from m2d2_hf.cli import main  # noqa: E402
 from m2d2_hf.search import SoundIndex, build_index, list_source  # noqa: E402
 from m2d2_hf.search import building  # noqa: E402
 from m2d2_hf.search.building import embeddings_of  # noqa: E402
-from m2d2_hf.search.vector_index import build_vector_index, recall_at_k  # noqa: E402
+from m2d2_hf.search.vector_index import build_vector_index, recall_at_k, resolved_params  # noqa: E402
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,11 +81,16 @@ def test_index_folder_contents(index_dir, collection):
     rows = _rows(index_dir)
     assert meta["num_vectors"] == len(rows)
     concatenated = str((collection / "audio" / "concatenated.wav").resolve())
-    kinds = [k for key, k in zip(rows.column("key").to_pylist(), rows.column("kind").to_pylist()) if key == concatenated]
+    keys, all_kinds = rows.column("key").to_pylist(), rows.column("kind").to_pylist()
+    kinds = [kind for key, kind in zip(keys, all_kinds) if key == concatenated]
     # 17.9 s: the clip, then windows every second up to the one ending at the end.
     assert kinds[0] == "clip" and kinds.count("window") == 17
     norms = np.linalg.norm(embeddings_of(rows), axis=1)
     np.testing.assert_allclose(norms, 1.0, atol=1e-5)
+    described = pq.read_schema(index_dir / "items.parquet").metadata
+    assert json.loads(described[b"m2d2_hf.model"]) == meta["model"]
+    assert json.loads(described[b"m2d2_hf.settings"]) == {"window_seconds": 2.0, "hop_seconds": 1.0,
+                                                           "sampling_rate": 16000}  # fmt: skip
     readme = (index_dir / "README.md").read_text()
     assert "m2d2-hf search" in readme and meta["model"]["config_hash"] in readme
     assert not any(p.name.startswith(".") for p in index_dir.parent.iterdir())  # no temporary or partial folder left
@@ -148,21 +153,66 @@ def test_interrupted_index_resumes_to_the_same_result(collection, index_dir, tmp
     _assert_same_index(output, index_dir)
 
 
-def test_changed_file_is_indexed_again(tmp_path, monkeypatch):
+class _RecordedBar:
+    """Stands in for tqdm: records the total and the updates of every progress bar."""
+
+    bars: list = []
+
+    def __init__(self, total, **kwargs):
+        self.total, self.done, self.disable = total, 0, kwargs.get("disable")
+        _RecordedBar.bars.append(self)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, count):
+        self.done += count
+
+
+def test_changed_file_is_indexed_again_and_removed_one_dropped(tmp_path, monkeypatch):
     folder = tmp_path / "few"
     folder.mkdir()
     for name in SEGMENTS:
         shutil.copy(DATA / "audio" / name, folder)
     output = tmp_path / "index"
-    build_index(MODEL, folder, output, progress=False)
+    monkeypatch.setattr(building, "tqdm", _RecordedBar)
+    _RecordedBar.bars = []
+    build_index(MODEL, folder, output)
+    (bar,) = _RecordedBar.bars
+    assert (bar.total, bar.done, bar.disable) == (3, 3, None)  # None: tqdm shows it on a terminal
     changed = folder / Path(SEGMENTS[0]).name
     wave, rate = sf.read(changed, dtype="float32")
     sf.write(changed, wave[: len(wave) // 2], rate)  # new content, new size and mtime
     summary = build_index(MODEL, folder, output, progress=False)
     assert (summary.embedded_files, summary.reused_files) == (1, 2)
+    assert _RecordedBar.bars[-1].total == 1 and _RecordedBar.bars[-1].disable is True
     rows = _rows(output)
     durations = dict(zip(rows.column("key").to_pylist(), rows.column("duration").to_pylist()))
     assert durations[str(changed.resolve())] == pytest.approx(len(wave) // 2 / rate)
+
+    removed = folder / Path(SEGMENTS[1]).name
+    removed.unlink()
+    summary = build_index(MODEL, folder, output, progress=False)
+    assert (summary.num_files, summary.embedded_files, summary.reused_files) == (2, 0, 2)
+    assert str(removed.resolve()) not in set(_rows(output).column("key").to_pylist())
+    assert len(SoundIndex(output)) == 2
+
+
+def test_a_partial_run_of_other_settings_is_not_mixed_in(tmp_path):
+    folder = tmp_path / "one"
+    folder.mkdir()
+    shutil.copy(DATA / "audio" / SEGMENTS[0], folder)
+    partial = tmp_path / ".index.partial"
+    partial.mkdir()
+    (partial / "settings.json").write_text(json.dumps({"model": {"config_hash": "0" * 16, "weights_hash": "1"},
+                                                       "window_seconds": 2.0, "hop_seconds": 1.0}))  # fmt: skip
+    with pytest.raises(ValueError, match="interrupted run with another model or window / hop: delete it"):
+        build_index(MODEL, folder, tmp_path / "index", progress=False)
+    with pytest.raises(ValueError, match="hnsw indexes have no parameter 'efs'"):
+        build_index(MODEL, folder, tmp_path / "index", index_type="hnsw", index_params={"efs": 3})
 
 
 def test_broken_files_are_counted_listed_and_skipped(tmp_path, capsys):
@@ -172,12 +222,13 @@ def test_broken_files_are_counted_listed_and_skipped(tmp_path, capsys):
     (folder / "broken.wav").write_bytes(b"RIFF\x00\x00 this is not audio" * 10)
     (folder / "empty.flac").write_bytes(b"")
     output = tmp_path / "index"
-    assert main(["index", MODEL, str(folder), "--output", str(output), "--index-type", "hnsw"]) == 0
+    assert main(["index", MODEL, str(folder), "--output", str(output), "--index-type", "hnsw",
+                 "--index-param", "ef_search=16"]) == 0  # fmt: skip
     printed = capsys.readouterr()
     assert "1 embedded" not in printed.out and "2 failed" in printed.out
     assert "recall@10 against exact search: 1.0000" in printed.out
     meta = json.loads((output / "index.json").read_text())
-    assert meta["num_files"] == 1 and meta["faiss"]["type"] == "hnsw"
+    assert meta["num_files"] == 1 and meta["faiss"]["type"] == "hnsw" and meta["faiss"]["params"]["ef_search"] == 16
     assert sorted(Path(f["key"]).name for f in meta["failed"]) == ["broken.wav", "empty.flac"]
     assert "broken.wav" in (output / "README.md").read_text()
 
@@ -218,20 +269,71 @@ def test_cli_search_text_audio_json_and_model_mismatch(index_dir, collection, tm
     assert "no query" in capsys.readouterr().err
 
 
-def test_sources_metadata_file_split_and_dataset(collection, tmp_path):
-    test_rows = sum(1 for row in csv.DictReader(open(DATA / "metadata.csv")) if row["split"] == "test")
-    assert len(list_source(collection / "metadata.csv", split="test")) == test_rows
+def test_sources_folder_audiofolder_and_metadata_files(collection, tmp_path):
+    with open(DATA / "metadata.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    expected = [str((DATA / row["file_name"]).resolve()) for row in rows]
+    # An audiofolder (its metadata.csv) and a bare folder of audio files list the same files.
+    assert [item.key for item in list_source(DATA)] == expected
+    assert sorted(item.key for item in list_source(DATA / "audio")) == sorted(expected)
+    assert all(item.path == item.key and item.stamp.count(":") == 1 for item in list_source(DATA))
+    test_rows = [key for key, row in zip(expected, rows) if row["split"] == "test"]
+    assert [item.key for item in list_source(collection / "metadata.csv", split="test")] == [
+        str(Path(key.replace(str(DATA.resolve()), str(collection.resolve())))) for key in test_rows
+    ]
+    # A JSONL list elsewhere, paths relative to it.
+    listing = tmp_path / "lists" / "some.jsonl"
+    listing.parent.mkdir()
+    lines = [json.dumps({"path": os.path.relpath(key, listing.parent)}) for key in expected[:3]]
+    listing.write_text("\n".join(lines) + "\n")
+    assert [item.key for item in list_source(listing)] == expected[:3]
     with pytest.raises(ValueError, match="needs a metadata file with a 'split' column"):
         list_source(DATA / "audio" / "bird", split="test")
+    with pytest.raises(ValueError, match="none of the path columns"):
+        (tmp_path / "bad.csv").write_text("name\nx.wav\n")
+        list_source(tmp_path / "bad.csv")
 
+
+def test_sources_datasets_in_memory_on_disk_and_by_id(tmp_path, monkeypatch):
     datasets = pytest.importorskip("datasets")
-    paths = [str(DATA / "audio" / name) for name in SEGMENTS[:2]]
+    paths = [str(DATA / "audio" / name) for name in SEGMENTS]
     dataset = datasets.Dataset.from_dict({"audio": paths}).cast_column("audio", datasets.Audio())
-    summary = build_index(MODEL, dataset, tmp_path / "from_dataset", progress=False)
+    summary = build_index(MODEL, dataset.select([0, 1]), tmp_path / "from_dataset", progress=False)
     assert summary.num_files == 2 and not summary.failed
     index = SoundIndex(tmp_path / "from_dataset")
     (result,) = index.search(audio=[paths[1]], top_k=1)
     assert result["results"][0]["key"] == "dataset#1"
+
+    # save_to_disk folders: a Dataset, and a DatasetDict whose split must be chosen.
+    dataset.save_to_disk(tmp_path / "saved")
+    saved = list_source(tmp_path / "saved")
+    assert [item.key for item in saved] == [f"{(tmp_path / 'saved').resolve()}#{row}" for row in range(3)]
+    with pytest.raises(ValueError, match="is a single split: drop --split test"):
+        list_source(tmp_path / "saved", split="test")
+    splits = datasets.DatasetDict({"train": dataset.select([0, 1]), "test": dataset.select([2])})
+    splits.save_to_disk(tmp_path / "splits")
+    with pytest.raises(ValueError, match=r"has the splits \['train', 'test'\]: choose one with --split"):
+        list_source(tmp_path / "splits")
+    with pytest.raises(ValueError, match="has no split 'dev'"):
+        list_source(tmp_path / "splits", split="dev")
+    summary = build_index(MODEL, tmp_path / "splits", tmp_path / "from_disk", split="test", progress=False)
+    assert summary.num_files == 1 and _rows(tmp_path / "from_disk").column("duration")[0].as_py() == pytest.approx(
+        sf.info(paths[2]).duration
+    )
+
+    # A hub id goes to datasets.load_dataset (here answered from the local folder, the tests being offline).
+    def load_dataset(name, split=None):
+        if name != "someone/sounds":
+            raise FileNotFoundError(f"Dataset '{name}' doesn't exist on the Hub")
+        loaded = datasets.load_from_disk(str(tmp_path / "splits"))
+        return loaded if split is None else loaded[split]
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    by_id = list_source("someone/sounds", split="train")
+    assert [item.key for item in by_id] == ["someone/sounds#0", "someone/sounds#1"]
+    assert by_id[0].audio_value()["path"].endswith(Path(paths[0]).name)
+    with pytest.raises(ValueError, match="neither a folder of audio files, a metadata file, nor a dataset"):
+        list_source("nobody/nothing")
 
 
 def test_approximate_indexes_report_recall():
@@ -241,6 +343,14 @@ def test_approximate_indexes_report_recall():
         recall = recall_at_k(build_vector_index(vectors, kind), vectors, num_queries=200)
         assert 0.5 < recall <= 1.0, (kind, recall)
     assert recall_at_k(build_vector_index(vectors, "flat"), vectors, num_queries=200) == 1.0
+    assert resolved_params("ivf", 5000) == {"nlist": 70, "nprobe": 32}
+    assert resolved_params("ivf", 5000, {"nprobe": 70})["nprobe"] == 70
+    with pytest.raises(ValueError, match="nlist 6000 is more IVF lists than the 5000 vectors"):
+        resolved_params("ivf", 5000, {"nlist": 6000})
+    with pytest.raises(ValueError, match="must be a positive integer"):
+        resolved_params("hnsw", 5000, {"M": 0})
+    with pytest.raises(ValueError, match="flat indexes have no parameter 'nlist'"):
+        resolved_params("flat", 5000, {"nlist": 4})
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -271,7 +381,21 @@ def test_json_endpoint_answers_a_query(sound_index, collection):
     assert upload.status_code == 200 and upload.json()["results"][0]["key"] == str(clip.resolve())
     bad = client.post("/api/search-audio", files={"file": ("q.wav", b"not audio")})
     assert bad.status_code == 400 and "cannot decode" in bad.json()["detail"]
+    by_clip = client.post(hits[0]["timeline_url"], files={"file": ("q.flac", clip.read_bytes())})
+    assert by_clip.status_code == 200 and by_clip.content.startswith(b"\x89PNG")
+    assert client.post("/api/timeline/9999.png", files={"file": ("q.flac", clip.read_bytes())}).status_code == 404
     assert "<form" in client.get("/").text
+
+
+def test_page_without_the_app_extra_says_how_to_install_it(monkeypatch):
+    import importlib.util
+
+    from m2d2_hf.search import app
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "uvicorn" else real(name, *a))
+    with pytest.raises(ImportError, match=r"needs uvicorn: pip install 'm2d2_hf\[app\]'"):
+        app.require_app_extra()
 
 
 def _free_port() -> int:
@@ -316,12 +440,12 @@ def chromium_driver(width: int = 1100, height: int = 900):
     options = webdriver.ChromeOptions()
     options.binary_location = binary
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                 f"--window-size={width},{height}"):  # fmt: skip
+                 "--autoplay-policy=no-user-gesture-required", f"--window-size={width},{height}"):  # fmt: skip
         options.add_argument(flag)
     return webdriver.Chrome(service=Service(driver_path), options=options)
 
 
-def test_page_answers_a_query_in_a_headless_browser(served):
+def test_page_answers_a_query_in_a_headless_browser(served, collection):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -336,12 +460,37 @@ def test_page_answers_a_query_in_a_headless_browser(served):
         WebDriverWait(driver, 30).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "li.hit")) == 10)
         first = driver.find_elements(By.CSS_SELECTOR, "li.hit")[0]
         assert "#t=" in first.find_element(By.TAG_NAME, "audio").get_attribute("src")
+        # The player of the latest-starting match begins at its moment, not at 0.
+        start = driver.execute_script(
+            "const players = [...document.querySelectorAll('li.hit audio')];"
+            "const starts = players.map(a => parseFloat(a.src.split('#t=')[1]));"
+            "const i = starts.indexOf(Math.max(...starts)); window.player = players[i];"
+            "window.player.muted = true; window.player.play(); return starts[i];"
+        )
+        assert start > 0
+        WebDriverWait(driver, 30).until(lambda d: d.execute_script("return window.player.currentTime") > 0)
+        assert driver.execute_script("return window.player.currentTime") >= start - 0.05
+        driver.execute_script("window.player.pause()")
         first.find_element(By.CSS_SELECTOR, "button.plot").click()
         WebDriverWait(driver, 60).until(
             lambda d: d.execute_script("const i = document.getElementById('timeline-image'); "
                                        "return i !== null && i.complete && i.naturalWidth > 0")  # fmt: skip
         )
         if os.environ.get("M2D2_SEARCH_SCREENSHOT"):  # how docs/search_page.png is made
+            driver.set_window_size(1100, 1250)  # the plot and the first results
             driver.save_screenshot(os.environ["M2D2_SEARCH_SCREENSHOT"])
+
+        # Search by an uploaded example: the clip comes first, and its timeline plots against the clip.
+        clip = (collection / "audio" / "bird" / "si_canary_long.flac").resolve()
+        driver.find_element(By.ID, "clip").send_keys(str(clip))
+        driver.find_element(By.ID, "go-audio").click()
+        first_title = "const n = document.querySelector('li.hit .name'); return n === null ? null : n.title"
+        WebDriverWait(driver, 30).until(lambda d: d.execute_script(first_title) == str(clip))  # read in one step
+        driver.find_elements(By.CSS_SELECTOR, "li.hit button.plot")[0].click()
+        WebDriverWait(driver, 60).until(
+            lambda d: d.execute_script("const i = document.getElementById('timeline-image'); "
+                                       "return i !== null && i.complete && i.naturalWidth > 0 && "
+                                       "i.src.startsWith('blob:')")  # fmt: skip
+        )
     finally:
         driver.quit()

@@ -8,6 +8,7 @@
     GET  /api/audio/{sound_id}           the indexed file of a sound (only indexed files are served)
     GET  /api/timeline/{sound_id}.png?q= the timeline plot of a sound against a text query, from its stored window
                                          embeddings (`m2d2_hf.timeline.plot_timeline`)
+    POST /api/timeline/{sound_id}.png    the same against an uploaded example clip (multipart field `file`)
 
 The server binds 127.0.0.1 only. Queries are bounded: at most `MAX_K` results, `MAX_QUERY_CHARS` characters, and
 uploads of `MAX_UPLOAD_BYTES`.
@@ -53,12 +54,12 @@ PAGE = """<!doctype html>
  <button id="go-audio" type="submit">Search by clip</button>
 </form>
 <p id="error"></p>
-<ol id="results"></ol>
 <div id="timeline"></div>
+<ol id="results"></ol>
 <script>
 const results = document.getElementById("results"), errorBox = document.getElementById("error");
 const timeline = document.getElementById("timeline");
-let lastText = null;
+let lastText = null, lastFile = null;
 function show(data) {
   results.innerHTML = ""; timeline.innerHTML = ""; errorBox.textContent = "";
   for (const hit of data.results) {
@@ -75,17 +76,24 @@ function show(data) {
       audio.src = hit.audio_url + "#t=" + hit.start.toFixed(2) + "," + hit.end.toFixed(2);
       li.append(audio);
     }
-    if (lastText !== null) {
-      const button = document.createElement("button"); button.textContent = "timeline"; button.className = "plot";
-      button.onclick = () => {
-        timeline.innerHTML = "";
-        const img = document.createElement("img"); img.alt = "timeline of " + hit.key; img.id = "timeline-image";
-        img.src = hit.timeline_url + "?q=" + encodeURIComponent(lastText); timeline.append(img);
-      };
-      li.append(" ", button);
-    }
+    const button = document.createElement("button"); button.textContent = "timeline"; button.className = "plot";
+    button.onclick = () => plot(hit);
+    li.append(" ", button);
     results.append(li);
   }
+}
+async function plot(hit) {
+  // A text query is sent again as ?q=; an uploaded clip is posted again (the server keeps no state).
+  timeline.innerHTML = "";
+  let source = hit.timeline_url + "?q=" + encodeURIComponent(lastText);
+  if (lastText === null) {
+    const body = new FormData(); body.append("file", lastFile);
+    const response = await fetch(hit.timeline_url, {method: "POST", body});
+    if (!response.ok) { errorBox.textContent = (await response.json()).detail; return; }
+    source = URL.createObjectURL(await response.blob());
+  }
+  const img = document.createElement("img"); img.alt = "timeline of " + hit.key; img.id = "timeline-image";
+  img.src = source; timeline.append(img);
 }
 async function answer(response) {
   const data = await response.json();
@@ -102,7 +110,7 @@ document.getElementById("audio-form").onsubmit = async (event) => {
   event.preventDefault();
   const file = document.getElementById("clip").files[0];
   if (!file) { errorBox.textContent = "choose an audio file first"; return; }
-  const body = new FormData(); body.append("file", file); lastText = null;
+  const body = new FormData(); body.append("file", file); lastText = null; lastFile = file;
   const k = document.getElementById("k").value;
   await answer(await fetch("/api/search-audio?k=" + encodeURIComponent(k), {method: "POST", body}));
 };
@@ -112,9 +120,25 @@ document.getElementById("audio-form").onsubmit = async (event) => {
 """
 
 
+def require_app_extra() -> None:
+    """The page's packages are an extra: say which command installs them rather than fail on an import."""
+    import importlib.util
+
+    multipart = importlib.util.find_spec("python_multipart") or importlib.util.find_spec("multipart")
+    missing = [name for name in ("fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
+    missing += [] if multipart else ["python-multipart"]
+    if missing:
+        raise ImportError(
+            f"the search page needs {', '.join(missing)}: pip install 'm2d2_hf[app]' (fastapi, uvicorn, "
+            "python-multipart)"
+        )
+
+
 def create_app(index):
     """A FastAPI app serving `index` (a `SoundIndex`)."""
     import html
+
+    require_app_extra()
 
     from fastapi import FastAPI, File, HTTPException, Query, UploadFile
     from fastapi.responses import FileResponse, HTMLResponse, Response
@@ -161,14 +185,7 @@ def create_app(index):
 
     @app.post("/api/search-audio")
     def search_audio(file: UploadFile = File(...), k: int = Query(10, ge=1, le=MAX_K)) -> dict:
-        data = file.file.read(MAX_UPLOAD_BYTES + 1)
-        if len(data) > MAX_UPLOAD_BYTES:
-            raise HTTPException(413, f"the clip is larger than {MAX_UPLOAD_BYTES // 2**20} MB")
-        try:
-            embedding = index.embed_audio(data)
-        except AudioDecodeError as error:
-            raise HTTPException(400, f"cannot decode the uploaded clip: {error}") from None
-        (hits,) = index.search_embeddings(embedding, top_k=k)
+        (hits,) = index.search_embeddings(uploaded_embedding(file), top_k=k)
         return {"query": f"audio:{file.filename}", "results": with_urls([hit.to_dict() for hit in hits])}
 
     @app.get("/api/audio/{sound_id}")
@@ -178,28 +195,47 @@ def create_app(index):
             raise HTTPException(404, f"sound {sound_id} has no local file to play")
         return FileResponse(path)
 
-    @app.get("/api/timeline/{sound_id}.png")
-    def timeline_png(sound_id: int, q: str = Query(..., max_length=MAX_QUERY_CHARS)) -> Response:
-        path = index.sound_paths[sound(sound_id)]
+    def uploaded_embedding(file: UploadFile) -> np.ndarray:
+        data = file.file.read(MAX_UPLOAD_BYTES + 1)
+        if len(data) > MAX_UPLOAD_BYTES:
+            raise HTTPException(413, f"the clip is larger than {MAX_UPLOAD_BYTES // 2**20} MB")
+        try:
+            return index.embed_audio(data)
+        except AudioDecodeError as error:
+            raise HTTPException(400, f"cannot decode the uploaded clip: {error}") from None
+
+    def timeline_of(sound_id: int, label: str, query: np.ndarray) -> Response:
+        """The PNG of one (checked) sound's window similarities to `query` [D], over its waveform and log-mel."""
+        path = index.sound_paths[sound_id]
         if path is None:
             raise HTTPException(404, f"sound {sound_id} has no local file to plot")
-        query = index.embed_text([checked_text(q)])[0]
         times, similarities = index.window_similarities(sound_id, query)
         try:
             wave = decode_audio(path, sampling_rate=index.rate, max_seconds=None)
         except AudioDecodeError as error:
             raise HTTPException(404, f"cannot decode {path}: {error}") from None
-        plotted = Timeline([q], times, similarities[None].astype(np.float32), meta["window_seconds"],
+        plotted = Timeline([label], times, similarities[None].astype(np.float32), meta["window_seconds"],
                            meta["hop_seconds"])  # fmt: skip
         with tempfile.TemporaryDirectory() as folder:
             png = plot_timeline(plotted, wave, index.rate, Path(folder) / "timeline.png", title=Path(path).name)
             return Response(png.read_bytes(), media_type="image/png")
+
+    @app.get("/api/timeline/{sound_id}.png")
+    def timeline_png(sound_id: int, q: str = Query(..., max_length=MAX_QUERY_CHARS)) -> Response:
+        sound(sound_id)
+        return timeline_of(sound_id, q, index.embed_text([checked_text(q)])[0])
+
+    @app.post("/api/timeline/{sound_id}.png")
+    def timeline_audio_png(sound_id: int, file: UploadFile = File(...)) -> Response:
+        sound(sound_id)
+        return timeline_of(sound_id, f"like {file.filename}", uploaded_embedding(file)[0])
 
     return app
 
 
 def serve(index_dir: str | os.PathLike, port: int = 7860, model: str | None = None) -> None:
     """Runs the page for the index folder on http://127.0.0.1:`port`/ until interrupted."""
+    require_app_extra()
     import uvicorn
 
     from .api import SoundIndex
@@ -207,4 +243,4 @@ def serve(index_dir: str | os.PathLike, port: int = 7860, model: str | None = No
     uvicorn.run(create_app(SoundIndex(index_dir, model=model)), host="127.0.0.1", port=port, log_level="warning")
 
 
-__all__ = ["create_app", "serve"]
+__all__ = ["create_app", "require_app_extra", "serve"]

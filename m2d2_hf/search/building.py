@@ -11,7 +11,8 @@ of the same model and settings is itself read as a shard, so re-indexing a grown
 
 Index folder:
     index.json       model fingerprint, settings, counts, FAISS type / parameters / recall@10, failed sounds
-    items.parquet    one row per vector: key, stamp, path, kind ("clip" or "window"), start, end, duration, embedding
+    items.parquet    one row per vector: key, stamp, path, kind ("clip" or "window"), start, end, duration, embedding;
+                     its schema metadata holds the model (name, config and weights hashes) and window / hop / rate
     vectors.faiss    the FAISS index over the embeddings, row i = items row i
     README.md        what the folder holds and how to search it
 """
@@ -33,13 +34,21 @@ from tqdm.auto import tqdm
 from ..training.data import AudioDecodeError, decode_audio
 from .embedding import ModelFingerprint, clip_embeddings, load_clap_model, model_fingerprint, timed_window_embeddings
 from .sources import SourceItem, list_source
-from .vector_index import INDEX_TYPES, build_vector_index, default_params, recall_at_k, write_vector_index
+from .vector_index import (
+    INDEX_TYPES,
+    build_vector_index,
+    check_overrides,
+    recall_at_k,
+    resolved_params,
+    write_vector_index,
+)
 
 
 FORMAT = "m2d2-hf-sound-index"
 FORMAT_VERSION = 1
 ITEMS_FILE, VECTORS_FILE, META_FILE, README_FILE = "items.parquet", "vectors.faiss", "index.json", "README.md"
 SETTINGS_FILE = "settings.json"
+PARQUET_MODEL_KEY, PARQUET_SETTINGS_KEY = b"m2d2_hf.model", b"m2d2_hf.settings"
 META_COLUMNS = ("key", "stamp", "path", "kind", "start", "end", "duration")
 
 
@@ -236,13 +245,15 @@ m2d2-hf serve INDEX_DIR --port 7860
 """
 
 
-def _write_index(output: Path, table, failures: list[dict], meta: dict, index_type: str, params: dict | None) -> float | None:
+def _write_index(
+    output: Path, table, failures: list[dict], meta: dict, index_type: str, params: dict | None
+) -> float | None:
     import pyarrow.parquet as pq
 
     vectors = embeddings_of(table)
     if not len(vectors):
         raise ValueError("no sound of the source could be decoded: nothing to index (see the failures above)")
-    params = {**default_params(index_type, len(vectors)), **(params or {})}
+    params = resolved_params(index_type, len(vectors), params)
     index = build_vector_index(vectors, index_type, params)
     recall = None if index_type == "flat" else recall_at_k(index, vectors)
     durations = dict(zip(table.column("key").to_pylist(), table.column("duration").to_pylist()))
@@ -257,7 +268,11 @@ def _write_index(output: Path, table, failures: list[dict], meta: dict, index_ty
     temporary = output.with_name(f".{output.name}.{uuid.uuid4().hex}.tmp")
     temporary.mkdir(parents=True)
     try:
-        pq.write_table(table, temporary / ITEMS_FILE)
+        # The Parquet file names its model too, so that it stays identifiable when copied out of the folder.
+        described = table.replace_schema_metadata(
+            {PARQUET_MODEL_KEY: json.dumps(meta["model"]), PARQUET_SETTINGS_KEY: json.dumps(_window_settings(meta))}
+        )
+        pq.write_table(described, temporary / ITEMS_FILE)
         write_vector_index(index, str(temporary / VECTORS_FILE))
         (temporary / META_FILE).write_text(json.dumps(meta, indent=2))
         (temporary / README_FILE).write_text(_readme(meta))
@@ -272,6 +287,10 @@ def _write_index(output: Path, table, failures: list[dict], meta: dict, index_ty
         if temporary.exists():
             shutil.rmtree(temporary)
     return recall
+
+
+def _window_settings(meta: dict) -> dict:
+    return {key: meta[key] for key in ("window_seconds", "hop_seconds", "sampling_rate")}
 
 
 def _settings(fingerprint: ModelFingerprint, window_seconds: float, hop_seconds: float, rate: int) -> dict:
@@ -324,6 +343,7 @@ def build_index(
         raise ValueError(f"window ({window_seconds} s) and hop ({hop_seconds} s) must be positive")
     if index_type not in INDEX_TYPES:
         raise ValueError(f"unknown index type {index_type!r}: choose one of {INDEX_TYPES}")
+    check_overrides(index_type, index_params)
     started = time.perf_counter()
     # `accelerate launch` on CPUs only (ACCELERATE_USE_CPU=1) needs cpu=True for the gloo process group.
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))

@@ -2,6 +2,7 @@
 sub-commands and turns the `ValueError` / `OSError` / `ImportError` they raise into one-line messages).
 
     m2d2-hf index MODEL_DIR SOURCE --output INDEX_DIR [--window 2 --hop 1] [--index-type flat|ivf|hnsw]
+        [--index-param nlist=1000 ...]
     accelerate launch [...] $(which m2d2-hf) index ...          (each process embeds its share)
     m2d2-hf search INDEX_DIR "a dog barks" ["glass breaking" ...] [--audio example.wav ...] [--top-k 10] [--json]
     m2d2-hf serve INDEX_DIR [--port 7860]
@@ -33,6 +34,13 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _index_param(text: str) -> tuple[str, int]:
+    name, equals, value = text.partition("=")
+    if not equals or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE (e.g. nlist=4000), got {text!r}")
+    return name, _positive_int(value)
+
+
 def _port(text: str) -> int:
     value = _positive_int(text)
     if value > 65535:
@@ -60,6 +68,14 @@ def add_index_arguments(parser: argparse.ArgumentParser) -> None:
         help="flat: exact inner product (default); ivf / hnsw: approximate, for 10^6 vectors and more (their "
         "recall@10 against exact is printed)",
     )
+    parser.add_argument(
+        "--index-param",
+        action="append",
+        type=_index_param,
+        default=[],
+        metavar="NAME=VALUE",
+        help="override a FAISS parameter (repeatable): ivf nlist / nprobe, hnsw M / ef_construction / ef_search",
+    )
     parser.add_argument("--split", help="keep the rows of this split (a metadata split column or a dataset split)")
     parser.add_argument("--audio-column", default="audio", help="audio column of a dataset source (default audio)")
     parser.add_argument("--batch-size", type=_positive_int, default=8, help="sounds / windows per forward (default 8)")
@@ -78,6 +94,7 @@ def run_index(args: argparse.Namespace) -> None:
         window_seconds=args.window,
         hop_seconds=args.hop,
         index_type=args.index_type,
+        index_params=dict(args.index_param),
         batch_size=args.batch_size,
         files_per_shard=args.files_per_shard,
         split=args.split,
@@ -89,7 +106,8 @@ def run_index(args: argparse.Namespace) -> None:
     print(
         f"indexed {summary.num_files} sounds ({summary.audio_seconds / 3600:.3f} h, {summary.num_vectors} vectors) "
         f"into {summary.output}: {summary.embedded_files} embedded, {summary.reused_files} reused, "
-        f"{len(summary.failed)} failed; {summary.seconds:.1f} s ({rate * 1:.1f} audio hours per hour)"
+        f"{len(summary.failed)} failed; {summary.seconds:.1f} s ({rate:.1f} audio hours per hour, "
+        f"{summary.num_files / max(summary.seconds, 1e-9):.1f} sounds/s)"
     )
     if summary.recall_at_10 is not None:
         print(f"recall@10 against exact search: {summary.recall_at_10:.4f}")
@@ -133,8 +151,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> None:
-    from .app import serve
+    from .app import require_app_extra, serve
 
+    require_app_extra()
     print(f"serving {args.index} on http://127.0.0.1:{args.port}/ (Ctrl-C stops)", file=sys.stderr)
     serve(args.index, port=args.port, model=args.model)
 

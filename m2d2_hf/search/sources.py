@@ -101,18 +101,25 @@ def _dataset_items(dataset, name: str, audio_column: str) -> list[SourceItem]:
         raise ValueError(f"the dataset {name} has no audio column {audio_column!r} (columns: {dataset.column_names})")
     dataset = _cast_audio_undecoded(dataset, audio_column)
     stamp = getattr(dataset, "_fingerprint", None) or "unknown"
-    return [SourceItem(f"{name}#{row}", stamp, None, _DatasetRow(dataset, audio_column, row)) for row in range(len(dataset))]
+    return [
+        SourceItem(f"{name}#{row}", stamp, None, _DatasetRow(dataset, audio_column, row)) for row in range(len(dataset))
+    ]
+
+
+def _is_saved_dataset(folder: Path) -> bool:
+    """A `save_to_disk` folder: of a `Dataset` (state.json) or of a `DatasetDict` (dataset_dict.json)."""
+    return folder.is_dir() and any((folder / name).is_file() for name in ("state.json", "dataset_dict.json"))
 
 
 def _load_dataset(source: str, split: str | None):
     import datasets
 
-    if os.path.isdir(source) and os.path.isfile(os.path.join(source, "dataset_info.json")):
+    if _is_saved_dataset(Path(source)):
         dataset = datasets.load_from_disk(source)
     else:
         try:
             dataset = datasets.load_dataset(source) if split is None else datasets.load_dataset(source, split=split)
-        except (FileNotFoundError, ValueError) as error:
+        except (FileNotFoundError, ValueError, ConnectionError) as error:  # unknown id, bad config, offline
             raise ValueError(
                 f"{source} is neither a folder of audio files, a metadata file, nor a dataset `datasets` can load: "
                 f"{error}"
@@ -120,7 +127,11 @@ def _load_dataset(source: str, split: str | None):
     if isinstance(dataset, datasets.DatasetDict):
         if split is None and len(dataset) != 1:
             raise ValueError(f"the dataset {source} has the splits {list(dataset)}: choose one with --split")
+        if split is not None and split not in dataset:
+            raise ValueError(f"the dataset {source} has no split {split!r}: choose one of {list(dataset)}")
         dataset = dataset[split] if split is not None else next(iter(dataset.values()))
+    elif split is not None and _is_saved_dataset(Path(source)):  # load_dataset(split=...) already applied it
+        raise ValueError(f"the dataset {source} is a single split: drop --split {split}")
     return dataset
 
 
@@ -137,7 +148,7 @@ def list_source(
         metadata = [path / name for name in METADATA_NAMES if (path / name).is_file()]
         if metadata:
             items = _table_items(metadata[0], split, split_column)
-        elif (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
+        elif _is_saved_dataset(path):
             items = _dataset_items(_load_dataset(str(path), split), str(path.resolve()), audio_column)
         else:
             if split is not None:

@@ -1,0 +1,232 @@
+"""Sound search (`m2d2_hf.search`): indexing throughput and peak memory, search latency and recall, text→audio
+retrieval.
+
+1. `build_index` with the demo model (examples/demo_model) in a fresh process each: the real clips
+   (../shared/data/real_sounds, an audiofolder with metadata.csv), then one 1-hour recording made by concatenating
+   them. Throughput as audio hours per hour (= x real time) and clips/s; peak RSS against the RSS of the same
+   process after its imports and one model load.
+2. FAISS search latency over 10^5 and 10^6 synthetic L2-normalised vectors of the model's embedding size
+   (clustered: 2,000 random centres plus noise, as embeddings of real sounds cluster; queries are perturbed indexed
+   vectors): exact (`flat`) against IVF and HNSW built by the package's `build_vector_index` with its default
+   parameters, one query at a time and all (--queries, 100) at once, with recall@10 against exact; plus one
+   `SoundIndex` text query end to end (text tower + search) on the real-clip index.
+3. Text→audio R@1 / R@5 of the captions of real_sounds against their clips on the demo model, against chance, for
+   the clips the demo model was trained on (split train) and the held-out ones (split test).
+
+    python benchmarks/bench_search.py [--data ../shared/data/real_sounds] [--model examples/demo_model]
+        [--minutes 60] [--sizes 100000 1000000] [--skip-hour]
+"""
+
+import argparse
+import csv
+import json
+import math
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from common import describe_machine, interleaved_seconds, load_average, peak_rss_bytes
+
+
+ROOT = Path(__file__).resolve().parents[1]
+MB = 2**20
+
+
+def index_worker(model: str, source: str, output: str) -> None:
+    """Runs in a fresh process: RSS after imports and one model load, then `build_index`; prints one JSON line."""
+    import m2d2_hf.search  # noqa: F401 - the imports a real run pays
+    from m2d2_hf.search import build_index
+    from m2d2_hf.search.embedding import load_clap_model
+
+    load_clap_model(model)
+    baseline = peak_rss_bytes()
+    summary = build_index(model, source, output, progress=False, log=lambda line: None)
+    result = {"seconds": summary.seconds, "audio_seconds": summary.audio_seconds, "num_files": summary.num_files,
+              "num_vectors": summary.num_vectors, "failed": len(summary.failed), "baseline_rss": baseline,
+              "peak_rss": peak_rss_bytes()}  # fmt: skip
+    print(json.dumps(result))
+
+
+def run_index(model: str, source: Path, output: Path) -> dict:
+    done = subprocess.run([sys.executable, __file__, "--index-worker", model, str(source), str(output)],
+                          capture_output=True, text=True, check=False)  # fmt: skip
+    if done.returncode != 0:
+        raise RuntimeError(f"the index worker failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def print_index(name: str, result: dict) -> None:
+    seconds, audio = result["seconds"], result["audio_seconds"]
+    print(
+        f"  {name}: {result['num_files']} sounds, {audio / 3600:.3f} h of audio, {result['num_vectors']} vectors, "
+        f"{result['failed']} failed: {seconds:.1f} s = {audio / seconds:.1f} audio hours per hour (x real time), "
+        f"{result['num_files'] / seconds:.2f} clips/s; peak RSS {result['peak_rss'] / MB:.0f} MB against "
+        f"{result['baseline_rss'] / MB:.0f} MB after imports + model load "
+        f"(+{(result['peak_rss'] - result['baseline_rss']) / MB:.0f} MB)"
+    )
+
+
+def one_hour_recording(data: Path, minutes: float, path: Path) -> float:
+    """Concatenates the real clips (in metadata order, cycling) up to `minutes`; writes 16 kHz mono FLAC."""
+    import soundfile as sf
+
+    from m2d2_hf.training.data import decode_audio
+
+    with open(data / "metadata.csv", newline="") as handle:
+        names = [row["file_name"] for row in csv.DictReader(handle)]
+    waves = [decode_audio(str(data / name), sampling_rate=16000, max_seconds=None) for name in names]
+    target = int(minutes * 60 * 16000)
+    with sf.SoundFile(path, "w", samplerate=16000, channels=1, format="FLAC", subtype="PCM_16") as handle:
+        written = 0
+        for number in range(10**6):
+            wave = waves[number % len(waves)][: target - written]
+            peak = float(np.abs(wave).max()) if len(wave) else 0.0
+            handle.write(wave / max(peak, 1.0))  # PCM_16 clips beyond ±1
+            written += len(wave)
+            if written >= target:
+                break
+    return written / 16000
+
+
+def clustered_vectors(count: int, dim: int, seed: int, centres: int = 2000, noise: float = 0.7) -> np.ndarray:
+    """`count` L2-normalised float32 vectors around `centres` random directions, made in blocks."""
+    rng = np.random.default_rng(seed)
+    middle = rng.standard_normal((centres, dim)).astype(np.float32) / math.sqrt(dim)
+    out = np.empty((count, dim), dtype=np.float32)
+    for first in range(0, count, 100_000):
+        block = out[first : first + 100_000]
+        block[:] = middle[rng.integers(0, centres, len(block))]
+        block += noise * rng.standard_normal(block.shape, dtype=np.float32) / math.sqrt(dim)
+        block /= np.linalg.norm(block, axis=1, keepdims=True)
+    return out
+
+
+def latency_ms(index, queries: np.ndarray, k: int = 10) -> tuple[float, float]:
+    """(median ms of one query searched alone, ms per query of all of them in one call)."""
+    singles = []
+    for query in queries:
+        start = time.perf_counter()
+        index.search(query[None], k)
+        singles.append(time.perf_counter() - start)
+    start = time.perf_counter()
+    index.search(queries, k)
+    batched = (time.perf_counter() - start) / len(queries)
+    return statistics.median(singles) * 1e3, batched * 1e3
+
+
+def bench_latency(size: int, dim: int, num_queries: int) -> None:
+    import faiss
+
+    from m2d2_hf.search.vector_index import build_vector_index, resolved_params
+
+    vectors = clustered_vectors(size, dim, seed=size)
+    rng = np.random.default_rng(1)
+    queries = vectors[rng.choice(size, num_queries, replace=False)]
+    queries = queries + 0.3 * rng.standard_normal(queries.shape, dtype=np.float32) / math.sqrt(dim)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    print(f"  {size:,} vectors x {dim} ({vectors.nbytes / MB:.0f} MB), {num_queries} held-out queries, "
+          f"FAISS {faiss.__version__} on {faiss.omp_get_max_threads()} threads:")  # fmt: skip
+    truth = None
+    exact_single = exact_batched = None
+    for kind in ("flat", "ivf", "hnsw"):
+        start = time.perf_counter()
+        index = build_vector_index(vectors, kind)
+        build = time.perf_counter() - start
+        single, batched = latency_ms(index, queries)
+        _, found = index.search(queries, 10)
+        if truth is None:
+            truth, exact_single, exact_batched = found, single, batched
+        recall = np.mean([len(set(t) & set(f)) / 10 for t, f in zip(truth, found)])
+        speed = "" if kind == "flat" else f" = {exact_single / single:.1f}x / {exact_batched / batched:.1f}x exact"
+        print(
+            f"    {kind:<4} {json.dumps(resolved_params(kind, size))}: built in {build:.1f} s; one query "
+            f"{single:.2f} ms, {len(queries)} at once {batched:.3f} ms/query{speed}; "
+            f"recall@10 against exact {recall:.4f}"
+        )
+        del index
+
+
+def retrieval(index_dir: Path, data: Path) -> None:
+    from m2d2_hf.search import SoundIndex
+
+    index = SoundIndex(index_dir)
+    with open(data / "metadata.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    clips_of = defaultdict(set)
+    for row in rows:
+        clips_of[row["caption"]].add(str((data / row["file_name"]).resolve()))
+    total = len(index)
+    query = index.embed_text(["a dog barks"])
+    seconds = interleaved_seconds({"end to end": lambda: index.search(text=["a dog barks"], top_k=10),
+                                   "search": lambda: index.search_embeddings(query, 10)}, repeats=9)  # fmt: skip
+    end_to_end, search_only = seconds["end to end"] * 1e3, seconds["search"] * 1e3
+    print(f"  one text query end to end on the {total}-sound index (median of 9): {end_to_end:.1f} ms, of which the "
+          f"search (FAISS + per-sound ranking) {search_only:.2f} ms ({search_only / end_to_end:.1%})")  # fmt: skip
+    for split in ("train", "test"):
+        captions = sorted({row["caption"] for row in rows if row["split"] == split})
+        results = index.search(text=captions, top_k=5)
+        hits = {k: 0 for k in (1, 5)}
+        chance = {k: 0.0 for k in (1, 5)}
+        for caption, result in zip(captions, results):
+            keys = [hit["key"] for hit in result["results"]]
+            relevant = clips_of[caption]
+            for k in hits:
+                hits[k] += any(key in relevant for key in keys[:k])
+                # chance that k random distinct sounds include one of the relevant ones
+                chance[k] += 1 - math.comb(total - len(relevant), k) / math.comb(total, k)
+        n = len(captions)
+        print(
+            f"  {split} captions ({n} distinct; a hit is any clip with that caption, {total} candidates): "
+            f"R@1 {hits[1] / n:.3f} (chance {chance[1] / n:.3f}, {hits[1] / chance[1]:.1f}x), "
+            f"R@5 {hits[5] / n:.3f} (chance {chance[5] / n:.3f}, {hits[5] / chance[5]:.1f}x)"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "real_sounds")
+    parser.add_argument("--model", default=str(ROOT / "examples" / "demo_model"))
+    parser.add_argument("--minutes", type=float, default=60.0, help="length of the long recording")
+    parser.add_argument("--sizes", type=int, nargs="*", default=[100_000, 1_000_000])
+    parser.add_argument("--queries", type=int, default=100)
+    parser.add_argument("--skip-hour", action="store_true")
+    parser.add_argument("--index-worker", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.index_worker:
+        index_worker(*args.index_worker)
+        return
+
+    print(f"machine: {describe_machine()}")
+    print("note: a shared machine (other jobs may run on the same cores); figures are from this one run")
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as folder:
+        work = Path(folder)
+        print(f"1. indexing with {Path(args.model).name} (window 2 s, hop 1 s, flat index), each in a fresh process:")
+        real = run_index(args.model, args.data, work / "real_index")
+        print_index(f"real clips ({args.data.name})", real)
+        if not args.skip_hour:
+            long_dir = work / "long"
+            long_dir.mkdir()
+            seconds = one_hour_recording(args.data, args.minutes, long_dir / "recording.flac")
+            hour = run_index(args.model, long_dir, work / "hour_index")
+            print_index(f"one {seconds / 60:.0f}-minute recording (real clips concatenated)", hour)
+            print(f"    (its float32 waveform alone is {seconds * 16000 * 4 / MB:.0f} MB)")
+        print("2. search latency (synthetic vectors):")
+        from m2d2_hf.search.embedding import load_clap_model
+
+        dim = load_clap_model(args.model)[0].config.projection_dim
+        for size in args.sizes:
+            bench_latency(size, dim, args.queries)
+        print("3. text→audio retrieval with the real clips' captions:")
+        retrieval(work / "real_index", args.data)
+    print(f"total {time.perf_counter() - started:.0f} s; at the end: {load_average()}")
+
+
+if __name__ == "__main__":
+    main()
