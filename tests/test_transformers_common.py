@@ -55,6 +55,16 @@ PipelineTesterMixin = _common["test_pipeline_mixin"].PipelineTesterMixin
 EAGER_MATCHES_SDPA_CASES = _modeling.TEST_EAGER_MATCHES_SDPA_INFERENCE_PARAMETERIZATION
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """The mixins run hundreds of tiny models, where waking a second thread costs more than it saves: on 2 cores
+    the module takes ~16 s on one thread and ~57 s on two. The previous setting is restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 class M2D2AudioModelTester:
     """Tiny random M2D2 audio encoders: 8 mel bins, 4x4 patches, one 16-frame chunk = 2 x 4 patch tokens."""
 
