@@ -8,6 +8,7 @@ The numbers reproduce the original runtime's nnAudio front end on the CPU bit fo
 
 import copy
 import math
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -245,7 +246,7 @@ class M2D2FeatureExtractor(SequenceFeatureExtractor):
         output["feature_extractor_type"] = type(self).__name__
         return output
 
-    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs) -> list[str]:
+    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> list[str]:
         """Saves `preprocessor_config.json` (with the `auto_map` for `trust_remote_code` loading); unlike
         transformers' default, saving does not add that `auto_map` to this object, so `to_dict()` is unchanged."""
         with auto_map_kept_on_disk_only(self):

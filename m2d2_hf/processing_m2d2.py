@@ -1,6 +1,7 @@
 """Processor pairing the M2D2 feature extractor with the text tower's tokenizer."""
 
 import inspect
+import os
 
 from transformers import BatchFeature
 from transformers.processing_utils import AudioKwargs, ProcessingKwargs, ProcessorMixin, Unpack
@@ -42,7 +43,7 @@ class M2D2Processor(ProcessorMixin):
     def __init__(self, feature_extractor, tokenizer):
         super().__init__(feature_extractor, tokenizer)
 
-    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs) -> list[str]:
+    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> list[str]:
         """Saves the tokenizer and `processor_config.json` (with the `auto_map` for `trust_remote_code` loading);
         unlike transformers' default, saving adds that `auto_map` neither to the processor nor to its feature
         extractor, so their `to_dict()` is unchanged."""

@@ -368,10 +368,9 @@ class M2D2FeatureExtractionTest(SequenceFeatureExtractionTestMixin, unittest.Tes
         extractor = self._extractor()
         features = np.random.default_rng(2).random((100, 8))
         for inputs in (features.tolist(), features):
-            self.assertEqual(extractor.pad([{"input_features": inputs}], return_tensors="np").input_features.dtype,
-                             np.float32)  # fmt: skip
-            self.assertEqual(extractor.pad([{"input_features": inputs}], return_tensors="pt").input_features.dtype,
-                             torch.float32)  # fmt: skip
+            as_numpy = extractor.pad([{"input_features": inputs}], return_tensors="np").input_features
+            as_torch = extractor.pad([{"input_features": inputs}], return_tensors="pt").input_features
+            self.assertEqual((as_numpy.dtype, as_torch.dtype), (np.float32, torch.float32))
 
     def test_double_precision_call(self):
         # float64 waveforms (librosa, scipy) give the float32 features of the same samples in float32.
