@@ -124,6 +124,8 @@ class M2D2AudioModelTest(ModelTesterMixin, PipelineTesterMixin, unittest.TestCas
     pipeline_model_mapping = {"audio-classification": M2D2ForAudioClassification, "feature-extraction": M2D2AudioModel}
     # The input is a log-mel, projected to patches by a Conv2d: there is no token embedding matrix to resize.
     test_resize_embeddings = False
+    # The positional table is the fixed sin-cos table of one chunk's patch grid (set by chunk_frames and the mel
+    # bins; longer inputs are chunked), not sized by a max_position_embeddings setting: nothing to resize.
     test_resize_position_embeddings = False
 
     def setUp(self):
@@ -276,6 +278,7 @@ class M2D2ForPreTrainingTest(ModelTesterMixin, unittest.TestCase):
     # A training-only model: its random masks and their complements have data-dependent sizes. Exporting is for
     # inference (M2D2AudioModel, M2D2ForAudioClassification and M2D2ClapModel run the export test).
     test_torch_exportable = False
+    # The same patch projection and sin-cos positional table as M2D2AudioModel (see M2D2AudioModelTest).
     test_resize_embeddings = False
     test_resize_position_embeddings = False
 
