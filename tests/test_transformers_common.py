@@ -11,7 +11,6 @@ A flag below turns a common test off only where it cannot apply to an audio mode
 (The `# Copyright` header above is read by `test_can_init_all_missing_weights`, which skips files without one.)
 """
 
-import tempfile
 import unittest
 
 import numpy as np
