@@ -9,22 +9,29 @@ from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
 
 
 @contextmanager
-def auto_map_kept_on_disk_only(config: PreTrainedConfig) -> Iterator[None]:
+def auto_map_kept_on_disk_only(saved: object) -> Iterator[None]:
     """`save_pretrained` writes an `auto_map` (for trust_remote_code loading) and, in transformers, also sets it on
-    the object being saved; this restores the in-memory config, so that saving does not change `to_dict()`."""
+    the object being saved (config, feature extractor or processor); this restores the in-memory object, so that
+    saving does not change its `to_dict()`."""
     missing = object()
-    before = config.__dict__.get("auto_map", missing)
+    before = saved.__dict__.get("auto_map", missing)
     try:
         yield
     finally:
         if before is missing:
-            config.__dict__.pop("auto_map", None)
+            saved.__dict__.pop("auto_map", None)
         else:
-            config.auto_map = before
+            saved.auto_map = before
 
 
 # The modules a saved folder's `auto_map` names for this package's classes (written beside the weights).
 _OWN_MODULES = ("configuration_m2d2.", "modeling_m2d2.", "feature_extraction_m2d2.", "processing_m2d2.")
+
+
+def is_installed_package_object(obj: object) -> bool:
+    """True for an object of the installed `m2d2_hf` package's classes; False for the copies of its modules that a
+    saved folder carries and `trust_remote_code` loading imports (those need the folder's `auto_map`)."""
+    return type(obj).__module__.startswith("m2d2_hf.")
 
 
 def is_own_auto_map(auto_map: object) -> bool:
@@ -42,8 +49,7 @@ class _SavesWithoutChangingItself:
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
-        installed = type(self).__module__.startswith("m2d2_hf.")
-        if installed and is_own_auto_map(self.__dict__.get("auto_map")):
+        if is_installed_package_object(self) and is_own_auto_map(self.__dict__.get("auto_map")):
             del self.__dict__["auto_map"]
 
     def save_pretrained(self, *args, **kwargs):

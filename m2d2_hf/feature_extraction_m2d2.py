@@ -8,6 +8,7 @@ The numbers reproduce the original runtime's nnAudio front end on the CPU bit fo
 
 import copy
 import math
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -18,6 +19,8 @@ import torch.nn.functional as F
 import torchaudio
 from transformers import BatchFeature, SequenceFeatureExtractor
 from transformers.utils import TensorType, logging
+
+from .configuration_m2d2 import auto_map_kept_on_disk_only, is_installed_package_object, is_own_auto_map
 
 
 logger = logging.get_logger(__name__)
@@ -184,6 +187,10 @@ class M2D2FeatureExtractor(SequenceFeatureExtractor):
         stft: str = "conv1d",
         **kwargs,
     ):
+        if is_installed_package_object(self) and is_own_auto_map(kwargs.get("auto_map")):
+            # As the configs: with the package installed, its own `auto_map` lives on disk only (`save_pretrained`
+            # writes it again), so a loaded extractor's `to_dict()` is the saved one's.
+            kwargs.pop("auto_map")
         super().__init__(
             feature_size=feature_size,
             sampling_rate=sampling_rate,
@@ -238,6 +245,12 @@ class M2D2FeatureExtractor(SequenceFeatureExtractor):
         output = copy.deepcopy({key: value for key, value in self.__dict__.items() if key not in _CACHE_ATTRIBUTES})
         output["feature_extractor_type"] = type(self).__name__
         return output
+
+    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> list[str]:
+        """Saves `preprocessor_config.json` (with the `auto_map` for `trust_remote_code` loading); unlike
+        transformers' default, saving does not add that `auto_map` to this object, so `to_dict()` is unchanged."""
+        with auto_map_kept_on_disk_only(self):
+            return super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
 
     @property
     def mel_basis(self) -> torch.Tensor:

@@ -1,10 +1,13 @@
 """Processor pairing the M2D2 feature extractor with the text tower's tokenizer."""
 
 import inspect
+import os
 
 from transformers import BatchFeature
 from transformers.processing_utils import AudioKwargs, ProcessingKwargs, ProcessorMixin, Unpack
 from transformers.utils import logging
+
+from .configuration_m2d2 import auto_map_kept_on_disk_only
 
 logger = logging.get_logger(__name__)
 
@@ -39,6 +42,13 @@ class M2D2Processor(ProcessorMixin):
 
     def __init__(self, feature_extractor, tokenizer):
         super().__init__(feature_extractor, tokenizer)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> list[str]:
+        """Saves the tokenizer and `processor_config.json` (with the `auto_map` for `trust_remote_code` loading);
+        unlike transformers' default, saving adds that `auto_map` neither to the processor nor to its feature
+        extractor, so their `to_dict()` is unchanged."""
+        with auto_map_kept_on_disk_only(self), auto_map_kept_on_disk_only(self.feature_extractor):
+            return super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
 
     def __call__(
         self, text: str | list[str] | None = None, audio=None, **kwargs: Unpack[M2D2ProcessorKwargs]

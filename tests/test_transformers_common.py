@@ -11,14 +11,13 @@ A flag below turns a common test off only where it cannot apply to an audio mode
 (The `# Copyright` header above is read by `test_can_init_all_missing_weights`, which skips files without one.)
 """
 
-import tempfile
 import unittest
 
 import numpy as np
 import pytest
 import torch
 from parameterized import parameterized
-from transformers import BertConfig
+from transformers import AutoTokenizer, BertConfig
 
 from m2d2_hf import (
     M2D2AudioConfig,
@@ -31,6 +30,7 @@ from m2d2_hf import (
     M2D2Processor,
 )
 
+from .conftest import minilm_dir
 from .transformers_common_suite import CommonTestsUnavailable, load_common_tests, see_registered_models_as_in_tree
 
 try:
@@ -48,9 +48,20 @@ floats_tensor, ids_tensor, random_attention_mask = (
 )
 ConfigTester = _common["test_configuration_common"].ConfigTester
 SequenceFeatureExtractionTestMixin = _common["test_sequence_feature_extraction_common"].SequenceFeatureExtractionTestMixin
+FeatureExtractionSavingTestMixin = _common["test_feature_extraction_common"].FeatureExtractionSavingTestMixin
 ProcessorTesterMixin = _common["test_processing_common"].ProcessorTesterMixin
 PipelineTesterMixin = _common["test_pipeline_mixin"].PipelineTesterMixin
 EAGER_MATCHES_SDPA_CASES = _modeling.TEST_EAGER_MATCHES_SDPA_INFERENCE_PARAMETERIZATION
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """The mixins run hundreds of tiny models, where waking a second thread costs more than it saves: on 2 cores
+    the module takes ~16 s on one thread and ~57 s on two. The previous setting is restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 class M2D2AudioModelTester:
@@ -100,11 +111,20 @@ class M2D2AudioModelTester:
         return config, {"input_features": input_features}
 
 
+# PipelineTesterMixin runs a task on the Hub's tiny model of each class (hf-internal-testing/tiny-random-<class>, listed
+# in tests/utils/tiny_model_summary.json) with transformers' tests/pipelines/ task tests, and only for in-tree
+# tokenizer / feature-extractor classes (it looks their names up in the transformers module). None of that exists
+# for M2D2 or offline (the sdist has no tests/pipelines/), so its tests skip here ("Could not find any model
+# architecture in the tiny models JSON file"); the mappings still state the tasks the package supports, as the
+# in-tree AST and CLAP tests do. transformers' real pipelines are run on these classes by tests/test_pipeline.py and
+# tests/test_pipeline_batching.py (batching, input forms, per-clip equality).
 class M2D2AudioModelTest(ModelTesterMixin, PipelineTesterMixin, unittest.TestCase):
     all_model_classes = (M2D2AudioModel, M2D2ForAudioClassification)
     pipeline_model_mapping = {"audio-classification": M2D2ForAudioClassification, "feature-extraction": M2D2AudioModel}
     # The input is a log-mel, projected to patches by a Conv2d: there is no token embedding matrix to resize.
     test_resize_embeddings = False
+    # The positional table is the fixed sin-cos table of one chunk's patch grid (set by chunk_frames and the mel
+    # bins; longer inputs are chunked), not sized by a max_position_embeddings setting: nothing to resize.
     test_resize_position_embeddings = False
 
     def setUp(self):
@@ -178,8 +198,15 @@ class M2D2ClapModelTester:
 
 class M2D2ClapModelTest(ModelTesterMixin, PipelineTesterMixin, unittest.TestCase):
     all_model_classes = (M2D2ClapModel,)
-    pipeline_model_mapping = {"zero-shot-audio-classification": M2D2ClapModel, "feature-extraction": M2D2ClapModel}
+    # As transformers' CLAP test: no "zero-shot-audio-classification" entry, because the mixin cannot run that task
+    # for any model: its task test (tests/pipelines/test_pipelines_zero_shot_audio_classification.py) has no
+    # get_test_pipeline / run_pipeline_test ("Deactivating auto tests", there is no model mapping for the task).
+    # The zero-shot pipeline is tested with M2D2ClapModel in tests/test_pipeline.py and test_pipeline_batching.py.
+    pipeline_model_mapping = {"feature-extraction": M2D2ClapModel}
     additional_model_inputs = ["input_features", "input_features_mask"]
+    # Audio and text sub-configs: the mixin's composite checks (attn_implementation per sub-config, SDPA dispatch
+    # per tower) apply.
+    _is_composite = True
     # Token embeddings belong to the text tower and are tested with it; the composite, as transformers' CLAP
     # tests, does not resize them.
     test_resize_embeddings = False
@@ -250,6 +277,7 @@ class M2D2ForPreTrainingTest(ModelTesterMixin, unittest.TestCase):
     # A training-only model: its random masks and their complements have data-dependent sizes. Exporting is for
     # inference (M2D2AudioModel, M2D2ForAudioClassification and M2D2ClapModel run the export test).
     test_torch_exportable = False
+    # The same patch projection and sin-cos positional table as M2D2AudioModel (see M2D2AudioModelTest).
     test_resize_embeddings = False
     test_resize_position_embeddings = False
 
@@ -269,3 +297,104 @@ class M2D2ForPreTrainingTest(ModelTesterMixin, unittest.TestCase):
         model = M2D2ForPreTraining(config)
         self.assertIsInstance(model.get_input_embeddings(), torch.nn.Module)
         self.assertIsNone(model.get_output_embeddings())
+
+
+class M2D2FeatureExtractionTester:
+    """The sequence feature-extraction mixin's inputs, as Whisper's and CLAP's testers make them: its padding and
+    truncation tests run the inherited `SequenceFeatureExtractor.pad` on time-major feature sequences
+    `[frames, feature_size]` of growing lengths. The waveform front end (`__call__`) is tested in
+    `M2D2FeatureExtractionTest` below."""
+
+    def __init__(self, parent, batch_size=7, min_seq_length=40, max_seq_length=200, feature_size=8):
+        self.parent = parent
+        self.batch_size = batch_size
+        self.min_seq_length = min_seq_length
+        self.max_seq_length = max_seq_length
+        self.seq_length_diff = (max_seq_length - min_seq_length) // (batch_size - 1)
+        self.feature_size = feature_size
+        self.rng = np.random.default_rng(0)
+
+    def prepare_feat_extract_dict(self) -> dict:
+        return {
+            "feature_size": self.feature_size,
+            "sampling_rate": 16000,
+            "hop_length": 160,
+            "norm_stats": [-7.5, 4.5],
+            "min_frames": 4,
+            "padding_value": 0.0,
+            "return_attention_mask": True,
+        }
+
+    def prepare_inputs_for_common(self, equal_length=False, numpify=False):
+        if equal_length:
+            lengths = [self.max_seq_length] * self.batch_size
+        else:
+            lengths = range(self.min_seq_length, self.max_seq_length, self.seq_length_diff)
+        inputs = [self.rng.random((length, self.feature_size)) for length in lengths]
+        return inputs if numpify else [x.tolist() for x in inputs]
+
+
+class M2D2FeatureExtractionTest(SequenceFeatureExtractionTestMixin, unittest.TestCase):
+    feature_extraction_class = M2D2FeatureExtractor
+
+    def setUp(self):
+        self.feat_extract_tester = M2D2FeatureExtractionTester(self)
+
+    def _extractor(self) -> M2D2FeatureExtractor:
+        return self.feature_extraction_class(**self.feat_extract_dict)
+
+    def test_call(self):
+        # As AST's and CLAP's own tests: lists and arrays give the same features, one clip or a batch, and a 2-D
+        # array is a batch of equal-length clips.
+        extractor = self._extractor()
+        rng = np.random.default_rng(1)
+        clips = [rng.uniform(-1, 1, length) for length in (800, 1000, 1200)]
+        single_list = extractor(clips[0].tolist(), sampling_rate=16000, return_tensors="np").input_features
+        single_array = extractor(clips[0], sampling_rate=16000, return_tensors="np").input_features
+        self.assertEqual(single_array.shape, (1, 8, 1 + 800 // 160))
+        np.testing.assert_allclose(single_list, single_array, atol=1e-5)
+
+        from_lists = extractor([c.tolist() for c in clips], sampling_rate=16000, return_tensors="np")
+        from_arrays = extractor(clips, sampling_rate=16000, return_tensors="np")
+        np.testing.assert_allclose(from_lists.input_features, from_arrays.input_features, atol=1e-5)
+        self.assertEqual(from_arrays.input_features_mask.sum(-1).tolist(), [6, 7, 8])
+
+        equal = [c[:800] for c in clips]
+        np.testing.assert_allclose(
+            extractor(np.stack(equal), sampling_rate=16000, return_tensors="np").input_features,
+            extractor(equal, sampling_rate=16000, return_tensors="np").input_features,
+            atol=1e-5,
+        )
+
+    def test_double_precision_pad(self):
+        extractor = self._extractor()
+        features = np.random.default_rng(2).random((100, 8))
+        for inputs in (features.tolist(), features):
+            as_numpy = extractor.pad([{"input_features": inputs}], return_tensors="np").input_features
+            as_torch = extractor.pad([{"input_features": inputs}], return_tensors="pt").input_features
+            self.assertEqual((as_numpy.dtype, as_torch.dtype), (np.float32, torch.float32))
+
+    def test_double_precision_call(self):
+        # float64 waveforms (librosa, scipy) give the float32 features of the same samples in float32.
+        extractor = self._extractor()
+        clip = np.random.default_rng(3).uniform(-1, 1, 1600)
+        for return_tensors in ("np", "pt"):
+            doubled = extractor(clip, sampling_rate=16000, return_tensors=return_tensors).input_features
+            single = extractor(clip.astype(np.float32), sampling_rate=16000, return_tensors=return_tensors)
+            self.assertEqual(str(doubled.dtype).rsplit(".")[-1], "float32")
+            np.testing.assert_allclose(np.asarray(doubled), np.asarray(single.input_features), atol=1e-6)
+
+
+class M2D2ProcessorTest(ProcessorTesterMixin, unittest.TestCase):
+    """transformers' processor contract for M2D2Processor (feature extractor + bert-base-uncased's WordPiece
+    tokenizer, from the offline stand-in), as CLAP's processor is tested."""
+
+    processor_class = M2D2Processor
+
+    @classmethod
+    def _setup_feature_extractor(cls) -> M2D2FeatureExtractor:
+        return M2D2FeatureExtractor()
+
+    @classmethod
+    def _setup_tokenizer(cls):
+        return AutoTokenizer.from_pretrained(str(minilm_dir()))

@@ -3,6 +3,9 @@ attention weights, the processor's keywords, the CLAP model's main input, intege
 saving."""
 
 import logging
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -138,3 +141,33 @@ def test_processor_truncates_overlong_text_with_a_warning(processor, caplog):
     assert ids.shape == (2, limit)
     assert "truncated" in caplog.text
     assert processor(text="word " * (limit + 50), truncation=True, max_length=20)["input_ids"].shape == (1, 20)
+
+
+def test_feature_extractor_and_processor_unchanged_by_saving(processor, tmp_path):
+    # As the configs: saving writes the `auto_map` (trust_remote_code loading) to disk only, and a saved folder
+    # loads back to the objects that were saved.
+    extractor = processor.feature_extractor
+    before, before_extractor = processor.to_dict(), extractor.to_dict()
+    processor.save_pretrained(tmp_path / "processor")
+    extractor.save_pretrained(tmp_path / "extractor")
+    assert processor.to_dict() == before and extractor.to_dict() == before_extractor
+    assert "auto_map" in (tmp_path / "processor" / "processor_config.json").read_text()
+    assert "auto_map" in (tmp_path / "extractor" / "preprocessor_config.json").read_text()
+    assert M2D2Processor.from_pretrained(tmp_path / "processor").to_dict() == before
+    assert M2D2FeatureExtractor.from_pretrained(tmp_path / "extractor").to_dict() == before_extractor
+
+    # The folder's own code still loads without the package, through that auto_map.
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["m2d2_hf"] = None  # only the folder's own code may be used
+        from transformers import AutoProcessor
+        processor = AutoProcessor.from_pretrained({str(tmp_path / "processor")!r}, trust_remote_code=True)
+        assert type(processor).__module__.startswith("transformers_modules"), type(processor).__module__
+        assert "auto_map" in processor.feature_extractor.to_dict()
+        print(tuple(processor(text="a dog", audio=[0.1] * 4000, sampling_rate=16000)["input_features"].shape))
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().endswith("(1, 80, 26)")

@@ -28,6 +28,17 @@ import transformers
 
 PACKAGE = "transformers_common_tests"
 
+# The sdist's tests/ modules the project runs: the model, config, feature-extraction (saving and sequence),
+# processor and pipeline mixins.
+COMMON_MODULES = (
+    "test_modeling_common",
+    "test_configuration_common",
+    "test_feature_extraction_common",
+    "test_sequence_feature_extraction_common",
+    "test_processing_common",
+    "test_pipeline_mixin",
+)
+
 # --- the stand-ins for what the sdist lacks (written here, not copied) ---
 
 # tests/exporters/test_export.py: ModelTesterMixin inherits ExportTesterMixin. This stand-in keeps the export
@@ -165,10 +176,14 @@ def _extract_tests(archive: Path, root: Path) -> None:
     (root / "src" / "transformers").symlink_to(Path(transformers.__file__).parent, target_is_directory=True)
 
 
+def _has_common_modules(root: Path) -> bool:
+    return all((root / PACKAGE / f"{name}.py").is_file() for name in COMMON_MODULES)
+
+
 def prepare_sdist_tests() -> Path:
     """The cache root holding the importable PACKAGE, built once per transformers version."""
     root = cache_dir()
-    if (root / PACKAGE / "test_modeling_common.py").is_file():
+    if _has_common_modules(root):
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
     # Built in a sibling temporary folder and renamed into place, so an interrupted run leaves no half cache.
@@ -180,7 +195,7 @@ def prepare_sdist_tests() -> Path:
         try:
             build.rename(root)
         except OSError:  # another process finished first
-            if not (root / PACKAGE / "test_modeling_common.py").is_file():
+            if not _has_common_modules(root):
                 raise
     return root
 
@@ -190,14 +205,7 @@ def load_common_tests() -> dict[str, ModuleType]:
     root = str(prepare_sdist_tests())
     if root not in sys.path:
         sys.path.append(root)
-    names = (
-        "test_modeling_common",
-        "test_configuration_common",
-        "test_sequence_feature_extraction_common",
-        "test_processing_common",
-        "test_pipeline_mixin",
-    )
-    return {name: importlib.import_module(f"{PACKAGE}.{name}") for name in names}
+    return {name: importlib.import_module(f"{PACKAGE}.{name}") for name in COMMON_MODULES}
 
 
 def see_registered_models_as_in_tree(modeling_common: ModuleType) -> None:
