@@ -231,7 +231,7 @@ class PaddedChunks:
         """Encoded [B * n, F * C, D] → [B, tokens, D] real tokens per clip, ordered as `EqualLengthChunks` orders them."""
         num_chunks, columns = self.column_valid.shape
         per_clip = tokens.reshape(self.batch_size, num_chunks * self.frequency_patches * columns, tokens.shape[-1])
-        return per_clip[:, self.token_mask()[:num_chunks].reshape(-1)]
+        return _at_least_one(per_clip[:, self.token_mask()[:num_chunks].reshape(-1)])
 
     def merge_frames(self, tokens: torch.Tensor) -> torch.Tensor:
         """Encoded [B * n, F * C, D] → [B, frames, F * D] frame features of the real columns (low band first)."""
@@ -239,7 +239,14 @@ class PaddedChunks:
         num_chunks, columns = self.column_valid.shape
         by_column = tokens.reshape(self.batch_size * num_chunks, self.frequency_patches, columns, dim).transpose(1, 2)
         frames = by_column.reshape(self.batch_size, num_chunks * columns, self.frequency_patches * dim)
-        return frames[:, self.column_valid.reshape(-1)]
+        return _at_least_one(frames[:, self.column_valid.reshape(-1)])
+
+
+def _at_least_one(selected: torch.Tensor) -> torch.Tensor:
+    """`selected` [B, n, D], whose n (a boolean selection: unbacked under torch.export) is at least one, as every clip
+    has a real column: told to the solver, so that code downstream (attention's `length > 1` checks) traces."""
+    torch._check(selected.shape[1] >= 1)
+    return selected
 
 
 def _pad_rows(rows: list[list[int]], device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
