@@ -223,15 +223,18 @@ class PaddedChunks:
 
     def token_mask(self) -> torch.Tensor:
         """[B * n, F * C] True for the patch tokens of real columns (frequency-major, as the encoder emits them)."""
-        num_chunks, columns = self.column_valid.shape
-        per_chunk = self.column_valid[:, None, :].expand(-1, self.frequency_patches, -1).reshape(num_chunks, -1)
-        return per_chunk.repeat(self.batch_size, 1)
+        return self._chunk_token_mask().repeat(self.batch_size, 1)
+
+    def _chunk_token_mask(self) -> torch.Tensor:
+        """[n, F * C]: `token_mask` of one clip (every clip of the batch has the same chunks)."""
+        num_chunks = self.column_valid.shape[0]
+        return self.column_valid[:, None, :].expand(-1, self.frequency_patches, -1).reshape(num_chunks, -1)
 
     def merge_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Encoded [B * n, F * C, D] → [B, tokens, D] real tokens per clip, ordered as `EqualLengthChunks` orders them."""
+        """Encoded [B * n, F * C, D] → [B, tokens, D]: the real tokens per clip, in `EqualLengthChunks`' order."""
         num_chunks, columns = self.column_valid.shape
         per_clip = tokens.reshape(self.batch_size, num_chunks * self.frequency_patches * columns, tokens.shape[-1])
-        return _at_least_one(per_clip[:, self.token_mask()[:num_chunks].reshape(-1)])
+        return _at_least_one(per_clip[:, self._chunk_token_mask().reshape(-1)])
 
     def merge_frames(self, tokens: torch.Tensor) -> torch.Tensor:
         """Encoded [B * n, F * C, D] → [B, frames, F * D] frame features of the real columns (low band first)."""
