@@ -125,3 +125,17 @@ def test_cli_export_round_trip_and_errors(tiny_clap_dir, tmp_path, capsys):
     assert main(["export", str(tiny_clap_dir), str(out), "--format", "tflite"]) == 2
     with pytest.raises(FileNotFoundError, match="m2d2-hf export"):
         M2D2OnnxModel(tmp_path / "notm2d2")
+
+
+def test_a_failed_export_leaves_no_folder(tiny_clap_dir, tmp_path, monkeypatch):
+    import m2d2_hf.onnx_export as onnx_export
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("simulated failure while writing text.onnx")
+
+    monkeypatch.setattr(onnx_export, "_export_text", fail)
+    with pytest.raises(RuntimeError, match="simulated"):
+        export_onnx(tiny_clap_dir, tmp_path / "onnx")
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ValueError, match="quantize must be one of"):
+        export_onnx(tiny_clap_dir, tmp_path / "onnx", quantize="int4")
