@@ -8,8 +8,9 @@ in a single forward pass, and the outputs are scattered back per clip in the ori
 
 Batches of equal-length clips without padding (`EqualLengthChunks`) need no plan: every clip has the same chunks,
 so the full chunks and the last chunk are cut with reshapes and slices whose sizes are arithmetic in the number of
-frames. No Python loop and no value read back from a tensor, so `torch.export` traces it with a symbolic batch and
-time axis.
+frames. No Python loop and no value read back from a tensor, so `torch.export` traces it with a symbolic batch
+axis. A symbolic time axis needs `PaddedChunks`: its chunk widths do not depend on the number of frames, which the
+symbolic shape solver cannot reason about through floor divisions.
 """
 
 import math
@@ -179,6 +180,76 @@ class EqualLengthChunks:
         columns = length // self.frequency_patches
         by_column = tokens.reshape(chunks, self.frequency_patches, columns, dim).transpose(1, 2)
         return by_column.reshape(chunks, columns, self.frequency_patches * dim)
+
+
+@dataclass(frozen=True)
+class PaddedChunks:
+    """The chunks of a batch of B clips of T frames each, all at the full chunk width: `chunks` [B * n, F, W_full]
+    (clip-major) with the last chunk of each clip zero-filled past the clip's end, and `column_valid` [n, C] True for
+    the patch columns that hold real frames (every column of the full chunks; the last chunk's first
+    ceil(rest / patch_width) ones). Encoding `chunks` with the padding columns masked out of attention gives the real
+    tokens `EqualLengthChunks` gives; the number of chunks comes from `Tensor.unfold` over a fixed padding, so no
+    size depends on T through a floor division that torch.export's solver would have to prove: the graph takes any
+    number of frames (the ONNX export's dynamic time axis)."""
+
+    chunks: torch.Tensor
+    column_valid: torch.Tensor
+    batch_size: int
+    frequency_patches: int
+
+    @classmethod
+    def split(
+        cls, features: torch.Tensor, chunk_frames: int, patch_width: int, frequency_patches: int
+    ) -> "PaddedChunks":
+        """Cuts `features` [B, F, T] (every frame real) into ceil(T / chunk_frames) full-width chunks."""
+        batch, bins, frames = features.shape
+        columns = chunk_frames // patch_width
+        # Zero-filled up to T + chunk_frames - 1 frames, which hold ceil(T / chunk_frames) whole chunks whatever T is.
+        padded = F.pad(features, (0, chunk_frames - 1))
+        # Read back as an unbacked size: the solver then reasons about it size-obliviously instead of guarding
+        # on how T relates to it (n >= 2, B * n != B, ... for a backed floor division of T).
+        num_chunks = torch.scalar_tensor(frames + chunk_frames - 1, dtype=torch.long).div(
+            chunk_frames, rounding_mode="floor"
+        ).item()
+        torch._check(num_chunks >= 1)
+        device = features.device
+        chunk_start = torch.arange(num_chunks, device=device)[:, None] * chunk_frames
+        frame = chunk_start + torch.arange(columns * patch_width, device=device)[None, :]  # [n, W_full]
+        # A gather, not reshapes of a view: its output sizes are n and W_full by construction, with no divisibility
+        # or contiguity for the solver to prove.
+        chunks = padded.transpose(1, 2)[:, frame].reshape(batch * num_chunks, columns * patch_width, bins)
+        first_frame = chunk_start + torch.arange(columns, device=device)[None, :] * patch_width
+        return cls(chunks.transpose(1, 2), first_frame < frames, batch, frequency_patches)
+
+    def token_mask(self) -> torch.Tensor:
+        """[B * n, F * C] True for the patch tokens of real columns (frequency-major, as the encoder emits them)."""
+        return self._chunk_token_mask().repeat(self.batch_size, 1)
+
+    def _chunk_token_mask(self) -> torch.Tensor:
+        """[n, F * C]: `token_mask` of one clip (every clip of the batch has the same chunks)."""
+        num_chunks = self.column_valid.shape[0]
+        return self.column_valid[:, None, :].expand(-1, self.frequency_patches, -1).reshape(num_chunks, -1)
+
+    def merge_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Encoded [B * n, F * C, D] → [B, tokens, D]: the real tokens per clip, in `EqualLengthChunks`' order."""
+        num_chunks, columns = self.column_valid.shape
+        per_clip = tokens.reshape(self.batch_size, num_chunks * self.frequency_patches * columns, tokens.shape[-1])
+        return _at_least_one(per_clip[:, self._chunk_token_mask().reshape(-1)])
+
+    def merge_frames(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Encoded [B * n, F * C, D] → [B, frames, F * D] frame features of the real columns (low band first)."""
+        dim = tokens.shape[-1]
+        num_chunks, columns = self.column_valid.shape
+        by_column = tokens.reshape(self.batch_size * num_chunks, self.frequency_patches, columns, dim).transpose(1, 2)
+        frames = by_column.reshape(self.batch_size, num_chunks * columns, self.frequency_patches * dim)
+        return _at_least_one(frames[:, self.column_valid.reshape(-1)])
+
+
+def _at_least_one(selected: torch.Tensor) -> torch.Tensor:
+    """`selected` [B, n, D], whose n (a boolean selection: unbacked under torch.export) is at least one, as every clip
+    has a real column: told to the solver, so that code downstream (attention's `length > 1` checks) traces."""
+    torch._check(selected.shape[1] >= 1)
+    return selected
 
 
 def _pad_rows(rows: list[list[int]], device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:

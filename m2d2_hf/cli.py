@@ -7,6 +7,7 @@
     m2d2-hf index MODEL_DIR SOURCE --output INDEX_DIR [--window 2 --hop 1] [--index-type flat|ivf|hnsw]
     m2d2-hf search INDEX_DIR "a dog barks" [--audio example.wav] [--top-k 10] [--json]
     m2d2-hf serve INDEX_DIR [--port 7860]
+    m2d2-hf export MODEL_DIR OUT_DIR --format onnx [--quantize int8] [--overwrite]   (ONNX Runtime graphs)
 
 Every command is a thin layer over the package (`convert_checkpoint`, the Auto classes, the
 zero-shot-audio-classification pipeline's computation, batched). User errors (missing or unreadable files, a folder that is not an M2D2
@@ -139,6 +140,18 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
         "--overwrite", action="store_true", help="replace OUT_DIR whole when it already holds files (refused otherwise)"
     )
     parser.set_defaults(handler=run_convert)
+
+
+def add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds the arguments of `export` to `parser` and makes it run the export."""
+    parser.add_argument("model", metavar="MODEL_DIR", type=Path, help="M2D2 CLAP or audio encoder folder")
+    parser.add_argument("output_dir", metavar="OUT_DIR", type=Path, help="folder to write the ONNX export to")
+    parser.add_argument("--format", required=True, choices=("onnx",), help="export format")
+    parser.add_argument("--quantize", choices=("int8",), help="also write audio.int8.onnx (dynamic int8)")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace OUT_DIR whole when it already holds files (refused otherwise)"
+    )
+    parser.set_defaults(handler=run_export)
 
 
 def add_bf16_argument(parser: argparse.ArgumentParser) -> None:
@@ -279,6 +292,15 @@ def build_parser() -> argparse.ArgumentParser:
             "the audio through the CLAP audio path; writes a PNG plot and the numbers as CSV and JSON.",
         )
     )
+    add_export_arguments(
+        commands.add_parser(
+            "export",
+            help="export a model folder to ONNX for ONNX Runtime",
+            description="Export an M2D2 CLAP or audio encoder folder to ONNX (audio.onnx with dynamic batch and "
+            "frames, text.onnx for CLAP folders, optionally audio.int8.onnx), with its feature extractor, tokenizer "
+            "and a README giving the parity measured against PyTorch.",
+        )
+    )
     add_search_commands(commands)
     return parser
 
@@ -354,6 +376,18 @@ def run_convert(args: argparse.Namespace) -> None:
         raise CLIError(f"cannot convert {args.checkpoint}: {error}") from error
     architecture = AutoConfig.from_pretrained(output_dir).architectures[0]
     print(f"wrote {architecture} to {output_dir}")
+
+
+def run_export(args: argparse.Namespace) -> None:
+    try:
+        from .onnx_export import export_onnx
+
+        output_dir = export_onnx(args.model, args.output_dir, quantize=args.quantize, overwrite=args.overwrite)
+    except ImportError as error:
+        raise CLIError(f"ONNX export needs onnx, onnxscript and onnxruntime: pip install 'm2d2_hf[onnx]' ({error})")
+    except (OSError, ValueError) as error:
+        raise CLIError(f"cannot export {args.model}: {error}") from error
+    print(f"wrote {', '.join(sorted(p.name for p in output_dir.glob('*.onnx')))} to {output_dir}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.utils import ModelOutput, can_return_tuple
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
-from .chunking import ChunkLayout, EqualLengthChunks
+from .chunking import ChunkLayout, EqualLengthChunks, PaddedChunks
 from .configuration_m2d2 import M2D2AudioConfig, M2D2Config, auto_map_kept_on_disk_only
 
 
@@ -539,7 +539,9 @@ class M2D2AudioModel(M2D2PreTrainedModel):
     def _forward_unpadded(self, input_features: torch.Tensor, **kwargs) -> M2D2AudioModelOutput:
         """Equal-length clips, every frame real: the full chunks and the last chunks are encoded in two passes
         without masks (what the packed path computes, in the original's chunk-by-chunk form), with shapes that
-        torch.export traces symbolically."""
+        torch.export traces symbolically (a symbolic number of frames: see `_forward_padded_chunks`)."""
+        if torch.compiler.is_exporting() and isinstance(input_features.shape[2], torch.SymInt):
+            return self._forward_padded_chunks(input_features, **kwargs)
         chunks = EqualLengthChunks.split(
             input_features, self.config.chunk_frames, self.config.patch_size[1], self.config.frequency_patches
         )
@@ -557,6 +559,25 @@ class M2D2AudioModel(M2D2PreTrainedModel):
             frame_features=frame_features,
             frame_mask=frame_mask,
             pooler_output=masked_mean(frame_features, frame_mask),
+        )
+
+    def _forward_padded_chunks(self, input_features: torch.Tensor, **kwargs) -> M2D2AudioModelOutput:
+        """`_forward_unpadded` for a time axis that torch.export keeps symbolic: every chunk at the full width in one
+        pass, the last chunk's padding columns masked out of attention and dropped from the outputs (the same real
+        tokens, to float rounding; no size is a floor division of the number of frames)."""
+        chunks = PaddedChunks.split(
+            input_features, self.config.chunk_frames, self.config.patch_size[1], self.config.frequency_patches
+        )
+        encoded = self._encode_chunks(chunks.chunks, chunks.token_mask(), **kwargs)
+        tokens = chunks.merge_tokens(encoded)
+        frame_features = chunks.merge_frames(encoded)
+        frame_mask = torch.ones(frame_features.shape[:2], dtype=torch.long, device=frame_features.device)
+        return M2D2AudioModelOutput(
+            last_hidden_state=tokens,
+            token_mask=torch.ones(tokens.shape[:2], dtype=torch.long, device=tokens.device),
+            frame_features=frame_features,
+            frame_mask=frame_mask,
+            pooler_output=frame_features.mean(1),
         )
 
     def encode_visible(

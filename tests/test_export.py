@@ -1,5 +1,6 @@
 """torch.export of the audio encoder, the CLAP audio path and the classifier on unpadded batches of equal-length clips
-(the path every transformers exporter goes through); short clips and ragged batches through the eager model."""
+(the path every transformers exporter goes through), with a static shape, a dynamic batch, or a dynamic batch and time
+axis; short clips and ragged batches through the eager model."""
 
 import pytest
 import torch
@@ -67,6 +68,21 @@ def test_export_static_and_dynamic_batch_equals_eager(tiny_models, name):
         for size in (1, 3):
             other = torch.randn(size, 80, 250)
             assert max_error(model(other), dynamic.module()(other)) <= TOLERANCE
+
+
+@pytest.mark.parametrize("name", ["audio", "clap", "classifier"])
+def test_export_with_dynamic_batch_and_time_equals_eager(tiny_models, name):
+    """One program for any number of frames: one short chunk, exactly one chunk, the chunk boundary, many chunks
+    (1234 frames: twelve full 100-frame chunks and a partial one, the tiny model's counterpart of clips > 10 s)."""
+    model = tiny_models[name]
+    dims = {"input_features": {0: torch.export.Dim("batch", min=1, max=64), 2: torch.export.Dim("frames")}}
+    program = torch.export.export(model, (torch.randn(2, 80, 250),), dynamic_shapes=dims).module()
+    with torch.no_grad():
+        for batch, frames in [(1, 1), (3, 30), (2, 100), (1, 101), (2, 296), (1, 1234)]:
+            features = torch.randn(batch, 80, frames)
+            expected, got = model(features), program(features)
+            assert [t.shape for t in leaves(expected)] == [t.shape for t in leaves(got)]
+            assert max_error(expected, got) <= TOLERANCE, (batch, frames)
 
 
 def test_exported_program_takes_an_all_ones_mask_and_refuses_padding(tiny_models):
