@@ -839,3 +839,7 @@ def run_timeline(args: argparse.Namespace) -> None:
         peak = int(np.argmax(row))
         print(f"{query}: peak {row[peak]:.3f} at {timeline.times[peak]:.2f} s")
     print(f"wrote {png}, {csv_path} and {json_path}")
+
+
+if __name__ == "__main__":  # `python -m m2d2_hf.cli`, the same as the m2d2-hf console script
+    raise SystemExit(main())

@@ -362,3 +362,11 @@ def test_bf16_runs_every_model_command_close_to_float32(tiny_clap_dir, clips, tm
                              "--output", tmp_path / "timeline.png")
     assert code == 0, err
     assert "peak" in out and (tmp_path / "timeline.png").exists()
+
+
+def test_module_form_runs_the_cli():
+    """`python -m m2d2_hf.cli` is the console script: usage on --help, exit 2 and one line for a bad command."""
+    help_run = subprocess.run([sys.executable, "-m", "m2d2_hf.cli", "--help"], capture_output=True, text=True)
+    assert help_run.returncode == 0 and "usage:" in help_run.stdout and "zero-shot" in help_run.stdout
+    bad = subprocess.run([sys.executable, "-m", "m2d2_hf.cli", "no-such-command"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "invalid choice" in bad.stderr
