@@ -16,6 +16,7 @@ from transformers import AutoConfig
 
 from ..configuration_m2d2 import M2D2AudioConfig
 from ..feature_extraction_m2d2 import M2D2FeatureExtractor
+from ..model_card import ModelCardInfo, training_card_info, write_model_card
 from ..modeling_m2d2_pretraining import M2D2ForPreTraining
 from .captions import CaptionEmbeddingTable, draw_captions
 from .checkpoint import resolve_checkpoint
@@ -152,11 +153,12 @@ def compute_norm_stats(
     return float(mean), float(std)
 
 
-def export_encoder(model: M2D2ForPreTraining, output_dir: Path, accelerator) -> None:
-    """Saves the online encoder as an `M2D2AudioModel` folder with its feature extractor."""
+def export_encoder(model: M2D2ForPreTraining, output_dir: Path, accelerator, card: ModelCardInfo) -> None:
+    """Saves the online encoder as an `M2D2AudioModel` folder with its feature extractor and model card."""
     if accelerator.is_main_process:
         model.audio_model.save_pretrained(output_dir)
         M2D2FeatureExtractor.from_audio_config(model.config).save_pretrained(output_dir)
+        write_model_card(output_dir, "M2D2AudioModel", card)
         logger.info(f"exported the encoder to {output_dir}")
 
 
@@ -209,11 +211,14 @@ def train(args: argparse.Namespace) -> Path:
     def make_inputs(batch: dict, step: int, micro: int) -> dict:
         return prepare.inputs(batch, accelerator.device, step, accelerator.process_index, micro)
 
+    def export(folder: Path, step: int) -> None:
+        card = training_card_info("examples/pretrain_stage1.py", vars(args), [args.model_name_or_path], step)
+        export_encoder(unwrapped, folder, accelerator, card)
+
     model.train()
     return run_training(
         accelerator, args, model, optimizer, scheduler, stream, state, start_step, make_inputs,
-        ("loss", "m2d_loss", "clap_loss"), after_step, lambda folder: export_encoder(unwrapped, folder, accelerator),
-        "stage 1",
+        ("loss", "m2d_loss", "clap_loss"), after_step, export, "stage 1",
     )  # fmt: skip
 
 
