@@ -9,8 +9,9 @@
     m2d2-hf serve INDEX_DIR [--port 7860]
 
 Every command is a thin layer over the package (`convert_checkpoint`, the Auto classes, the
-zero-shot-audio-classification pipeline's computation, batched). User errors (missing or unreadable files, a folder that is not an M2D2
-model, no labels, ...) end with one line on stderr and exit code 2, never a traceback.
+zero-shot-audio-classification pipeline's computation, batched). User errors (missing or unreadable files, a folder
+that is not an M2D2 model, no labels, ...) end with one line on stderr and exit code 2, never a traceback: the
+library raises its own error types and only this module turns them into messages.
 """
 
 import argparse
@@ -127,7 +128,9 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--patch-size", type=_size_pair, metavar="FxT", help="patch height x width, e.g. 16x16")
     parser.add_argument("--sampling-rate", type=_positive_int, metavar="HZ", help="e.g. 16000")
     parser.add_argument(
-        "--encoder-only", action="store_true", help="write only the audio encoder (M2D2AudioModel) of a CLAP checkpoint"
+        "--encoder-only",
+        action="store_true",
+        help="write only the audio encoder (M2D2AudioModel) of a CLAP checkpoint",
     )
     parser.add_argument(
         "--pretraining",
@@ -136,7 +139,9 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
         "original pre-training checkpoint, to continue pre-training with examples/pretrain_stage1.py",
     )
     parser.add_argument(
-        "--overwrite", action="store_true", help="replace OUT_DIR whole when it already holds files (refused otherwise)"
+        "--overwrite",
+        action="store_true",
+        help="replace OUT_DIR whole when it already holds files (refused otherwise)",
     )
     parser.set_defaults(handler=run_convert)
 

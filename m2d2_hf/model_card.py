@@ -16,6 +16,7 @@ from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
+
 CARD_NAME = "README.md"
 
 NTT_LICENCE = "ntt-m2d-license"

@@ -45,7 +45,8 @@ def test_encoder_only_checkpoint(tmp_path):
 
 
 def test_pretraining_flag_on_a_checkpoint_without_the_training_parts_is_refused(tmp_path):
-    path = layout.save(layout.encoder_state(), tmp_path, "m2d_vit_base-80x208p16x16-240101_enconly", "w.pth", wrap=False)
+    name = "m2d_vit_base-80x208p16x16-240101_enconly"
+    path = layout.save(layout.encoder_state(), tmp_path, name, "w.pth", wrap=False)
     with pytest.raises(ValueError, match="without the EMA target and predictor"):
         convert_checkpoint(path, tmp_path / "out", pretraining=True)
     assert not (tmp_path / "out").exists()

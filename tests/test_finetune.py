@@ -25,6 +25,7 @@ from m2d2_hf.training import finetune
 from tests.conftest import TINY_AUDIO
 from tests.test_model_card import assert_model_card
 
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "examples" / "finetune_audio_classification.py"
 LABELS = ["speech_digit", "wild_animal"]

@@ -15,6 +15,7 @@ from m2d2_hf.model_card import (
     write_model_card,
 )
 
+
 DEMO_MODEL = Path(__file__).resolve().parents[1] / "examples" / "demo_model"
 
 

@@ -20,6 +20,7 @@ from m2d2_hf.training.captions import write_embedding_shard
 
 from .test_model_card import assert_model_card
 
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "examples" / "pretrain_stage1.py"
 TINY = (
@@ -72,7 +73,8 @@ def captions_dir(data_dir, tmp_path_factory) -> Path:
     rng = np.random.default_rng(0)
     stems = sorted(p.stem for p in data_dir.glob("*.flac") if p.stem != "corrupted")[4:]
     folder = tmp_path_factory.mktemp("captions")
-    write_embedding_shard(folder / "shard-00000.parquet", {s: rng.standard_normal((1 + len(s) % 3, 24)) for s in stems})
+    embeddings = {s: rng.standard_normal((1 + len(s) % 3, 24)) for s in stems}
+    write_embedding_shard(folder / "shard-00000.parquet", embeddings)
     return folder
 
 

@@ -20,6 +20,7 @@ from m2d2_hf.training.stage2 import build_model, build_parser, crop_padding_mask
 from .conftest import TINY_AUDIO
 from .test_model_card import assert_model_card
 
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "examples" / "pretrain_stage2.py"
 
@@ -66,7 +67,8 @@ def test_two_processes_resume_freeze_and_export(real_sounds_dir, encoder_dir, to
     resume = common_args(real_sounds_dir, encoder_dir, tokenizer_dir, resumed, 4)
     run(resume + ["--checkpointing_steps", 2, "--resume_from_checkpoint", full / "step_2"], processes=2)
     for expected, got in zip(history[2:], metrics(resumed)):
-        assert (got["step"], got["loss"], got["logit_scale"]) == (expected["step"], expected["loss"], expected["logit_scale"])
+        for key in ("step", "loss", "logit_scale"):
+            assert got[key] == expected[key], (key, expected, got)
 
     # The encoder is bit-identical to the one training started from; the projector and text tower moved.
     model = M2D2ClapModel.from_pretrained(full / "final")

@@ -57,8 +57,8 @@ from transformers import AutoConfig
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from ..configuration_m2d2 import M2D2AudioConfig, M2D2Config
-from ..feature_extraction_m2d2 import M2D2FeatureExtractor
 from ..evaluation.metrics import mean_average_precision, top_k_accuracy
+from ..feature_extraction_m2d2 import M2D2FeatureExtractor
 from ..masking import random_structured_mask
 from ..model_card import ModelCardInfo, training_card_info, write_model_card
 from ..modeling_m2d2 import M2D2AudioModel, M2D2ClapModel, M2D2ForAudioClassification, sincos_position_table
@@ -69,8 +69,8 @@ from .loop import (
     RunState,
     build_accelerator,
     make_output_dir,
-    program_parser,
     parse_filters,
+    program_parser,
     run_training,
     start_run,
     step_generator,
@@ -657,7 +657,8 @@ def train(args: argparse.Namespace) -> Path:
         return prepare.train_inputs(batch, accelerator.device, step, accelerator.process_index, micro)
 
     def export(folder: Path, step: int) -> None:
-        card = training_card_info("examples/finetune_audio_classification.py", vars(args), [args.model_name_or_path], step)
+        program = "examples/finetune_audio_classification.py"
+        card = training_card_info(program, vars(args), [args.model_name_or_path], step)
         export_classifier(unwrapped, folder, accelerator, card)
 
     objective.train()

@@ -93,7 +93,8 @@ def build_model(args: argparse.Namespace, caption_size: int | None) -> M2D2ForPr
         model = M2D2ForPreTraining(config)
     if model.config.chunk_frames < args.crop_frames:
         raise ValueError(
-            f"--crop_frames {args.crop_frames} exceeds the model's positional grid ({model.config.chunk_frames} frames)"
+            f"--crop_frames {args.crop_frames} exceeds the model's positional grid "
+            f"({model.config.chunk_frames} frames)"
         )
     model.config.mask_ratio = args.mask_ratio
     model.config.m2d_loss_weight = args.m2d_loss_weight
@@ -173,7 +174,8 @@ def train(args: argparse.Namespace) -> Path:
 
     def batch_stream(seed_offset: int) -> BatchStream:
         min_samples = int(args.min_seconds * sampling_rate)
-        loader = streamed_loader(args, accelerator, sampling_rate, min_samples=min_samples, seed=args.seed + seed_offset)
+        seed = args.seed + seed_offset
+        loader = streamed_loader(args, accelerator, sampling_rate, min_samples=min_samples, seed=seed)
         return BatchStream(loader, accelerator.process_index)
 
     checkpoint, start_step = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
@@ -192,7 +194,8 @@ def train(args: argparse.Namespace) -> Path:
     optimizer = torch.optim.AdamW(
         weight_decay_groups(model, args.weight_decay), lr=lr, betas=(args.adam_beta1, args.adam_beta2)
     )
-    scheduler = warmup_cosine_schedule(optimizer, round(args.warmup_ratio * args.max_train_steps), args.max_train_steps)
+    warmup_steps = round(args.warmup_ratio * args.max_train_steps)
+    scheduler = warmup_cosine_schedule(optimizer, warmup_steps, args.max_train_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     stream, state = batch_stream(0), RunState(feature_extractor.norm_stats)
     start_run(accelerator, args, "m2d2_stage1", checkpoint, model, optimizer, scheduler, stream, state)

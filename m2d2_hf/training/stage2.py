@@ -260,7 +260,8 @@ def export_clap(model: M2D2ClapModel, tokenizer, output_dir: Path, accelerator, 
     """Saves the complete CLAP model with its processor (feature extractor + tokenizer) and model card."""
     if accelerator.is_main_process:
         model.save_pretrained(output_dir)
-        M2D2Processor(M2D2FeatureExtractor.from_audio_config(model.config.audio_config), tokenizer).save_pretrained(output_dir)
+        feature_extractor = M2D2FeatureExtractor.from_audio_config(model.config.audio_config)
+        M2D2Processor(feature_extractor, tokenizer).save_pretrained(output_dir)
         write_model_card(output_dir, "M2D2ClapModel", card)
         logger.info(f"exported the CLAP model to {output_dir}")
 
@@ -277,14 +278,16 @@ def train(args: argparse.Namespace) -> Path:
         captions = read_captions(args.captions, caption_column=args.caption_column, separator=args.caption_separator)
     keep = [] if captions is not None else [args.caption_column]
     loader = streamed_loader(args, accelerator, audio_config.sampling_rate, keep_columns=keep)
-    prepare = Stage2Batches(args, M2D2FeatureExtractor.from_audio_config(audio_config), tokenizer, audio_config, captions)
+    feature_extractor = M2D2FeatureExtractor.from_audio_config(audio_config)
+    prepare = Stage2Batches(args, feature_extractor, tokenizer, audio_config, captions)
 
     optimizer = torch.optim.AdamW(
         weight_decay_groups(clap, args.weight_decay),
         lr=scaled_learning_rate(args.base_learning_rate, args.global_batch_size),
         betas=(args.adam_beta1, args.adam_beta2),
     )
-    scheduler = warmup_cosine_schedule(optimizer, round(args.warmup_ratio * args.max_train_steps), args.max_train_steps)
+    warmup_steps = round(args.warmup_ratio * args.max_train_steps)
+    scheduler = warmup_cosine_schedule(optimizer, warmup_steps, args.max_train_steps)
     objective, optimizer = accelerator.prepare(FrozenEncoderClapObjective(clap), optimizer)
     stream, state = BatchStream(loader, accelerator.process_index), RunState()
     checkpoint, start_step = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
