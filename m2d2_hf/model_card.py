@@ -129,8 +129,8 @@ def conversion_card_info(checkpoint: str | os.PathLike, options: Mapping[str, An
         made_by=f"Converted from NTT's original checkpoint `{checkpoint.parent.name}/{checkpoint.name}` by the "
         f"`m2d2_hf` converter (`m2d2_hf.conversion.convert_checkpoint`), as the command\n\n```\n{command}\n```\n\n"
         "The architecture (input size, patch size, sampling rate, text encoder) comes from the original folder name "
-        "unless an option above overrides it; every tensor of the checkpoint is mapped or knowingly dropped, and the "
-        "outputs match the original implementation's.",
+        "unless an option above overrides it; every tensor of the checkpoint is mapped or knowingly dropped (the "
+        "package's parity tests compare the converted model's outputs with the original implementation's).",
         converted_from_ntt=True,
     )
 
@@ -158,7 +158,7 @@ def _flag(name: str, value: Any) -> str:
     flag = "--" + name.replace("_", "-")
     if value is True:
         return flag
-    if isinstance(value, tuple):
+    if isinstance(value, (tuple, list)):  # input_size / patch_size, written as the CLI reads them: 80x1001
         value = "x".join(map(str, value))
     return f"{flag} {value}"
 

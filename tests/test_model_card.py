@@ -66,7 +66,7 @@ def test_demo_folder_card_reports_its_measured_figures():
 
 def test_conversion_card_names_the_checkpoint_and_the_command():
     checkpoint = Path("m2d_vit_base-80x208p16x16-240101/checkpoint-300.pth")
-    info = conversion_card_info(checkpoint, {"encoder_only": True, "input_size": (80, 208), "tokenizer": None})
+    info = conversion_card_info(checkpoint, {"encoder_only": True, "input_size": [80, 208], "tokenizer": None})
     assert info.converted_from_ntt
     command = f"m2d2-hf convert {checkpoint} OUT_DIR --encoder-only --input-size 80x208\n"
     assert command in info.made_by
