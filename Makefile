@@ -17,7 +17,7 @@ TIMELINE_CLIPS := examples/data/audio/alarm/fd_phone_outgoing_calling.flac:"a te
   examples/data/audio/speech_digit/ast_digits_5.flac:"a woman says a number" \
   examples/data/audio/cattle/tux_animals_mammals_bovines_bull.flac:"a bull bellows"
 
-.PHONY: setup demo demo-train test clean
+.PHONY: setup demo demo-train test lint clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	@missing="$$(command -v ffmpeg >/dev/null || echo ffmpeg) $$(command -v chromium >/dev/null || echo chromium) \
@@ -48,6 +48,10 @@ demo-train: setup
 
 test: setup
 	HF_HUB_OFFLINE=1 M2D2_SHARED_DIR=$(SHARED) $(PY) -m pytest -q --durations=10
+
+# Lint with the rules and the 119-column limit of pyproject.toml's [tool.ruff].
+lint: setup
+	$(VENV)/bin/ruff check .
 
 clean:
 	rm -rf $(OUT)

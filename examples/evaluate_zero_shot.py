@@ -9,9 +9,10 @@ default to the distinct labels of the evaluated clips. See `m2d2_hf.evaluation.z
 
 from pathlib import Path
 
-from m2d2_hf.cli import DEFAULT_TEMPLATE, parse_labels
+from m2d2_hf.cli import parse_labels
 from m2d2_hf.evaluation import zero_shot_classify
 from m2d2_hf.evaluation.cli import add_label_arguments, evaluation_parser, format_table, run_evaluation
+from m2d2_hf.prompts import DEFAULT_TEMPLATE
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -10,8 +10,9 @@
     m2d2-hf export MODEL_DIR OUT_DIR --format onnx [--quantize int8] [--overwrite]   (ONNX Runtime graphs)
 
 Every command is a thin layer over the package (`convert_checkpoint`, the Auto classes, the
-zero-shot-audio-classification pipeline's computation, batched). User errors (missing or unreadable files, a folder that is not an M2D2
-model, no labels, ...) end with one line on stderr and exit code 2, never a traceback.
+zero-shot-audio-classification pipeline's computation, batched). User errors (missing or unreadable files, a folder
+that is not an M2D2 model, no labels, ...) end with one line on stderr and exit code 2, never a traceback: the
+library raises its own error types and only this module turns them into messages.
 """
 
 import argparse
@@ -26,30 +27,30 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import soundfile as sf
 import torch
-import torchaudio
-from safetensors import SafetensorError
 from safetensors.numpy import save_file
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoFeatureExtractor, AutoModel, AutoProcessor, PreTrainedConfig
+from transformers import AutoConfig, AutoModel, AutoProcessor
 
-from .configuration_m2d2 import M2D2AudioConfig, M2D2Config
+from .audio_files import AudioFile, AudioFileError, inspect_audio_files, mono_at, read_audio
+from .configuration_m2d2 import M2D2Config
 from .conversion import convert_checkpoint
 from .cpu_inference import optimize_for_cpu_inference
 from .feature_extraction_m2d2 import M2D2FeatureExtractor
+from .loading import ModelLoadError, load_feature_extractor, load_m2d2_config, load_pretrained, pick_device
 from .modeling_m2d2 import M2D2ClapModel, frame_timestamps, masked_mean
-from .pipelines import check_hypothesis_template
+from .prompts import DEFAULT_TEMPLATE, PromptError, label_prompts
 
 
-# The prompt of the original zero-shot evaluation (spec §4, ESC-50 notebook).
-DEFAULT_TEMPLATE = "{} can be heard"
 LEVELS = ("clip", "frame", "clap", "all")
-M2D2_MODEL_TYPES = (M2D2AudioConfig.model_type, M2D2Config.model_type)
 
 
 class CLIError(Exception):
     """A user error: `run` prints it as one line on stderr and exits with code 2."""
+
+
+# The library's errors for user input (a bad file, folder, device or prompt): `run` prints them as one line too.
+USER_ERRORS = (CLIError, AudioFileError, ModelLoadError, PromptError)
 
 
 class IntermixedParser(argparse.ArgumentParser):
@@ -128,7 +129,9 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--patch-size", type=_size_pair, metavar="FxT", help="patch height x width, e.g. 16x16")
     parser.add_argument("--sampling-rate", type=_positive_int, metavar="HZ", help="e.g. 16000")
     parser.add_argument(
-        "--encoder-only", action="store_true", help="write only the audio encoder (M2D2AudioModel) of a CLAP checkpoint"
+        "--encoder-only",
+        action="store_true",
+        help="write only the audio encoder (M2D2AudioModel) of a CLAP checkpoint",
     )
     parser.add_argument(
         "--pretraining",
@@ -137,7 +140,9 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
         "original pre-training checkpoint, to continue pre-training with examples/pretrain_stage1.py",
     )
     parser.add_argument(
-        "--overwrite", action="store_true", help="replace OUT_DIR whole when it already holds files (refused otherwise)"
+        "--overwrite",
+        action="store_true",
+        help="replace OUT_DIR whole when it already holds files (refused otherwise)",
     )
     parser.set_defaults(handler=run_convert)
 
@@ -340,7 +345,7 @@ def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
         return code if isinstance(code, int) else int(code is not None)
     try:
         args.handler(args)
-    except CLIError as error:
+    except USER_ERRORS as error:
         message = " ".join(str(error).split())  # one line, whatever the wrapped exception printed
         print(f"{parser.prog}: error: {message}", file=sys.stderr)
         return 2
@@ -395,55 +400,6 @@ def run_export(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class AudioFile:
-    """An input file as its header describes it (rate and length in samples per channel)."""
-
-    path: Path
-    sampling_rate: int
-    num_samples: int
-
-
-def inspect_audio_files(paths: Sequence[Path]) -> list[AudioFile]:
-    """Checks that every file exists and is decodable audio (from its header) before any model is loaded."""
-    files = []
-    for path in paths:
-        if not path.exists():
-            raise CLIError(f"no such file: {path}")
-        if not path.is_file():
-            raise CLIError(f"not a file: {path}")
-        try:
-            info = sf.info(str(path))
-        except (sf.SoundFileError, RuntimeError) as error:
-            raise CLIError(f"cannot read audio file {path}: {error}") from error
-        if info.frames < 1:
-            raise CLIError(f"audio file {path} holds no samples")
-        files.append(AudioFile(path, int(info.samplerate), int(info.frames)))
-    return files
-
-
-def read_audio(file: AudioFile) -> np.ndarray:
-    """The file's samples as float32 [channels, samples] (soundfile gives [samples, channels])."""
-    try:
-        data, _ = sf.read(str(file.path), dtype="float32", always_2d=True)
-    except (sf.SoundFileError, RuntimeError) as error:
-        raise CLIError(f"cannot decode audio file {file.path}: {error}") from error
-    return np.ascontiguousarray(data.T)
-
-
-def resample_to_mono(samples: np.ndarray | torch.Tensor, rate: int, sampling_rate: int) -> np.ndarray:
-    """[samples] or [channels, samples] float audio at `rate` → mono float32 at `sampling_rate`: the channel mean,
-    then torchaudio's resampler (the one the feature extractor uses)."""
-    clip = torch.as_tensor(samples, dtype=torch.float32)
-    if clip.ndim == 2:
-        clip = clip.mean(dim=0)
-    if clip.ndim != 1:
-        raise ValueError(f"expected audio of shape [samples] or [channels, samples], got {tuple(clip.shape)}")
-    if int(rate) != sampling_rate:
-        clip = torchaudio.functional.resample(clip, int(rate), sampling_rate)
-    return clip.numpy()
-
-
 def check_long_enough(files: Sequence[AudioFile], feature_extractor: M2D2FeatureExtractor) -> None:
     """Rejects clips shorter than one patch before any compute, naming the file (the extractor only knows indices)."""
     target = feature_extractor.sampling_rate
@@ -457,30 +413,6 @@ def check_long_enough(files: Sequence[AudioFile], feature_extractor: M2D2Feature
             )
 
 
-def load_m2d2_config(model: str) -> PreTrainedConfig:
-    """The config of an M2D2 folder or hub id; a clear error for anything else."""
-    path = Path(model)
-    if path.exists() and not (path / "config.json").is_file():
-        raise CLIError(f"{model} is not a model folder (no config.json)")
-    try:
-        config = AutoConfig.from_pretrained(model)
-    except (OSError, ValueError) as error:
-        raise CLIError(f"cannot load a model config from {model}: {error}") from error
-    if config.model_type not in M2D2_MODEL_TYPES:
-        raise CLIError(
-            f"{model} is not an M2D2 model (model_type {config.model_type!r}, expected one of {M2D2_MODEL_TYPES})"
-        )
-    return config
-
-
-def load_pretrained(loader, model: str, what: str = "the model"):
-    """`loader.from_pretrained(model)` with unreadable, truncated or foreign files as a CLIError."""
-    try:
-        return loader.from_pretrained(model)
-    except (OSError, ValueError, SafetensorError) as error:
-        raise CLIError(f"cannot load {what} from {model}: {error}") from error
-
-
 def writable_folder(folder: Path, option: str) -> Path:
     """Creates `folder` if needed and checks that a file can be written there, before any compute."""
     try:
@@ -490,24 +422,6 @@ def writable_folder(folder: Path, option: str) -> Path:
     except OSError as error:
         raise CLIError(f"cannot write {option} into {folder}: {error}") from error
     return folder
-
-
-def load_feature_extractor(model: str) -> M2D2FeatureExtractor:
-    """Loaded before the model, so that inputs are validated before the slow part."""
-    try:
-        return AutoFeatureExtractor.from_pretrained(model)
-    except (OSError, ValueError) as error:
-        raise CLIError(f"cannot load the feature extractor from {model}: {error}") from error
-
-
-def pick_device(requested: str | None) -> torch.device:
-    try:
-        device = torch.device(requested or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError as error:
-        raise CLIError(f"invalid --device {requested!r}: {error}") from error
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CLIError("--device cuda was requested but no CUDA device is available")
-    return device
 
 
 def progress(total: int, description: str) -> tqdm:
@@ -703,27 +617,6 @@ def parse_labels(args: argparse.Namespace, labelled: LabelledSet | None = None) 
     if not labels:
         raise CLIError("no labels given: pass --labels a,b,c or a --labels-file with one label per line")
     return labels
-
-
-def label_prompts(labels: Sequence[str], template: str) -> dict[str, str]:
-    """Maps each prompt label (underscores read as spaces, as the original evaluation) back to its given name."""
-    try:
-        check_hypothesis_template(template)
-    except ValueError as error:
-        raise CLIError(f"--template: {error}") from error
-    names: dict[str, str] = {}
-    for label in labels:
-        spoken = label.replace("_", " ")
-        if spoken in names:
-            raise CLIError(f"labels {names[spoken]!r} and {label!r} give the same prompt")
-        names[spoken] = label
-    return names
-
-
-def mono_at(file: AudioFile, sampling_rate: int) -> np.ndarray:
-    """The file averaged to mono and resampled as the feature extractor would (decoding here spares the ffmpeg
-    binary the pipeline needs for paths)."""
-    return resample_to_mono(read_audio(file), file.sampling_rate, sampling_rate)
 
 
 def run_zero_shot(args: argparse.Namespace) -> None:

@@ -32,6 +32,7 @@ from transformers.utils import logging
 
 from .configuration_m2d2 import DEFAULT_NORM_STATS, M2D2AudioConfig, M2D2Config
 from .feature_extraction_m2d2 import M2D2FeatureExtractor
+from .model_card import architecture_of, conversion_card_info, write_model_card
 from .modeling_m2d2 import M2D2AudioModel, M2D2ClapModel, M2D2ForAudioClassification
 from .modeling_m2d2_pretraining import M2D2ForPreTraining
 from .processing_m2d2 import M2D2Processor
@@ -320,6 +321,17 @@ def convert_checkpoint(
     audio_config = audio_config_from(arch, state)
     with staged_folder(output_dir) as staging:
         _write(state, layout, arch, audio_config, staging, tokenizer, text_model, text_pooling, encoder_only, pretraining)
+        options = {
+            "tokenizer": tokenizer,
+            "text_model": text_model,
+            "text_pooling": text_pooling,
+            "input_size": input_size,
+            "patch_size": patch_size,
+            "sampling_rate": sampling_rate,
+            "encoder_only": encoder_only,
+            "pretraining": pretraining,
+        }
+        write_model_card(staging, architecture_of(staging), conversion_card_info(checkpoint_path, options))
     return output_dir
 
 
@@ -360,7 +372,7 @@ def _write(state, layout, arch, audio_config, output_dir, tokenizer, text_model,
     if pretraining:
         if layout != "pretraining":
             raise ValueError(
-                f"{checkpoint_path} is a {layout} checkpoint without the EMA target and predictor: only M2D / "
+                f"the file is a {layout} checkpoint without the EMA target and predictor: only M2D / "
                 "M2D-CLAP pre-training checkpoints (checkpoint-N.pth of the training runs) can continue pre-training"
             )
         return _write_pretraining(state, audio_config, output_dir)

@@ -7,12 +7,15 @@ NTT's licence whatever a later stage did with them, so a card derived from a con
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
+
 
 CARD_NAME = "README.md"
 
@@ -108,6 +111,56 @@ def weights_derive_from_ntt(folder: str | os.PathLike) -> bool:
     if not card.is_file():
         return False
     return ModelCard.load(card).data.to_dict().get("license_name") == NTT_LICENCE
+
+
+def architecture_of(folder: str | os.PathLike) -> str:
+    """The model class a saved folder holds (the first of its config's `architectures`)."""
+    config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+    return config["architectures"][0]
+
+
+def conversion_card_info(checkpoint: str | os.PathLike, options: Mapping[str, Any]) -> ModelCardInfo:
+    """The card of a folder converted from NTT's original `checkpoint` with the converter's non-default `options`
+    (`convert_checkpoint`'s keyword arguments): the weights are NTT's, whatever the options."""
+    checkpoint = Path(checkpoint)
+    flags = " ".join(_flag(name, value) for name, value in options.items() if value not in (None, False))
+    command = f"m2d2-hf convert {checkpoint.parent.name}/{checkpoint.name} OUT_DIR {flags}".rstrip()
+    return ModelCardInfo(
+        made_by=f"Converted from NTT's original checkpoint `{checkpoint.parent.name}/{checkpoint.name}` by the "
+        f"`m2d2_hf` converter (`m2d2_hf.conversion.convert_checkpoint`), as the command\n\n```\n{command}\n```\n\n"
+        "The architecture (input size, patch size, sampling rate, text encoder) comes from the original folder name "
+        "unless an option above overrides it; every tensor of the checkpoint is mapped or knowingly dropped (the "
+        "package's parity tests compare the converted model's outputs with the original implementation's).",
+        converted_from_ntt=True,
+    )
+
+
+def training_card_info(
+    program: str, settings: Mapping[str, Any], sources: Sequence[str | os.PathLike | None], steps: int
+) -> ModelCardInfo:
+    """The card of a folder exported by a training `program` (e.g. `examples/pretrain_stage1.py`) after `steps`
+    optimiser steps, run with `settings` (every option of the run); `sources` are the model folders it started from
+    (None where it started from new weights). Weights trained from NTT's stay under NTT's licence."""
+    started = [str(source) for source in sources if source]
+    origin = f"started from {', '.join(f'`{source}`' for source in started)}" if started else "new weights"
+    total = settings.get("max_train_steps")
+    data = settings.get("train_data")
+    split = f" (split `{settings['split']}`)" if settings.get("split") else ""
+    text = json.dumps(dict(settings), indent=2, sort_keys=True, default=str)
+    return ModelCardInfo(
+        made_by=f"Exported by `{program}` after {steps} of {total} optimiser steps on `{data}`{split}, {origin}. "
+        f"The run's settings (its command-line options):\n\n```json\n{text}\n```",
+        converted_from_ntt=any(weights_derive_from_ntt(source) for source in started),
+    )
+
+
+def _flag(name: str, value: Any) -> str:
+    flag = "--" + name.replace("_", "-")
+    if value is True:
+        return flag
+    if isinstance(value, (tuple, list)):  # input_size / patch_size, written as the CLI reads them: 80x1001
+        value = "x".join(map(str, value))
+    return f"{flag} {value}"
 
 
 def render_model_card(architecture: str, info: ModelCardInfo, path_hint: str = "path/to/this/folder") -> ModelCard:

@@ -10,6 +10,7 @@ from m2d2_hf import M2D2AudioModel, M2D2ClapModel, M2D2ForAudioClassification
 from m2d2_hf.conversion import Architecture, convert_checkpoint, load_original_checkpoint, parse_checkpoint_name
 
 from . import original_layout as layout
+from .test_model_card import assert_model_card
 
 
 def test_parse_checkpoint_names():
@@ -39,6 +40,16 @@ def test_encoder_only_checkpoint(tmp_path):
     assert torch.equal(model.layers[1].attention.qkv.weight, state["blocks.1.attn.qkv.weight"])
     assert torch.equal(model.layernorm.bias, state["norm.bias"])
     assert (out / "preprocessor_config.json").exists()
+    card = assert_model_card(out, "M2D2AudioModel", None, ntt=True)
+    assert "m2d2-hf convert m2d_vit_base-80x208p16x16-240101_enconly/weights.pth OUT_DIR\n" in card.text
+
+
+def test_pretraining_flag_on_a_checkpoint_without_the_training_parts_is_refused(tmp_path):
+    name = "m2d_vit_base-80x208p16x16-240101_enconly"
+    path = layout.save(layout.encoder_state(), tmp_path, name, "w.pth", wrap=False)
+    with pytest.raises(ValueError, match="without the EMA target and predictor"):
+        convert_checkpoint(path, tmp_path / "out", pretraining=True)
+    assert not (tmp_path / "out").exists()
 
 
 def test_pretraining_checkpoint_drops_training_parts(tmp_path, caplog):
@@ -88,6 +99,8 @@ def test_2025_layout_with_bert_tower(tmp_path, tokenizer_dir):
     assert torch.equal(model.text_model.encoder.layer[1].output.dense.weight, bert.encoder.layer[1].output.dense.weight)
     assert model.logit_scale.item() == 2.5
     assert AutoTokenizer.from_pretrained(out)("a dog")["input_ids"][0] == 101
+    card = assert_model_card(out, "M2D2ClapModel", "zero-shot-audio-classification", ntt=True)
+    assert f"--tokenizer {tokenizer_dir}" in card.text
     encoder_only = AutoModel.from_pretrained(convert_checkpoint(path, tmp_path / "enc", encoder_only=True))
     assert isinstance(encoder_only, M2D2AudioModel)
     features = torch.randn(1, 80, 300)

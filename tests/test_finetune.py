@@ -23,6 +23,8 @@ from m2d2_hf import M2D2AudioConfig, M2D2AudioModel, M2D2ForAudioClassification
 from m2d2_hf.modeling_m2d2 import sincos_position_table
 from m2d2_hf.training import finetune
 from tests.conftest import TINY_AUDIO
+from tests.test_model_card import assert_model_card
+
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "examples" / "finetune_audio_classification.py"
@@ -104,6 +106,7 @@ def test_training_loss_decreases_and_evaluation_is_logged(single_run):
 
 def test_export_loads_in_audio_classification_pipeline(single_run, real_sounds_dir):
     out, _ = single_run
+    assert_model_card(out / "final", "M2D2ForAudioClassification", "audio-classification", ntt=False)
     classifier = pipeline("audio-classification", model=str(out / "final"))
     assert isinstance(classifier.model, M2D2ForAudioClassification)
     assert classifier.model.config.id2label == dict(enumerate(LABELS))

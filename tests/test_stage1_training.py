@@ -18,6 +18,9 @@ from transformers import AutoFeatureExtractor, AutoModel
 from m2d2_hf import M2D2AudioModel
 from m2d2_hf.training.captions import write_embedding_shard
 
+from .test_model_card import assert_model_card
+
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "examples" / "pretrain_stage1.py"
 TINY = (
@@ -70,7 +73,8 @@ def captions_dir(data_dir, tmp_path_factory) -> Path:
     rng = np.random.default_rng(0)
     stems = sorted(p.stem for p in data_dir.glob("*.flac") if p.stem != "corrupted")[4:]
     folder = tmp_path_factory.mktemp("captions")
-    write_embedding_shard(folder / "shard-00000.parquet", {s: rng.standard_normal((1 + len(s) % 3, 24)) for s in stems})
+    embeddings = {s: rng.standard_normal((1 + len(s) % 3, 24)) for s in stems}
+    write_embedding_shard(folder / "shard-00000.parquet", embeddings)
     return folder
 
 
@@ -119,6 +123,8 @@ def test_single_process_run_learns_skips_broken_items_and_exports(data_dir, capt
     assert encoder.config.norm_stats[1] > 0 and encoder.config.chunk_frames == 608
     config = json.loads((out / "run_config.json").read_text())
     assert config["max_train_steps"] == 30
+    card = assert_model_card(out / "final", "M2D2AudioModel", None, ntt=False)
+    assert "`examples/pretrain_stage1.py` after 30 of 30 optimiser steps" in card.text and "new weights" in card.text
 
 
 def test_a_stream_of_only_broken_items_stops_with_a_clear_error():

@@ -18,6 +18,8 @@ from m2d2_hf import M2D2AudioConfig, M2D2AudioModel, M2D2ClapModel, M2D2Config
 from m2d2_hf.training.stage2 import build_model, build_parser, crop_padding_mask
 
 from .conftest import TINY_AUDIO
+from .test_model_card import assert_model_card
+
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "examples" / "pretrain_stage2.py"
@@ -65,7 +67,8 @@ def test_two_processes_resume_freeze_and_export(real_sounds_dir, encoder_dir, to
     resume = common_args(real_sounds_dir, encoder_dir, tokenizer_dir, resumed, 4)
     run(resume + ["--checkpointing_steps", 2, "--resume_from_checkpoint", full / "step_2"], processes=2)
     for expected, got in zip(history[2:], metrics(resumed)):
-        assert (got["step"], got["loss"], got["logit_scale"]) == (expected["step"], expected["loss"], expected["logit_scale"])
+        for key in ("step", "loss", "logit_scale"):
+            assert got[key] == expected[key], (key, expected, got)
 
     # The encoder is bit-identical to the one training started from; the projector and text tower moved.
     model = M2D2ClapModel.from_pretrained(full / "final")
@@ -77,6 +80,8 @@ def test_two_processes_resume_freeze_and_export(real_sounds_dir, encoder_dir, to
     assert not torch.equal(start["clap.audio_projection.sem_token"], end["clap.audio_projection.sem_token"])
     assert model.config.text_projection and model.config.audio_config.norm_stats == [-9.0, 4.0]
 
+    card = assert_model_card(full / "final", "M2D2ClapModel", "zero-shot-audio-classification", ntt=False)
+    assert f"started from `{encoder_dir}`, `{tokenizer_dir}`" in card.text
     classifier = pipeline("zero-shot-audio-classification", model=str(full / "final"))
     wave, rate = sf.read(next((real_sounds_dir / "audio" / "bird").glob("*.flac")), dtype="float32")
     scores = classifier(wave, candidate_labels=["a bird sings", "a dog barks"])

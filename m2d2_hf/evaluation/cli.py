@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from transformers import AutoModel, AutoProcessor, PreTrainedModel
 
-from ..cli import load_feature_extractor, load_m2d2_config, pick_device
 from ..configuration_m2d2 import M2D2Config
+from ..loading import load_feature_extractor, load_m2d2_config, pick_device
 from .data import EvaluationSet, load_evaluation_set, prepare_model
 
 

@@ -3,8 +3,8 @@ share, arguments, model loading, JSON reports and tables, is in `m2d2_hf.evaluat
 
 An evaluation set is either a local audiofolder-style folder (a `metadata.csv` whose `file_name` column holds paths
 relative to the folder, other columns as labels, captions, splits) or a `datasets` dataset / hub id with an audio
-column. Audio is decoded lazily with soundfile, as the `m2d2-hf` command line does (no ffmpeg needed), averaged to
-mono and resampled to the feature extractor's rate, so a set never sits in memory as waveforms.
+column. Audio is decoded lazily with soundfile by `m2d2_hf.audio_files`, as the `m2d2-hf` command line does (no ffmpeg
+needed), averaged to mono and resampled to the feature extractor's rate, so a set never sits in memory as waveforms.
 """
 
 import csv
@@ -23,7 +23,7 @@ from datasets import Audio, ClassLabel, List
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from ..cli import inspect_audio_files, mono_at, resample_to_mono
+from ..audio_files import inspect_audio_files, mono_at, resample_to_mono
 
 
 # A clip as the evaluations accept it: a file path; a `datasets` audio value (undecoded {"bytes", "path"}, decoded

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from datasets import Dataset
 
-from ..cli import DEFAULT_TEMPLATE, label_prompts
+from ..prompts import DEFAULT_TEMPLATE, label_prompts
 from .data import EvaluationSet, class_names, embed_audio, embed_texts, encode_targets, unzip_lazily
 from .metrics import average_precision_per_class, mean_average_precision, per_class_accuracy, top_k_accuracy
 

@@ -57,9 +57,10 @@ from transformers import AutoConfig
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from ..configuration_m2d2 import M2D2AudioConfig, M2D2Config
-from ..feature_extraction_m2d2 import M2D2FeatureExtractor
 from ..evaluation.metrics import mean_average_precision, top_k_accuracy
+from ..feature_extraction_m2d2 import M2D2FeatureExtractor
 from ..masking import random_structured_mask
+from ..model_card import ModelCardInfo, training_card_info, write_model_card
 from ..modeling_m2d2 import M2D2AudioModel, M2D2ClapModel, M2D2ForAudioClassification, sincos_position_table
 from .checkpoint import resolve_checkpoint
 from .data import load_audio_stream, random_log_mel_crops
@@ -68,8 +69,8 @@ from .loop import (
     RunState,
     build_accelerator,
     make_output_dir,
-    program_parser,
     parse_filters,
+    program_parser,
     run_training,
     start_run,
     step_generator,
@@ -583,12 +584,13 @@ def evaluate(model: M2D2ForAudioClassification, make_loader, prepare: FinetuneBa
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def export_classifier(model: M2D2ForAudioClassification, output_dir: Path, accelerator) -> None:
-    """Saves the classification model with its feature extractor: a folder `pipeline("audio-classification")`
-    loads."""
+def export_classifier(model: M2D2ForAudioClassification, output_dir: Path, accelerator, card: ModelCardInfo) -> None:
+    """Saves the classification model with its feature extractor and model card: a folder
+    `pipeline("audio-classification")` loads."""
     if accelerator.is_main_process:
         model.save_pretrained(output_dir)
         M2D2FeatureExtractor.from_audio_config(model.config).save_pretrained(output_dir)
+        write_model_card(output_dir, "M2D2ForAudioClassification", card)
         logger.info(f"exported the classifier to {output_dir}")
 
 
@@ -654,10 +656,15 @@ def train(args: argparse.Namespace) -> Path:
     def make_inputs(batch: dict, step: int, micro: int) -> dict:
         return prepare.train_inputs(batch, accelerator.device, step, accelerator.process_index, micro)
 
+    def export(folder: Path, step: int) -> None:
+        program = "examples/finetune_audio_classification.py"
+        card = training_card_info(program, vars(args), [args.model_name_or_path], step)
+        export_classifier(unwrapped, folder, accelerator, card)
+
     objective.train()
     return run_training(
         accelerator, args, objective, optimizer, scheduler, stream, state, start_step, make_inputs, ("loss",),
-        after_step, lambda folder: export_classifier(unwrapped, folder, accelerator), "fine-tuning",
+        after_step, export, "fine-tuning",
     )  # fmt: skip
 
 

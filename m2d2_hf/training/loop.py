@@ -320,7 +320,7 @@ def run_training(
     kwargs; the model output's `loss` is back-propagated and the `loss_names` fields are logged), gradient clipping,
     AdamW, the scheduler, then `after_step(step) -> dict` (EMA, temperature clamp, ...; its values are logged).
     Logs through the accelerate trackers, checkpoints (`checkpoint.save_checkpoint`) every `--checkpointing_steps`,
-    exports with `export(folder)` every `--export_steps` or on request, and at the end. Returns the final export
+    exports with `export(folder, step)` every `--export_steps` or on request, and at the end. Returns the final export
     folder.
 
     Inputs with a `has_caption` mask (contrastive training) add `uncaptioned_clips`, the clips of each logging
@@ -378,12 +378,12 @@ def run_training(
         if done % args.checkpointing_steps == 0 and done < args.max_train_steps:
             save_checkpoint(accelerator, output_dir / f"step_{done}", done, model, optimizer, stream, state)
         if export_requested(getattr(args, "export_steps", 0), done, output_dir):
-            export(output_dir / f"export_step_{done}")
+            export(output_dir / f"export_step_{done}", done)
     progress.close()
 
     save_checkpoint(accelerator, output_dir / f"step_{args.max_train_steps}", args.max_train_steps, model, optimizer, stream, state)
     final = output_dir / "final"
-    export(final)
+    export(final, args.max_train_steps)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return final

@@ -16,6 +16,7 @@ from transformers import AutoConfig
 
 from ..configuration_m2d2 import M2D2AudioConfig
 from ..feature_extraction_m2d2 import M2D2FeatureExtractor
+from ..model_card import ModelCardInfo, training_card_info, write_model_card
 from ..modeling_m2d2_pretraining import M2D2ForPreTraining
 from .captions import CaptionEmbeddingTable, draw_captions
 from .checkpoint import resolve_checkpoint
@@ -92,7 +93,8 @@ def build_model(args: argparse.Namespace, caption_size: int | None) -> M2D2ForPr
         model = M2D2ForPreTraining(config)
     if model.config.chunk_frames < args.crop_frames:
         raise ValueError(
-            f"--crop_frames {args.crop_frames} exceeds the model's positional grid ({model.config.chunk_frames} frames)"
+            f"--crop_frames {args.crop_frames} exceeds the model's positional grid "
+            f"({model.config.chunk_frames} frames)"
         )
     model.config.mask_ratio = args.mask_ratio
     model.config.m2d_loss_weight = args.m2d_loss_weight
@@ -152,11 +154,12 @@ def compute_norm_stats(
     return float(mean), float(std)
 
 
-def export_encoder(model: M2D2ForPreTraining, output_dir: Path, accelerator) -> None:
-    """Saves the online encoder as an `M2D2AudioModel` folder with its feature extractor."""
+def export_encoder(model: M2D2ForPreTraining, output_dir: Path, accelerator, card: ModelCardInfo) -> None:
+    """Saves the online encoder as an `M2D2AudioModel` folder with its feature extractor and model card."""
     if accelerator.is_main_process:
         model.audio_model.save_pretrained(output_dir)
         M2D2FeatureExtractor.from_audio_config(model.config).save_pretrained(output_dir)
+        write_model_card(output_dir, "M2D2AudioModel", card)
         logger.info(f"exported the encoder to {output_dir}")
 
 
@@ -171,7 +174,8 @@ def train(args: argparse.Namespace) -> Path:
 
     def batch_stream(seed_offset: int) -> BatchStream:
         min_samples = int(args.min_seconds * sampling_rate)
-        loader = streamed_loader(args, accelerator, sampling_rate, min_samples=min_samples, seed=args.seed + seed_offset)
+        seed = args.seed + seed_offset
+        loader = streamed_loader(args, accelerator, sampling_rate, min_samples=min_samples, seed=seed)
         return BatchStream(loader, accelerator.process_index)
 
     checkpoint, start_step = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
@@ -190,7 +194,8 @@ def train(args: argparse.Namespace) -> Path:
     optimizer = torch.optim.AdamW(
         weight_decay_groups(model, args.weight_decay), lr=lr, betas=(args.adam_beta1, args.adam_beta2)
     )
-    scheduler = warmup_cosine_schedule(optimizer, round(args.warmup_ratio * args.max_train_steps), args.max_train_steps)
+    warmup_steps = round(args.warmup_ratio * args.max_train_steps)
+    scheduler = warmup_cosine_schedule(optimizer, warmup_steps, args.max_train_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     stream, state = batch_stream(0), RunState(feature_extractor.norm_stats)
     start_run(accelerator, args, "m2d2_stage1", checkpoint, model, optimizer, scheduler, stream, state)
@@ -209,11 +214,14 @@ def train(args: argparse.Namespace) -> Path:
     def make_inputs(batch: dict, step: int, micro: int) -> dict:
         return prepare.inputs(batch, accelerator.device, step, accelerator.process_index, micro)
 
+    def export(folder: Path, step: int) -> None:
+        card = training_card_info("examples/pretrain_stage1.py", vars(args), [args.model_name_or_path], step)
+        export_encoder(unwrapped, folder, accelerator, card)
+
     model.train()
     return run_training(
         accelerator, args, model, optimizer, scheduler, stream, state, start_step, make_inputs,
-        ("loss", "m2d_loss", "clap_loss"), after_step, lambda folder: export_encoder(unwrapped, folder, accelerator),
-        "stage 1",
+        ("loss", "m2d_loss", "clap_loss"), after_step, export, "stage 1",
     )  # fmt: skip
 
 

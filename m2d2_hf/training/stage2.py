@@ -21,6 +21,7 @@ from transformers.utils import ModelOutput
 from ..configuration_m2d2 import M2D2Config
 from ..feature_extraction_m2d2 import M2D2FeatureExtractor
 from ..masking import random_structured_mask, random_unstructured_mask
+from ..model_card import ModelCardInfo, training_card_info, write_model_card
 from ..modeling_m2d2 import M2D2AudioModel, M2D2ClapModel
 from ..modeling_m2d2_pretraining import MAX_LOGIT_SCALE, global_clap_loss
 from ..processing_m2d2 import M2D2Processor
@@ -255,11 +256,13 @@ class Stage2Batches:
         }
 
 
-def export_clap(model: M2D2ClapModel, tokenizer, output_dir: Path, accelerator) -> None:
-    """Saves the complete CLAP model with its processor (feature extractor + tokenizer)."""
+def export_clap(model: M2D2ClapModel, tokenizer, output_dir: Path, accelerator, card: ModelCardInfo) -> None:
+    """Saves the complete CLAP model with its processor (feature extractor + tokenizer) and model card."""
     if accelerator.is_main_process:
         model.save_pretrained(output_dir)
-        M2D2Processor(M2D2FeatureExtractor.from_audio_config(model.config.audio_config), tokenizer).save_pretrained(output_dir)
+        feature_extractor = M2D2FeatureExtractor.from_audio_config(model.config.audio_config)
+        M2D2Processor(feature_extractor, tokenizer).save_pretrained(output_dir)
+        write_model_card(output_dir, "M2D2ClapModel", card)
         logger.info(f"exported the CLAP model to {output_dir}")
 
 
@@ -275,14 +278,16 @@ def train(args: argparse.Namespace) -> Path:
         captions = read_captions(args.captions, caption_column=args.caption_column, separator=args.caption_separator)
     keep = [] if captions is not None else [args.caption_column]
     loader = streamed_loader(args, accelerator, audio_config.sampling_rate, keep_columns=keep)
-    prepare = Stage2Batches(args, M2D2FeatureExtractor.from_audio_config(audio_config), tokenizer, audio_config, captions)
+    feature_extractor = M2D2FeatureExtractor.from_audio_config(audio_config)
+    prepare = Stage2Batches(args, feature_extractor, tokenizer, audio_config, captions)
 
     optimizer = torch.optim.AdamW(
         weight_decay_groups(clap, args.weight_decay),
         lr=scaled_learning_rate(args.base_learning_rate, args.global_batch_size),
         betas=(args.adam_beta1, args.adam_beta2),
     )
-    scheduler = warmup_cosine_schedule(optimizer, round(args.warmup_ratio * args.max_train_steps), args.max_train_steps)
+    warmup_steps = round(args.warmup_ratio * args.max_train_steps)
+    scheduler = warmup_cosine_schedule(optimizer, warmup_steps, args.max_train_steps)
     objective, optimizer = accelerator.prepare(FrozenEncoderClapObjective(clap), optimizer)
     stream, state = BatchStream(loader, accelerator.process_index), RunState()
     checkpoint, start_step = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
@@ -300,9 +305,14 @@ def train(args: argparse.Namespace) -> Path:
     clap.audio_model.eval()  # frozen, and dropout-free anyway; the text tower trains with its dropout as the paper
     if args.freeze_text_model:
         clap.text_model.eval()
+    def export(folder: Path, step: int) -> None:
+        sources = [args.model_name_or_path, args.audio_model, args.text_model]
+        card = training_card_info("examples/pretrain_stage2.py", vars(args), sources, step)
+        export_clap(clap, tokenizer, folder, accelerator, card)
+
     return run_training(
         accelerator, args, objective, optimizer, scheduler, stream, state, start_step, make_inputs, ("loss",),
-        after_step, lambda folder: export_clap(clap, tokenizer, folder, accelerator), "stage 2",
+        after_step, export, "stage 2",
     )  # fmt: skip
 
 

@@ -1,0 +1,36 @@
+"""Zero-shot prompts from class names, as the original evaluation makes them: underscores read as spaces, each name
+put into a template ("{} can be heard" by default)."""
+
+from collections.abc import Sequence
+
+from .pipelines import check_hypothesis_template
+
+
+# The prompt of the original zero-shot evaluation (spec §4, ESC-50 notebook).
+DEFAULT_TEMPLATE = "{} can be heard"
+
+
+class PromptError(ValueError):
+    """A template without one `{}` for the class name, or two class names that give the same prompt."""
+
+
+def label_prompts(labels: Sequence[str], template: str) -> dict[str, str]:
+    """Maps each prompt label (underscores read as spaces, as the original evaluation) back to its given name.
+
+    Raises:
+        PromptError: when `template` has no `{}` for the name or two labels give the same prompt.
+    """
+    try:
+        check_hypothesis_template(template)
+    except ValueError as error:
+        raise PromptError(str(error)) from error
+    names: dict[str, str] = {}
+    for label in labels:
+        spoken = label.replace("_", " ")
+        if spoken in names:
+            raise PromptError(f"labels {names[spoken]!r} and {label!r} give the same prompt")
+        names[spoken] = label
+    return names
+
+
+__all__ = ["DEFAULT_TEMPLATE", "PromptError", "label_prompts"]
