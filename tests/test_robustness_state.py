@@ -5,7 +5,12 @@ output appears whole or not at all, with clear errors.
 The training runs are tiny stage-1 runs forked from one process that imported the package once
 (`tests/training_runner.py`), so that killing runs and resuming them stays cheap."""
 
+import argparse
+import ast
 import csv
+import importlib.util
+import inspect
+import io
 import json
 import os
 import pickle
@@ -13,6 +18,7 @@ import random
 import shutil
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -20,12 +26,16 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoModel
 
-from m2d2_hf import cli
+from m2d2_hf import M2D2AudioConfig, M2D2AudioModel, cli
 from m2d2_hf.conversion import convert_checkpoint
+from m2d2_hf.evaluation import load_evaluation_set
 from m2d2_hf.training import loop
-from m2d2_hf.training.captions import write_embedding_shard
+from m2d2_hf.training.captions import CaptionEmbeddingTable, CaptionEncoder, cached_ids, write_embedding_shard
 from m2d2_hf.training.checkpoint import COMPLETE_MARKER
+from m2d2_hf.training.data import load_audio_stream
+from m2d2_hf.training.finetune import load_encoder
 
 from . import original_layout as layout
 
@@ -164,6 +174,163 @@ def test_pickles_of_accelerate_checkpoints_are_never_loaded(runner, baseline, da
     assert same_weights(baseline / f"step_{STEPS}", out / f"step_{STEPS}")
 
 
+def test_converter_refuses_payloads_even_inside_allowed_types(tmp_path, capsys):
+    marker = tmp_path / "ran"
+    folder = tmp_path / "m2d_vit_base-80x208p16x16-240101"
+    folder.mkdir()
+    cases = {
+        "payload.pth": Payload(marker),
+        "in_args.pth": {"model": layout.encoder_state(), "args": argparse.Namespace(seed=Payload(marker))},
+        "in_state.pth": {"model": {**layout.encoder_state(), "cls_token": Payload(marker)}},
+    }
+    for name, value in cases.items():
+        torch.save(value, folder / name)
+    (folder / "bare.pth").write_bytes(pickle.dumps(Payload(marker)))  # a plain pickle, not torch's zip format
+    for name in [*cases, "bare.pth"]:
+        with pytest.raises(ValueError, match=rf"{name} could not be read with torch.load\(weights_only=True\)"):
+            convert_checkpoint(folder / name, tmp_path / "out")
+    assert "weights_only=True" in cli_error(capsys, [folder / "in_args.pth", tmp_path / "out"])
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_model_folders_load_no_pickled_weights(tmp_path):
+    """Exports, fine-tuning and stage-2 inputs and converted models load through from_pretrained, which reads a
+    pytorch_model.bin with weights_only=True."""
+    marker = tmp_path / "ran"
+    config = M2D2AudioConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    config.save_pretrained(tmp_path / "model")
+    torch.save(Payload(marker), tmp_path / "model" / "pytorch_model.bin")
+    for load in (load_encoder, AutoModel.from_pretrained, M2D2AudioModel.from_pretrained):
+        with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+            load(str(tmp_path / "model"))
+    assert not marker.exists()
+
+
+def test_caption_tables_read_no_pickles(tmp_path):
+    """A shard whose embedding bytes, extension type and schema metadata are pickles is read as numbers."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    marker = tmp_path / "ran"
+    blob = pickle.dumps(Payload(marker))
+    blob += b"." * (len(blob) % 2)  # whole float16 values
+    embeddings = pa.field(
+        "embeddings",
+        pa.binary(),
+        # The pickled extension type that pyarrow < 14.0.1 unpickled on read.
+        metadata={"ARROW:extension:name": "arrow.py_extension_type", "ARROW:extension:metadata": blob},
+    )
+    schema = pa.schema(
+        [pa.field("id", pa.string()), embeddings, pa.field("num_captions", pa.int64()), pa.field("dim", pa.int64())],
+        metadata={"pickle": blob},
+    )
+    folder = tmp_path / "captions"
+    folder.mkdir()
+    columns = {"id": ["clip"], "embeddings": [blob], "num_captions": [1], "dim": [len(blob) // 2]}
+    pq.write_table(pa.table(columns, schema=schema), folder / "shard-00000.parquet")
+    table = CaptionEmbeddingTable.from_path(folder)
+    assert table["clip"].shape == (1, len(blob) // 2) and cached_ids(folder) == {"clip"}
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("kind", ["pyd", "pickle", "npy", "pth"])
+def test_training_shards_decode_no_pickles(data_dir, tmp_path, kind):
+    """WebDataset members that hold pickles are kept as bytes (.pyd, .pickle) or refused by datasets' decoders
+    (.npy without allow_pickle, .pth with weights_only): no code runs."""
+    marker = tmp_path / "ran"
+    member = io.BytesIO()
+    if kind == "npy":
+        np.save(member, np.array([Payload(marker)], dtype=object), allow_pickle=True)
+    elif kind == "pth":
+        torch.save(Payload(marker), member)
+    else:
+        member.write(pickle.dumps(Payload(marker)))
+    shard = tmp_path / "shard.tar"
+    with tarfile.open(shard, "w") as tar:
+        clip = min(data_dir.glob("*.flac")).read_bytes()
+        for name, data in (("clip.flac", clip), (f"clip.{kind}", member.getvalue())):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    if kind in ("pyd", "pickle"):
+        (item,) = list(load_audio_stream(str(shard), shuffle_buffer=0))
+        assert item["id"] == "clip" and item["audio"].size > 0 and not item["error"]
+    else:  # datasets decodes the first items already to infer the columns
+        with pytest.raises((ValueError, pickle.UnpicklingError), match="allow_pickle=False|Weights only load failed"):
+            list(load_audio_stream(str(shard), shuffle_buffer=0))
+    assert not marker.exists()
+
+
+def test_dataset_scripts_never_run(tmp_path):
+    marker = tmp_path / "ran"
+    folder = tmp_path / "dataset"
+    folder.mkdir()
+    (folder / "dataset.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n")
+    with pytest.raises(RuntimeError, match="scripts are no longer supported"):
+        load_evaluation_set(str(folder))
+    assert list(load_audio_stream(str(folder), shuffle_buffer=0)) == []  # read as an audiofolder without audio
+    assert not marker.exists()
+
+
+def test_remote_code_runs_only_when_asked():
+    assert inspect.signature(CaptionEncoder).parameters["trust_remote_code"].default is False
+    script = REPO_ROOT / "examples" / "cache_caption_embeddings.py"
+    spec = importlib.util.spec_from_file_location("cache_example", script)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    assert example.parse_args(["--captions", "c.csv", "--output", "o"]).trust_remote_code is False
+
+
+UNSAFE = {
+    "torch.load": "torch.load without weights_only=True",
+    "pickle": "pickle", "dill": "dill", "cloudpickle": "cloudpickle", "joblib": "joblib", "shelve": "shelve",
+    "load_state": "accelerate's load_state (weights_only=False for registered objects)",
+    "torch.jit.load": "torch.jit.load", "eval": "eval", "exec": "exec",
+}  # fmt: skip
+
+
+def is_true(keywords: dict, key: str) -> bool:
+    return isinstance(keywords.get(key), ast.Constant) and keywords[key].value is True
+
+
+def unsafe_loads(source: str) -> list[str]:
+    """The calls and imports of `source` that could run code from a file (see UNSAFE), and np.load with
+    allow_pickle=True and trust_remote_code=True written as constants."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            modules = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            roots = [module.split(".")[0] for module in modules]
+            found += [UNSAFE[root] for root in roots if root in ("pickle", "dill", "cloudpickle", "joblib", "shelve")]
+        if not isinstance(node, ast.Call):
+            continue
+        name = ast.unparse(node.func)
+        keywords = {k.arg: k.value for k in node.keywords}
+        if name == "torch.load" and not is_true(keywords, "weights_only"):
+            found.append(UNSAFE["torch.load"])
+        if name in ("torch.jit.load", "eval", "exec") or name.endswith(".load_state"):
+            found.append(UNSAFE.get(name, UNSAFE["load_state"]))
+        if name in ("np.load", "numpy.load") and "allow_pickle" in keywords and not (
+            isinstance(keywords["allow_pickle"], ast.Constant) and keywords["allow_pickle"].value is False
+        ):
+            found.append("np.load(allow_pickle=...)")
+        if is_true(keywords, "trust_remote_code"):
+            found.append("trust_remote_code=True")
+    return found
+
+
+def test_no_loader_of_the_package_or_its_examples_can_run_code_from_a_file():
+    files = sorted((REPO_ROOT / "m2d2_hf").rglob("*.py")) + sorted((REPO_ROOT / "examples").rglob("*.py"))
+    assert len(files) > 40
+    unsafe = {str(f.relative_to(REPO_ROOT)): found for f in files if (found := unsafe_loads(f.read_text()))}
+    assert not unsafe, unsafe
+    # The check sees what it must refuse.
+    bad = "import pickle\ntorch.load(p)\ntorch.load(p, weights_only=False)\nnp.load(p, allow_pickle=True)\n"
+    bad += "accelerator.load_state(d)\nAutoModel.from_pretrained(m, trust_remote_code=True)\n"
+    assert len(unsafe_loads(bad)) == 6
+    assert not unsafe_loads("torch.load(p, weights_only=True)\nnp.load(p)\nf(trust_remote_code=flag)\n")
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Crash safety: nothing half-written is ever used
 # ---------------------------------------------------------------------------------------------------------------------
@@ -235,13 +402,15 @@ def test_captions_that_match_no_clip_stop_stage1_and_every_window_counts_uncapti
     assert code == 0, log[-2000:]
     assert [(m["uncaptioned_clips"], m["clap_loss"]) for m in metrics(tmp_path / "allowed")] == [(4, 0.0), (4, 0.0)]
 
-    # Half the clips captioned, one window of two steps = one pass over the 8 clips: 4 without a caption.
+    # Half the clips captioned, windows of two steps = one pass over the 8 clips each: 4 without a caption in
+    # every window (the count restarts with each window; a running total would read 4, 8).
     half = caption_table(tmp_path / "half", stems[::2])
-    args = stage1_args(data_dir, tmp_path / "half_run", steps=2) + ["--caption_embeddings", half]
+    args = stage1_args(data_dir, tmp_path / "half_run", steps=4) + ["--caption_embeddings", half]
     code, log = runner.run(args + ["--logging_steps", 2], tmp_path / "c")
     assert code == 0, log[-2000:]
-    (logged,) = metrics(tmp_path / "half_run")
-    assert logged["uncaptioned_clips"] == CLIPS // 2 and logged["clap_loss"] > 0, logged
+    logged = metrics(tmp_path / "half_run")
+    assert [m["step"] for m in logged] == [2, 4], logged
+    assert all(m["uncaptioned_clips"] == CLIPS // 2 and m["clap_loss"] > 0 for m in logged), logged
 
 
 def test_report_to_a_tracker_that_is_not_installed_stops_before_training(monkeypatch):
@@ -344,6 +513,7 @@ def test_converter_output_path_that_is_a_file_is_a_clear_error(tmp_path, capsys)
     with pytest.raises(FileExistsError, match="is a file, not a folder"):
         convert_checkpoint(checkpoint, target)
     assert "is a file, not a folder" in cli_error(capsys, [checkpoint, target])
+    assert "Not a directory" in cli_error(capsys, [checkpoint, target / "sub"])  # a file above the output folder
     assert target.read_text() == "keep me"
 
 
