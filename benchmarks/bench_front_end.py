@@ -14,11 +14,10 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
+from common import describe_machine, interleaved_seconds
 
 from m2d2_hf import M2D2FeatureExtractor
 from m2d2_hf.feature_extraction_m2d2 import slaney_mel_filter_bank
-
-from common import describe_machine, interleaved_seconds
 
 
 class Conv1dLogMel:
@@ -53,8 +52,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
 
-    from transformers import ClapFeatureExtractor
     import torchaudio
+    from transformers import ClapFeatureExtractor
 
     print(f"machine: {describe_machine()}")
     rng = np.random.default_rng(0)

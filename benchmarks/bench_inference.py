@@ -16,10 +16,9 @@ import time
 
 import numpy as np
 import torch
+from common import count_flops, describe_machine, interleaved_seconds, matmul_peak_fn
 
 from m2d2_hf import M2D2AudioConfig, M2D2AudioModel, M2D2FeatureExtractor, optimize_for_cpu_inference
-
-from common import count_flops, describe_machine, interleaved_seconds, matmul_peak_fn
 
 
 def tune_glibc_malloc() -> bool:

@@ -20,10 +20,10 @@ import time
 from pathlib import Path
 
 import torch
+from common import count_flops, describe_machine, interleaved_seconds, matmul_peak_fn, peak_rss_bytes
 
 from m2d2_hf import M2D2AudioConfig, M2D2AudioModel, M2D2FeatureExtractor, optimize_for_cpu_inference
 
-from common import count_flops, describe_machine, interleaved_seconds, matmul_peak_fn, peak_rss_bytes
 
 SAMPLING_RATE = 16000
 

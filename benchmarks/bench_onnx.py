@@ -15,11 +15,10 @@ from pathlib import Path
 import numpy as np
 import onnxruntime
 import torch
+from common import describe_machine, interleaved_seconds
 
 from m2d2_hf import M2D2AudioConfig, M2D2AudioModel, M2D2FeatureExtractor
 from m2d2_hf.onnx_export import AUDIO_GRAPH, AUDIO_INT8_GRAPH, export_onnx
-
-from common import describe_machine, interleaved_seconds
 
 
 def int8_extensions() -> str:

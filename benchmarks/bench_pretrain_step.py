@@ -7,11 +7,10 @@ clips/s and achieved FLOP/s as a fraction of the matmul peak measured in the sam
 import argparse
 
 import torch
+from common import count_flops, describe_machine, matmul_flops_per_second, median_seconds
 
 from m2d2_hf import M2D2AudioConfig, M2D2ForPreTraining
 from m2d2_hf.training.optim import weight_decay_groups
-
-from common import count_flops, describe_machine, matmul_flops_per_second, median_seconds
 
 
 def make_step(model: M2D2ForPreTraining, batch_size: int, dtype: torch.dtype | None):

@@ -30,7 +30,6 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-
 from common import describe_machine, interleaved_seconds, load_average, peak_rss_bytes
 
 

@@ -1,8 +1,9 @@
 """Configurations of the M2D2 audio encoder and of the M2D2 (M2D-CLAP 2025) audio-language model."""
 
 import math
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator, Literal
+from typing import Literal
 
 from transformers import AutoConfig
 from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec

@@ -16,13 +16,9 @@ and a folder that already holds files is only replaced (whole) when asked to.
 """
 
 import argparse
-import contextlib
 import math
-import os
 import pathlib
 import re
-import shutil
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +31,7 @@ from .feature_extraction_m2d2 import M2D2FeatureExtractor
 from .model_card import architecture_of, conversion_card_info, write_model_card
 from .modeling_m2d2 import M2D2AudioModel, M2D2ClapModel, M2D2ForAudioClassification
 from .modeling_m2d2_pretraining import M2D2ForPreTraining
+from .output_folders import check_output_dir, staged_folder
 from .processing_m2d2 import M2D2Processor
 
 
@@ -333,38 +330,6 @@ def convert_checkpoint(
         }
         write_model_card(staging, architecture_of(staging), conversion_card_info(checkpoint_path, options))
     return output_dir
-
-
-def check_output_dir(output_dir: Path, overwrite: bool) -> None:
-    """Refuses, before any work, an output path that is a file, or a folder with files in it unless `overwrite`."""
-    if output_dir.exists() and not output_dir.is_dir():
-        raise FileExistsError(
-            f"the output path {output_dir} is a file, not a folder: give the path of a new (or empty) folder for the "
-            "converted model"
-        )
-    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
-        raise FileExistsError(
-            f"the output folder {output_dir} is not empty: choose a new or empty folder, or pass overwrite=True "
-            "(--overwrite) to replace it whole"
-        )
-
-
-@contextlib.contextmanager
-def staged_folder(output_dir: Path) -> Iterator[Path]:
-    """A hidden folder beside `output_dir` to write into; renamed to `output_dir` (replacing it whole) when the
-    block succeeds, removed when it fails."""
-    staging = output_dir.with_name(f".{output_dir.name}.{os.getpid()}.partial")
-    shutil.rmtree(staging, ignore_errors=True)  # left by a process of this id that was killed
-    staging.mkdir(parents=True)
-    try:
-        yield staging
-        replaced = staging.with_suffix(".replaced")
-        if output_dir.exists():
-            output_dir.rename(replaced)
-        staging.rename(output_dir)
-        shutil.rmtree(replaced, ignore_errors=True)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _write(state, layout, arch, audio_config, output_dir, tokenizer, text_model, text_pooling, encoder_only, pretraining):

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
+
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
 
 

@@ -14,7 +14,6 @@ at 10 s, up to 159 ms early); that formula stays for parity with the original.
 """
 
 import numpy as np
-
 import torch
 from torch import nn
 

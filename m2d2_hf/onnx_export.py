@@ -11,7 +11,6 @@ appears whole or not at all (written beside it under a hidden name, then renamed
 """
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -20,11 +19,12 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoTokenizer
 
-from .conversion import check_output_dir, staged_folder
 from .feature_extraction_m2d2 import M2D2FeatureExtractor
 from .model_card import NTT_LICENCE_TEXT, OWN_WEIGHTS_TEXT, weights_derive_from_ntt
 from .modeling_m2d2 import M2D2AudioModel, M2D2ClapModel
+from .output_folders import check_output_dir, staged_folder
 from .processing_m2d2 import M2D2Processor
+
 
 ONNX_CONFIG_NAME = "onnx_config.json"
 AUDIO_GRAPH, AUDIO_INT8_GRAPH, TEXT_GRAPH = "audio.onnx", "audio.int8.onnx", "text.onnx"

@@ -9,6 +9,7 @@ from transformers.utils import logging
 
 from .configuration_m2d2 import auto_map_kept_on_disk_only
 
+
 logger = logging.get_logger(__name__)
 
 # Tokenizers without a length limit report this (transformers' VERY_LARGE_INTEGER) as their model_max_length.

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import torch
 
+
 PATCH = 16
 
 

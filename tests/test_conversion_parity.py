@@ -10,6 +10,7 @@ from transformers import AutoFeatureExtractor, AutoModel, AutoProcessor, AutoTok
 
 from m2d2_hf import M2D2ClapModel, M2D2FeatureExtractor, M2D2Processor, frame_timestamps
 
+
 pytestmark = pytest.mark.slow
 
 # The contract (fixture README); the README of this project states the achieved figures.

@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from m2d2_hf import M2D2AudioModel, M2D2ClapModel
-from m2d2_hf import cpu_inference
+from m2d2_hf import M2D2AudioModel, M2D2ClapModel, cpu_inference
 from m2d2_hf.cpu_inference import PrepackedLinear, optimize_for_cpu_inference
 
 from .test_modeling import tiny_audio_model, tiny_clap_model
+
 
 pytestmark = pytest.mark.skipif(
     not cpu_inference.onednn_prepacking_available(), reason="this torch build has no oneDNN"

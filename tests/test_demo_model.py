@@ -12,6 +12,7 @@ from transformers import AutoModel, AutoProcessor
 from m2d2_hf import M2D2ClapModel
 from m2d2_hf.evaluation import EvaluationSet, zero_shot_classify
 
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_MODEL = REPO_ROOT / "examples" / "demo_model"
 BUNDLED = REPO_ROOT / "examples" / "data"

@@ -5,6 +5,7 @@ import json
 import runpy
 from pathlib import Path
 
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RECIPE = REPO_ROOT / "examples" / "recipes" / "demo" / "train_demo.py"
 SHIPPED = json.loads((REPO_ROOT / "examples" / "demo_model" / "demo_report.json").read_text())

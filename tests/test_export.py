@@ -8,6 +8,7 @@ from torch import nn
 
 from m2d2_hf import M2D2AudioConfig, M2D2AudioModel, M2D2ClapModel, M2D2Config, M2D2ForAudioClassification
 
+
 # chunk_frames=100: a 250-frame input is two full chunks (6 columns each) and a 50-frame last chunk (4 columns).
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, chunk_frames=100)
 TOLERANCE = 1e-5

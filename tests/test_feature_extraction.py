@@ -12,6 +12,7 @@ from transformers.testing_utils import CaptureLogger
 from m2d2_hf import feature_extraction_m2d2
 from m2d2_hf.feature_extraction_m2d2 import M2D2FeatureExtractor
 
+
 # The log-mel contract for clips on the original's own conv1d path (>= 1.3 s): the original's values to 1e-5 abs,
 # ten times the 1-ulp differences that CPUs with other oneDNN kernels (Intel Xeon AMX) give.
 LONG_CLIP_LOG_MEL_TOLERANCE = 1e-5

@@ -10,6 +10,7 @@ import pytest
 import soundfile as sf
 import torch
 
+
 pytest.importorskip("onnxruntime", reason="pip install -e .[onnx]")
 pytest.importorskip("onnxscript", reason="pip install -e .[onnx]")
 
@@ -19,6 +20,7 @@ from m2d2_hf import M2D2AudioConfig, M2D2AudioModel, M2D2ClapModel, M2D2FeatureE
 from m2d2_hf.cli import main  # noqa: E402
 from m2d2_hf.onnx_export import export_onnx, relative_error  # noqa: E402
 from m2d2_hf.onnx_runtime import M2D2OnnxModel  # noqa: E402
+
 
 DEMO_MODEL = Path(__file__).resolve().parents[1] / "examples" / "demo_model"
 LABELS = json.loads((DEMO_MODEL / "demo_report.json").read_text())["labels"]

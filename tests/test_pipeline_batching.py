@@ -11,6 +11,7 @@ from m2d2_hf.pipelines import M2D2AudioClassificationPipeline, M2D2ZeroShotAudio
 
 from .conftest import TINY_AUDIO
 
+
 LABELS = ["a dog barking", "an alarm clock ringing", "rain falling"]
 
 

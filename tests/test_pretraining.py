@@ -13,6 +13,7 @@ from m2d2_hf.training.optim import scaled_learning_rate, warmup_cosine_lambda, w
 
 from .conftest import TINY_AUDIO
 
+
 TINY_PRETRAIN = dict(
     TINY_AUDIO,
     predictor_hidden_size=16,

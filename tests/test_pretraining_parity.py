@@ -22,6 +22,7 @@ from m2d2_hf.training.optim import weight_decay_groups
 
 from .conftest import SHARED_DIR, generate_checkpoint, load_npz
 
+
 pytestmark = pytest.mark.slow
 
 PRETRAIN_DIR = SHARED_DIR / "fixtures" / "original_m2d2_pretrain"

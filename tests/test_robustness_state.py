@@ -39,6 +39,7 @@ from m2d2_hf.training.finetune import load_encoder
 
 from . import original_layout as layout
 
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY = (
     "hidden_size=32,num_hidden_layers=2,num_attention_heads=2,intermediate_size=64,predictor_hidden_size=16,"

@@ -22,8 +22,12 @@ faiss = pytest.importorskip("faiss", reason="the search tests need faiss-cpu (pi
 import pyarrow.parquet as pq  # noqa: E402
 
 from m2d2_hf.cli import main  # noqa: E402
-from m2d2_hf.search import SoundIndex, build_index, list_source  # noqa: E402
-from m2d2_hf.search import building  # noqa: E402
+from m2d2_hf.search import (  # noqa: E402
+    SoundIndex,
+    build_index,
+    building,  # noqa: E402
+    list_source,
+)
 from m2d2_hf.search.building import embeddings_of  # noqa: E402
 from m2d2_hf.search.vector_index import build_vector_index, recall_at_k, resolved_params  # noqa: E402
 

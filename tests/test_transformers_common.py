@@ -33,6 +33,7 @@ from m2d2_hf import (
 from .conftest import minilm_dir
 from .transformers_common_suite import CommonTestsUnavailable, load_common_tests, see_registered_models_as_in_tree
 
+
 try:
     _common = load_common_tests()
 except CommonTestsUnavailable as error:

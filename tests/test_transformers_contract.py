@@ -25,6 +25,7 @@ from m2d2_hf.modeling_m2d2 import sincos_position_table
 
 from .conftest import minilm_dir
 
+
 AUDIO = dict(
     num_mel_bins=8,
     patch_size=[4, 4],

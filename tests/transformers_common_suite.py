@@ -14,7 +14,6 @@ this project's own `tests` package; its relative imports (`from .test_modeling_c
 from __future__ import annotations
 
 import importlib
-import json
 import os
 import shutil
 import subprocess
@@ -25,6 +24,7 @@ from pathlib import Path
 from types import ModuleType
 
 import transformers
+
 
 PACKAGE = "transformers_common_tests"
 

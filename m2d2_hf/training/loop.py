@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker, get_available_trackers
 from accelerate.utils import LoggerType, gather_object, set_seed
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from .checkpoint import check_distributed_type, load_checkpoint, save_checkpoint
 
