@@ -46,12 +46,14 @@ demo: setup
 demo-train: setup
 	HF_HUB_OFFLINE=1 $(PY) examples/recipes/demo/train_demo.py --data $(SHARED)/data/real_sounds --work_dir $(OUT)/demo_recipe
 
-test: setup
+# The suite runs after the lint, so CI keeps the tree ruff-clean.
+test: lint
 	HF_HUB_OFFLINE=1 M2D2_SHARED_DIR=$(SHARED) $(PY) -m pytest -q --durations=10
 
-# Lint with the rules and the 119-column limit of pyproject.toml's [tool.ruff].
+# Lint and format check with the rules and the 119-column limit of pyproject.toml's [tool.ruff].
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 clean:
 	rm -rf $(OUT)

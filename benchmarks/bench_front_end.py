@@ -25,8 +25,16 @@ class Conv1dLogMel:
     with windowed cosine and sine kernels, magnitude raised to the power 2, Slaney mel matrix, natural log with a
     float32-eps floor, dataset normalisation."""
 
-    def __init__(self, n_fft: int = 400, hop: int = 160, n_mels: int = 80, sampling_rate: int = 16000,
-                 f_min: float = 50.0, f_max: float = 8000.0, norm_stats: tuple[float, float] = (-7.1, 4.2)):
+    def __init__(
+        self,
+        n_fft: int = 400,
+        hop: int = 160,
+        n_mels: int = 80,
+        sampling_rate: int = 16000,
+        f_min: float = 50.0,
+        f_max: float = 8000.0,
+        norm_stats: tuple[float, float] = (-7.1, 4.2),
+    ):
         n = torch.arange(n_fft, dtype=torch.float64)
         window = 0.5 - 0.5 * torch.cos(2 * math.pi * n / n_fft)
         angles = 2 * math.pi * torch.arange(n_fft // 2 + 1, dtype=torch.float64)[:, None] * n[None, :] / n_fft
@@ -68,12 +76,14 @@ def main() -> None:
     with torch.inference_mode():
         reference = ours(clips, sampling_rate=16000, return_tensors="pt")["input_features"]
         difference = (plain(clips) - reference).abs().max().item()
-        fft_difference = (ours_fft(clips, sampling_rate=16000, return_tensors="pt")["input_features"] - reference)
+        fft_difference = ours_fft(clips, sampling_rate=16000, return_tensors="pt")["input_features"] - reference
         fft_difference = fft_difference.abs().max().item()
         seconds = interleaved_seconds(
             {
                 "M2D2FeatureExtractor (16 kHz)": lambda: ours(clips, sampling_rate=16000, return_tensors="pt"),
-                "M2D2FeatureExtractor stft=fft (16 kHz)": lambda: ours_fft(clips, sampling_rate=16000, return_tensors="pt"),
+                "M2D2FeatureExtractor stft=fft (16 kHz)": lambda: ours_fft(
+                    clips, sampling_rate=16000, return_tensors="pt"
+                ),
                 "conv1d Fourier-kernel log-mel (16 kHz)": lambda: plain(clips),
                 "ClapFeatureExtractor (48 kHz)": lambda: clap(clips48, sampling_rate=48000, return_tensors="pt"),
             },
@@ -82,15 +92,24 @@ def main() -> None:
             settle=0.2,
         )
     audio = args.clips * args.seconds
-    print(f"input: {args.clips} x {args.seconds:g} s clips; the conv1d log-mel is within {difference:.1e} of ours, "
-          f"stft=fft within {fft_difference:.1e} (normalised features)")
+    print(
+        f"input: {args.clips} x {args.seconds:g} s clips; the conv1d log-mel is within {difference:.1e} of ours, "
+        f"stft=fft within {fft_difference:.1e} (normalised features)"
+    )
     ours_t = seconds["M2D2FeatureExtractor (16 kHz)"]
     for name, value in seconds.items():
-        print(f"{name:>40}: {value * 1000:7.1f} ms, {audio / value:7.0f}x real time, M2D2FeatureExtractor is {value / ours_t:5.2f}x as fast")
+        print(
+            f"{name:>40}: {value * 1000:7.1f} ms, {audio / value:7.0f}x real time, "
+            f"M2D2FeatureExtractor is {value / ours_t:5.2f}x as fast"
+        )
     for name in ("M2D2FeatureExtractor (16 kHz)", "M2D2FeatureExtractor stft=fft (16 kHz)"):
         own = seconds[name]
-        print(f"{name}: vs the conv1d Fourier-kernel log-mel {seconds['conv1d Fourier-kernel log-mel (16 kHz)'] / own:.2f}x "
-              f"(target >= 1x); vs ClapFeatureExtractor {seconds['ClapFeatureExtractor (48 kHz)'] / own:.1f}x (target >= 5x)")
+        print(
+            f"{name}: vs the conv1d Fourier-kernel log-mel "
+            f"{seconds['conv1d Fourier-kernel log-mel (16 kHz)'] / own:.2f}x "
+            f"(target >= 1x); vs ClapFeatureExtractor {seconds['ClapFeatureExtractor (48 kHz)'] / own:.1f}x "
+            "(target >= 5x)"
+        )
 
 
 if __name__ == "__main__":

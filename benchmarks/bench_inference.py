@@ -68,12 +68,14 @@ def main() -> None:
     with torch.inference_mode():
         m2d2_flops = count_flops(lambda: model(**features))
         contenders = {peak_names[key]: fn for key, (fn, _) in peaks.items()}
-        contenders.update({
-            "M2D2 fp32": lambda: model(**features),
-            "M2D2 fp32 optimized": lambda: optimized(**features),
-            "M2D2 bf16": lambda: model_bf16(**features),
-            "M2D2 bf16 optimized": lambda: optimized_bf16(**features),
-        })
+        contenders.update(
+            {
+                "M2D2 fp32": lambda: model(**features),
+                "M2D2 fp32 optimized": lambda: optimized(**features),
+                "M2D2 bf16": lambda: model_bf16(**features),
+                "M2D2 bf16 optimized": lambda: optimized_bf16(**features),
+            }
+        )
         if args.compile != "none":
             if args.compile == "freezing":
                 from torch._inductor import config as inductor_config
@@ -114,10 +116,14 @@ def main() -> None:
     # The practical peak of a dtype: its faster matmul kernel on this machine.
     best = {dtype: max(rates[(dtype, "mm")], rates[(dtype, "onednn")]) for dtype in (torch.float32, torch.bfloat16)}
     n = args.clips
-    print(f"input: {n} x {args.seconds:g} s clips, M2D2 ViT-B {m2d2_flops / 1e9:.1f} GFLOP per batch "
-          f"({m2d2_flops / n / 1e9:.1f} GFLOP/clip)")
-    print("matmul peaks (2048², same run): " + ", ".join(
-        f"{peak_names[key]} {rate / 1e9:.1f} GFLOP/s" for key, rate in rates.items()))
+    print(
+        f"input: {n} x {args.seconds:g} s clips, M2D2 ViT-B {m2d2_flops / 1e9:.1f} GFLOP per batch "
+        f"({m2d2_flops / n / 1e9:.1f} GFLOP/clip)"
+    )
+    print(
+        "matmul peaks (2048², same run): "
+        + ", ".join(f"{peak_names[key]} {rate / 1e9:.1f} GFLOP/s" for key, rate in rates.items())
+    )
     t32, t32_opt = seconds["M2D2 fp32"], seconds["M2D2 fp32 optimized"]
     for name, t in seconds.items():
         if "peak" in name:
@@ -131,15 +137,22 @@ def main() -> None:
             f"{'bf16' if dtype == torch.bfloat16 else 'fp32'} peak, {t32 / t:5.2f}x M2D2 fp32, "
             f"{t32_opt / t:5.2f}x fp32 optimized"
         )
-    print(f"fp32 fraction of the fp32 matmul peak (target >= 80%): default {m2d2_flops / t32 / rates[(torch.float32, 'mm')]:.1%}"
-          f" of torch.mm's, {m2d2_flops / t32 / best[torch.float32]:.1%} of the best kernel's; optimized "
-          f"{m2d2_flops / t32_opt / best[torch.float32]:.1%} of the best kernel's")
+    print(
+        "fp32 fraction of the fp32 matmul peak (target >= 80%): "
+        f"default {m2d2_flops / t32 / rates[(torch.float32, 'mm')]:.1%}"
+        f" of torch.mm's, {m2d2_flops / t32 / best[torch.float32]:.1%} of the best kernel's; optimized "
+        f"{m2d2_flops / t32_opt / best[torch.float32]:.1%} of the best kernel's"
+    )
     t16, t16_opt = seconds["M2D2 bf16"], seconds["M2D2 bf16 optimized"]
-    print(f"bf16 speed-up over fp32 (target >= 2x): bf16 optimized {t32 / t16_opt:.2f}x the default fp32 path "
-          f"({t32_opt / t16_opt:.2f}x fp32 optimized, like for like; the bf16 / fp32 best-peak ratio is "
-          f"{best[torch.bfloat16] / best[torch.float32]:.2f}x); plain bf16 weights {t32 / t16:.2f}x")
-    print("bf16 vs fp32 clip-embedding cosine (random weights), min: " + ", ".join(
-        f"{name} {value:.5f}" for name, value in cosines.items()))
+    print(
+        f"bf16 speed-up over fp32 (target >= 2x): bf16 optimized {t32 / t16_opt:.2f}x the default fp32 path "
+        f"({t32_opt / t16_opt:.2f}x fp32 optimized, like for like; the bf16 / fp32 best-peak ratio is "
+        f"{best[torch.bfloat16] / best[torch.float32]:.2f}x); plain bf16 weights {t32 / t16:.2f}x"
+    )
+    print(
+        "bf16 vs fp32 clip-embedding cosine (random weights), min: "
+        + ", ".join(f"{name} {value:.5f}" for name, value in cosines.items())
+    )
     if not args.no_peer:
         t_peer = seconds["ClapModel (HTSAT) fp32"]
         print(

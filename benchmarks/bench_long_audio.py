@@ -96,22 +96,28 @@ def packed_vs_sequential(repeats: int) -> None:
             model_bf16(**features).pooler_output.float(), packed.pooler_output
         ).item()
     print(f"60 s clip: {frames} frames = {chunks} chunks of {model.config.chunk_frames} frames, ViT-B fp32")
-    print("  packed vs chunk-by-chunk outputs, relative error: "
-          + ", ".join(f"{name} {value:.1e}" for name, value in errors.items())
-          + f" ({'OK' if max(errors.values()) <= 1e-5 else 'ABOVE'} the 1e-5 bound)")
+    print(
+        "  packed vs chunk-by-chunk outputs, relative error: "
+        + ", ".join(f"{name} {value:.1e}" for name, value in errors.items())
+        + f" ({'OK' if max(errors.values()) <= 1e-5 else 'ABOVE'} the 1e-5 bound)"
+    )
     base = seconds["sequential fp32"]
     peak_rate = peak_flops / seconds.pop("fp32 matmul peak (onednn)")
     for name, value in seconds.items():
         print(f"  {name:>25}: {value:6.3f} s, {60.0 / value:5.1f}x real time, {base / value:5.2f}x chunk-by-chunk")
     print(f"  packed fp32 speed-up over chunk-by-chunk fp32: {base / seconds['packed fp32']:.2f}x (target >= 2.5x)")
     # Packing cannot remove FLOPs: at equal numerics no method beats the chunks' FLOPs at the matmul peak.
-    print(f"  chunk by chunk already runs at {sequential_flops / base / peak_rate:.0%} of the fp32 oneDNN matmul peak "
-          f"({peak_rate / 1e9:.0f} GFLOP/s, same run): {sequential_flops / 1e9:.0f} GFLOP at that peak would take "
-          f"{sequential_flops / peak_rate:.2f} s, a {base * peak_rate / sequential_flops:.2f}x ceiling for any fp32 "
-          "method")
-    print(f"  packed fp32 after optimize_for_cpu_inference (frame features {optimized_error:.1e} rel. to chunk by "
-          f"chunk): {base / seconds['packed fp32 optimized']:.2f}x; like for like, packing gains "
-          f"{seconds['sequential fp32 optimized'] / seconds['packed fp32 optimized']:.2f}x")
+    print(
+        f"  chunk by chunk already runs at {sequential_flops / base / peak_rate:.0%} of the fp32 oneDNN matmul peak "
+        f"({peak_rate / 1e9:.0f} GFLOP/s, same run): {sequential_flops / 1e9:.0f} GFLOP at that peak would take "
+        f"{sequential_flops / peak_rate:.2f} s, a {base * peak_rate / sequential_flops:.2f}x ceiling for any fp32 "
+        "method"
+    )
+    print(
+        f"  packed fp32 after optimize_for_cpu_inference (frame features {optimized_error:.1e} rel. to chunk by "
+        f"chunk): {base / seconds['packed fp32 optimized']:.2f}x; like for like, packing gains "
+        f"{seconds['sequential fp32 optimized'] / seconds['packed fp32 optimized']:.2f}x"
+    )
     print(f"  packed bf16 (cosine {cosine:.5f} to fp32, not the 1e-5 bound): {base / seconds['packed bf16']:.2f}x")
 
 
@@ -157,22 +163,37 @@ def hour_worker(minutes: float, dtype_name: str, chunks_per_window: int, model_n
 
 
 def one_hour(minutes: float, dtype_name: str, chunks_per_window: int, model_name: str, optimize: bool) -> None:
-    command = [sys.executable, str(Path(__file__).resolve()), "--hour-worker", "--minutes", str(minutes),
-               "--hour-dtype", dtype_name, "--chunks-per-window", str(chunks_per_window), "--hour-model", model_name,
-               "--hour-optimize" if optimize else "--no-hour-optimize"]
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--hour-worker",
+        "--minutes",
+        str(minutes),
+        "--hour-dtype",
+        dtype_name,
+        "--chunks-per-window",
+        str(chunks_per_window),
+        "--hour-model",
+        model_name,
+        "--hour-optimize" if optimize else "--no-hour-optimize",
+    ]
     result = subprocess.run(command, capture_output=True, text=True, check=True)
     report = json.loads(result.stdout.strip().splitlines()[-1])
     mb = 1 / 2**20
     audio_seconds = report["minutes"] * 60
-    print(f"{report['minutes']:g} min recording ({report['chunks']} chunks), {report['model']} {report['dtype']}"
-          f"{' optimized for CPU inference' if report['optimized'] else ''}, "
-          f"embed_long_audio with {report['chunks_per_window']} chunks per window, frame features + clip "
-          f"{'+ CLAP ' if report['model'] == 'M2D2ClapModel' else ''}embeddings, fresh process")
+    print(
+        f"{report['minutes']:g} min recording ({report['chunks']} chunks), {report['model']} {report['dtype']}"
+        f"{' optimized for CPU inference' if report['optimized'] else ''}, "
+        f"embed_long_audio with {report['chunks_per_window']} chunks per window, frame features + clip "
+        f"{'+ CLAP ' if report['model'] == 'M2D2ClapModel' else ''}embeddings, fresh process"
+    )
     print(f"  {report['seconds']:.1f} s = {audio_seconds / report['seconds']:.1f}x real time")
-    print(f"  peak RSS {report['peak_rss'] * mb:.0f} MB (target < 2048 MB): after imports "
-          f"{report['rss_after_import'] * mb:.0f} MB, + model {report['rss_after_model'] * mb:.0f} MB, + waveform "
-          f"{report['rss_after_audio'] * mb:.0f} MB (waveform {report['waveform_bytes'] * mb:.0f} MB, frame features "
-          f"{report['frame_features_bytes'] * mb:.0f} MB {report['frame_features_shape']})")
+    print(
+        f"  peak RSS {report['peak_rss'] * mb:.0f} MB (target < 2048 MB): after imports "
+        f"{report['rss_after_import'] * mb:.0f} MB, + model {report['rss_after_model'] * mb:.0f} MB, + waveform "
+        f"{report['rss_after_audio'] * mb:.0f} MB (waveform {report['waveform_bytes'] * mb:.0f} MB, frame features "
+        f"{report['frame_features_bytes'] * mb:.0f} MB {report['frame_features_shape']})"
+    )
 
 
 def main() -> None:
@@ -180,11 +201,19 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--minutes", type=float, default=60.0, help="length of the long recording")
     parser.add_argument("--hour-dtype", choices=("bf16", "fp32"), default="bf16")
-    parser.add_argument("--hour-model", choices=("clap", "audio"), default="clap",
-                        help="M2D2ClapModel (with its BERT text tower) or the audio encoder alone")
+    parser.add_argument(
+        "--hour-model",
+        choices=("clap", "audio"),
+        default="clap",
+        help="M2D2ClapModel (with its BERT text tower) or the audio encoder alone",
+    )
     parser.add_argument("--chunks-per-window", type=int, default=8)
-    parser.add_argument("--hour-optimize", action=argparse.BooleanOptionalAction, default=True,
-                        help="apply optimize_for_cpu_inference to the hour's model")
+    parser.add_argument(
+        "--hour-optimize",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="apply optimize_for_cpu_inference to the hour's model",
+    )
     parser.add_argument("--skip-60s", action="store_true")
     parser.add_argument("--skip-hour", action="store_true")
     parser.add_argument("--hour-worker", action="store_true", help=argparse.SUPPRESS)

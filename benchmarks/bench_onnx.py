@@ -76,12 +76,18 @@ def main() -> None:
     print(f"{args.clips} x {args.seconds:g} s, ViT-B (random weights), median of {args.repeats} interleaved rounds")
     for name, seconds in times.items():
         print(f"  {name:18s} {seconds:7.3f} s")
-    print(f"onnxruntime fp32 / PyTorch fp32 speed: {times['PyTorch fp32'] / times['onnxruntime fp32']:.2f}x "
-          "(target >= 1.0x)")
-    print(f"onnxruntime int8 / PyTorch fp32 speed: {times['PyTorch fp32'] / times['onnxruntime int8']:.2f}x "
-          "(target >= 2x on CPUs with VNNI / AMX)")
-    print(f"int8 clip-embedding cosine to fp32: min {cosine.min():.4f} (target >= 0.99); "
-          f"fp32 onnxruntime vs PyTorch relative error {relative:.1e}")
+    print(
+        f"onnxruntime fp32 / PyTorch fp32 speed: {times['PyTorch fp32'] / times['onnxruntime fp32']:.2f}x "
+        "(target >= 1.0x)"
+    )
+    print(
+        f"onnxruntime int8 / PyTorch fp32 speed: {times['PyTorch fp32'] / times['onnxruntime int8']:.2f}x "
+        "(target >= 2x on CPUs with VNNI / AMX)"
+    )
+    print(
+        f"int8 clip-embedding cosine to fp32: min {cosine.min():.4f} (target >= 0.99); "
+        f"fp32 onnxruntime vs PyTorch relative error {relative:.1e}"
+    )
 
 
 if __name__ == "__main__":

@@ -125,8 +125,11 @@ def cpu_model() -> str:
 def describe_machine() -> str:
     import transformers
 
-    settings = [f"{name}={os.environ[name]}" for name in ("OMP_NUM_THREADS", "OMP_PROC_BIND", "OMP_PLACES")
-                if name in os.environ]
+    settings = [
+        f"{name}={os.environ[name]}"
+        for name in ("OMP_NUM_THREADS", "OMP_PROC_BIND", "OMP_PLACES")
+        if name in os.environ
+    ]
     return (
         f"{cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, transformers {transformers.__version__}, "
         f"{torch.get_num_threads()} threads{', ' + ' '.join(settings) if settings else ''}, {load_average()}"

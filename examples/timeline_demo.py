@@ -62,7 +62,10 @@ def main(argv: list[str] | None = None) -> bool:
         peak = float(timeline.times[int(np.argmax(row))])
         inside = start <= peak <= end
         all_inside &= inside
-        print(f"{query!r}: peak at {peak:.2f} s; its clip spans {start:.2f}-{end:.2f} s -> {'inside' if inside else 'OUTSIDE'}")
+        print(
+            f"{query!r}: peak at {peak:.2f} s; its clip spans {start:.2f}-{end:.2f} s -> "
+            f"{'inside' if inside else 'OUTSIDE'}"
+        )
     print(f"wrote {png}")
     return all_inside
 

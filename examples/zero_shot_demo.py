@@ -32,7 +32,9 @@ def main(argv: list[str] | None = None) -> float:
     if args.split:
         rows = [row for row in rows if row["split"] == args.split]
     if not rows:
-        raise SystemExit(f"no clips in {args.data / 'metadata.csv'}" + (f" with split {args.split!r}" if args.split else ""))
+        raise SystemExit(
+            f"no clips in {args.data / 'metadata.csv'}" + (f" with split {args.split!r}" if args.split else "")
+        )
     spoken = {label.replace("_", " "): label for label in labels}
 
     classifier = pipeline("zero-shot-audio-classification", model=args.model)

@@ -80,6 +80,7 @@ class ChunkLayout:
 
         token_index, token_mask = _pad_rows(token_rows, device)
         frame_index, frame_mask = _pad_rows(frame_rows, device)
+
         def as_tensor(values: list[int]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.long, device=device)
 
@@ -169,7 +170,8 @@ class EqualLengthChunks:
         return torch.cat([full_tokens.reshape(self.batch_size, -1, dim), last_tokens], dim=1)
 
     def merge_frames(self, full_tokens: torch.Tensor, last_tokens: torch.Tensor) -> torch.Tensor:
-        """Encoded patch tokens → [B, frames, F * D] frame features (low band first), as `ChunkLayout.unpack_frames`."""
+        """Encoded patch tokens → [B, frames, F * D] frame features (low band first), as
+        `ChunkLayout.unpack_frames`."""
         full_frames = self._frames(full_tokens)
         full_frames = full_frames.reshape(self.batch_size, -1, full_frames.shape[-1])
         return torch.cat([full_frames, self._frames(last_tokens)], dim=1)
@@ -208,9 +210,11 @@ class PaddedChunks:
         padded = F.pad(features, (0, chunk_frames - 1))
         # Read back as an unbacked size: the solver then reasons about it size-obliviously instead of guarding
         # on how T relates to it (n >= 2, B * n != B, ... for a backed floor division of T).
-        num_chunks = torch.scalar_tensor(frames + chunk_frames - 1, dtype=torch.long).div(
-            chunk_frames, rounding_mode="floor"
-        ).item()
+        num_chunks = (
+            torch.scalar_tensor(frames + chunk_frames - 1, dtype=torch.long)
+            .div(chunk_frames, rounding_mode="floor")
+            .item()
+        )
         torch._check(num_chunks >= 1)
         device = features.device
         chunk_start = torch.arange(num_chunks, device=device)[:, None] * chunk_frames

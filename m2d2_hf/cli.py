@@ -154,7 +154,9 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", required=True, choices=("onnx",), help="export format")
     parser.add_argument("--quantize", choices=("int8",), help="also write audio.int8.onnx (dynamic int8)")
     parser.add_argument(
-        "--overwrite", action="store_true", help="replace OUT_DIR whole when it already holds files (refused otherwise)"
+        "--overwrite",
+        action="store_true",
+        help="replace OUT_DIR whole when it already holds files (refused otherwise)",
     )
     parser.set_defaults(handler=run_export)
 
@@ -227,9 +229,7 @@ def add_zero_shot_arguments(parser: argparse.ArgumentParser) -> None:
         "scores the predictions and prints the top-1 accuracy; the class names default to all its distinct labels",
     )
     parser.add_argument("--label-column", default="label", help="label column of --metadata (default: label)")
-    parser.add_argument(
-        "--split", help="keep the --metadata rows whose 'split' column has this value (e.g. test)"
-    )
+    parser.add_argument("--split", help="keep the --metadata rows whose 'split' column has this value (e.g. test)")
     parser.add_argument(
         "--template",
         default=DEFAULT_TEMPLATE,
@@ -389,7 +389,9 @@ def run_export(args: argparse.Namespace) -> None:
 
         output_dir = export_onnx(args.model, args.output_dir, quantize=args.quantize, overwrite=args.overwrite)
     except ImportError as error:
-        raise CLIError(f"ONNX export needs onnx, onnxscript and onnxruntime: pip install 'm2d2_hf[onnx]' ({error})")
+        raise CLIError(
+            f"ONNX export needs onnx, onnxscript and onnxruntime: pip install 'm2d2_hf[onnx]' ({error})"
+        ) from error
     except (OSError, ValueError) as error:
         raise CLIError(f"cannot export {args.model}: {error}") from error
     print(f"wrote {', '.join(sorted(p.name for p in output_dir.glob('*.onnx')))} to {output_dir}")

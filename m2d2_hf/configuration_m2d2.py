@@ -150,7 +150,8 @@ class M2D2AudioConfig(_SavesWithoutChangingItself, PreTrainedConfig):
             raise ValueError(f"chunk_frames ({self.chunk_frames}) is shorter than one patch ({self.patch_size[1]})")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
-                f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads ({self.num_attention_heads})"
+                f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                f"({self.num_attention_heads})"
             )
 
     @property

@@ -317,7 +317,9 @@ def convert_checkpoint(
     state = Tensors(state)
     audio_config = audio_config_from(arch, state)
     with staged_folder(output_dir) as staging:
-        _write(state, layout, arch, audio_config, staging, tokenizer, text_model, text_pooling, encoder_only, pretraining)
+        _write(
+            state, layout, arch, audio_config, staging, tokenizer, text_model, text_pooling, encoder_only, pretraining
+        )
         options = {
             "tokenizer": tokenizer,
             "text_model": text_model,
@@ -332,7 +334,9 @@ def convert_checkpoint(
     return output_dir
 
 
-def _write(state, layout, arch, audio_config, output_dir, tokenizer, text_model, text_pooling, encoder_only, pretraining):
+def _write(
+    state, layout, arch, audio_config, output_dir, tokenizer, text_model, text_pooling, encoder_only, pretraining
+):
     """Writes the model the layout and the flags ask for into `output_dir`."""
     if pretraining:
         if layout != "pretraining":
@@ -445,9 +449,9 @@ def _write_clap(state, layout, arch, audio_config, output_dir, tokenizer, text_m
     mapped.setdefault("logit_scale", torch.tensor(config.logit_scale_init_value))
     _load_total(model, mapped)
     model.save_pretrained(output_dir)
-    M2D2Processor(feature_extractor=M2D2FeatureExtractor.from_audio_config(audio_config), tokenizer=text_tokenizer).save_pretrained(
-        output_dir
-    )
+    M2D2Processor(
+        feature_extractor=M2D2FeatureExtractor.from_audio_config(audio_config), tokenizer=text_tokenizer
+    ).save_pretrained(output_dir)
     return output_dir
 
 
@@ -531,4 +535,10 @@ def _load_total(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
 
 
-__all__ = ["Architecture", "MissingTensorError", "convert_checkpoint", "load_original_checkpoint", "parse_checkpoint_name"]
+__all__ = [
+    "Architecture",
+    "MissingTensorError",
+    "convert_checkpoint",
+    "load_original_checkpoint",
+    "parse_checkpoint_name",
+]

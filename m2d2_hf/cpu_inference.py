@@ -83,7 +83,8 @@ def optimize_for_cpu_inference(model: PreTrainedModel) -> PreTrainedModel:
     if not onednn_prepacking_available():
         raise RuntimeError(
             "optimize_for_cpu_inference needs oneDNN (torch.backends.mkldnn), which this torch build lacks; "
-            "use the model as it is, or install a torch wheel built with oneDNN (the x86-64 and arm64 PyPI wheels are)."
+            "use the model as it is, or install a torch wheel built with oneDNN "
+            "(the x86-64 and arm64 PyPI wheels are)."
         )
     if model.device.type != "cpu":
         raise ValueError(

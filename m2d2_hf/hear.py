@@ -35,7 +35,9 @@ class HearModel(nn.Module):
     @torch.no_grad()
     def encode(self, audio: torch.Tensor):
         if audio.dim() != 2:
-            raise ValueError(f"HEAR audio must be [n_sounds, n_samples] at {self.sample_rate} Hz, got {tuple(audio.shape)}")
+            raise ValueError(
+                f"HEAR audio must be [n_sounds, n_samples] at {self.sample_rate} Hz, got {tuple(audio.shape)}"
+            )
         device = next(self.audio_model.parameters()).device
         inputs = self.feature_extractor(audio.to(device), sampling_rate=self.sample_rate, return_tensors="pt")
         return self.audio_model(**inputs)

@@ -8,7 +8,11 @@ import torch
 
 
 def random_unstructured_mask(
-    batch_size: int, num_patches: int, mask_ratio: float, device: torch.device, generator: torch.Generator | None = None
+    batch_size: int,
+    num_patches: int,
+    mask_ratio: float,
+    device: torch.device,
+    generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per sample, a random permutation of the patches: the first `int(L * (1 - ratio))` are visible, the rest
     masked (M2D pre-training, and stage 2 with `--random_mask`)."""

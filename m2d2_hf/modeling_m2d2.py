@@ -103,7 +103,9 @@ def sincos_position_table(embed_dim: int, frequency_patches: int, time_patches: 
         return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
 
     freq_index, time_index = np.meshgrid(np.arange(frequency_patches), np.arange(time_patches), indexing="ij")
-    grid = np.concatenate([one_dimensional(time_index.astype(np.float64)), one_dimensional(freq_index.astype(np.float64))], axis=1)
+    grid = np.concatenate(
+        [one_dimensional(time_index.astype(np.float64)), one_dimensional(freq_index.astype(np.float64))], axis=1
+    )
     table = np.concatenate([np.zeros((1, embed_dim)), grid], axis=0)
     return torch.from_numpy(table.astype(np.float32))
 
@@ -223,7 +225,8 @@ class M2D2Embeddings(nn.Module):
         )
 
     def forward(self, log_mel: torch.Tensor) -> torch.Tensor:
-        """[N, F, W] chunks → [N, rows * columns, D]; narrow chunks use the table's first columns (no interpolation)."""
+        """[N, F, W] chunks → [N, rows * columns, D]; narrow chunks use the table's first columns (no
+        interpolation)."""
         patches = self.patch_embeddings(log_mel)
         rows = self.config.frequency_patches
         columns = patches.shape[1] // rows
@@ -331,7 +334,9 @@ class M2D2Layer(GradientCheckpointingLayer):
         self.norm2 = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
         self.mlp = M2D2MLP(hidden_size, intermediate_size, hidden_act)
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
+    ) -> torch.Tensor:
         attn_output, _ = self.attention(self.norm1(hidden_states), attention_mask, **kwargs)
         if attn_output.requires_grad or hidden_states.requires_grad:
             hidden_states = hidden_states + attn_output
@@ -747,10 +752,14 @@ class M2D2ClapModel(M2D2PreTrainedModel):
         if config.audio_projector_type == "semantic":
             self.audio_projection = M2D2SemanticProjector(config, audio_size)
         else:
-            self.audio_projection = M2D2MLPProjector(audio_size, config.projector_intermediate_size, config.projection_dim)
+            self.audio_projection = M2D2MLPProjector(
+                audio_size, config.projector_intermediate_size, config.projection_dim
+            )
         self.text_model = AutoModel.from_config(config.text_config)
         self.text_projection = (
-            nn.Linear(config.text_config.hidden_size, config.projection_dim) if config.text_projection else nn.Identity()
+            nn.Linear(config.text_config.hidden_size, config.projection_dim)
+            if config.text_projection
+            else nn.Identity()
         )
         self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value))
         self.post_init()

@@ -150,7 +150,9 @@ class M2D2Predictor(nn.Module):
         self.layernorm = nn.LayerNorm(width, eps=config.layer_norm_eps)
         self.decoder_pred = nn.Linear(width, config.hidden_size)
 
-    def forward(self, latent: torch.Tensor, visible_indices: torch.Tensor, masked_indices: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, latent: torch.Tensor, visible_indices: torch.Tensor, masked_indices: torch.Tensor
+    ) -> torch.Tensor:
         """latent [B, 1 + V, D] (CLS first) → predictions [B, M, D] at `masked_indices`."""
         embedded = self.decoder_embed(latent)
         batch, width = embedded.shape[0], embedded.shape[-1]
@@ -308,7 +310,9 @@ class M2D2ForPreTraining(M2D2PreTrainedModel):
         if self.config.caption_embedding_size and caption_embeddings is not None:
             audio_embeds = self.audio_projection(latent[:, 1:])
             text_embeds = self.text_projection(caption_embeddings.to(audio_embeds.dtype))
-            valid = has_caption if has_caption is not None else torch.ones(batch, dtype=torch.bool, device=latent.device)
+            valid = (
+                has_caption if has_caption is not None else torch.ones(batch, dtype=torch.bool, device=latent.device)
+            )
             loss_clap = global_clap_loss(audio_embeds.float(), text_embeds.float(), self.logit_scale, valid.bool())
             loss = loss + self.config.clap_loss_weight * loss_clap
 

@@ -138,8 +138,15 @@ def _export_audio(model: M2D2AudioModel | M2D2ClapModel, path: Path) -> None:
     with torch.no_grad():
         program = torch.export.export(graph, (example,), dynamic_shapes=dims)
     torch.onnx.export(
-        program, (example,), path, input_names=["input_features"], output_names=names, opset_version=OPSET,
-        dynamo=True, external_data=False, verbose=False,
+        program,
+        (example,),
+        path,
+        input_names=["input_features"],
+        output_names=names,
+        opset_version=OPSET,
+        dynamo=True,
+        external_data=False,
+        verbose=False,
     )
 
 
@@ -154,8 +161,15 @@ def _export_text(model: M2D2ClapModel, tokenizer, path: Path) -> None:
             TextGraph(model).eval(), (tokens["input_ids"], tokens["attention_mask"]), dynamic_shapes=dims
         )
     torch.onnx.export(
-        program, (tokens["input_ids"], tokens["attention_mask"]), path, input_names=["input_ids", "attention_mask"],
-        output_names=["text_embeds"], opset_version=OPSET, dynamo=True, external_data=False, verbose=False,
+        program,
+        (tokens["input_ids"], tokens["attention_mask"]),
+        path,
+        input_names=["input_ids", "attention_mask"],
+        output_names=["text_embeds"],
+        opset_version=OPSET,
+        dynamo=True,
+        external_data=False,
+        verbose=False,
     )
 
 
@@ -212,9 +226,7 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
 def _model_card(model_dir: str | Path, onnx_config: dict) -> str:
     parity = onnx_config["parity"]
     is_clap = onnx_config["text_graph"] is not None
-    rows = "\n".join(
-        f"| {name} | {error:.2e} |" for name, error in parity["max_relative_error"].items()
-    )
+    rows = "\n".join(f"| {name} | {error:.2e} |" for name, error in parity["max_relative_error"].items())
     int8 = ""
     if "int8_min_cosine" in parity:
         int8 = (
@@ -241,7 +253,7 @@ def _model_card(model_dir: str | Path, onnx_config: dict) -> str:
     seconds = ", ".join(f"{s:g} s" for s in parity["clip_seconds"])
     return f"""# M2D2 — ONNX export
 
-Exported by `m2d2-hf export` (m2d2_hf) from `{Path(model_dir).name}`, ONNX opset {onnx_config['opset']}, for ONNX
+Exported by `m2d2-hf export` (m2d2_hf) from `{Path(model_dir).name}`, ONNX opset {onnx_config["opset"]}, for ONNX
 Runtime.
 
 ## Graphs

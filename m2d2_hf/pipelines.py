@@ -124,7 +124,11 @@ def register_pipelines() -> None:
     """Makes the two audio tasks build the classes above, unless something other than transformers' own pipeline
     is registered for a task (another package's choice is left alone)."""
     for task, stock, ours in (
-        ("zero-shot-audio-classification", ZeroShotAudioClassificationPipeline, M2D2ZeroShotAudioClassificationPipeline),
+        (
+            "zero-shot-audio-classification",
+            ZeroShotAudioClassificationPipeline,
+            M2D2ZeroShotAudioClassificationPipeline,
+        ),
         ("audio-classification", AudioClassificationPipeline, M2D2AudioClassificationPipeline),
     ):
         entry = PIPELINE_REGISTRY.supported_tasks[task]

@@ -58,9 +58,7 @@ class M2D2Processor(ProcessorMixin):
         normalised log-mel features."""
         if text is None and audio is None:
             raise ValueError("M2D2Processor needs `text`, `audio`, or both")
-        merged = self._merge_kwargs(
-            M2D2ProcessorKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs
-        )
+        merged = self._merge_kwargs(M2D2ProcessorKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs)
         data = {}
         if text is not None:
             text_kwargs = merged["text_kwargs"]
@@ -68,7 +66,9 @@ class M2D2Processor(ProcessorMixin):
                 self._truncate_overlong(text, text_kwargs)
             data.update(self.tokenizer(text, **text_kwargs))
         if audio is not None:
-            data.update(self.feature_extractor(audio, **self._feature_extractor_kwargs(merged["audio_kwargs"], kwargs)))
+            data.update(
+                self.feature_extractor(audio, **self._feature_extractor_kwargs(merged["audio_kwargs"], kwargs))
+            )
         return_tensors = merged["text_kwargs" if text is not None else "audio_kwargs"].get("return_tensors")
         return BatchFeature(data, tensor_type=return_tensors)
 

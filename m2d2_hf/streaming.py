@@ -210,7 +210,8 @@ def embed_long_audio(
         feature_extractor = M2D2FeatureExtractor.from_audio_config(config)
     if feature_extractor.feature_size != config.num_mel_bins:
         raise ValueError(
-            f"the feature extractor makes {feature_extractor.feature_size} mel bins, the model reads {config.num_mel_bins}"
+            f"the feature extractor makes {feature_extractor.feature_size} mel bins, "
+            f"the model reads {config.num_mel_bins}"
         )
     device = encoder.device
     waveform = _as_waveform(feature_extractor, audio, sampling_rate, mono)

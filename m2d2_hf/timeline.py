@@ -118,7 +118,9 @@ def sound_event_timeline(
     return Timeline(list(queries), times, similarities, window / rate, hop / rate)
 
 
-def plot_timeline(timeline: Timeline, waveform: np.ndarray, sampling_rate: int, path: str | Path, title: str = "") -> Path:
+def plot_timeline(
+    timeline: Timeline, waveform: np.ndarray, sampling_rate: int, path: str | Path, title: str = ""
+) -> Path:
     """A PNG: the waveform, its log-mel, and one similarity line per query over time."""
     import matplotlib
 

@@ -33,7 +33,9 @@ def generate_checkpoint(script: Path, out: Path) -> Path:
     import subprocess
     import sys
 
-    subprocess.run([sys.executable, str(_require(script)), "--out", str(out), "--seed", "0"], check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, str(_require(script)), "--out", str(out), "--seed", "0"], check=True, capture_output=True
+    )
     (checkpoint,) = out.glob("*/checkpoint-*.pth")
     return checkpoint
 
@@ -91,7 +93,9 @@ def tiny_clap_dir(tokenizer_dir, tmp_path_factory) -> Path:
     from m2d2_hf import M2D2ClapModel, M2D2Config, M2D2FeatureExtractor, M2D2Processor
 
     torch.manual_seed(0)
-    config = M2D2Config(audio_config=TINY_AUDIO, text_config=TINY_TEXT, projection_dim=32, projector_intermediate_size=32)
+    config = M2D2Config(
+        audio_config=TINY_AUDIO, text_config=TINY_TEXT, projection_dim=32, projector_intermediate_size=32
+    )
     out = tmp_path_factory.mktemp("tiny_clap")
     M2D2ClapModel(config).save_pretrained(out)
     processor = M2D2Processor(M2D2FeatureExtractor(), AutoTokenizer.from_pretrained(tokenizer_dir))

@@ -53,7 +53,9 @@ def mlp_projector_state(dim: int = 32) -> dict[str, torch.Tensor]:
     }  # fmt: skip
 
 
-def save(state: dict, directory: Path, folder_name: str, file_name: str = "checkpoint-1.pth", wrap: bool = True) -> Path:
+def save(
+    state: dict, directory: Path, folder_name: str, file_name: str = "checkpoint-1.pth", wrap: bool = True
+) -> Path:
     """Writes `state` as the training code does (`{'model': state, 'epoch': ...}`) under `directory/folder_name`."""
     path = Path(directory) / folder_name / file_name
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -134,8 +134,18 @@ def test_embed_safetensors_is_batch_invariant(encoder_dir, clips, tmp_path, caps
     )
     assert code == 0, err
     code, out, err = run_cli(
-        capsys, "embed", encoder_dir, *clips, "-o", tmp_path / "emb.st", "--format", "safetensors",
-        "--level", "frame", "--batch-size", "1",
+        capsys,
+        "embed",
+        encoder_dir,
+        *clips,
+        "-o",
+        tmp_path / "emb.st",
+        "--format",
+        "safetensors",
+        "--level",
+        "frame",
+        "--batch-size",
+        "1",
     )
     assert code == 0, err
     tensors = load_file(tmp_path / "emb.st")
@@ -263,11 +273,26 @@ def test_zero_shot_scores_the_files_of_a_labelled_split(tiny_clap_dir, clips, tm
 @pytest.mark.parametrize(
     "case",
     [
-        "split without metadata", "file not in metadata", "no audio", "empty split", "missing label column",
+        "split without metadata",
+        "file not in metadata",
+        "no audio",
+        "empty split",
+        "missing label column",
         "label not a candidate",
-        "missing checkpoint", "not a checkpoint", "missing file", "not audio", "directory as audio", "not a model",
-        "no config", "clap on encoder", "zero-shot on encoder", "empty labels", "blank labels", "template without {}",
-        "same stem", "too short",
+        "missing checkpoint",
+        "not a checkpoint",
+        "missing file",
+        "not audio",
+        "directory as audio",
+        "not a model",
+        "no config",
+        "clap on encoder",
+        "zero-shot on encoder",
+        "empty labels",
+        "blank labels",
+        "template without {}",
+        "same stem",
+        "too short",
     ],
 )
 def test_user_errors_exit_2_with_one_line(case, encoder_dir, tiny_clap_dir, tokenizer_dir, clips, tmp_path, capsys):
@@ -280,15 +305,21 @@ def test_user_errors_exit_2_with_one_line(case, encoder_dir, tiny_clap_dir, toke
     sf.write(str(short), np.zeros(1000, dtype=np.float32), 16000)
     metadata = write_metadata(tmp_path, clips)
     argv, message = {
-        "split without metadata": (["zero-shot", tiny_clap_dir, clips[0], "--labels", "a", "--split", "test"],
-                                   "pass --metadata too"),
+        "split without metadata": (
+            ["zero-shot", tiny_clap_dir, clips[0], "--labels", "a", "--split", "test"],
+            "pass --metadata too",
+        ),
         "file not in metadata": (["zero-shot", tiny_clap_dir, clips[0], "--metadata", metadata], "not listed"),
         "no audio": (["zero-shot", tiny_clap_dir, "--labels", "a,b"], "no audio given"),
         "empty split": (["zero-shot", tiny_clap_dir, "--metadata", metadata, "--split", "dev"], "lists no clips"),
-        "missing label column": (["zero-shot", tiny_clap_dir, "--metadata", metadata, "--label-column", "tag"],
-                                 "has no 'tag' column"),
-        "label not a candidate": (["zero-shot", tiny_clap_dir, "--metadata", metadata, "--labels", "dog_cat,rain"],
-                                  "not among the class names"),
+        "missing label column": (
+            ["zero-shot", tiny_clap_dir, "--metadata", metadata, "--label-column", "tag"],
+            "has no 'tag' column",
+        ),
+        "label not a candidate": (
+            ["zero-shot", tiny_clap_dir, "--metadata", metadata, "--labels", "dog_cat,rain"],
+            "not among the class names",
+        ),
         "missing checkpoint": (["convert", tmp_path / "absent.pth", out], "checkpoint not found"),
         "not a checkpoint": (["convert", not_audio, out, "--input-size", "80x208"], "cannot convert"),
         "missing file": (["embed", encoder_dir, tmp_path / "absent.flac", "-o", out], "no such file"),
@@ -317,8 +348,17 @@ def test_wrapper_script(tiny_checkpoint, encoder_dir, tmp_path, capsys):
     spec.loader.exec_module(wrapper)
     assert wrapper.main(["--help"]) == 0
     usage = capsys.readouterr().out
-    for flag in ("--tokenizer", "--text-model", "--text-pooling", "--input-size", "--patch-size", "--sampling-rate",
-                 "--encoder-only", "CHECKPOINT", "OUT_DIR"):
+    for flag in (
+        "--tokenizer",
+        "--text-model",
+        "--text-pooling",
+        "--input-size",
+        "--patch-size",
+        "--sampling-rate",
+        "--encoder-only",
+        "CHECKPOINT",
+        "OUT_DIR",
+    ):
         assert flag in usage
 
     result = subprocess.run(
@@ -336,8 +376,9 @@ def test_wrapper_script(tiny_checkpoint, encoder_dir, tmp_path, capsys):
 def test_bf16_runs_every_model_command_close_to_float32(tiny_clap_dir, clips, tmp_path, capsys):
     """`--bf16` (tuned for the CPU here) on embed, zero-shot and timeline: outputs within bf16 rounding of float32."""
     for flags, folder in (([], "fp32"), (["--bf16"], "bf16")):
-        code, _, err = run_cli(capsys, "embed", tiny_clap_dir, *clips[:2], "-o", tmp_path / folder, "--level", "all",
-                               *flags)
+        code, _, err = run_cli(
+            capsys, "embed", tiny_clap_dir, *clips[:2], "-o", tmp_path / folder, "--level", "all", *flags
+        )
         assert code == 0, err
     for clip in clips[:2]:
         for level in ("clip", "clap"):
@@ -358,8 +399,17 @@ def test_bf16_runs_every_model_command_close_to_float32(tiny_clap_dir, clips, tm
     for label, value in scores[False].items():  # bf16 logits (scaled cosines) carry ~3 significant digits
         assert scores[True][label] == pytest.approx(value, abs=0.05)
 
-    code, out, err = run_cli(capsys, "timeline", tiny_clap_dir, clips[0], "--queries", "a dog barks", "--bf16",
-                             "--output", tmp_path / "timeline.png")
+    code, out, err = run_cli(
+        capsys,
+        "timeline",
+        tiny_clap_dir,
+        clips[0],
+        "--queries",
+        "a dog barks",
+        "--bf16",
+        "--output",
+        tmp_path / "timeline.png",
+    )
     assert code == 0, err
     assert "peak" in out and (tmp_path / "timeline.png").exists()
 

@@ -55,7 +55,9 @@ def test_pretraining_flag_on_a_checkpoint_without_the_training_parts_is_refused(
 def test_pretraining_checkpoint_drops_training_parts(tmp_path, caplog):
     torch.manual_seed(0)
     state = layout.encoder_state()
-    state.update({f"target_{k}": v.clone() for k, v in layout.encoder_state().items() if k.startswith(("blocks.", "norm."))})
+    state.update(
+        {f"target_{k}": v.clone() for k, v in layout.encoder_state().items() if k.startswith(("blocks.", "norm."))}
+    )
     state.update({"decoder_embed.weight": torch.randn(16, 32), "mask_token": torch.zeros(1, 1, 16)})
     path = layout.save(state, tmp_path, "m2d_vit_base-80x208p16x16-240101")
     model = AutoModel.from_pretrained(convert_checkpoint(path, tmp_path / "out"))
@@ -66,9 +68,13 @@ def test_evar_finetuned_checkpoint(tmp_path):
     torch.manual_seed(0)
     state = {f"module.ar.runtime.backbone.{k}": v for k, v in layout.encoder_state().items()}
     state["module.ar.runtime.to_spec.mel_basis"] = torch.rand(80, 201)
-    state.update({"module.head.norm.running_mean": torch.zeros(32), "module.head.mlp.mlp.0.weight": torch.randn(5, 32)})
+    state.update(
+        {"module.head.norm.running_mean": torch.zeros(32), "module.head.mlp.mlp.0.weight": torch.randn(5, 32)}
+    )
     state.update({"module.head.norm.running_var": torch.rand(32) + 0.5, "module.head.mlp.mlp.0.bias": torch.randn(5)})
-    path = layout.save(state, tmp_path, "m2d_vit_base-80x208p16x16-240101_AS-FT_enconly", "weights_ep1.pth", wrap=False)
+    path = layout.save(
+        state, tmp_path, "m2d_vit_base-80x208p16x16-240101_AS-FT_enconly", "weights_ep1.pth", wrap=False
+    )
     classifier = AutoModelForAudioClassification.from_pretrained(convert_checkpoint(path, tmp_path / "out"))
     assert isinstance(classifier, M2D2ForAudioClassification) and classifier.config.num_labels == 5
     assert classifier.config.problem_type == "multi_label_classification"
@@ -84,7 +90,9 @@ def test_2025_layout_with_bert_tower(tmp_path, tokenizer_dir):
     """`backbone.*` + `text_encoder.text_encoder.*` + `logit_scale` + `to_spec.*`, as the released file."""
     torch.manual_seed(0)
     bert = AutoModel.from_config(
-        __import__("transformers").BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+        __import__("transformers").BertConfig(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+        )
     )
     state = {f"backbone.{k}": v for k, v in {**layout.encoder_state(), **layout.semantic_projector_state()}.items()}
     state.update({f"text_encoder.text_encoder.{k}": v for k, v in bert.state_dict().items()})
@@ -95,8 +103,13 @@ def test_2025_layout_with_bert_tower(tmp_path, tokenizer_dir):
     assert isinstance(model, M2D2ClapModel)
     assert model.config.audio_projector_type == "semantic" and model.config.text_pooling == "cls"
     assert model.config.text_config.num_hidden_layers == 2 and not model.config.text_projection
-    assert torch.equal(model.audio_projection.layers[0].attention.qkv.weight, state["backbone.audio_proj.sem_blocks.0.attn.qkv.weight"])
-    assert torch.equal(model.text_model.encoder.layer[1].output.dense.weight, bert.encoder.layer[1].output.dense.weight)
+    assert torch.equal(
+        model.audio_projection.layers[0].attention.qkv.weight,
+        state["backbone.audio_proj.sem_blocks.0.attn.qkv.weight"],
+    )
+    assert torch.equal(
+        model.text_model.encoder.layer[1].output.dense.weight, bert.encoder.layer[1].output.dense.weight
+    )
     assert model.logit_scale.item() == 2.5
     assert AutoTokenizer.from_pretrained(out)("a dog")["input_ids"][0] == 101
     card = assert_model_card(out, "M2D2ClapModel", "zero-shot-audio-classification", ntt=True)

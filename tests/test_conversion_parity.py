@@ -62,7 +62,9 @@ def test_audio_parity_with_the_original_runtime(reference, loaded):
             clap = model.get_audio_features(**inputs).pooler_output[0].numpy()
             ts = frame_timestamps(len(wave), out.frame_features.shape[1])
             errors = {
-                "normalised log-mel abs": np.abs(inputs["input_features"][0].numpy() - reference[f"lms_norm__{tag}"]).max(),
+                "normalised log-mel abs": np.abs(
+                    inputs["input_features"][0].numpy() - reference[f"lms_norm__{tag}"]
+                ).max(),
                 "frames rel": relative_error(out.frame_features[0].numpy(), reference[f"frames__{tag}"]),
                 "tokens rel": relative_error(out.last_hidden_state[0].numpy(), reference[f"tokens__{tag}"]),
                 "clip rel": relative_error(out.pooler_output[0].numpy(), reference[f"clip__{tag}"]),

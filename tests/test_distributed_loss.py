@@ -1,7 +1,6 @@
 """The stage-1 contrastive loss over the GLOBAL batch: two gloo processes with unequal batches give the loss and
 (after DDP-style gradient averaging) the gradients of one process holding the whole batch."""
 
-
 import torch
 import torch.multiprocessing as mp
 

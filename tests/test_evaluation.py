@@ -134,16 +134,19 @@ def test_zero_shot_matches_the_model(clap, twelve_clips):
     report = zero_shot_classify(model, processor, twelve_clips, labels=ZERO_SHOT_LABELS, batch_size=5, progress=False)
 
     assert report["prompts"] == ["speech digit can be heard", "wild animal can be heard", "speech word can be heard"]
-    cosine = direct_audio_embeddings(model, processor, twelve_clips) @ direct_text_embeddings(
-        model, processor, report["prompts"]
-    ).T
+    cosine = (
+        direct_audio_embeddings(model, processor, twelve_clips)
+        @ direct_text_embeddings(model, processor, report["prompts"]).T
+    )
     argmax = cosine.argmax(1).tolist()
     assert [ranked[0] for ranked in report["predictions"]] == [ZERO_SHOT_LABELS[i] for i in argmax]
     targets = [ZERO_SHOT_LABELS.index(label) for label in twelve_clips.column("label")]
     assert report["num_clips"] == 12
     assert report["top1_accuracy"] == pytest.approx(np.mean(np.array(argmax) == np.array(targets)))
     assert report["top5_accuracy"] == 1.0  # 3 classes
-    assert {label: entry["clips"] for label, entry in report["per_class"].items()} == dict.fromkeys(ZERO_SHOT_LABELS, 4)
+    assert {label: entry["clips"] for label, entry in report["per_class"].items()} == dict.fromkeys(
+        ZERO_SHOT_LABELS, 4
+    )
     for entry in report["per_class"].values():
         assert 0.0 <= entry["top1_accuracy"] <= 1.0
 
@@ -151,16 +154,15 @@ def test_zero_shot_matches_the_model(clap, twelve_clips):
 def test_zero_shot_multi_label_from_pairs(clap, twelve_clips):
     model, processor = clap
     # Two labels per clip: its label and its category (speech / animal).
-    pairs = [
-        (twelve_clips.audio(p), [row["label"], row["category"]]) for p, row in enumerate(twelve_clips.rows)
-    ]
+    pairs = [(twelve_clips.audio(p), [row["label"], row["category"]]) for p, row in enumerate(twelve_clips.rows)]
     report = zero_shot_classify(model, processor, iter(pairs), multi_label=True, progress=False)
 
     labels = report["labels"]
     assert labels == sorted(set(ZERO_SHOT_LABELS) | {"speech", "animal"})
-    cosine = direct_audio_embeddings(model, processor, twelve_clips) @ direct_text_embeddings(
-        model, processor, report["prompts"]
-    ).T
+    cosine = (
+        direct_audio_embeddings(model, processor, twelve_clips)
+        @ direct_text_embeddings(model, processor, report["prompts"]).T
+    )
     targets = encode_targets([targets for _, targets in pairs], labels, multi_label=True)
     assert 0.0 <= report["mAP"] <= 1.0
     assert report["mAP"] == pytest.approx(mean_average_precision(torch.sigmoid(cosine).numpy(), targets), abs=1e-6)
@@ -181,7 +183,9 @@ def test_retrieval_matches_the_model(clap, real_test_split):
 
     captions = [caption for _, texts in pairs for caption in texts]
     caption_audio = [clip for clip in range(10) for _ in range(2)]
-    similarity = direct_audio_embeddings(model, processor, clips) @ direct_text_embeddings(model, processor, captions).T
+    similarity = (
+        direct_audio_embeddings(model, processor, clips) @ direct_text_embeddings(model, processor, captions).T
+    )
     assert (report["num_clips"], report["num_captions"]) == (10, 20)
     assert report["audio_to_text"] == pytest.approx(audio_to_text_metrics(similarity, caption_audio))
     assert report["text_to_audio"] == pytest.approx(text_to_audio_metrics(similarity, caption_audio))

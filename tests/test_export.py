@@ -30,8 +30,14 @@ def models() -> dict[str, nn.Module]:
     clap = M2D2ClapModel(
         M2D2Config(
             audio_config=TINY,
-            text_config=dict(model_type="bert", hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                             intermediate_size=64, vocab_size=100),
+            text_config=dict(
+                model_type="bert",
+                hidden_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                intermediate_size=64,
+                vocab_size=100,
+            ),
             projection_dim=32,
             projector_intermediate_size=32,
         )
@@ -109,8 +115,10 @@ def test_unpadded_path_equals_the_packed_path(tiny_models, frames):
         unpadded, packed = model(features, output_hidden_states=True), model(ragged, mask, output_hidden_states=True)
     n_tokens = unpadded.last_hidden_state.shape[1]
     assert int(packed.token_mask[0].sum()) == n_tokens
-    for got, expected in [(unpadded.last_hidden_state, packed.last_hidden_state[:1, :n_tokens]),
-                          (unpadded.pooler_output, packed.pooler_output[:1])]:
+    for got, expected in [
+        (unpadded.last_hidden_state, packed.last_hidden_state[:1, :n_tokens]),
+        (unpadded.pooler_output, packed.pooler_output[:1]),
+    ]:
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     for got, expected in zip(unpadded.hidden_states, packed.hidden_states, strict=True):
         torch.testing.assert_close(got, expected[:1, :n_tokens], rtol=1e-5, atol=1e-5)

@@ -244,7 +244,9 @@ def test_log_mel_ignores_autocast(fe, reference):
     # The same kernel as without autocast (so the same bits on this CPU), and the original's values within the
     # cross-CPU bound: a bf16 conv1d would miss both by about 1e-2.
     torch.testing.assert_close(log_mel, fe.log_mel(wave), rtol=0, atol=0)
-    np.testing.assert_allclose(log_mel[0].numpy(), reference["lms__chirp_10s"], rtol=0, atol=LONG_CLIP_LOG_MEL_TOLERANCE)
+    np.testing.assert_allclose(
+        log_mel[0].numpy(), reference["lms__chirp_10s"], rtol=0, atol=LONG_CLIP_LOG_MEL_TOLERANCE
+    )
 
 
 def test_real_clip(fe, real_sounds_dir):
@@ -260,7 +262,8 @@ def test_real_clip(fe, real_sounds_dir):
 
 
 def test_fft_stft_stays_within_the_parity_contract(reference, real_sounds_dir):
-    """stft="fft" (torch.stft) against the original's log-mel: the 1e-3 contract, on the fixture inputs and real clips."""
+    """stft="fft" (torch.stft) against the original's log-mel: the 1e-3 contract, on the fixture inputs and real
+    clips."""
     fast = M2D2FeatureExtractor(norm_stats=reference["norm_stats"].tolist(), stft="fft")
     exact = M2D2FeatureExtractor(norm_stats=reference["norm_stats"].tolist())
     for tag in ("sine1k_10s", "chirp_10s", "noise_10s"):

@@ -151,8 +151,14 @@ def test_mixup_changes_the_loss(single_run, encoder_dir, real_sounds_dir, tmp_pa
 
 def test_two_processes_share_labels_and_evaluate_every_clip_once(encoder_dir, real_sounds_dir, tmp_path):
     out = tmp_path / "two"
-    args = base_args(encoder_dir, real_sounds_dir, out, 4) + ["--per_device_train_batch_size", 4,
-                                                              "--eval_filter", "split=test", "--eval_steps", 0]
+    args = base_args(encoder_dir, real_sounds_dir, out, 4) + [
+        "--per_device_train_batch_size",
+        4,
+        "--eval_filter",
+        "split=test",
+        "--eval_steps",
+        0,
+    ]
     stderr = run(args, processes=2)
     # The label pass runs on the main process only; the other process trains with the labels it broadcasts.
     assert "label pass: 22 labels" in stderr

@@ -24,7 +24,9 @@ def test_scene_and_timestamp_embeddings(model):
     scene = hear.get_scene_embeddings(audio, model)
     embeddings, timestamps = hear.get_timestamp_embeddings(audio, model)
     assert scene.shape == (3, 160)
-    frames = model.audio_model(**M2D2FeatureExtractor()(audio, sampling_rate=16000, return_tensors="pt")).frame_features
+    frames = model.audio_model(
+        **M2D2FeatureExtractor()(audio, sampling_rate=16000, return_tensors="pt")
+    ).frame_features
     assert embeddings.shape == (3, frames.shape[1], 32) and timestamps.shape == (3, frames.shape[1])
     torch.testing.assert_close(scene, frames.mean(1), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(embeddings, frames.reshape(3, frames.shape[1], 5, 32).mean(2), rtol=1e-5, atol=1e-6)

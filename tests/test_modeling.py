@@ -136,8 +136,12 @@ def test_batch_of_different_lengths_equals_single_clips():
             single = model(features[i : i + 1, :, :length])
             n_tokens, n_frames = single.last_hidden_state.shape[1], single.frame_features.shape[1]
             assert int(batch.token_mask[i].sum()) == n_tokens and int(batch.frame_mask[i].sum()) == n_frames
-            torch.testing.assert_close(batch.last_hidden_state[i, :n_tokens], single.last_hidden_state[0], rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(batch.frame_features[i, :n_frames], single.frame_features[0], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(
+                batch.last_hidden_state[i, :n_tokens], single.last_hidden_state[0], rtol=1e-5, atol=1e-5
+            )
+            torch.testing.assert_close(
+                batch.frame_features[i, :n_frames], single.frame_features[0], rtol=1e-5, atol=1e-5
+            )
             torch.testing.assert_close(batch.pooler_output[i], single.pooler_output[0], rtol=1e-5, atol=1e-5)
             assert batch.last_hidden_state[i, n_tokens:].abs().sum() == 0
 
@@ -272,7 +276,9 @@ def test_clap_forward_logits_and_loss():
     labels = torch.arange(3)
     expected = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
     torch.testing.assert_close(out.loss, expected, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(contrastive_loss(torch.eye(2) * 10), F.cross_entropy(torch.eye(2) * 10, torch.arange(2)))
+    torch.testing.assert_close(
+        contrastive_loss(torch.eye(2) * 10), F.cross_entropy(torch.eye(2) * 10, torch.arange(2))
+    )
     with pytest.raises(ValueError, match="input_ids"):
         model(input_features=features)
     with pytest.raises(ValueError, match="one text per clip"):

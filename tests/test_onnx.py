@@ -51,8 +51,9 @@ def test_fp32_graphs_equal_pytorch_on_real_clips_from_0_2_to_30_seconds(demo_exp
     clips = [by_length[0][:3200], by_length[0], by_length[len(by_length) // 2], by_length[-1], thirty]
     assert len(clips[0]) == 3200 and len(thirty) == 30 * 16000
     for clip in clips:
-        features = torch.from_numpy(runtime.feature_extractor(clip, sampling_rate=16000, return_tensors="np")
-                                    ["input_features"])
+        features = torch.from_numpy(
+            runtime.feature_extractor(clip, sampling_rate=16000, return_tensors="np")["input_features"]
+        )
         with torch.no_grad():
             audio = model.audio_model(features)
             expected = {
@@ -92,8 +93,11 @@ def test_int8_cosine_and_zero_shot_top1_on_the_60_test_clips(demo_export, test_c
 
 def test_audio_encoder_export_has_no_clap_outputs(tmp_path):
     torch.manual_seed(0)
-    model = M2D2AudioModel(M2D2AudioConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                           intermediate_size=64, chunk_frames=100)).eval()
+    model = M2D2AudioModel(
+        M2D2AudioConfig(
+            hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, chunk_frames=100
+        )
+    ).eval()
     model.save_pretrained(tmp_path / "encoder")
     M2D2FeatureExtractor().save_pretrained(tmp_path / "encoder")
     runtime = M2D2OnnxModel(export_onnx(tmp_path / "encoder", tmp_path / "onnx"))
@@ -114,7 +118,8 @@ def test_cli_export_round_trip_and_errors(tiny_clap_dir, tmp_path, capsys):
     assert main(["export", str(tiny_clap_dir), str(out), "--format", "onnx"]) == 0
     assert "audio.onnx" in capsys.readouterr().out
     assert {"audio.onnx", "text.onnx", "onnx_config.json", "README.md", "tokenizer.json"} <= {
-        p.name for p in out.iterdir()}
+        p.name for p in out.iterdir()
+    }
     assert M2D2OnnxModel(out).embed_text(["a", "b c"]).shape == (2, 32)
 
     assert main(["export", str(tiny_clap_dir), str(out), "--format", "onnx"]) == 2

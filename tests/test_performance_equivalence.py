@@ -50,7 +50,9 @@ def test_windowed_log_mel_equals_the_whole_clip_at_every_cut():
         pieces = torch.cat([windows(a, b) for a, b in zip(cuts[:-1], cuts[1:])], dim=-1)
         torch.testing.assert_close(pieces, whole, rtol=0, atol=1e-6)
     # The chunk-aligned windows of the streaming path are bit for bit the whole clip's on this CPU.
-    assert torch.equal(torch.cat([windows(s, min(s + 2002, whole.shape[-1])) for s in range(0, 3131, 2002)], -1), whole)
+    assert torch.equal(
+        torch.cat([windows(s, min(s + 2002, whole.shape[-1])) for s in range(0, 3131, 2002)], -1), whole
+    )
 
     # Without the neighbouring samples (each window reflect-padded on its own), the frames at the cut differ.
     # Frame 1000 reads samples [159800, 160200): past the naive window's end at 160160.
@@ -158,8 +160,9 @@ def test_bf16_models_take_float32_features(tmp_path):
     bf16 = M2D2ClapModel.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
     audio_bf16 = M2D2AudioModel.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
     assert bf16.audio_model.layernorm.weight.dtype == torch.bfloat16
-    inputs = M2D2FeatureExtractor()([make_audio(3.0).numpy(), make_audio(5.0, seed=3).numpy()], sampling_rate=16000,
-                                    return_tensors="pt")
+    inputs = M2D2FeatureExtractor()(
+        [make_audio(3.0).numpy(), make_audio(5.0, seed=3).numpy()], sampling_rate=16000, return_tensors="pt"
+    )
     assert inputs["input_features"].dtype == torch.float32
     ids = torch.tensor([[1, 7, 8, 2], [1, 9, 2, 0]])
     with torch.no_grad():

@@ -132,8 +132,9 @@ def test_pipeline_takes_audio_dicts_with_their_rate(classifier, wave):
         assert audio == {key: wave_44k, "sampling_rate": 44100}  # not mutated
         direct = classifier.feature_extractor(wave_44k, sampling_rate=44100)["input_features"]
         assert direct.shape[-1] == classifier.feature_extractor(wave, sampling_rate=16000)["input_features"].shape[-1]
-        np.testing.assert_allclose([from_dict[label] for label in LABELS], [at_16k[label] for label in LABELS],
-                                   atol=2e-3)
+        np.testing.assert_allclose(
+            [from_dict[label] for label in LABELS], [at_16k[label] for label in LABELS], atol=2e-3
+        )
     with pytest.raises(ValueError, match="'raw' \\(or 'array'\\) key"):
         classifier({"audio": wave, "sampling_rate": 16000}, candidate_labels=LABELS)
 
@@ -151,10 +152,21 @@ def test_pipeline_of_other_models_is_unchanged(tokenizer_dir, wave):
     """A tiny transformers CLAP model gets exactly what transformers' own pipeline class gives it."""
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, model_input_names=["input_ids", "attention_mask"])
-    text = dict(vocab_size=tokenizer.vocab_size, hidden_size=16, num_hidden_layers=1, num_attention_heads=1,
-                intermediate_size=16, projection_dim=8)
-    audio = dict(depths=[1, 1, 1, 1], patch_embeds_hidden_size=8, hidden_size=64, num_attention_heads=[1, 1, 1, 1],
-                 projection_dim=8)
+    text = dict(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=1,
+        intermediate_size=16,
+        projection_dim=8,
+    )
+    audio = dict(
+        depths=[1, 1, 1, 1],
+        patch_embeds_hidden_size=8,
+        hidden_size=64,
+        num_attention_heads=[1, 1, 1, 1],
+        projection_dim=8,
+    )
     model = ClapModel(ClapConfig(text_config=text, audio_config=audio, projection_dim=8)).eval()
     parts = dict(model=model, tokenizer=tokenizer, feature_extractor=ClapFeatureExtractor(truncation="rand_trunc"))
     ours, stock = pipeline(TASK, **parts), pipeline(TASK, **parts, pipeline_class=ZeroShotAudioClassificationPipeline)
@@ -207,16 +219,24 @@ def test_unwritable_outputs_fail_before_the_compute(case, tiny_clap_dir, audio_f
     argv = {
         "npy into a file": ["embed", tiny_clap_dir, audio_files[0], "-o", blocker / "emb"],
         "safetensors into a file": ["embed", tiny_clap_dir, audio_files[0], "-o", blocker / "emb.safetensors"],
-        "timeline png into a file": ["timeline", tiny_clap_dir, audio_files[1], "--queries", "a",
-                                     "--output", blocker / "t.png"],
+        "timeline png into a file": [
+            "timeline",
+            tiny_clap_dir,
+            audio_files[1],
+            "--queries",
+            "a",
+            "--output",
+            blocker / "t.png",
+        ],
     }[case]
     code, out, err = run_cli(capsys, *argv)
     assert_one_line_error(code, err, "cannot write --output")
     assert not loaded and out == ""
 
 
-def test_failed_safetensors_write_is_one_line_and_leaves_no_file(tiny_clap_dir, audio_files, tmp_path, capsys,
-                                                                 monkeypatch):
+def test_failed_safetensors_write_is_one_line_and_leaves_no_file(
+    tiny_clap_dir, audio_files, tmp_path, capsys, monkeypatch
+):
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
@@ -234,9 +254,11 @@ def test_truncated_weights_are_one_line(tiny_clap_dir, audio_files, tmp_path, ca
         (broken / path.name).write_bytes(path.read_bytes())
     weights = broken / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    for argv in (["embed", broken, audio_files[0], "-o", tmp_path / "out"],
-                 ["zero-shot", broken, audio_files[0], "--labels", "a,b"],
-                 ["timeline", broken, audio_files[1], "--queries", "a", "--output", tmp_path / "t.png"]):
+    for argv in (
+        ["embed", broken, audio_files[0], "-o", tmp_path / "out"],
+        ["zero-shot", broken, audio_files[0], "--labels", "a,b"],
+        ["timeline", broken, audio_files[1], "--queries", "a", "--output", tmp_path / "t.png"],
+    ):
         code, _, err = run_cli(capsys, *argv)
         assert_one_line_error(code, err, "cannot load the model")
 
@@ -251,16 +273,18 @@ def test_truncated_weights_are_one_line(tiny_clap_dir, audio_files, tmp_path, ca
     ],
 )
 def test_timeline_window_and_hop_are_checked(flags, message, tiny_clap_dir, audio_files, tmp_path, capsys):
-    code, _, err = run_cli(capsys, "timeline", tiny_clap_dir, audio_files[1], "--queries", "a",
-                           "--output", tmp_path / "t.png", *flags)
+    code, _, err = run_cli(
+        capsys, "timeline", tiny_clap_dir, audio_files[1], "--queries", "a", "--output", tmp_path / "t.png", *flags
+    )
     assert_one_line_error(code, err, message)
     assert not (tmp_path / "t.png").exists()
 
 
 def test_zero_shot_options_before_files_and_batched_results(classifier, tiny_clap_dir, audio_files, capsys):
     """Options may come before the files; the batched results equal one pipeline call per file."""
-    code, out, err = run_cli(capsys, "zero-shot", tiny_clap_dir, "--labels", ",".join(LABELS), "--json",
-                             "--batch-size", "2", *audio_files)
+    code, out, err = run_cli(
+        capsys, "zero-shot", tiny_clap_dir, "--labels", ",".join(LABELS), "--json", "--batch-size", "2", *audio_files
+    )
     assert code == 0, err
     results = json.loads(out)
     assert [result["file"] for result in results] == [str(path) for path in audio_files]
@@ -268,8 +292,9 @@ def test_zero_shot_options_before_files_and_batched_results(classifier, tiny_cla
         audio, _ = sf.read(str(path), dtype="float32")
         expected = classifier(audio, candidate_labels=LABELS, hypothesis_template="{} can be heard")
         assert [p["label"] for p in result["predictions"]] == [p["label"] for p in expected]
-        np.testing.assert_allclose([p["score"] for p in result["predictions"]], [p["score"] for p in expected],
-                                   atol=1e-5)
+        np.testing.assert_allclose(
+            [p["score"] for p in result["predictions"]], [p["score"] for p in expected], atol=1e-5
+        )
     # A usage error names the sub-command whose usage applies.
     code, _, err = run_cli(capsys, "zero-shot", tiny_clap_dir, "--top-k", "0", *audio_files)
     assert code == 2 and "m2d2-hf zero-shot: error:" in err and "usage: m2d2-hf zero-shot" in err

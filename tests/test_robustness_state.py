@@ -142,8 +142,15 @@ def baseline(runner, data_dir, tmp_path_factory) -> Path:
 
 def test_a_payload_in_any_checkpoint_file_runs_no_code_and_names_the_file(runner, baseline, data_dir, tmp_path):
     names = sorted(p.name for p in (baseline / "step_2").iterdir())
-    assert names == sorted([COMPLETE_MARKER, "model.safetensors", "optimizer.safetensors", "rng_state_0.safetensors",
-                            "trainer_state.json"])  # fmt: skip: no pickle is written
+    assert names == sorted(
+        [
+            COMPLETE_MARKER,
+            "model.safetensors",
+            "optimizer.safetensors",
+            "rng_state_0.safetensors",
+            "trainer_state.json",
+        ]
+    )  # fmt: skip: no pickle is written
     for name in names:
         out = tmp_path / name
         shutil.copytree(baseline / "step_2", out / "step_2")
@@ -311,8 +318,10 @@ def unsafe_loads(source: str) -> list[str]:
             found.append(UNSAFE["torch.load"])
         if name in ("torch.jit.load", "eval", "exec") or name.endswith(".load_state"):
             found.append(UNSAFE.get(name, UNSAFE["load_state"]))
-        if name in ("np.load", "numpy.load") and "allow_pickle" in keywords and not (
-            isinstance(keywords["allow_pickle"], ast.Constant) and keywords["allow_pickle"].value is False
+        if (
+            name in ("np.load", "numpy.load")
+            and "allow_pickle" in keywords
+            and not (isinstance(keywords["allow_pickle"], ast.Constant) and keywords["allow_pickle"].value is False)
         ):
             found.append("np.load(allow_pickle=...)")
         if is_true(keywords, "trust_remote_code"):
@@ -388,9 +397,7 @@ def caption_table(folder: Path, ids: list[str]) -> Path:
     return folder
 
 
-def test_captions_that_match_no_clip_stop_stage1_and_every_window_counts_uncaptioned_clips(
-    runner, data_dir, tmp_path
-):
+def test_captions_that_match_no_clip_stop_stage1_and_every_window_counts_uncaptioned_clips(runner, data_dir, tmp_path):
     stems = sorted(p.stem for p in data_dir.glob("*.flac"))
     foreign = caption_table(tmp_path / "foreign", [f"other_{stem}" for stem in stems])
     args = stage1_args(data_dir, tmp_path / "stopped", steps=2) + ["--caption_embeddings", foreign]

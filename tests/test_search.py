@@ -50,7 +50,9 @@ def collection(tmp_path_factory) -> Path:
     waves = [sf.read(DATA / "audio" / name, dtype="float32")[0] for name in SEGMENTS]
     sf.write(folder / "audio" / "concatenated.wav", np.concatenate(waves), 16000)
     with open(folder / "metadata.csv", "a", newline="") as handle:
-        csv.writer(handle).writerow(["audio/concatenated.wav", "mix", "mix", "violin then bee then bassoon"] + [""] * 5)
+        csv.writer(handle).writerow(
+            ["audio/concatenated.wav", "mix", "mix", "violin then bee then bassoon"] + [""] * 5
+        )
     return folder
 
 
@@ -268,7 +270,9 @@ def test_cli_search_text_audio_json_and_model_mismatch(index_dir, collection, tm
     (other / "index.json").write_text(json.dumps(meta))
     assert main(["search", str(other), "a dog barks"]) == 2
     error = capsys.readouterr().err.splitlines()[-1]  # one line after the weight-loading progress bar
-    assert error.startswith("m2d2-hf: error: ") and "was built with the model" in error and "rebuild the index" in error
+    assert (
+        error.startswith("m2d2-hf: error: ") and "was built with the model" in error and "rebuild the index" in error
+    )
     assert main(["search", str(index_dir)]) == 2
     assert "no query" in capsys.readouterr().err
 
@@ -477,8 +481,10 @@ def test_page_answers_a_query_in_a_headless_browser(served, collection):
         driver.execute_script("window.player.pause()")
         first.find_element(By.CSS_SELECTOR, "button.plot").click()
         WebDriverWait(driver, 60).until(
-            lambda d: d.execute_script("const i = document.getElementById('timeline-image'); "
-                                       "return i !== null && i.complete && i.naturalWidth > 0")  # fmt: skip
+            lambda d: d.execute_script(
+                "const i = document.getElementById('timeline-image'); "
+                "return i !== null && i.complete && i.naturalWidth > 0"
+            )  # fmt: skip
         )
         if os.environ.get("M2D2_SEARCH_SCREENSHOT"):  # how docs/search_page.png is made
             driver.set_window_size(1100, 1250)  # the plot and the first results
@@ -492,9 +498,11 @@ def test_page_answers_a_query_in_a_headless_browser(served, collection):
         WebDriverWait(driver, 30).until(lambda d: d.execute_script(first_title) == str(clip))  # read in one step
         driver.find_elements(By.CSS_SELECTOR, "li.hit button.plot")[0].click()
         WebDriverWait(driver, 60).until(
-            lambda d: d.execute_script("const i = document.getElementById('timeline-image'); "
-                                       "return i !== null && i.complete && i.naturalWidth > 0 && "
-                                       "i.src.startsWith('blob:')")  # fmt: skip
+            lambda d: d.execute_script(
+                "const i = document.getElementById('timeline-image'); "
+                "return i !== null && i.complete && i.naturalWidth > 0 && "
+                "i.src.startsWith('blob:')"
+            )  # fmt: skip
         )
     finally:
         driver.quit()

@@ -64,7 +64,9 @@ def test_short_recordings_and_bad_arguments(clap):
 def test_cli_writes_png_csv_and_json(tiny_clap_dir, concatenation, tmp_path, capsys):
     path, _ = concatenation
     out = tmp_path / "plot.png"
-    code = main(["timeline", str(tiny_clap_dir), str(path), "--queries", "a bird sings,a dog barks", "--output", str(out)])
+    code = main(
+        ["timeline", str(tiny_clap_dir), str(path), "--queries", "a bird sings,a dog barks", "--output", str(out)]
+    )
     assert code == 0, capsys.readouterr().err
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
     rows = list(csv.reader(open(out.with_suffix(".csv"))))
@@ -73,4 +75,6 @@ def test_cli_writes_png_csv_and_json(tiny_clap_dir, concatenation, tmp_path, cap
     assert set(data["similarities"]) == {"a bird sings", "a dog barks"}
     assert "peak" in capsys.readouterr().out
     assert main(["timeline", str(tiny_clap_dir), str(path), "--queries", " , ", "--output", str(out)]) == 2
-    assert main(["timeline", str(tiny_clap_dir), str(path), "--queries", "x", "--output", str(tmp_path / "a.txt")]) == 2
+    assert (
+        main(["timeline", str(tiny_clap_dir), str(path), "--queries", "x", "--output", str(tmp_path / "a.txt")]) == 2
+    )

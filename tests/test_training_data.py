@@ -320,9 +320,7 @@ def test_random_log_mel_crops_match_slicing_and_pad_short_clips():
     torch.manual_seed(0)
     log_mel = torch.randn(4, 3, 50) - 5.0  # batch padding is NOT zero here: the crop must zero it itself
     num_frames = torch.tensor([50, 30, 10, 16])
-    crops, starts = random_log_mel_crops(
-        log_mel, num_frames, 16, torch.Generator().manual_seed(1), return_starts=True
-    )
+    crops, starts = random_log_mel_crops(log_mel, num_frames, 16, torch.Generator().manual_seed(1), return_starts=True)
     assert crops.shape == (4, 3, 16)
     for i in (0, 1, 3):
         start = int(starts[i])

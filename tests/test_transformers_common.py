@@ -48,7 +48,9 @@ floats_tensor, ids_tensor, random_attention_mask = (
     _modeling.random_attention_mask,
 )
 ConfigTester = _common["test_configuration_common"].ConfigTester
-SequenceFeatureExtractionTestMixin = _common["test_sequence_feature_extraction_common"].SequenceFeatureExtractionTestMixin
+SequenceFeatureExtractionTestMixin = _common[
+    "test_sequence_feature_extraction_common"
+].SequenceFeatureExtractionTestMixin
 FeatureExtractionSavingTestMixin = _common["test_feature_extraction_common"].FeatureExtractionSavingTestMixin
 ProcessorTesterMixin = _common["test_processing_common"].ProcessorTesterMixin
 PipelineTesterMixin = _common["test_pipeline_mixin"].PipelineTesterMixin
@@ -112,8 +114,8 @@ class M2D2AudioModelTester:
         return config, {"input_features": input_features}
 
 
-# PipelineTesterMixin runs a task on the Hub's tiny model of each class (hf-internal-testing/tiny-random-<class>, listed
-# in tests/utils/tiny_model_summary.json) with transformers' tests/pipelines/ task tests, and only for in-tree
+# PipelineTesterMixin runs a task on the Hub's tiny model of each class (hf-internal-testing/tiny-random-<class>,
+# listed in tests/utils/tiny_model_summary.json) with transformers' tests/pipelines/ task tests, and only for in-tree
 # tokenizer / feature-extractor classes (it looks their names up in the transformers module). None of that exists
 # for M2D2 or offline (the sdist has no tests/pipelines/), so its tests skip here ("Could not find any model
 # architecture in the tiny models JSON file"); the mappings still state the tasks the package supports, as the
@@ -234,7 +236,9 @@ class M2D2ClapModelTest(ModelTesterMixin, PipelineTesterMixin, unittest.TestCase
             for kernels in (False, True):
                 for precision, (atol, rtol) in defaults.items():
                     atols[(device, kernels, precision)] = atol
-                    rtols[(device, kernels, precision)] = 3e-2 if (device, kernels, precision) == ("cuda", True, torch.bfloat16) else rtol
+                    rtols[(device, kernels, precision)] = (
+                        3e-2 if (device, kernels, precision) == ("cuda", True, torch.bfloat16) else rtol
+                    )
         _modeling._test_eager_matches_sdpa_inference(
             self, name, dtype, padding_side, use_attention_mask, output_attentions, enable_kernels, atols, rtols
         )

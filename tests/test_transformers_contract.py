@@ -39,7 +39,9 @@ AUDIO = dict(
 
 def clap_config() -> M2D2Config:
     text = BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37)
-    return M2D2Config(audio_config=AUDIO, text_config=text.to_dict(), projection_dim=32, projector_intermediate_size=24)
+    return M2D2Config(
+        audio_config=AUDIO, text_config=text.to_dict(), projection_dim=32, projector_intermediate_size=24
+    )
 
 
 def test_classifier_from_an_encoder_folder_has_initialised_head_statistics(tmp_path):

@@ -89,7 +89,7 @@ class GenerationTesterMixin:
 
 # tests/utils/test_configuration_utils.py: every common PreTrainedConfig field set to a non-default value, which
 # ConfigTester checks each config class accepts and keeps.
-_CONFIG_KWARGS_STAND_IN = '''
+_CONFIG_KWARGS_STAND_IN = """
 config_common_kwargs = {
     "return_dict": False,
     "output_hidden_states": True,
@@ -101,7 +101,7 @@ config_common_kwargs = {
     "label2id": {"label": "0"},
     "problem_type": "regression",
 }
-'''
+"""
 
 # utils/fetch_hub_objects_for_ci.py: test_processing_common maps Hub URLs of sample media to local copies.
 _FETCH_STAND_IN = '''

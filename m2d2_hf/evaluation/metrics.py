@@ -142,7 +142,9 @@ def ranking_metrics(
         group = relevant[start:stop]
         width = max(len(items) for items in group)
         # Queries with fewer relevant candidates repeat their first one; the repeats are masked out below.
-        items = torch.tensor([list(items) + [items[0]] * (width - len(items)) for items in group], device=scores.device)
+        items = torch.tensor(
+            [list(items) + [items[0]] * (width - len(items)) for items in group], device=scores.device
+        )
         valid = torch.tensor([[j < len(items) for j in range(width)] for items in group], device=scores.device)
         ranks = ranks_of(scores, items).masked_fill(~valid, torch.iinfo(torch.long).max).sort(dim=1).values
         best_ranks.append(ranks[:, 0].cpu())

@@ -142,8 +142,16 @@ class SoundIndex:
             hits.append((float(scores.max()), sound, best_row))
         hits.sort(key=lambda hit: -hit[0])
         return [
-            SearchHit(rank, self.sound_keys[sound], self.sound_paths[sound], score, float(self.starts[row]),
-                      float(self.ends[row]), float(self.durations[row]), sound)  # fmt: skip
+            SearchHit(
+                rank,
+                self.sound_keys[sound],
+                self.sound_paths[sound],
+                score,
+                float(self.starts[row]),
+                float(self.ends[row]),
+                float(self.durations[row]),
+                sound,
+            )  # fmt: skip
             for rank, (score, sound, row) in enumerate(hits[:top_k], 1)
         ]
 

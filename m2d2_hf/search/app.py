@@ -177,9 +177,7 @@ def create_app(index):
         return page
 
     @app.get("/api/search")
-    def search(
-        q: str = Query(..., max_length=MAX_QUERY_CHARS), k: int = Query(10, ge=1, le=MAX_K)
-    ) -> dict:
+    def search(q: str = Query(..., max_length=MAX_QUERY_CHARS), k: int = Query(10, ge=1, le=MAX_K)) -> dict:
         (result,) = index.search(text=[checked_text(q)], top_k=k)
         return {"query": q, "results": with_urls(result["results"])}
 

@@ -211,23 +211,23 @@ tags:
 
 # Sound search index
 
-A text-to-audio and audio-to-audio search index of {meta['num_files']} sounds ({meta['audio_hours']:.3f} hours),
-built by `m2d2-hf index` with the M2D2 CLAP model `{model['name']}`.
+A text-to-audio and audio-to-audio search index of {meta["num_files"]} sounds ({meta["audio_hours"]:.3f} hours),
+built by `m2d2-hf index` with the M2D2 CLAP model `{model["name"]}`.
 
 ## Contents
 
-- `items.parquet`: {meta['num_vectors']} rows, one per vector: the sound (`key`, `path`, `stamp` = size:mtime),
-  `kind` (`clip`: the whole sound; `window`: {meta['window_seconds']:g} s windows every {meta['hop_seconds']:g} s,
+- `items.parquet`: {meta["num_vectors"]} rows, one per vector: the sound (`key`, `path`, `stamp` = size:mtime),
+  `kind` (`clip`: the whole sound; `window`: {meta["window_seconds"]:g} s windows every {meta["hop_seconds"]:g} s,
   for sounds longer than one window), `start` / `end` / `duration` in seconds, and the L2-normalised
-  {meta['dim']}-d CLAP audio `embedding`.
-- `vectors.faiss`: a FAISS `{faiss_info['type']}` index over the embeddings (inner product = cosine),
-  parameters {json.dumps(faiss_info['params'])}; {recall_line}.
+  {meta["dim"]}-d CLAP audio `embedding`.
+- `vectors.faiss`: a FAISS `{faiss_info["type"]}` index over the embeddings (inner product = cosine),
+  parameters {json.dumps(faiss_info["params"])}; {recall_line}.
 - `index.json`: the same facts for programs.
 
 ## Model
 
-- name: `{model['name']}`
-- config hash: `{model['config_hash']}`, weights hash: `{model['weights_hash']}`
+- name: `{model["name"]}`
+- config hash: `{model["config_hash"]}`, weights hash: `{model["weights_hash"]}`
 
 Queries must be embedded by this model: searching with another one is refused.
 

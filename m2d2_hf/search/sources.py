@@ -91,7 +91,9 @@ def _table_items(table_path: Path, split: str | None, split_column: str) -> list
             raise ValueError(f"split {split!r} was asked for but {table_path} has no {split_column!r} column")
         rows = [row for row in rows if row[split_column] == split]
     if not rows:
-        raise ValueError(f"{table_path} lists no audio files" + (f" with {split_column} == {split!r}" if split else ""))
+        raise ValueError(
+            f"{table_path} lists no audio files" + (f" with {split_column} == {split!r}" if split else "")
+        )
     base = table_path.parent
     return [_file_item(base / str(row[path_column])) for row in rows]
 
@@ -102,7 +104,8 @@ def _dataset_items(dataset, name: str, audio_column: str) -> list[SourceItem]:
     dataset = _cast_audio_undecoded(dataset, audio_column)
     stamp = getattr(dataset, "_fingerprint", None) or "unknown"
     return [
-        SourceItem(f"{name}#{row}", stamp, None, _DatasetRow(dataset, audio_column, row)) for row in range(len(dataset))
+        SourceItem(f"{name}#{row}", stamp, None, _DatasetRow(dataset, audio_column, row))
+        for row in range(len(dataset))
     ]
 
 

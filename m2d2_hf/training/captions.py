@@ -349,7 +349,9 @@ class CaptionEncoder:
                     f"({type(self.model).__name__}) has none. Use pooling='mean', 'cls' or 'last'."
                 )
         else:
-            self.tokenizer = AutoTokenizer.from_pretrained(self.model_name_or_path, trust_remote_code=trust_remote_code)
+            self.tokenizer = AutoTokenizer.from_pretrained(
+                self.model_name_or_path, trust_remote_code=trust_remote_code
+            )
             self.tokenizer.padding_side = "right"  # `last` pooling and the masked mean rely on it
 
     def _prepare(self, texts: Sequence[str]) -> list[str]:

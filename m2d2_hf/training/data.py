@@ -102,9 +102,7 @@ def _decode_torchcodec(data: bytes, max_seconds: float | None) -> tuple[np.ndarr
     return samples.mean(dim=0).numpy().astype(np.float32, copy=False), int(decoded.sample_rate)
 
 
-def decode_audio(
-    value: Any, *, sampling_rate: int = 16000, max_seconds: float | None = 30.0
-) -> np.ndarray:
+def decode_audio(value: Any, *, sampling_rate: int = 16000, max_seconds: float | None = 30.0) -> np.ndarray:
     """
     Decode one audio cell to a mono float32 waveform at `sampling_rate`, cut to its first `max_seconds`.
 
@@ -311,7 +309,8 @@ def _read_table(path: str, string_columns: Sequence[str] = ()):
 
 
 def _table_rows(tables: list) -> Iterable[dict]:
-    """Generator of `IterableDataset.from_generator`: one list element (a table slice and its base folder) per shard."""
+    """Generator of `IterableDataset.from_generator`: one list element (a table slice and its base folder) per
+    shard."""
     for table, base, path_column in tables:
         for row in table.to_pylist():
             relative = row.pop(path_column, None)
@@ -371,7 +370,9 @@ def _local_folder_source(folder: str, split: str, num_shards: int, audio_column:
     if metadata:
         # audiofolder layout: relative `file_name` paths in a metadata file at the root.
         return _path_list_stream([(metadata[0], base)], "file_name", id_column, num_shards), "rows"
-    if os.path.isfile(os.path.join(folder, "dataset_info.json")) and os.path.isfile(os.path.join(folder, "state.json")):
+    if os.path.isfile(os.path.join(folder, "dataset_info.json")) and os.path.isfile(
+        os.path.join(folder, "state.json")
+    ):
         dataset = datasets.load_from_disk(folder)
         if isinstance(dataset, datasets.DatasetDict):
             dataset = dataset[split]

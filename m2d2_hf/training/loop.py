@@ -115,7 +115,8 @@ def tracker_names(report_to: str) -> list[str]:
             continue
         if name not in known:
             raise ValueError(
-                f"--report_to {name!r} is not a tracker: choose from jsonl, {', '.join(sorted(known))} (comma-separated)"
+                f"--report_to {name!r} is not a tracker: choose from jsonl, {', '.join(sorted(known))} "
+                "(comma-separated)"
             )
         if name not in available:
             hint = "pip install 'm2d2-hf[train]'" if name == "tensorboard" else f"pip install {name}"
@@ -343,7 +344,9 @@ def run_training(
             torch.manual_seed(step_seed(args.seed, step, accelerator.process_index, f"global{micro}"))
             inputs = make_inputs(batch, step, micro)
             captioned_inputs = "has_caption" in inputs
-            uncaptioned = (~inputs["has_caption"]).sum().float() if captioned_inputs else torch.zeros((), device=device)
+            uncaptioned = (
+                (~inputs["has_caption"]).sum().float() if captioned_inputs else torch.zeros((), device=device)
+            )
             with accelerator.accumulate(model):
                 out = model(**inputs)
                 accelerator.backward(out.loss)
@@ -353,8 +356,8 @@ def run_training(
                 optimizer.zero_grad()
             values = [getattr(out, name) for name in loss_names]
             values = [v.detach().float() if v is not None else torch.zeros((), device=device) for v in values]
-            sums += torch.stack(values + [uncaptioned.to(device), torch.tensor(float(len(batch["ids"])), device=device),
-                                          torch.tensor(float(skipped), device=device)])  # fmt: skip
+            counts = [uncaptioned.to(device), torch.tensor(float(len(batch["ids"])), device=device)]
+            sums += torch.stack(values + counts + [torch.tensor(float(skipped), device=device)])
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
         extra = after_step(step)
@@ -381,7 +384,9 @@ def run_training(
             export(output_dir / f"export_step_{done}", done)
     progress.close()
 
-    save_checkpoint(accelerator, output_dir / f"step_{args.max_train_steps}", args.max_train_steps, model, optimizer, stream, state)
+    save_checkpoint(
+        accelerator, output_dir / f"step_{args.max_train_steps}", args.max_train_steps, model, optimizer, stream, state
+    )
     final = output_dir / "final"
     export(final, args.max_train_steps)
     accelerator.wait_for_everyone()

@@ -37,6 +37,7 @@ from .optim import scaled_learning_rate, warmup_cosine_schedule, weight_decay_gr
 
 logger = logging.getLogger(__name__)
 
+
 def build_parser() -> argparse.ArgumentParser:
     parser, model = program_parser(
         "Stage-1 M2D2 pre-training (M2D + CLAP against cached caption embeddings). Defaults follow the "
@@ -132,9 +133,7 @@ class Stage1Batches:
         return inputs
 
 
-def compute_norm_stats(
-    batches, prepare: Stage1Batches, num_crops: int, accelerator, seed: int
-) -> tuple[float, float]:
+def compute_norm_stats(batches, prepare: Stage1Batches, num_crops: int, accelerator, seed: int) -> tuple[float, float]:
     """Mean and std over all elements of `num_crops` random raw log-mel crops (the original used 5000), summed over
     every process."""
     totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)

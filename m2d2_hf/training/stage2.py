@@ -305,6 +305,7 @@ def train(args: argparse.Namespace) -> Path:
     clap.audio_model.eval()  # frozen, and dropout-free anyway; the text tower trains with its dropout as the paper
     if args.freeze_text_model:
         clap.text_model.eval()
+
     def export(folder: Path, step: int) -> None:
         sources = [args.model_name_or_path, args.audio_model, args.text_model]
         card = training_card_info("examples/pretrain_stage2.py", vars(args), sources, step)

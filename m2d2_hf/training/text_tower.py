@@ -82,7 +82,8 @@ def shrink_text_tower(
     if max_position_embeddings is not None:
         if not 2 <= max_position_embeddings <= config.max_position_embeddings:
             raise ValueError(
-                f"max_position_embeddings must be in [2, {config.max_position_embeddings}], got {max_position_embeddings}"
+                f"max_position_embeddings must be in [2, {config.max_position_embeddings}], "
+                f"got {max_position_embeddings}"
             )
         embeddings.position_embeddings = _rows(embeddings.position_embeddings, torch.arange(max_position_embeddings))
         embeddings.register_buffer(

@@ -79,7 +79,9 @@ def run(command: list[str], log: Path) -> float:
     start = time.perf_counter()
     print(f"$ {' '.join(command)}  (log: {log})", flush=True)
     with open(log, "w") as handle:
-        result = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONHASHSEED": "0"})
+        result = subprocess.run(
+            command, stdout=handle, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONHASHSEED": "0"}
+        )
     if result.returncode != 0:
         raise SystemExit(f"{command[1]} failed (exit {result.returncode}); see {log}")
     return time.perf_counter() - start
@@ -192,7 +194,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     model = M2D2ClapModel.from_pretrained(export_dir, dtype=torch.float32)
     test_set = EvaluationSet.from_folder(data).where("split", "test")
-    result = zero_shot_classify(model, M2D2Processor.from_pretrained(export_dir), test_set, labels=labels, progress=False)
+    result = zero_shot_classify(
+        model, M2D2Processor.from_pretrained(export_dir), test_set, labels=labels, progress=False
+    )
     timings["total"] = time.perf_counter() - start
     report = {
         "schedule": "quick" if args.quick else "full",
@@ -218,7 +222,8 @@ def main(argv: list[str] | None = None) -> dict:
         f"zero-shot top-1 on {report['test_clips']} test clips: {report['top1_accuracy']:.3f} "
         f"(chance {report['chance_accuracy']:.3f}, {report['top1_accuracy'] / report['chance_accuracy']:.1f}x); "
         f"top-5 {report['top5_accuracy']:.3f}; mean per-class {report['mean_per_class_accuracy']:.3f}; "
-        f"always-majority {report['majority_class_accuracy']:.3f}; {timings['total'] / 60:.1f} min; model in {export_dir}"
+        f"always-majority {report['majority_class_accuracy']:.3f}; {timings['total'] / 60:.1f} min; "
+        f"model in {export_dir}"
     )
     return report
 
