@@ -18,7 +18,6 @@ library raises its own error types and only this module turns them into messages
 import argparse
 import csv
 import json
-import math
 import os
 import sys
 import tempfile
@@ -32,6 +31,7 @@ from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModel, AutoProcessor
 
+from .argument_types import positive_int, positive_seconds
 from .audio_files import AudioFile, AudioFileError, inspect_audio_files, mono_at, read_audio
 from .configuration_m2d2 import M2D2Config
 from .conversion import convert_checkpoint
@@ -82,26 +82,6 @@ def _size_pair(text: str) -> tuple[int, int]:
     return int(parts[0]), int(parts[1])
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _positive_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a positive, finite number of seconds, got {text!r}")
-    return value
-
-
 def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds the arguments of `convert` to `parser` and makes it run the conversion."""
     parser.add_argument(
@@ -127,7 +107,7 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--input-size", type=_size_pair, metavar="FxT", help="mel bins x frames, e.g. 80x1001")
     parser.add_argument("--patch-size", type=_size_pair, metavar="FxT", help="patch height x width, e.g. 16x16")
-    parser.add_argument("--sampling-rate", type=_positive_int, metavar="HZ", help="e.g. 16000")
+    parser.add_argument("--sampling-rate", type=positive_int, metavar="HZ", help="e.g. 16000")
     parser.add_argument(
         "--encoder-only",
         action="store_true",
@@ -203,7 +183,7 @@ def add_embed_arguments(parser: argparse.ArgumentParser) -> None:
         help="clip: mean of the frame features; frame: frame features and their start times in ms; clap: "
         "L2-normalised CLAP audio embedding (CLAP folders only); all: every level the model has (default: clip)",
     )
-    parser.add_argument("--batch-size", type=_positive_int, default=8, help="files per forward pass (default: 8)")
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="files per forward pass (default: 8)")
     parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     add_bf16_argument(parser)
     parser.set_defaults(handler=run_embed)
@@ -235,8 +215,8 @@ def add_zero_shot_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_TEMPLATE,
         help=f"prompt with {{}} for the class name (default: {DEFAULT_TEMPLATE!r})",
     )
-    parser.add_argument("--top-k", type=_positive_int, default=5, help="predictions shown per file (default: 5)")
-    parser.add_argument("--batch-size", type=_positive_int, default=8, help="files per forward pass (default: 8)")
+    parser.add_argument("--top-k", type=positive_int, default=5, help="predictions shown per file (default: 5)")
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="files per forward pass (default: 8)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     add_bf16_argument(parser)
@@ -248,11 +228,9 @@ def add_timeline_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL_DIR", help="M2D2 CLAP model folder or hub id")
     parser.add_argument("audio", metavar="AUDIO", type=Path, help="an audio file (any rate, any channels)")
     parser.add_argument("--queries", required=True, help="comma-separated text queries, e.g. 'a dog barks,speech'")
+    parser.add_argument("--window", type=positive_seconds, default=2.0, help="window length in seconds (default: 2.0)")
     parser.add_argument(
-        "--window", type=_positive_seconds, default=2.0, help="window length in seconds (default: 2.0)"
-    )
-    parser.add_argument(
-        "--hop", type=_positive_seconds, default=0.5, help="stride between windows in seconds (default: 0.5)"
+        "--hop", type=positive_seconds, default=0.5, help="stride between windows in seconds (default: 0.5)"
     )
     parser.add_argument(
         "--output", type=Path, required=True, help="PNG to write; the numbers go beside it as .csv and .json"

@@ -193,6 +193,18 @@ def frame_counts_from_mask(input_features_mask: torch.Tensor) -> torch.Tensor:
     return mask.sum(-1)
 
 
+def all_real_output(tokens: torch.Tensor, frame_features: torch.Tensor) -> M2D2AudioModelOutput:
+    """The outputs of a batch whose tokens and frames are all real (the unpadded paths): masks of ones."""
+    frame_mask = torch.ones(frame_features.shape[:2], dtype=torch.long, device=frame_features.device)
+    return M2D2AudioModelOutput(
+        last_hidden_state=tokens,
+        token_mask=torch.ones(tokens.shape[:2], dtype=torch.long, device=tokens.device),
+        frame_features=frame_features,
+        frame_mask=frame_mask,
+        pooler_output=masked_mean(frame_features, frame_mask),
+    )
+
+
 class M2D2PatchEmbeddings(nn.Module):
     """Non-overlapping patches of the log-mel ([B, F, W] → [B, rows * columns, D], frequency-major)."""
 
@@ -555,15 +567,8 @@ class M2D2AudioModel(M2D2PreTrainedModel):
             full_tokens = last_tokens[:0]
         else:
             full_tokens = self._encode_chunks(chunks.full, None, **kwargs)
-        tokens = chunks.merge_tokens(full_tokens, last_tokens)
-        frame_features = chunks.merge_frames(full_tokens, last_tokens)
-        frame_mask = torch.ones(frame_features.shape[:2], dtype=torch.long, device=frame_features.device)
-        return M2D2AudioModelOutput(
-            last_hidden_state=tokens,
-            token_mask=torch.ones(tokens.shape[:2], dtype=torch.long, device=tokens.device),
-            frame_features=frame_features,
-            frame_mask=frame_mask,
-            pooler_output=masked_mean(frame_features, frame_mask),
+        return all_real_output(
+            chunks.merge_tokens(full_tokens, last_tokens), chunks.merge_frames(full_tokens, last_tokens)
         )
 
     def _forward_padded_chunks(self, input_features: torch.Tensor, **kwargs) -> M2D2AudioModelOutput:
@@ -574,16 +579,7 @@ class M2D2AudioModel(M2D2PreTrainedModel):
             input_features, self.config.chunk_frames, self.config.patch_size[1], self.config.frequency_patches
         )
         encoded = self._encode_chunks(chunks.chunks, chunks.token_mask(), **kwargs)
-        tokens = chunks.merge_tokens(encoded)
-        frame_features = chunks.merge_frames(encoded)
-        frame_mask = torch.ones(frame_features.shape[:2], dtype=torch.long, device=frame_features.device)
-        return M2D2AudioModelOutput(
-            last_hidden_state=tokens,
-            token_mask=torch.ones(tokens.shape[:2], dtype=torch.long, device=tokens.device),
-            frame_features=frame_features,
-            frame_mask=frame_mask,
-            pooler_output=frame_features.mean(1),
-        )
+        return all_real_output(chunks.merge_tokens(encoded), chunks.merge_frames(encoded))
 
     def encode_visible(
         self,

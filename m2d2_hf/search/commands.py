@@ -13,36 +13,18 @@ import json
 import sys
 from pathlib import Path
 
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
+from ..argument_types import positive_int, positive_seconds
 
 
 def _index_param(text: str) -> tuple[str, int]:
     name, equals, value = text.partition("=")
     if not equals or not name:
         raise argparse.ArgumentTypeError(f"expected NAME=VALUE (e.g. nlist=4000), got {text!r}")
-    return name, _positive_int(value)
+    return name, positive_int(value)
 
 
 def _port(text: str) -> int:
-    value = _positive_int(text)
+    value = positive_int(text)
     if value > 65535:
         raise argparse.ArgumentTypeError(f"a port is at most 65535, got {value}")
     return value
@@ -59,8 +41,8 @@ def add_index_arguments(parser: argparse.ArgumentParser) -> None:
         "(file_name column), a datasets save_to_disk folder, or a dataset id for datasets.load_dataset",
     )
     parser.add_argument("--output", "-o", required=True, type=Path, help="the index folder to write")
-    parser.add_argument("--window", type=_positive_float, default=2.0, help="window length in seconds (default 2)")
-    parser.add_argument("--hop", type=_positive_float, default=1.0, help="hop between windows in seconds (default 1)")
+    parser.add_argument("--window", type=positive_seconds, default=2.0, help="window length in seconds (default 2)")
+    parser.add_argument("--hop", type=positive_seconds, default=1.0, help="hop between windows in seconds (default 1)")
     parser.add_argument(
         "--index-type",
         choices=INDEX_TYPES,
@@ -78,9 +60,9 @@ def add_index_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--split", help="keep the rows of this split (a metadata split column or a dataset split)")
     parser.add_argument("--audio-column", default="audio", help="audio column of a dataset source (default audio)")
-    parser.add_argument("--batch-size", type=_positive_int, default=8, help="sounds / windows per forward (default 8)")
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="sounds / windows per forward (default 8)")
     parser.add_argument(
-        "--files-per-shard", type=_positive_int, default=64, help="sounds per resumable shard (default 64)"
+        "--files-per-shard", type=positive_int, default=64, help="sounds per resumable shard (default 64)"
     )
 
 
@@ -117,7 +99,7 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("index", metavar="INDEX_DIR", type=Path, help="an index folder made by `m2d2-hf index`")
     parser.add_argument("queries", metavar="QUERY", nargs="*", help="text queries")
     parser.add_argument("--audio", action="append", type=Path, default=[], help="search by this example (repeatable)")
-    parser.add_argument("--top-k", type=_positive_int, default=10, help="sounds per query (default 10)")
+    parser.add_argument("--top-k", type=positive_int, default=10, help="sounds per query (default 10)")
     parser.add_argument("--json", action="store_true", help="print JSON")
     parser.add_argument("--model", help="embed queries with this model folder (default: the index's own)")
 
