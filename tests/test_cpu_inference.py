@@ -97,7 +97,7 @@ def test_optimized_audio_model_matches_fp32_and_bf16():
         fast16 = optimized16(inputs)
     assert relative_error(fast32.last_hidden_state, expected.last_hidden_state) < 1e-6
     assert torch.equal(fast32.token_mask, expected.token_mask)
-    assert optimized16.config._attn_implementation == "eager"
+    assert optimized16.config._attn_implementation == cpu_inference.bf16_attention_for_this_cpu()
     assert all(type(m) is PrepackedLinear for m in optimized16.modules() if isinstance(m, nn.Linear))
     assert relative_error(fast16.pooler_output, plain16.pooler_output) < 1e-2
     assert F.cosine_similarity(fast16.pooler_output.float(), expected.pooler_output).min() > 0.999
@@ -164,3 +164,21 @@ def test_a_model_off_the_cpu_is_a_clear_error():
     with pytest.raises(ValueError, match="on the CPU, but this one is on meta"):
         optimize_for_cpu_inference(model)
     assert all(type(m) is nn.Linear for m in model.modules() if isinstance(m, nn.Linear))
+
+
+@pytest.mark.parametrize(("amx", "expected"), [(True, "sdpa"), (False, "eager")])
+def test_bf16_attention_follows_the_cpu(monkeypatch, amx, expected):
+    """bf16 models get the attention measured faster on their CPU kind: SDPA with AMX tiles, eager without."""
+    monkeypatch.setattr(cpu_inference, "cpu_has_amx", lambda: amx)
+    model = tiny_audio_model().to(torch.bfloat16)
+    assert optimize_for_cpu_inference(model).config._attn_implementation == expected
+    assert optimize_for_cpu_inference(tiny_audio_model()).config._attn_implementation == "sdpa"  # fp32: always
+
+
+def test_amx_probe_agrees_with_the_cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = next(line for line in cpuinfo if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        pytest.skip("no /proc/cpuinfo flags to compare with")
+    assert cpu_inference.cpu_has_amx() == ("amx_tile" in flags)
