@@ -451,7 +451,11 @@ class M2D2AudioModel(M2D2PreTrainedModel):
     def get_input_embeddings(self) -> M2D2PatchEmbeddings:
         return self.embeddings.patch_embeddings
 
-    def _check_inputs(self, input_features: torch.Tensor, input_features_mask: torch.Tensor | None) -> None:
+    def _check_inputs(
+        self, input_features: torch.Tensor, input_features_mask: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """Validates the inputs; returns the per-clip frame counts of a given mask (None without one, or while
+        exporting, where the mask is asserted all ones instead)."""
         if input_features.dim() != 3 or input_features.shape[1] != self.config.num_mel_bins:
             raise ValueError(
                 f"input_features must be [batch, {self.config.num_mel_bins} mel bins, frames], got "
@@ -465,18 +469,20 @@ class M2D2AudioModel(M2D2PreTrainedModel):
                 f"input_features_mask must be [batch, frames] = {(input_features.shape[0], input_features.shape[2])}, "
                 f"got {tuple(input_features_mask.shape)}"
             )
-        if input_features_mask is not None and not torch.compiler.is_exporting():
-            # Also before the unpadded path, which would otherwise take a mask of 2s as all real.
-            frame_counts_from_mask(input_features_mask)
+        if input_features_mask is None or torch.compiler.is_exporting():
+            return None
+        # Checked before the unpadded path too, which would otherwise take a mask of 2s as all real.
+        return frame_counts_from_mask(input_features_mask)
 
     def chunk_layout(self, input_features: torch.Tensor, input_features_mask: torch.Tensor | None) -> tuple:
         """Validates the input and plans its chunks; returns (layout, per-clip frame counts)."""
-        self._check_inputs(input_features, input_features_mask)
-        batch, _, frames = input_features.shape
-        if input_features_mask is None:
+        return self._plan_chunks(input_features, self._check_inputs(input_features, input_features_mask))
+
+    def _plan_chunks(self, input_features: torch.Tensor, lengths: torch.Tensor | None) -> tuple:
+        """(layout, per-clip frame counts) for validated inputs; `lengths` None: every clip has all frames."""
+        if lengths is None:
+            batch, _, frames = input_features.shape
             lengths = torch.full((batch,), frames, dtype=torch.long, device=input_features.device)
-        else:
-            lengths = frame_counts_from_mask(input_features_mask)
         layout = ChunkLayout.from_lengths(
             lengths.tolist(),
             self.config.chunk_frames,
@@ -531,13 +537,13 @@ class M2D2AudioModel(M2D2PreTrainedModel):
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
         output_attentions = kwargs.get("output_attentions", self.config.output_attentions)
-        self._check_inputs(input_features, input_features_mask)
+        lengths = self._check_inputs(input_features, input_features_mask)
         # The unpadded path encodes full and last chunks in separate passes, so per-clip hidden states and
         # attentions come from the packed path (an exported program returns neither).
         if all_real(input_features_mask) and not (output_hidden_states or output_attentions):
             return self._forward_unpadded(input_features, **kwargs)
 
-        layout, lengths = self.chunk_layout(input_features, input_features_mask)
+        layout, lengths = self._plan_chunks(input_features, lengths)
         chunks = layout.pack(input_features, lengths, self.config.patch_size[1])
         token_mask = None if layout.is_uniform else layout.token_padding_mask()
         all_hidden_states = [] if output_hidden_states else None
