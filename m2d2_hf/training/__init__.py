@@ -1,5 +1,6 @@
 """Training utilities: streamed audio data, cached caption embeddings, optimiser schedules."""
 
+from ..data.audio import AudioDecodeError, decode_audio
 from .captions import (
     CaptionEmbeddingTable,
     CaptionEncoder,
@@ -11,8 +12,6 @@ from .captions import (
 )
 from .data import (
     AudioBatchCollator,
-    AudioDecodeError,
-    decode_audio,
     frames_of,
     load_audio_stream,
     random_log_mel_crops,

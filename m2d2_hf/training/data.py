@@ -20,10 +20,7 @@ shard count that is a multiple of processes x workers. A local audiofolder is cu
 
 from __future__ import annotations
 
-import glob
-import io
 import logging
-import math
 import os
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -31,11 +28,19 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..data.audio import AUDIO_EXTENSIONS, AudioDecodeError, audio_path, decode_audio
+from ..data.sources import (
+    cast_audio_undecoded,
+    file_stem,
+    load_saved_dataset,
+    read_table,
+    resolve_path,
+    source_kind,
+)
+
 
 logger = logging.getLogger(__name__)
 
-AUDIO_EXTENSIONS = ("flac", "wav", "mp3", "ogg", "opus", "m4a", "aac", "aiff", "aif", "au", "wma", "webm")
-METADATA_NAMES = ("metadata.csv", "metadata.jsonl", "metadata.parquet")
 # Columns that `load_audio_stream` always produces.
 ID_KEY, AUDIO_KEY, ERROR_KEY = "id", "audio", "error"
 # WebDataset bookkeeping columns of the `webdataset` builder.
@@ -44,123 +49,8 @@ _MAX_ERROR_CHARS = 200
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Decoding
+# Decoding (in the DataLoader workers, with `m2d2_hf.data.audio.decode_audio`)
 # ----------------------------------------------------------------------------------------------------------------
-
-
-class AudioDecodeError(Exception):
-    """An item that cannot become a waveform; its message is the short reason reported by the stream."""
-
-
-def _read_source(value: Any) -> tuple[bytes | None, str | None]:
-    """(encoded bytes, path) of an audio cell: datasets' Audio struct, raw binary, a path string or None."""
-    if value is None:
-        return None, None
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return bytes(value), None
-    if isinstance(value, str):
-        return None, value
-    if isinstance(value, dict):
-        data = value.get("bytes")
-        path = value.get("path")
-        if data is None and value.get("array") is not None:
-            raise AudioDecodeError("decoded audio dicts are not supported: cast the column to Audio(decode=False)")
-        return (bytes(data) if data is not None else None), path
-    raise AudioDecodeError(f"unsupported audio cell of type {type(value).__name__}")
-
-
-def _open_bytes(path: str) -> bytes:
-    """Bytes of a local or remote (hf://, https://, zip://...) file."""
-    if os.path.exists(path):
-        with open(path, "rb") as handle:
-            return handle.read()
-    from datasets.utils.file_utils import xopen  # remote paths of streamed hub datasets
-
-    with xopen(path, "rb") as handle:
-        return handle.read()
-
-
-def _decode_soundfile(data: bytes, max_seconds: float | None) -> tuple[np.ndarray, int]:
-    import soundfile as sf
-
-    with sf.SoundFile(io.BytesIO(data)) as handle:
-        rate = handle.samplerate
-        frames = -1 if max_seconds is None else int(math.ceil(max_seconds * rate))
-        samples = handle.read(frames=frames, dtype="float32", always_2d=True)  # [samples, channels]
-    return samples.mean(axis=1, dtype=np.float32) if samples.shape[1] != 1 else samples[:, 0], rate
-
-
-def _decode_torchcodec(data: bytes, max_seconds: float | None) -> tuple[np.ndarray, int]:
-    from torchcodec.decoders import AudioDecoder
-
-    decoder = AudioDecoder(data)
-    if max_seconds is None:
-        decoded = decoder.get_all_samples()
-    else:
-        decoded = decoder.get_samples_played_in_range(start_seconds=0.0, stop_seconds=max_seconds)
-    samples = decoded.data  # [channels, samples] float32
-    return samples.mean(dim=0).numpy().astype(np.float32, copy=False), int(decoded.sample_rate)
-
-
-def decode_audio(value: Any, *, sampling_rate: int = 16000, max_seconds: float | None = 30.0) -> np.ndarray:
-    """
-    Decode one audio cell to a mono float32 waveform at `sampling_rate`, cut to its first `max_seconds`.
-
-    `value` is datasets' Audio struct `{"bytes", "path"}` (bytes first, then the path), raw encoded bytes, or a path.
-    soundfile decodes first; when it fails (e.g. m4a, or a format its libsndfile lacks) torchcodec/FFmpeg is tried.
-    Channels are averaged; resampling is `torchaudio.functional.resample` (windowed sinc, its defaults). Non-finite
-    samples are set to 0 when some remain finite.
-
-    Raises:
-        AudioDecodeError: with a short reason, for a missing, undecodable, empty or all-NaN/Inf item.
-    """
-    data, path = _read_source(value)
-    if data is None:
-        if not path:
-            raise AudioDecodeError("no audio (empty cell)")
-        try:
-            data = _open_bytes(path)
-        except Exception as error:  # noqa: BLE001 - any I/O failure is one skipped item
-            raise AudioDecodeError(f"cannot read {path}: {type(error).__name__}: {error}") from None
-    if len(data) == 0:
-        raise AudioDecodeError("empty file (0 bytes)")
-    try:
-        samples, rate = _decode_soundfile(data, max_seconds)
-    except Exception as sf_error:  # noqa: BLE001
-        try:
-            samples, rate = _decode_torchcodec(data, max_seconds)
-        except Exception as tc_error:  # noqa: BLE001
-            raise AudioDecodeError(
-                f"undecodable (soundfile: {type(sf_error).__name__}: {sf_error}; "
-                f"torchcodec: {type(tc_error).__name__}: {tc_error})"
-            ) from None
-    if samples.size == 0:
-        raise AudioDecodeError("zero-length audio (0 samples)")
-    finite = np.isfinite(samples)
-    if not finite.all():
-        if not finite.any():
-            raise AudioDecodeError("all samples are NaN/Inf")
-        samples = np.where(finite, samples, np.float32(0.0))
-    if rate != sampling_rate:
-        import torchaudio
-
-        samples = torchaudio.functional.resample(torch.from_numpy(np.ascontiguousarray(samples)), rate, sampling_rate)
-        samples = samples.numpy()
-    if max_seconds is not None:
-        samples = samples[: int(round(max_seconds * sampling_rate))]
-    if samples.size == 0:
-        raise AudioDecodeError("zero-length audio after resampling")
-    return np.ascontiguousarray(samples, dtype=np.float32)
-
-
-def _stem(path: str | None) -> str | None:
-    if not path:
-        return None
-    name = path.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
-    if "::" in name:  # fsspec chained URLs, e.g. zip://x.flac::https://...
-        name = name.split("::", 1)[0]
-    dot = name.rfind(".")
-    return name[:dot] if dot > 0 else name
 
 
 class _DecodeExample:
@@ -209,10 +99,7 @@ class _DecodeExample:
         if self.id_column is not None and example.get(self.id_column) is not None:
             clip_id = str(example[self.id_column])
         if clip_id is None:
-            try:
-                clip_id = _stem(_read_source(cell)[1])
-            except AudioDecodeError:
-                clip_id = None
+            clip_id = file_stem(audio_path(cell))
         if clip_id is None and example.get(_WDS_KEY):
             clip_id = str(example[_WDS_KEY]).replace("\\", "/").rsplit("/", 1)[-1]
         if clip_id is None:
@@ -250,73 +137,12 @@ class _FilterRow:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _has_glob(text: str) -> bool:
-    return any(char in text for char in "*?[")
-
-
-def _kind_of_files(files: Sequence[str]) -> str:
-    extensions = {os.path.basename(f).lower().rsplit(".", 1)[-1] for f in files}
-    if extensions <= {"parquet"}:
-        return "parquet"
-    if extensions <= {"tar"}:
-        return "webdataset"
-    if extensions <= {"csv", "tsv"}:
-        return "csv"
-    if extensions <= {"jsonl", "json"}:
-        return "json"
-    raise ValueError(
-        f"Cannot stream a mix of file types {sorted(extensions)}: pass Parquet shards, WebDataset .tar shards, or a "
-        f"CSV/JSONL list of audio paths."
-    )
-
-
-def _split_files(files: list[str], split: str) -> list[str]:
-    """The files of `split` when their names say so (`<split>/...` or `<split>-*`), else all of them."""
-    for predicate in (
-        lambda f: f"/{split}/" in f.replace("\\", "/"),
-        lambda f: os.path.basename(f).startswith((f"{split}-", f"{split}_", f"{split}.")),
-    ):
-        chosen = [f for f in files if predicate(f)]
-        if chosen:
-            return chosen
-    return files
-
-
-def _read_table(path: str, string_columns: Sequence[str] = ()):
-    """A metadata / list file (CSV, TSV, JSONL, Parquet) as a pyarrow Table; `string_columns` stay strings."""
-    import pyarrow as pa
-    import pyarrow.csv as pacsv
-    import pyarrow.json as pajson
-    import pyarrow.parquet as pq
-
-    lower = path.lower()
-    if lower.endswith((".csv", ".tsv")):
-        with open(path, newline="") as handle:
-            header = handle.readline()
-        delimiter = "\t" if lower.endswith(".tsv") else ","
-        names = [name.strip().strip('"') for name in header.rstrip("\r\n").split(delimiter)]
-        types = {name: pa.string() for name in string_columns if name in names}
-        return pacsv.read_csv(
-            path,
-            parse_options=pacsv.ParseOptions(delimiter=delimiter),
-            convert_options=pacsv.ConvertOptions(column_types=types, strings_can_be_null=False),
-        )
-    if lower.endswith((".jsonl", ".json")):
-        return pajson.read_json(path)
-    if lower.endswith(".parquet"):
-        return pq.read_table(path)
-    raise ValueError(f"Unsupported metadata file {path}: expected .csv, .tsv, .jsonl or .parquet")
-
-
 def _table_rows(tables: list) -> Iterable[dict]:
     """Generator of `IterableDataset.from_generator`: one list element (a table slice and its base folder) per
     shard."""
     for table, base, path_column in tables:
         for row in table.to_pylist():
-            relative = row.pop(path_column, None)
-            path = None if relative in (None, "") else str(relative)
-            if path is not None and base is not None and not os.path.isabs(path) and "://" not in path:
-                path = os.path.join(base, path)
+            path = resolve_path(base, row.pop(path_column, None))
             row[AUDIO_KEY] = None if path is None else {"bytes": None, "path": path}
             yield row
 
@@ -329,7 +155,7 @@ def _path_list_stream(
 
     slices = []
     for path, base in table_files:
-        table = _read_table(path, string_columns=[c for c in (path_column, id_column) if c])
+        table = read_table(path, string_columns=[c for c in (path_column, id_column) if c])
         if path_column not in table.column_names:
             raise ValueError(f"{path} has no column {path_column!r} (columns: {table.column_names})")
         slices.append((table, base))
@@ -358,56 +184,10 @@ class _ShardRows:
             yield from _table_rows(pieces)
 
 
-def _local_folder_source(folder: str, split: str, num_shards: int, audio_column: str, id_column: str | None):
-    import datasets
-
-    base = folder
-    if os.path.isdir(os.path.join(folder, split)):
-        candidates = [os.path.join(folder, split, name) for name in METADATA_NAMES]
-        if any(os.path.isfile(c) for c in candidates):
-            base = os.path.join(folder, split)
-    metadata = [os.path.join(base, name) for name in METADATA_NAMES if os.path.isfile(os.path.join(base, name))]
-    if metadata:
-        # audiofolder layout: relative `file_name` paths in a metadata file at the root.
-        return _path_list_stream([(metadata[0], base)], "file_name", id_column, num_shards), "rows"
-    if os.path.isfile(os.path.join(folder, "dataset_info.json")) and os.path.isfile(
-        os.path.join(folder, "state.json")
-    ):
-        dataset = datasets.load_from_disk(folder)
-        if isinstance(dataset, datasets.DatasetDict):
-            dataset = dataset[split]
-        dataset = _cast_audio_undecoded(dataset, audio_column)
-        return dataset.to_iterable_dataset(num_shards=max(1, min(num_shards, len(dataset)))), "datasets"
-    for kind, extension in (("parquet", "parquet"), ("webdataset", "tar")):
-        files = sorted(glob.glob(os.path.join(folder, "**", f"*.{extension}"), recursive=True))
-        if files:
-            return _files_source(_split_files(files, split), kind, split), kind
-    # An audiofolder without metadata: every audio file below the folder (no split-name inference by datasets).
-    patterns = [f"**/*.{ext}" for ext in AUDIO_EXTENSIONS] + [f"**/*.{ext.upper()}" for ext in AUDIO_EXTENSIONS]
-    dataset = datasets.load_dataset(
-        "audiofolder", data_dir=folder, data_files={split: patterns}, split=split, streaming=True
-    )
-    return dataset, "datasets"
-
-
 def _files_source(files: Sequence[str], kind: str, split: str):
     import datasets
 
-    builder = {"parquet": "parquet", "webdataset": "webdataset"}[kind]
-    return datasets.load_dataset(builder, data_files={split: list(files)}, split=split, streaming=True)
-
-
-def _cast_audio_undecoded(dataset, audio_column: str):
-    """Cast every `Audio` column (the named one, or WebDataset's per-extension ones) to `Audio(decode=False)`."""
-    from datasets import Audio
-
-    features = getattr(dataset, "features", None)
-    if not features:
-        return dataset
-    for name, feature in features.items():
-        if isinstance(feature, Audio) and (name == audio_column or name in AUDIO_EXTENSIONS):
-            dataset = dataset.cast_column(name, Audio(decode=False))
-    return dataset
+    return datasets.load_dataset(kind, data_files={split: list(files)}, split=split, streaming=True)
 
 
 def load_audio_stream(
@@ -476,40 +256,31 @@ def load_audio_stream(
     num_shards = num_shards or 16 * num_processes
     path_column = audio_column
 
-    if isinstance(train_data, (list, tuple)):
-        files = [os.fspath(f) for f in train_data]
-        kind = _kind_of_files(files)
+    source = source_kind(train_data, split)
+    kind = source.kind
+    if kind == "audiofolder":  # relative `file_name` paths in a metadata file
+        dataset = _path_list_stream([(source.metadata, source.base)], "file_name", id_column, num_shards)
+    elif kind == "table":  # CSV / JSONL lists of audio paths in `audio_column`
+        tables = [(f, os.path.dirname(os.path.abspath(f))) for f in source.files]
+        dataset = _path_list_stream(tables, audio_column, id_column, num_shards)
+    elif kind == "saved_dataset":
+        dataset = cast_audio_undecoded(load_saved_dataset(source.path, split), audio_column)
+        dataset = dataset.to_iterable_dataset(num_shards=max(1, min(num_shards, len(dataset))))
+    elif kind in ("parquet", "webdataset"):
+        dataset = _files_source(source.files, kind, split)
+    elif kind == "audio_files":  # every audio file below the folder (no split-name inference by datasets)
+        patterns = [f"**/*.{ext}" for ext in AUDIO_EXTENSIONS] + [f"**/*.{ext.upper()}" for ext in AUDIO_EXTENSIONS]
+        dataset = datasets.load_dataset(
+            "audiofolder", data_dir=source.path, data_files={split: patterns}, split=split, streaming=True
+        )
     else:
-        train_data = os.fspath(train_data)
-        files, kind = [], None
-        if os.path.isdir(train_data):
-            dataset, kind = _local_folder_source(train_data, split, num_shards, audio_column, id_column)
-            if kind == "rows":
-                path_column = AUDIO_KEY  # the rows carry their resolved paths as an audio struct
-        elif os.path.isfile(train_data):
-            files, kind = [train_data], _kind_of_files([train_data])
-        elif _has_glob(train_data):
-            files = sorted(glob.glob(train_data, recursive=True))
-            if files:
-                kind = _kind_of_files(files)
-            else:  # a remote pattern (hf://..., s3://...): datasets resolves it
-                kind = _kind_of_files([train_data])
-                files = [train_data]
-        else:
-            dataset = datasets.load_dataset(
-                train_data, dataset_config, split=split, streaming=True, **(load_kwargs or {})
-            )
-            kind = "datasets"
-    if files:
-        if kind in ("parquet", "webdataset"):
-            dataset = _files_source(files, kind, split)
-        else:  # CSV / JSONL lists of audio paths
-            dataset = _path_list_stream(
-                [(f, os.path.dirname(os.path.abspath(f))) for f in files], audio_column, id_column, num_shards
-            )
-            path_column = AUDIO_KEY
+        dataset = datasets.load_dataset(
+            source.path, dataset_config, split=split, streaming=True, **(load_kwargs or {})
+        )
+    if kind in ("audiofolder", "table"):
+        path_column = AUDIO_KEY  # the rows carry their resolved paths as an audio struct
 
-    dataset = _cast_audio_undecoded(dataset, audio_column)
+    dataset = cast_audio_undecoded(dataset, audio_column)
     webdataset = kind == "webdataset"
     if filter_fn is not None:
         dataset = dataset.filter(_FilterRow(filter_fn) if webdataset else filter_fn)
