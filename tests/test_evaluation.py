@@ -14,6 +14,8 @@ import torch
 from datasets import Audio, Dataset, DatasetDict
 from transformers import AutoModel, AutoProcessor
 
+from m2d2_hf.data.audio import decode_audio
+from m2d2_hf.data.labels import encode_targets
 from m2d2_hf.evaluation import (
     EvaluationSet,
     embed_audio,
@@ -23,7 +25,7 @@ from m2d2_hf.evaluation import (
     load_evaluation_set,
     zero_shot_classify,
 )
-from m2d2_hf.evaluation.data import caption_groups, encode_targets, load_waveform
+from m2d2_hf.evaluation.data import caption_groups
 from m2d2_hf.evaluation.linear_probe import holdout, train_linear_classifier
 from m2d2_hf.evaluation.metrics import audio_to_text_metrics, mean_average_precision, text_to_audio_metrics
 
@@ -79,7 +81,7 @@ def test_folder_split_and_limit(real_sounds_dir, real_test_split):
 def test_datasets_sources_decode_like_the_folder(real_sounds_dir, real_test_split):
     subset = real_test_split.select(range(3))
     paths = [str(subset.audio(p)) for p in range(3)]
-    expected = [load_waveform(path, 16000) for path in paths]
+    expected = [decode_audio(path, 16000) for path in paths]
     by_path = Dataset.from_dict({"audio": paths, "label": subset.column("label")}).cast_column("audio", Audio())
     by_bytes = Dataset.from_dict(
         {"audio": [{"bytes": Path(path).read_bytes(), "path": None} for path in paths], "split": ["test", "x", "test"]}
@@ -87,10 +89,10 @@ def test_datasets_sources_decode_like_the_folder(real_sounds_dir, real_test_spli
     from_path = EvaluationSet.from_dataset(by_path)
     assert from_path.column("label") == subset.column("label")
     for position, wave in enumerate(expected):
-        np.testing.assert_array_equal(load_waveform(from_path.audio(position), 16000), wave)
-        np.testing.assert_array_equal(load_waveform(by_bytes[position]["audio"], 16000), wave)
+        np.testing.assert_array_equal(decode_audio(from_path.audio(position), 16000), wave)
+        np.testing.assert_array_equal(decode_audio(by_bytes[position]["audio"], 16000), wave)
     # Resampling: a 16 kHz clip read at 8 kHz has half the samples.
-    assert len(load_waveform(paths[0], 8000)) == pytest.approx(len(expected[0]) / 2, abs=1)
+    assert len(decode_audio(paths[0], 8000)) == pytest.approx(len(expected[0]) / 2, abs=1)
     # A datasets source without that split name filters on the split column; a DatasetDict's split is taken whole.
     assert len(load_evaluation_set(by_bytes, split="test")) == 2
     assert len(load_evaluation_set(DatasetDict({"train": by_path, "test": by_bytes}), split="test")) == 3

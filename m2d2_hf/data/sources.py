@@ -253,7 +253,7 @@ def choose_split(names: Sequence[str], split: str | None, source: str = "the dat
         return split
     if len(names) == 1:
         return names[0]
-    raise ValueError(f"{source} has the splits {list(names)}: pass one of them as split")
+    raise ValueError(f"{source} has the splits {list(names)}: choose one with --split (the `split` argument)")
 
 
 def load_saved_dataset(folder: str | os.PathLike, split: str | None = None):

@@ -3,12 +3,11 @@ share, arguments, model loading, JSON reports and tables, is in `m2d2_hf.evaluat
 
 An evaluation set is either a local audiofolder-style folder (a `metadata.csv` whose `file_name` column holds paths
 relative to the folder, other columns as labels, captions, splits) or a `datasets` dataset / hub id with an audio
-column. Audio is decoded lazily with soundfile by `m2d2_hf.audio_files`, as the `m2d2-hf` command line does (no ffmpeg
-needed), averaged to mono and resampled to the feature extractor's rate, so a set never sits in memory as waveforms.
+column. Audio is decoded lazily by the data layer (`m2d2_hf.data.audio.decode_audio`, as the `m2d2-hf` command line
+and the training streams decode it), averaged to mono and resampled to the feature extractor's rate, so a set never
+sits in memory as waveforms; labels are read with `m2d2_hf.data.labels`.
 """
 
-import csv
-import io
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from itertools import islice
@@ -17,13 +16,13 @@ from typing import Any
 
 import datasets
 import numpy as np
-import soundfile as sf
 import torch
-from datasets import Audio, ClassLabel, List
+from datasets import ClassLabel, List
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from ..audio_files import inspect_audio_files, mono_at, resample_to_mono
+from ..data.audio import decode_audio
+from ..data.sources import cast_audio_undecoded, choose_split, find_metadata, metadata_rows
 
 
 # A clip as the evaluations accept it: a file path; a `datasets` audio value (undecoded {"bytes", "path"}, decoded
@@ -33,34 +32,6 @@ AudioSource = Any
 
 EMBEDDING_LEVELS = ("clap", "frame_mean")
 VALID_SPLITS = ("valid", "validation", "val")
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Decoding
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def load_waveform(source: AudioSource, sampling_rate: int) -> np.ndarray:
-    """Decodes one clip (see `AudioSource`) to a mono float32 waveform at `sampling_rate`."""
-    if isinstance(source, (str, Path)):
-        file = inspect_audio_files([Path(source)])[0]  # clear errors for missing / unreadable files
-        return mono_at(file, sampling_rate)
-    if isinstance(source, dict):
-        if source.get("bytes") is not None:
-            try:
-                data, rate = sf.read(io.BytesIO(source["bytes"]), dtype="float32", always_2d=True)
-            except (sf.SoundFileError, RuntimeError) as error:
-                raise ValueError(f"cannot decode the audio bytes of {source.get('path')!r}: {error}") from error
-            return resample_to_mono(data.T, rate, sampling_rate)
-        if source.get("array") is not None:
-            return resample_to_mono(source["array"], source["sampling_rate"], sampling_rate)
-        if source.get("path") is not None:
-            return load_waveform(source["path"], sampling_rate)
-        raise ValueError(f"audio value with neither bytes, array nor path: keys {sorted(source)}")
-    if hasattr(source, "get_all_samples"):
-        samples = source.get_all_samples()
-        return resample_to_mono(samples.data, samples.sample_rate, sampling_rate)
-    return resample_to_mono(source, sampling_rate, sampling_rate)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -101,7 +72,7 @@ class EvaluationSet:
         return len(self._index)
 
     def audio(self, position: int) -> AudioSource:
-        """The undecoded audio of clip `position` (decode with `load_waveform`)."""
+        """The undecoded audio of clip `position` (decode with `m2d2_hf.data.audio.decode_audio`)."""
         return self._audio[self._index[position]]
 
     def audio_sources(self) -> "_AudioSources":
@@ -123,12 +94,13 @@ class EvaluationSet:
 
     @classmethod
     def from_folder(cls, folder: str | Path) -> "EvaluationSet":
-        """An audiofolder-style folder: `metadata.csv` with a `file_name` column relative to the folder."""
+        """An audiofolder-style folder: a `metadata.csv` (`.jsonl`, `.parquet`) with a `file_name` column relative
+        to the folder; CSV cells stay strings."""
         folder = Path(folder)
-        with open(folder / "metadata.csv", newline="", encoding="utf-8") as handle:
-            rows = list(csv.DictReader(handle))
-        if rows and "file_name" not in rows[0]:
-            raise ValueError(f"{folder / 'metadata.csv'} has no file_name column (columns: {sorted(rows[0])})")
+        metadata = find_metadata(folder)
+        if metadata is None:
+            raise FileNotFoundError(f"{folder} has no metadata file (metadata.csv, .jsonl or .parquet)")
+        rows, _ = metadata_rows(metadata, ("file_name",), all_strings=True)
         return cls([folder / row["file_name"] for row in rows], rows)
 
     @classmethod
@@ -137,8 +109,7 @@ class EvaluationSet:
         inside lists) are turned into their names."""
         if audio_column not in dataset.column_names:
             raise KeyError(f"no audio column {audio_column!r}; the dataset has {dataset.column_names}")
-        if isinstance(dataset.features[audio_column], Audio):
-            dataset = dataset.cast_column(audio_column, Audio(decode=False))
+        dataset = cast_audio_undecoded(dataset, audio_column)
         rows = dataset.remove_columns([audio_column]).to_list()
         for name, feature in dataset.features.items():
             if isinstance(feature, ClassLabel):
@@ -161,15 +132,6 @@ class _AudioSources:
         return (self.evaluation_set.audio(p) for p in range(len(self.evaluation_set)))
 
 
-def _choose_split(names: list[str], split: str | None) -> str:
-    """The dataset split to load: `split` itself, or the only one (whose rows a split column may then filter)."""
-    if split in names:
-        return split
-    if len(names) == 1:
-        return names[0]
-    raise ValueError(f"the dataset has the splits {names}: pass one of them as split")
-
-
 def load_evaluation_set(
     source,
     split: str | None = None,
@@ -188,14 +150,14 @@ def load_evaluation_set(
         audio_column: the audio column of a `datasets` source.
         limit: keep only the first `limit` clips (after the split is chosen), for quick runs.
     """
-    if isinstance(source, (str, Path)) and (Path(source) / "metadata.csv").is_file():
+    if isinstance(source, (str, Path)) and Path(source).is_dir() and find_metadata(source) is not None:
         evaluation_set, split_done = EvaluationSet.from_folder(source), False
     else:
         if isinstance(source, (str, Path)):
-            chosen = _choose_split(datasets.get_dataset_split_names(str(source)), split)
+            chosen = choose_split(datasets.get_dataset_split_names(str(source)), split)
             source, split_done = datasets.load_dataset(str(source), split=chosen), split == chosen
         elif isinstance(source, datasets.DatasetDict):
-            chosen = _choose_split(list(source), split)
+            chosen = choose_split(list(source), split)
             source, split_done = source[chosen], split == chosen
         else:
             split_done = False
@@ -237,46 +199,6 @@ def caption_groups(
             value = row[column]
             captions.extend([value] if isinstance(value, str) else list(value))
     return list(groups.values())
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Labels
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def _label_list(value: Any, separator: str) -> list:
-    """The labels of one multi-label clip: a list, or a string of names joined by `separator`."""
-    if isinstance(value, str):
-        return [name.strip() for name in value.split(separator) if name.strip()]
-    return list(value)
-
-
-def class_names(values: Sequence[Any], multi_label: bool = False, separator: str = ",") -> list[str]:
-    """The sorted distinct labels of a label column (names, or label lists when `multi_label`)."""
-    names = {name for value in values for name in (_label_list(value, separator) if multi_label else [value])}
-    return sorted(str(name) for name in names)
-
-
-def encode_targets(
-    values: Sequence[Any], labels: Sequence[str], multi_label: bool = False, separator: str = ","
-) -> np.ndarray:
-    """Label values → class indices [N] (single-label) or multi-hot [N, C] (multi-label). A value is a label name or
-    a class index; multi-label values are lists of those or `separator`-joined names."""
-    lookup = {label: index for index, label in enumerate(labels)}
-
-    def index_of(value: Any) -> int:
-        if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and 0 <= value < len(labels):
-            return int(value)
-        if value in lookup:
-            return lookup[value]
-        raise ValueError(f"label {value!r} is not one of the {len(labels)} classes {list(labels)[:20]}")
-
-    if not multi_label:
-        return np.array([index_of(value) for value in values], dtype=np.int64)
-    targets = np.zeros((len(values), len(labels)), dtype=np.int64)
-    for row, value in enumerate(values):
-        targets[row, [index_of(name) for name in _label_list(value, separator)]] = 1
-    return targets
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -339,7 +261,7 @@ def embed_audio(
         for batch in _batched(clips, batch_size):
             waveforms = []
             for clip in batch:
-                waveform = load_waveform(clip, rate)
+                waveform = decode_audio(clip, rate)
                 waveforms.append(np.pad(waveform, (0, max(0, shortest - len(waveform)))))
             features = feature_extractor(waveforms, sampling_rate=rate, return_tensors="pt").to(device)
             with torch.inference_mode():
@@ -384,12 +306,9 @@ __all__ = [
     "EMBEDDING_LEVELS",
     "EvaluationSet",
     "caption_groups",
-    "class_names",
     "embed_audio",
     "embed_texts",
-    "encode_targets",
     "load_evaluation_set",
-    "load_waveform",
     "prepare_model",
     "unzip_lazily",
 ]

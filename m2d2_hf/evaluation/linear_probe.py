@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from sklearn.preprocessing import StandardScaler
 from torch import nn
 
-from .data import VALID_SPLITS, EvaluationSet, class_names, embed_audio, encode_targets
+from ..data.labels import class_names, encode_targets
+from .data import VALID_SPLITS, EvaluationSet, embed_audio
 from .metrics import mean_average_precision, top_k_accuracy
 
 

@@ -14,8 +14,9 @@ import numpy as np
 import torch
 from datasets import Dataset
 
+from ..data.labels import class_names, encode_targets
 from ..prompts import DEFAULT_TEMPLATE, label_prompts
-from .data import EvaluationSet, class_names, embed_audio, embed_texts, encode_targets, unzip_lazily
+from .data import EvaluationSet, embed_audio, embed_texts, unzip_lazily
 from .metrics import average_precision_per_class, mean_average_precision, per_class_accuracy, top_k_accuracy
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..training.data import decode_audio
+from ..data.audio import decode_audio
 from .building import FORMAT, ITEMS_FILE, META_FILE, VECTORS_FILE, embeddings_of
 from .embedding import clip_embeddings, load_clap_model, model_fingerprint, text_embeddings
 from .vector_index import read_vector_index
@@ -105,13 +105,13 @@ class SoundIndex:
     def embed_audio(self, audio: Any, sampling_rate: int | None = None) -> np.ndarray:
         """[1, D] embedding of one example: a file path, encoded bytes, or a mono array at `sampling_rate`,
         embedded as the index's clips are."""
-        if isinstance(audio, (str, os.PathLike, bytes, bytearray)):
-            value = str(audio) if isinstance(audio, os.PathLike) else audio
-            wave = decode_audio(value, sampling_rate=self.rate, max_seconds=None)
-        else:
+        encoded = isinstance(audio, (str, os.PathLike, bytes, bytearray))
+        if not encoded:
             if sampling_rate is None:
                 raise ValueError("pass the sampling_rate of an audio array")
-            wave = _resampled(np.asarray(audio, dtype=np.float32), sampling_rate, self.rate)
+            if np.ndim(audio) != 1:
+                raise ValueError(f"an audio example array must be mono [samples], got shape {np.shape(audio)}")
+        wave = decode_audio(audio, self.rate, rate=None if encoded else sampling_rate)
         with self._lock:
             return clip_embeddings(self.model, self.processor, [wave], self.window_samples)
 
@@ -180,16 +180,6 @@ class SoundIndex:
         if self.is_window[rows].any():
             rows = rows[self.is_window[rows]]
         return (self.starts[rows] + self.ends[rows]) / 2, self.embeddings[rows] @ query
-
-
-def _resampled(wave: np.ndarray, rate: int, target: int) -> np.ndarray:
-    if wave.ndim != 1:
-        raise ValueError(f"an audio example array must be mono [samples], got shape {wave.shape}")
-    if int(rate) == target:
-        return wave
-    import torchaudio
-
-    return torchaudio.functional.resample(torch.from_numpy(wave), int(rate), target).numpy()
 
 
 __all__ = ["ModelMismatchError", "SearchHit", "SoundIndex"]

@@ -143,8 +143,8 @@ def create_app(index):
     from fastapi import FastAPI, File, HTTPException, Query, UploadFile
     from fastapi.responses import FileResponse, HTMLResponse, Response
 
+    from ..data.audio import AudioDecodeError, decode_audio
     from ..timeline import Timeline, plot_timeline
-    from ..training.data import AudioDecodeError, decode_audio
 
     app = FastAPI(title="M2D2 sound search")
     meta = index.meta

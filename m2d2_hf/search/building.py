@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..training.data import AudioDecodeError, decode_audio
+from ..data.audio import AudioDecodeError, decode_audio
 from .embedding import ModelFingerprint, clip_embeddings, load_clap_model, model_fingerprint, timed_window_embeddings
 from .sources import SourceItem, list_source
 from .vector_index import (
