@@ -16,7 +16,6 @@ library raises its own error types and only this module turns them into messages
 """
 
 import argparse
-import csv
 import json
 import os
 import sys
@@ -32,10 +31,12 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModel, AutoProcessor
 
 from .argument_types import positive_int, positive_seconds
-from .audio_files import AudioFile, AudioFileError, inspect_audio_files, mono_at, read_audio
 from .configuration_m2d2 import M2D2Config
 from .conversion import convert_checkpoint
 from .cpu_inference import optimize_for_cpu_inference
+from .data.audio import AudioDecodeError, AudioFile, inspect_audio_files, mono_at, read_audio
+from .data.labels import class_names, parse_label_list
+from .data.sources import metadata_rows
 from .feature_extraction_m2d2 import M2D2FeatureExtractor
 from .loading import ModelLoadError, load_feature_extractor, load_m2d2_config, load_pretrained, pick_device
 from .modeling_m2d2 import M2D2ClapModel, frame_timestamps, masked_mean
@@ -50,7 +51,7 @@ class CLIError(Exception):
 
 
 # The library's errors for user input (a bad file, folder, device or prompt): `run` prints them as one line too.
-USER_ERRORS = (CLIError, AudioFileError, ModelLoadError, PromptError)
+USER_ERRORS = (CLIError, AudioDecodeError, ModelLoadError, PromptError)
 
 
 class IntermixedParser(argparse.ArgumentParser):
@@ -557,14 +558,13 @@ class LabelledSet:
     @classmethod
     def read(cls, metadata: Path, label_column: str, split: str | None) -> "LabelledSet":
         try:
-            with open(metadata, newline="", encoding="utf-8") as handle:
-                rows = list(csv.DictReader(handle))
-        except OSError as error:
+            rows, _ = metadata_rows(metadata, ("file_name",), all_strings=True)
+        except (OSError, ValueError) as error:
             raise CLIError(f"cannot read --metadata {metadata}: {error}") from error
-        for column in ("file_name", label_column) + (("split",) if split else ()):
-            if rows and column not in rows[0]:
+        for column in (label_column,) + (("split",) if split else ()):
+            if column not in rows[0]:
                 raise CLIError(f"--metadata {metadata} has no {column!r} column (columns: {', '.join(rows[0])})")
-        labels = sorted({row[label_column] for row in rows})
+        labels = class_names([row[label_column] for row in rows])
         if split:
             rows = [row for row in rows if row["split"] == split]
         if not rows:
@@ -590,10 +590,13 @@ def parse_labels(args: argparse.Namespace, labelled: LabelledSet | None = None) 
             text = args.labels_file.read_text(encoding="utf-8")
         except OSError as error:
             raise CLIError(f"cannot read --labels-file {args.labels_file}: {error}") from error
-        labels = [line.strip() for line in text.splitlines()]
+        separator = "\n"
     else:
-        labels = [label.strip() for label in args.labels.split(",")]
-    labels = [label for label in labels if label]
+        text, separator = args.labels, ","
+    try:
+        labels = parse_label_list(text, separator)
+    except ValueError as error:
+        raise CLIError(str(error)) from error
     if not labels:
         raise CLIError("no labels given: pass --labels a,b,c or a --labels-file with one label per line")
     return labels
