@@ -1,4 +1,5 @@
-"""Tests of the training audio streams (`m2d2_hf.training.data`): sources, sharding, broken items, crops, captions."""
+"""Tests of the training audio streams (`m2d2_hf.training.data`): sources, sharding, broken items, crops, captions
+(the decoder itself: tests/test_data_audio.py)."""
 
 import csv
 import io
@@ -19,8 +20,6 @@ from m2d2_hf.feature_extraction_m2d2 import M2D2FeatureExtractor
 from m2d2_hf.training.captions import CaptionEmbeddingTable, draw_captions, write_embedding_shard
 from m2d2_hf.training.data import (
     AudioBatchCollator,
-    AudioDecodeError,
-    decode_audio,
     frames_of,
     load_audio_stream,
     random_log_mel_crops,
@@ -211,46 +210,6 @@ def test_folder_with_44k_stereo_file_is_resampled_to_16k_mono(tmp_path):
     (listed,) = list(load_audio_stream(tmp_path / "files.csv", keep_columns=["label"]))
     assert listed["id"] == "tone" and listed["label"] == "tone"
     np.testing.assert_array_equal(listed["audio"], example["audio"])
-
-
-def test_torchcodec_fallback_decodes_m4a(tmp_path):
-    """soundfile cannot read AAC; the decoder falls back to torchcodec (FFmpeg)."""
-    import shutil
-    import subprocess
-
-    pytest.importorskip("torchcodec.decoders")
-    if shutil.which("ffmpeg") is None:
-        pytest.skip("needs the ffmpeg command to make an m4a file")
-    path = tmp_path / "tone.m4a"
-    subprocess.run(
-        ["ffmpeg", "-loglevel", "error", "-f", "lavfi", "-i", "sine=frequency=440:sample_rate=22050:duration=1.2",
-         "-ac", "2", "-c:a", "aac", str(path)],
-        check=True,
-    )  # fmt: skip
-    with pytest.raises(soundfile.LibsndfileError):
-        soundfile.read(path)
-    audio = decode_audio(path.read_bytes(), max_seconds=1.0)
-    assert audio.dtype == np.float32 and audio.shape == (16000,)
-    spectrum = np.abs(np.fft.rfft(audio[4000:]))
-    assert abs(np.fft.rfftfreq(12000, 1 / 16000)[np.argmax(spectrum)] - 440) < 2
-
-
-def test_decode_audio_reasons():
-    silence = np.zeros(1600, np.float32)
-    for cell, reason in (
-        (None, "no audio"),
-        (b"", "empty file"),
-        (b"RIFF\x00\x00garbage" * 10, "undecodable"),
-        (_wav_bytes(silence[:0], 16000), "zero-length"),
-        (_wav_bytes(np.full(100, np.nan, np.float32), 16000, "FLOAT"), "NaN"),
-        ({"bytes": None, "path": "/nonexistent/x.flac"}, "cannot read"),
-    ):
-        with pytest.raises(AudioDecodeError, match=reason):
-            decode_audio(cell)
-    partly_nan = np.array([0.1, np.nan, -0.2, np.inf], np.float32)
-    np.testing.assert_array_equal(
-        decode_audio(_wav_bytes(partly_nan, 16000, "FLOAT")), np.array([0.1, 0.0, -0.2, 0.0], np.float32)
-    )
 
 
 def test_broken_items_are_skipped_and_counted(tmp_path, clips, caplog):

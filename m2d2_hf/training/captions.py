@@ -44,6 +44,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..data.sources import cast_audio_undecoded, file_stem, find_metadata, is_saved_dataset, load_saved_dataset
+
 
 logger = logging.getLogger(__name__)
 
@@ -51,20 +53,11 @@ POOLING_MODES = ("mean", "cls", "last", "encode")
 SHARD_PATTERN = "shard-{:05d}.parquet"
 INFO_NAME = "info.json"
 _SCHEMA_KEY = b"m2d2_caption_embeddings"
-_METADATA_NAMES = ("metadata.csv", "metadata.jsonl", "metadata.parquet")
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Reading captions
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def _file_stem(path: Any) -> str | None:
-    if not path:
-        return None
-    name = str(path).replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
-    dot = name.rfind(".")
-    return name[:dot] if dot > 0 else name
 
 
 def _caption_values(value: Any, separator: str | None) -> list[str]:
@@ -87,12 +80,12 @@ def _row_id(row: Mapping[str, Any], id_column: str) -> str | None:
     if value is not None and value != "":
         return str(value)
     if row.get("file_name"):
-        return _file_stem(row["file_name"])
+        return file_stem(row["file_name"])
     audio = row.get("audio")
     if isinstance(audio, dict):
-        return _file_stem(audio.get("path"))
+        return file_stem(audio.get("path"))
     if isinstance(audio, str):
-        return _file_stem(audio)
+        return file_stem(audio)
     return None
 
 
@@ -191,20 +184,12 @@ def read_captions(
     if os.path.isfile(source):
         return _collect(_table_rows(source, id_column, caption_column), id_column, caption_column, separator, source)
     if os.path.isdir(source):
-        for name in _METADATA_NAMES:
-            for folder in (os.path.join(source, split), source):
-                path = os.path.join(folder, name)
-                if os.path.isfile(path):
-                    return _collect(
-                        _table_rows(path, id_column, caption_column), id_column, caption_column, separator, path
-                    )
-        if any(os.path.isfile(os.path.join(source, name)) for name in ("state.json", "dataset_dict.json")):
-            import datasets
-
-            dataset = datasets.load_from_disk(source)
-            if isinstance(dataset, datasets.DatasetDict):
-                dataset = dataset[split]
-            dataset = _without_audio_decoding(dataset)
+        path = find_metadata(source, split)
+        if path is not None:
+            return _collect(_table_rows(path, id_column, caption_column), id_column, caption_column, separator, path)
+        if is_saved_dataset(source):
+            dataset = load_saved_dataset(source, split)
+            dataset = cast_audio_undecoded(dataset)
             columns = [c for c in (id_column, caption_column, "file_name", "audio") if c in dataset.column_names]
             return _collect(dataset.select_columns(columns), id_column, caption_column, separator, source)
         files = sorted(
@@ -220,20 +205,11 @@ def read_captions(
     import datasets  # a hub dataset id
 
     dataset = datasets.load_dataset(source, split=split, streaming=True)
-    dataset = _without_audio_decoding(dataset)
+    dataset = cast_audio_undecoded(dataset)
     if dataset.column_names:
         columns = [c for c in (id_column, caption_column, "file_name", "audio") if c in dataset.column_names]
         dataset = dataset.select_columns(columns)
     return _collect(dataset, id_column, caption_column, separator, source)
-
-
-def _without_audio_decoding(dataset):
-    from datasets import Audio
-
-    for name, feature in (dataset.features or {}).items():
-        if isinstance(feature, Audio):
-            dataset = dataset.cast_column(name, Audio(decode=False))
-    return dataset
 
 
 # ----------------------------------------------------------------------------------------------------------------

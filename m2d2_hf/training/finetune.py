@@ -57,6 +57,7 @@ from transformers import AutoConfig
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from ..configuration_m2d2 import M2D2AudioConfig, M2D2Config
+from ..data.labels import LabelReader, parse_label_list, targets_of
 from ..evaluation.metrics import mean_average_precision, top_k_accuracy
 from ..feature_extraction_m2d2 import M2D2FeatureExtractor
 from ..masking import random_structured_mask
@@ -189,31 +190,6 @@ def build_parser() -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class LabelReader:
-    """The label names of one row's label cell (picklable: DataLoader workers get it through the row filter)."""
-
-    def __init__(self, column: str, multi_label: bool, separator: str | None):
-        self.column, self.multi_label, self.separator = column, multi_label, separator
-
-    def names(self, cell) -> list[str]:
-        if cell is None:
-            return []
-        if hasattr(cell, "tolist") and not isinstance(cell, str):
-            cell = cell.tolist()
-        if isinstance(cell, (list, tuple)):
-            values = [str(value) for value in cell if value is not None]
-        elif self.separator is not None and isinstance(cell, str):
-            values = cell.split(self.separator)
-        else:
-            values = [str(cell)]
-        values = [value.strip() for value in values if value.strip()]
-        if not self.multi_label and len(values) > 1:
-            raise ValueError(
-                f"column {self.column!r} holds several labels {values} in a single-label run: pass --multi_label"
-            )
-        return values
-
-
 class LabelledRows:
     """Row predicate of the streams: `--filter` (or `--eval_filter`) and at least one label of the label set.
 
@@ -284,23 +260,10 @@ def collect_labels(args: argparse.Namespace, reader: LabelReader) -> list[str]:
 
 def resolve_labels(args: argparse.Namespace, reader: LabelReader, accelerator) -> list[str]:
     if args.labels:
-        labels = [name.strip() for name in args.labels.split(",") if name.strip()]
-        if len(set(labels)) != len(labels):
-            raise ValueError(f"--labels repeats a name: {labels}")
-        return labels
+        return parse_label_list(args.labels)
     found = [collect_labels(args, reader) if accelerator.is_main_process else None]
     broadcast_object_list(found, from_process=0)
     return found[0]
-
-
-def targets_of(cells: list, reader: LabelReader, label2id: dict[str, int]) -> torch.Tensor:
-    """[B, C] float targets: one-hot (single-label) or multi-hot (names outside the label set ignored)."""
-    targets = torch.zeros(len(cells), len(label2id))
-    for row, cell in enumerate(cells):
-        for name in reader.names(cell):
-            if name in label2id:
-                targets[row, label2id[name]] = 1.0
-    return targets
 
 
 # ----------------------------------------------------------------------------------------------------------------
