@@ -108,23 +108,12 @@ def test_torchcodec_fallback_decodes_m4a(tmp_path):
     if shutil.which("ffmpeg") is None:
         pytest.skip("needs the ffmpeg command to make an m4a file")
     path = tmp_path / "tone.m4a"
+    # fmt: skip below: the ffmpeg command stays on two lines, as one would type it, not one argument a line.
     subprocess.run(
-        [
-            "ffmpeg",
-            "-loglevel",
-            "error",
-            "-f",
-            "lavfi",
-            "-i",
-            "sine=frequency=440:sample_rate=22050:duration=1.2",
-            "-ac",
-            "2",
-            "-c:a",
-            "aac",
-            str(path),
-        ],
+        ["ffmpeg", "-loglevel", "error", "-f", "lavfi", "-i", "sine=frequency=440:sample_rate=22050:duration=1.2",
+         "-ac", "2", "-c:a", "aac", str(path)],
         check=True,
-    )  # fmt: skip  (one ffmpeg argument pair a line would hide the command)
+    )  # fmt: skip
     with pytest.raises(soundfile.LibsndfileError):
         soundfile.read(path)
     audio = decode_audio(path.read_bytes(), max_seconds=1.0)

@@ -83,6 +83,23 @@ def test_library_modules_load_neither_the_cli_nor_the_converter():
     assert len(report["skipped"]) < len(library) // 2, f"too many modules skipped: {report['skipped']}"
 
 
+DATA_MODULES = {"m2d2_hf.data", "m2d2_hf.data.audio", "m2d2_hf.data.sources", "m2d2_hf.data.labels"}
+
+
+def test_the_data_layer_is_probed_and_sits_below_its_users():
+    """Every module of m2d2_hf/data is among those the probe above imports, and the data layer imports only itself:
+    training, evaluation, search and the command line read through it, never the other way round."""
+    modules = package_modules()
+    assert DATA_MODULES <= {name for name in modules if name not in UPPER_LAYERS}
+    assert {name for name in modules if name.startswith("m2d2_hf.data")} == DATA_MODULES
+    for name in DATA_MODULES:
+        imported = imported_modules(name, modules[name], modules, in_functions=True)
+        assert imported <= DATA_MODULES, f"{name} imports {sorted(imported - DATA_MODULES)}"
+    users = ("m2d2_hf.training.data", "m2d2_hf.evaluation.data", "m2d2_hf.search.sources", "m2d2_hf.cli")
+    for name in users:
+        assert imported_modules(name, modules[name], modules, in_functions=False) & DATA_MODULES, name
+
+
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     """One cycle of `graph` as [a, b, ..., a], or None (depth-first search with the current path on a stack)."""
     state: dict[str, str] = {}

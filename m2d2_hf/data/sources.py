@@ -54,8 +54,8 @@ class DataSource:
 
 
 def file_stem(path: Any) -> str | None:
-    """The file name of `path` without its extension (also of fsspec chained URLs, `zip://x.flac::https://...`):
-    the clip id when a row has none, for the audio streams and the caption tables alike."""
+    """The file name of `path` without its extension, and without a folder-less fsspec chain (`x.flac::y.zip`): the
+    clip id when a row has none, for the audio streams and the caption tables alike (so they name clips the same)."""
     if not path:
         return None
     name = str(path).replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
