@@ -172,7 +172,14 @@ def _samples_of(source: Any, rate: int | None, max_seconds: float | None) -> tup
     if hasattr(source, "read"):
         return _decode_encoded(source.read(), max_seconds)
     if isinstance(source, (np.ndarray, torch.Tensor, list, tuple)):
-        return torch.as_tensor(np.asarray(source) if isinstance(source, (list, tuple)) else source).float(), rate
+        clip = torch.as_tensor(np.asarray(source) if isinstance(source, (list, tuple)) else source)
+        if not clip.is_floating_point():
+            # Casting integer PCM to float would keep its scale (int16 peaks at 32767): a silently wrong waveform.
+            raise AudioDecodeError(
+                f"an audio array of dtype {clip.dtype}: pass float samples in [-1, 1] (integer PCM divided by its full"
+                f" scale, e.g. samples / 32768 for int16)"
+            )
+        return clip.float(), rate
     raise AudioDecodeError(
         f"unsupported audio source of type {type(source).__name__}: pass a path, bytes, a binary file, a datasets "
         f"audio cell or a float array with its rate"
