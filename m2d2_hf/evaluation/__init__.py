@@ -9,6 +9,12 @@
 The `examples/evaluate_*.py` scripts wrap these and write JSON reports.
 """
 
+from ..extras import require_extra
+
+
+# ruff: noqa: E402 -- the imports below follow the extras check, so that a missing package names the extra
+require_extra("eval")
+
 from .data import EvaluationSet, embed_audio, embed_texts, load_evaluation_set
 from .linear_probe import evaluate_linear_probe, linear_probe
 from .metrics import (
