@@ -22,6 +22,7 @@ from transformers import pipeline
 from m2d2_hf import M2D2AudioConfig, M2D2AudioModel, M2D2ForAudioClassification
 from m2d2_hf.modeling_m2d2 import sincos_position_table
 from m2d2_hf.training import finetune
+from m2d2_hf.training.optim import timm_cosine_lambda
 from tests.conftest import TINY_AUDIO
 from tests.test_model_card import assert_model_card
 
@@ -282,7 +283,7 @@ def test_layer_decay_groups_and_schedule():
     assert levels["audio_model.embeddings.cls_token"] == (0.5 ** (layers + 1), 0.05)
     assert groups[0]["lr"] == 1.0  # the logged lr is the head's
     # timm's cosine (warmup_prefix False): linear warm-up, then the cosine of the whole run's progress.
-    schedule = finetune.timm_cosine_lambda(15, 70, 0.0)
+    schedule = timm_cosine_lambda(15, 70, 0.0)
     assert schedule(0) == 0 and schedule(5) == pytest.approx(5 / 15)
     assert schedule(15) == pytest.approx(0.5 * (1 + math.cos(math.pi * 15 / 70)))
     assert schedule(70) == pytest.approx(0.0)
