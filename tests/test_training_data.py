@@ -222,6 +222,7 @@ def test_torchcodec_fallback_decodes_m4a(tmp_path):
     if shutil.which("ffmpeg") is None:
         pytest.skip("needs the ffmpeg command to make an m4a file")
     path = tmp_path / "tone.m4a"
+    # Flag / value pairs grouped as one would type them (fmt: skip keeps the groups on their lines).
     subprocess.run(
         ["ffmpeg", "-loglevel", "error", "-f", "lavfi", "-i", "sine=frequency=440:sample_rate=22050:duration=1.2",
          "-ac", "2", "-c:a", "aac", str(path)],
