@@ -1,4 +1,5 @@
-"""Small checkpoints in the ORIGINAL layouts (spec §5), for converter tests that must not need the 795 MB fixture."""
+"""Small checkpoints in the ORIGINAL layouts (docs/method.md §4), for converter tests that must not need the 795 MB
+fixture."""
 
 from pathlib import Path
 

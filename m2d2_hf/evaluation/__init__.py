@@ -1,4 +1,4 @@
-"""Evaluation suite of M2D2 models, following the original evaluations (EVAR; spec §11.4).
+"""Evaluation suite of M2D2 models, following the original evaluations (EVAR; docs/method.md §7).
 
 * `zero_shot_classify`: zero-shot classification with a CLAP model (top-1/top-5 accuracy, or mAP if multi-label).
 * `evaluate_retrieval`: audio↔text retrieval (R@1/5/10, mAP@10, both directions).
