@@ -142,7 +142,8 @@ def optimize_for_cpu_inference(model: PreTrainedModel) -> PreTrainedModel:
     model is never slower than the model as loaded.
 
     Outputs stay within the bf16 / fp32 tolerances of the untuned model (bit-identical Linear products in bf16,
-    ~1e-7 relative in fp32). Training is unaffected: with autograd the layers compute `F.linear` as before.
+    ~1e-7 relative in fp32). Training is unaffected: with autograd the layers compute `F.linear` and the blocks
+    their out-of-place residuals as before.
 
         model = AutoModel.from_pretrained(path, dtype=torch.bfloat16)
         model = optimize_for_cpu_inference(model)
