@@ -46,15 +46,25 @@ def index_worker(model: str, source: str, output: str) -> None:
     load_clap_model(model)
     baseline = peak_rss_bytes()
     summary = build_index(model, source, output, progress=False, log=lambda line: None)
-    result = {"seconds": summary.seconds, "audio_seconds": summary.audio_seconds, "num_files": summary.num_files,
-              "num_vectors": summary.num_vectors, "failed": len(summary.failed), "baseline_rss": baseline,
-              "peak_rss": peak_rss_bytes()}  # fmt: skip
+    result = {
+        "seconds": summary.seconds,
+        "audio_seconds": summary.audio_seconds,
+        "num_files": summary.num_files,
+        "num_vectors": summary.num_vectors,
+        "failed": len(summary.failed),
+        "baseline_rss": baseline,
+        "peak_rss": peak_rss_bytes(),
+    }
     print(json.dumps(result))
 
 
 def run_index(model: str, source: Path, output: Path) -> dict:
-    done = subprocess.run([sys.executable, __file__, "--index-worker", model, str(source), str(output)],
-                          capture_output=True, text=True, check=False)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, __file__, "--index-worker", model, str(source), str(output)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if done.returncode != 0:
         raise RuntimeError(f"the index worker failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -129,8 +139,10 @@ def bench_latency(size: int, dim: int, num_queries: int) -> None:
     queries = vectors[rng.choice(size, num_queries, replace=False)]
     queries = queries + 0.3 * rng.standard_normal(queries.shape, dtype=np.float32) / math.sqrt(dim)
     queries /= np.linalg.norm(queries, axis=1, keepdims=True)
-    print(f"  {size:,} vectors x {dim} ({vectors.nbytes / MB:.0f} MB), {num_queries} held-out queries, "
-          f"FAISS {faiss.__version__} on {faiss.omp_get_max_threads()} threads:")  # fmt: skip
+    print(
+        f"  {size:,} vectors x {dim} ({vectors.nbytes / MB:.0f} MB), {num_queries} held-out queries, "
+        f"FAISS {faiss.__version__} on {faiss.omp_get_max_threads()} threads:"
+    )
     truth = None
     exact_single = exact_batched = None
     for kind in ("flat", "ivf", "hnsw"):
@@ -162,11 +174,18 @@ def retrieval(index_dir: Path, data: Path) -> None:
         clips_of[row["caption"]].add(str((data / row["file_name"]).resolve()))
     total = len(index)
     query = index.embed_text(["a dog barks"])
-    seconds = interleaved_seconds({"end to end": lambda: index.search(text=["a dog barks"], top_k=10),
-                                   "search": lambda: index.search_embeddings(query, 10)}, repeats=9)  # fmt: skip
+    seconds = interleaved_seconds(
+        {
+            "end to end": lambda: index.search(text=["a dog barks"], top_k=10),
+            "search": lambda: index.search_embeddings(query, 10),
+        },
+        repeats=9,
+    )
     end_to_end, search_only = seconds["end to end"] * 1e3, seconds["search"] * 1e3
-    print(f"  one text query end to end on the {total}-sound index (median of 9): {end_to_end:.1f} ms, of which the "
-          f"search (FAISS + per-sound ranking) {search_only:.2f} ms ({search_only / end_to_end:.1%})")  # fmt: skip
+    print(
+        f"  one text query end to end on the {total}-sound index (median of 9): {end_to_end:.1f} ms, of which the "
+        f"search (FAISS + per-sound ranking) {search_only:.2f} ms ({search_only / end_to_end:.1%})"
+    )
     for split in ("train", "test"):
         captions = sorted({row["caption"] for row in rows if row["split"] == split})
         results = index.search(text=captions, top_k=5)

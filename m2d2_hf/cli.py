@@ -649,8 +649,13 @@ def run_zero_shot(args: argparse.Namespace) -> None:
         for result, target in zip(results, targets):
             result["target"] = target
         correct = sum(result["predictions"][0]["label"] == result["target"] for result in results)
-        summary = {"num_files": len(results), "correct": correct, "top1_accuracy": correct / len(results),
-                   "num_labels": len(labels), "chance_accuracy": 1 / len(labels)}  # fmt: skip
+        summary = {
+            "num_files": len(results),
+            "correct": correct,
+            "top1_accuracy": correct / len(results),
+            "num_labels": len(labels),
+            "chance_accuracy": 1 / len(labels),
+        }
     print_results(results, as_json=args.json, summary=summary)
 
 

@@ -1,6 +1,6 @@
 """Conversion of the original NTT M2D / M2D-CLAP / M2D2 `.pth` checkpoints into transformers folders.
 
-Supported layouts (spec §5):
+Supported layouts (docs/method.md §4):
 - runtime state dicts `{'model': {...}}` with `backbone.*` keys: the 2025 M2D2 CLAP checkpoint (BERT text tower
   inside under `text_encoder.text_encoder.*`) and other `RuntimeM2D` saves;
 - M2D / M2D-CLAP pre-training checkpoints (`model` holds the encoder at top level plus target encoder and predictor);

@@ -10,12 +10,19 @@ the 37 MB score tensor). On CPUs with AMX tiles (Intel Xeon 4th generation and l
 instead (8 x 10 s ViT-B: 0.36 s prepacked with SDPA against 0.49 s with eager attention and 0.39 s as loaded, on a
 2-core Xeon with AMX), so bf16 models keep SDPA there. Inference only: with autograd, under autocast, or off the CPU
 the layers fall back to `F.linear`.
+
+Without autograd the transformer blocks also need no copy of their inputs: `InPlaceM2D2Layer` adds each residual
+into the fresh output of its branch and `InPlaceM2D2MLP` applies GELU to `fc1`'s fresh output in place (bit for bit
+the same sums and values; ~8 % faster on the CPU, fewer page faults). The model's own blocks stay out-of-place, as
+timm's `Block`; these are swapped in by `optimize_for_cpu_inference` like the prepacked Linear.
 """
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
+
+from .modeling_m2d2 import M2D2MLP, M2D2Layer
 
 
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
@@ -84,13 +91,59 @@ class PrepackedLinear(nn.Linear):
         return state
 
 
+class InPlaceM2D2Layer(M2D2Layer):
+    """An `M2D2Layer` that, without autograd, writes each residual sum into its branch's fresh output."""
+
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
+    ) -> torch.Tensor:
+        attn_output, _ = self.attention(self.norm1(hidden_states), attention_mask, **kwargs)
+        if attn_output.requires_grad or hidden_states.requires_grad:
+            hidden_states = hidden_states + attn_output
+            return hidden_states + self.mlp(self.norm2(hidden_states))
+        # The branch outputs are new tensors nobody else holds; the input `hidden_states` is never written.
+        hidden_states = attn_output.add_(hidden_states)
+        return self.mlp(self.norm2(hidden_states)).add_(hidden_states)
+
+
+class InPlaceM2D2MLP(M2D2MLP):
+    """An `M2D2MLP` with the exact (erf) GELU that, without autograd, applies it to `fc1`'s output in place (ATen's
+    `gelu_` computes the same values as `F.gelu`)."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.fc1(hidden_states)
+        if hidden_states.requires_grad:
+            hidden_states = self.activation_fn(hidden_states)
+        else:
+            torch.ops.aten.gelu_(hidden_states)
+        return self.fc2(hidden_states)
+
+
+def has_exact_gelu(mlp: M2D2MLP) -> bool:
+    """Whether the MLP's activation is the exact (erf) GELU that `gelu_` reproduces (not tanh or another one)."""
+    return getattr(mlp.activation_fn, "act", None) is F.gelu
+
+
+def use_in_place_blocks(model: nn.Module) -> nn.Module:
+    """Swap the model's `M2D2Layer` / `M2D2MLP` (exact GELU) modules for their in-place inference classes, in place
+    (parameters, hooks and checkpoints unchanged), and return the model."""
+    for module in model.modules():
+        if type(module) is M2D2Layer:
+            module.__class__ = InPlaceM2D2Layer
+        elif type(module) is M2D2MLP and has_exact_gelu(module):
+            module.__class__ = InPlaceM2D2MLP
+    return model
+
+
 def optimize_for_cpu_inference(model: PreTrainedModel) -> PreTrainedModel:
-    """Tune a model for CPU inference in place and return it: prepack every `nn.Linear` weight for oneDNN and, for a
-    bf16 model, pick the attention that is faster on this CPU (`bf16_attention_for_this_cpu`: eager without AMX,
-    SDPA with it; SDPA stays for fp32), so the tuned model is never slower than the model as loaded.
+    """Tune a model for CPU inference in place and return it: prepack every `nn.Linear` weight for oneDNN, swap in
+    the in-place transformer blocks (`use_in_place_blocks`) and, for a bf16 model, pick the attention that is faster
+    on this CPU (`bf16_attention_for_this_cpu`: eager without AMX, SDPA with it; SDPA stays for fp32), so the tuned
+    model is never slower than the model as loaded.
 
     Outputs stay within the bf16 / fp32 tolerances of the untuned model (bit-identical Linear products in bf16,
-    ~1e-7 relative in fp32). Training is unaffected: with autograd the layers compute `F.linear` as before.
+    ~1e-7 relative in fp32). Training is unaffected: with autograd the layers compute `F.linear` and the blocks
+    their out-of-place residuals as before.
 
         model = AutoModel.from_pretrained(path, dtype=torch.bfloat16)
         model = optimize_for_cpu_inference(model)
@@ -109,6 +162,7 @@ def optimize_for_cpu_inference(model: PreTrainedModel) -> PreTrainedModel:
     for module in model.modules():
         if type(module) is nn.Linear:
             module.__class__ = PrepackedLinear
+    use_in_place_blocks(model)
     if model.dtype == torch.bfloat16:
         model.set_attn_implementation(bf16_attention_for_this_cpu())
     return model

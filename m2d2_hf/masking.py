@@ -1,4 +1,5 @@
-"""Patch masks of the M2D2 recipes (spec §6 and §11.1): which patches of a [frequency × time] grid an encoder sees.
+"""Patch masks of the M2D2 recipes (docs/method.md §5, §6.2): which patches of a [frequency × time] grid an
+encoder sees.
 
 All functions return `(visible_indices [B, V], masked_indices [B, L - V])` with patch p = f * time_patches + t and the
 same V for every sample of a batch.

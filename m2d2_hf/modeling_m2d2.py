@@ -311,16 +311,9 @@ class M2D2MLP(nn.Module):
         self.fc1 = nn.Linear(hidden_size, intermediate_size)
         self.activation_fn = ACT2FN[hidden_act]
         self.fc2 = nn.Linear(intermediate_size, hidden_size)
-        # The exact (erf) GELU, which ATen's in-place `gelu_` computes with the same values.
-        self._exact_gelu = getattr(self.activation_fn, "act", None) is F.gelu
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        hidden_states = self.fc1(hidden_states)
-        if hidden_states.requires_grad or not self._exact_gelu:
-            hidden_states = self.activation_fn(hidden_states)
-        else:  # no autograd graph to keep: reuse the buffer (same values, ~8% faster on CPU: fewer page faults)
-            torch.ops.aten.gelu_(hidden_states)
-        return self.fc2(hidden_states)
+        return self.fc2(self.activation_fn(self.fc1(hidden_states)))
 
 
 class M2D2Layer(GradientCheckpointingLayer):
@@ -349,13 +342,8 @@ class M2D2Layer(GradientCheckpointingLayer):
     def forward(
         self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
     ) -> torch.Tensor:
-        attn_output, _ = self.attention(self.norm1(hidden_states), attention_mask, **kwargs)
-        if attn_output.requires_grad or hidden_states.requires_grad:
-            hidden_states = hidden_states + attn_output
-            return hidden_states + self.mlp(self.norm2(hidden_states))
-        # Without autograd, the residual sums go into the fresh outputs of the branches (bitwise the same sums).
-        hidden_states = attn_output.add_(hidden_states)
-        return self.mlp(self.norm2(hidden_states)).add_(hidden_states)
+        hidden_states = hidden_states + self.attention(self.norm1(hidden_states), attention_mask, **kwargs)[0]
+        return hidden_states + self.mlp(self.norm2(hidden_states))
 
 
 def encoder_layers(config: M2D2AudioConfig) -> nn.ModuleList:

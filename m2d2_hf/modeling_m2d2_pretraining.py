@@ -1,5 +1,5 @@
 """Stage-1 pre-training of M2D2: masked modeling duo (M2D) with an EMA target, plus CLAP against cached caption
-embeddings (spec §6-§7).
+embeddings (docs/method.md §5-§6).
 
 The online encoder sees the visible patches and a predictor infers the target encoder's representations of the
 masked patches; the target encoder is an exponential moving average of the online one and sees only the masked

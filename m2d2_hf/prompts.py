@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from .pipelines import check_hypothesis_template
 
 
-# The prompt of the original zero-shot evaluation (spec §4, ESC-50 notebook).
+# The prompt of the original zero-shot evaluation (docs/method.md §7, the ESC-50 notebook).
 DEFAULT_TEMPLATE = "{} can be heard"
 
 

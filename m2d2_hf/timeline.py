@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .extras import require_extra
 from .modeling_m2d2 import M2D2ClapModel
 
 
@@ -122,6 +123,7 @@ def plot_timeline(
     timeline: Timeline, waveform: np.ndarray, sampling_rate: int, path: str | Path, title: str = ""
 ) -> Path:
     """A PNG: the waveform, its log-mel, and one similarity line per query over time."""
+    require_extra("timeline")
     import matplotlib
 
     matplotlib.use("Agg")

@@ -1,4 +1,5 @@
-"""Small checkpoints in the ORIGINAL layouts (spec §5), for converter tests that must not need the 795 MB fixture."""
+"""Small checkpoints in the ORIGINAL layouts (docs/method.md §4), for converter tests that must not need the 795 MB
+fixture."""
 
 from pathlib import Path
 
@@ -10,6 +11,7 @@ PATCH = 16
 
 def block(prefix: str, dim: int, mlp: int) -> dict[str, torch.Tensor]:
     """A timm ViT block's tensors under `prefix`."""
+    # The original's names and shapes as a table: a layer's weight and bias on one line (fmt: skip keeps them).
     shapes = {
         "norm1.weight": (dim,), "norm1.bias": (dim,),
         "attn.qkv.weight": (3 * dim, dim), "attn.qkv.bias": (3 * dim,),
@@ -47,6 +49,7 @@ def semantic_projector_state(dim: int = 32) -> dict[str, torch.Tensor]:
 
 def mlp_projector_state(dim: int = 32) -> dict[str, torch.Tensor]:
     """The 2024 projector: `audio_proj.0` Linear, ReLU, `audio_proj.2` Linear."""
+    # The original's projector as a table: a layer's weight and bias on one line (fmt: skip keeps them).
     return {
         "audio_proj.0.weight": 0.05 * torch.randn(dim, dim), "audio_proj.0.bias": torch.zeros(dim),
         "audio_proj.2.weight": 0.05 * torch.randn(dim, dim), "audio_proj.2.bias": torch.zeros(dim),

@@ -188,6 +188,7 @@ def test_cli_writes_a_resumable_cache(tmp_path, tokenizer_dir, mean_encoder):
     with open(captions_csv, "w", newline="") as handle:
         csv.writer(handle).writerows([("clip", "text"), *rows])
     output = tmp_path / "cache"
+    # Flag / value pairs grouped as one would type them (fmt: skip keeps the groups on their lines).
     args = [
         "--captions", str(captions_csv), "--model", str(tokenizer_dir), "--output", str(output),
         "--pooling", "mean", "--id-column", "clip", "--caption-column", "text", "--device", "cpu",

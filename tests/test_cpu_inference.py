@@ -10,7 +10,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from m2d2_hf import M2D2AudioModel, M2D2ClapModel, cpu_inference
-from m2d2_hf.cpu_inference import PrepackedLinear, optimize_for_cpu_inference
+from m2d2_hf.cpu_inference import (
+    InPlaceM2D2Layer,
+    InPlaceM2D2MLP,
+    PrepackedLinear,
+    optimize_for_cpu_inference,
+    use_in_place_blocks,
+)
+from m2d2_hf.modeling_m2d2 import M2D2MLP
 
 from .test_modeling import tiny_audio_model, tiny_clap_model
 
@@ -101,6 +108,31 @@ def test_optimized_audio_model_matches_fp32_and_bf16():
     assert all(type(m) is PrepackedLinear for m in optimized16.modules() if isinstance(m, nn.Linear))
     assert relative_error(fast16.pooler_output, plain16.pooler_output) < 1e-2
     assert F.cosine_similarity(fast16.pooler_output.float(), expected.pooler_output).min() > 0.999
+
+
+@pytest.mark.parametrize("hidden_act", ["gelu", "gelu_new"])
+def test_in_place_blocks_equal_the_model_blocks_bit_for_bit(hidden_act):
+    """The swapped blocks add residuals (and apply the exact GELU) in place without autograd: the same values, inputs
+    never written; with autograd, and for a GELU that `gelu_` does not compute, they are the model's own blocks."""
+    model = tiny_audio_model(hidden_act=hidden_act)
+    swapped = use_in_place_blocks(copy.deepcopy(model))
+    layers = swapped.layers
+    assert all(type(layer) is InPlaceM2D2Layer for layer in layers)
+    expected_mlp = InPlaceM2D2MLP if hidden_act == "gelu" else M2D2MLP
+    assert all(type(layer.mlp) is expected_mlp for layer in layers)
+    x = features()
+    with torch.no_grad():
+        expected = model(x, output_hidden_states=True)
+    with torch.inference_mode():
+        inference = swapped(x.clone(), output_hidden_states=True)
+    with_grad = swapped(x, output_hidden_states=True)
+    assert with_grad.last_hidden_state.requires_grad
+    for actual in (inference, with_grad):
+        outputs = actual.hidden_states + (actual.last_hidden_state,)
+        for a, b in zip(outputs, expected.hidden_states + (expected.last_hidden_state,), strict=True):
+            assert torch.equal(a.detach(), b)
+    assert torch.equal(x, features())  # inputs are never written
+    assert type(optimize_for_cpu_inference(copy.deepcopy(model)).layers[0]) is InPlaceM2D2Layer
 
 
 def test_optimized_fp32_model_keeps_sdpa_and_trains_as_before():

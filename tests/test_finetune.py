@@ -22,6 +22,7 @@ from transformers import pipeline
 from m2d2_hf import M2D2AudioConfig, M2D2AudioModel, M2D2ForAudioClassification
 from m2d2_hf.modeling_m2d2 import sincos_position_table
 from m2d2_hf.training import finetune
+from m2d2_hf.training.optim import timm_cosine_lambda
 from tests.conftest import TINY_AUDIO
 from tests.test_model_card import assert_model_card
 
@@ -36,12 +37,17 @@ def run(args: list, processes: int = 1, timeout: int = 120) -> str:
     env = dict(os.environ, ACCELERATE_USE_CPU="1", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     command = [sys.executable]
     if processes > 1:
+        # Flag / value pairs grouped as one would type them (fmt: skip keeps the groups on their lines).
         command += ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
                     "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
     result = subprocess.run(
         command + [str(SCRIPT)] + [str(a) for a in args],
-        env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT,
-    )  # fmt: skip
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO_ROOT,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     return result.stderr
 
@@ -68,6 +74,7 @@ def encoder_dir(tmp_path_factory) -> Path:
 
 def base_args(encoder_dir: Path, data: Path, output_dir: Path, steps: int) -> list:
     """Small, fast and learnable: two distinct labels, 4-s clips, no mixup or spectrogram masks."""
+    # Flag / value pairs grouped as one would type them (fmt: skip keeps the groups on their lines).
     return [
         "--model_name_or_path", encoder_dir, "--train_data", data, "--output_dir", output_dir,
         "--max_train_steps", steps, "--global_batch_size", 8, "--per_device_train_batch_size", 8,
@@ -77,6 +84,7 @@ def base_args(encoder_dir: Path, data: Path, output_dir: Path, steps: int) -> li
     ]  # fmt: skip
 
 
+# Flag / value pairs grouped as one would type them (fmt: skip keeps the groups on their lines).
 SINGLE_EXTRA = ["--labels", ",".join(LABELS), "--eval_filter", "split=test", "--eval_steps", 10,
                 "--checkpointing_steps", 10]  # fmt: skip
 
@@ -111,8 +119,9 @@ def test_export_loads_in_audio_classification_pipeline(single_run, real_sounds_d
     assert isinstance(classifier.model, M2D2ForAudioClassification)
     assert classifier.model.config.id2label == dict(enumerate(LABELS))
     assert classifier.model.config.problem_type == "single_label_classification"
-    audio, rate = sf.read(str(real_sounds_dir / "audio/alarm/fd_alarm_clock_elapsed.flac"), dtype="float32",
-                          always_2d=True)  # fmt: skip
+    audio, rate = sf.read(
+        str(real_sounds_dir / "audio/alarm/fd_alarm_clock_elapsed.flac"), dtype="float32", always_2d=True
+    )
     predictions = classifier({"raw": audio.mean(1), "sampling_rate": rate}, top_k=5)
     assert {p["label"] for p in predictions} == set(LABELS)
     assert sum(p["score"] for p in predictions) == pytest.approx(1.0, abs=1e-5)  # softmax
@@ -130,8 +139,11 @@ def test_longer_crop_recomputes_the_position_table(single_run):
 def test_resume_reproduces_the_uninterrupted_run(single_run, encoder_dir, real_sounds_dir, tmp_path):
     out, _ = single_run
     resumed = tmp_path / "resumed"
-    run(base_args(encoder_dir, real_sounds_dir, resumed, 30) + SINGLE_EXTRA
-        + ["--resume_from_checkpoint", out / "step_10"])  # fmt: skip
+    run(
+        base_args(encoder_dir, real_sounds_dir, resumed, 30)
+        + SINGLE_EXTRA
+        + ["--resume_from_checkpoint", out / "step_10"]
+    )
     full, again = train_losses(out), train_losses(resumed)
     assert sorted(again) == list(range(11, 31))
     assert all(again[s] == full[s] for s in again), [(s, full[s], again[s]) for s in again if again[s] != full[s]]
@@ -172,8 +184,12 @@ def test_two_processes_share_labels_and_evaluate_every_clip_once(encoder_dir, re
 @pytest.fixture(scope="module")
 def multi_label_dir(real_sounds_dir, tmp_path_factory) -> Path:
     """An audiofolder whose metadata.csv points at real_sounds clips with ';'-joined label strings."""
-    names = {"speech_digit": "speech;digit", "speech_letter": "speech;letter", "wild_animal": "animal",
-             "bird": "animal;bird"}  # fmt: skip
+    names = {
+        "speech_digit": "speech;digit",
+        "speech_letter": "speech;letter",
+        "wild_animal": "animal",
+        "bird": "animal;bird",
+    }
     with open(real_sounds_dir / "metadata.csv", newline="") as handle:
         rows = [r for r in csv.DictReader(handle) if r["label"] in names]
     chosen = [r for r in rows if r["split"] == "train"][::3] + [r for r in rows if r["split"] == "test"]
@@ -187,6 +203,7 @@ def multi_label_dir(real_sounds_dir, tmp_path_factory) -> Path:
 
 def test_multi_label_lists_give_map(encoder_dir, multi_label_dir, tmp_path):
     out = tmp_path / "multi"
+    # Flag / value pairs grouped as one would type them (fmt: skip keeps the groups on their lines).
     stderr = run(base_args(encoder_dir, multi_label_dir, out, 6) + [
         "--label_column", "tags", "--label_separator", ";", "--eval_filter", "split=test", "--eval_steps", 3,
         "--training_mask", 0, "--mixup", 0.5,
@@ -282,7 +299,7 @@ def test_layer_decay_groups_and_schedule():
     assert levels["audio_model.embeddings.cls_token"] == (0.5 ** (layers + 1), 0.05)
     assert groups[0]["lr"] == 1.0  # the logged lr is the head's
     # timm's cosine (warmup_prefix False): linear warm-up, then the cosine of the whole run's progress.
-    schedule = finetune.timm_cosine_lambda(15, 70, 0.0)
+    schedule = timm_cosine_lambda(15, 70, 0.0)
     assert schedule(0) == 0 and schedule(5) == pytest.approx(5 / 15)
     assert schedule(15) == pytest.approx(0.5 * (1 + math.cos(math.pi * 15 / 70)))
     assert schedule(70) == pytest.approx(0.0)
@@ -293,8 +310,9 @@ def test_build_model_extends_or_keeps_the_grid(encoder_dir):
     stored = encoder.embeddings.position_embeddings
 
     def args(crop, table="recompute"):
-        return argparse.Namespace(model_name_or_path=str(encoder_dir), crop_frames=crop, position_table=table,
-                                  multi_label=True)  # fmt: skip
+        return argparse.Namespace(
+            model_name_or_path=str(encoder_dir), crop_frames=crop, position_table=table, multi_label=True
+        )
 
     same = finetune.build_model(args(160), ["a", "b"])  # shorter crops use the table's first columns
     assert same.config.chunk_frames == 208 and torch.equal(same.audio_model.embeddings.position_embeddings, stored)

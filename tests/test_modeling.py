@@ -264,9 +264,13 @@ def test_clap_forward_logits_and_loss():
     feature_mask[1, 120:] = 0
     with torch.no_grad():
         out = model(
-            input_ids=ids, attention_mask=text_mask, input_features=features, input_features_mask=feature_mask,
-            token_type_ids=torch.zeros_like(ids), return_loss=True,
-        )  # fmt: skip
+            input_ids=ids,
+            attention_mask=text_mask,
+            input_features=features,
+            input_features_mask=feature_mask,
+            token_type_ids=torch.zeros_like(ids),
+            return_loss=True,
+        )
         audio = model.get_audio_features(features, feature_mask).pooler_output
         text = model.get_text_features(ids, text_mask).pooler_output
     torch.testing.assert_close(audio.norm(dim=-1), torch.ones(3))

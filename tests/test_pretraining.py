@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from m2d2_hf import M2D2AudioConfig, M2D2AudioModel, M2D2ForPreTraining
 from m2d2_hf.masking import random_unstructured_mask
 from m2d2_hf.modeling_m2d2_pretraining import MAX_LOGIT_SCALE
-from m2d2_hf.training.optim import scaled_learning_rate, warmup_cosine_lambda, weight_decay_groups
+from m2d2_hf.training.optim import scaled_learning_rate, warmup_cosine_schedule, weight_decay_groups
 
 from .conftest import TINY_AUDIO
 
@@ -174,6 +174,6 @@ def test_weight_decay_groups_and_schedule():
     assert "logit_scale" in undecayed and "audio_model.layers.0.norm1.weight" in undecayed
     assert not any(n.startswith("target_") for n in decayed | undecayed)
     assert scaled_learning_rate(3e-4, 2048) == pytest.approx(2.4e-3)
-    schedule = warmup_cosine_lambda(warmup_steps=10, total_steps=110)
+    schedule = warmup_cosine_schedule(torch.optim.SGD([torch.zeros(1)], lr=1.0), 10, 110).lr_lambdas[0]
     assert schedule(0) == 0.0 and schedule(5) == 0.5 and schedule(10) == 1.0
     assert schedule(60) == pytest.approx(0.5) and schedule(110) == pytest.approx(0.0)

@@ -81,9 +81,17 @@ def replay(converted, reference):
         out_after = model(**batch)
     groups = {id(p): group["weight_decay"] for group in optimizer.param_groups for p in group["params"]}
     return {
-        "model": model, "out": out, "out_after": out_after, "grad_norm": grad_norm, "grads": grads,
-        "before": before, "after": after, "decay": decay, "groups": groups, "parameters": parameters,
-    }  # fmt: skip
+        "model": model,
+        "out": out,
+        "out_after": out_after,
+        "grad_norm": grad_norm,
+        "grads": grads,
+        "before": before,
+        "after": after,
+        "decay": decay,
+        "groups": groups,
+        "parameters": parameters,
+    }
 
 
 def test_conversion_keeps_every_tensor(converted, reference):

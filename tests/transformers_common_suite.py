@@ -125,6 +125,7 @@ def cache_dir() -> Path:
 
 def _download_sdist(into: Path) -> Path:
     version = transformers.__version__
+    # Flag / value pairs grouped as one would type them (fmt: skip keeps the groups on their lines).
     command = [
         sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--disable-pip-version-check",
         "--quiet", f"transformers=={version}", "-d", str(into),

@@ -1,4 +1,4 @@
-"""Linear evaluation of frozen clip embeddings, as the original evaluation (EVAR `2pass_lineareval.py`, spec §11.4).
+"""Linear evaluation of frozen clip embeddings, as the original (EVAR `2pass_lineareval.py`; docs/method.md §7).
 
 Embeddings are computed once; then, per seed (42, 43, 44 by default) and per fold, a `StandardScaler` is fit on the
 training clips and a single `Linear` layer is trained on the standardised embeddings: Adam (lr 3e-5, weight decay

@@ -7,10 +7,10 @@ Conventions shared by every function here:
   `argmax` picks (the first maximum), and ties never make a result depend on the sort implementation.
 * Scores are fractions in [0, 1] (not percentages).
 
-Why the `evaluate` library is not used: `evaluate.load("accuracy")` (and every other metric) fetches its metric
-script from the Hugging Face Hub; the installed package ships none, so it fails offline ("Couldn't find a module script
-... doesn't exist on the Hugging Face Hub"). Accuracy is one line here, and average precision is
-`sklearn.metrics.average_precision_score`, which is what the original evaluation (EVAR) calls.
+Libraries: average precision is `sklearn.metrics.average_precision_score`, which is what the original evaluation
+(EVAR) calls. Top-k accuracy and the retrieval metrics stay here, for reasons given at each; the package's
+`evaluate` modules (`metric_modules/`) wrap these functions, because `evaluate.load("accuracy")` and the other Hub
+metrics fetch their scripts from the Hugging Face Hub and fail offline.
 """
 
 from collections.abc import Callable, Sequence
@@ -60,6 +60,11 @@ def top_k_accuracy(scores: ArrayLike, targets: ArrayLike, k: int = 1) -> float:
     """Fraction of rows of `scores` [N, C] whose target class (`targets` [N], class indices) ranks within the top k.
 
     Ties follow the module's rank rule, so top-1 accuracy is the accuracy of `argmax` (first maximum wins).
+
+    Not `sklearn.metrics.top_k_accuracy_score`, although it gives the same numbers on untied scores
+    (tests/test_library_equivalence.py): it breaks ties the other way (the later class ranks first, from a stable
+    ascending sort reversed), so a tie would score top-1 differently from `argmax`, and it takes two-class scores
+    only as one column. One rank rule (`ranks_of`) serves this and the retrieval metrics.
     """
     scores = _as_tensor(scores)
     targets = _as_tensor(targets, torch.long).reshape(-1, 1)
@@ -116,6 +121,11 @@ def ranking_metrics(
     chunk_size: int = 1024,
 ) -> dict[str, float]:
     """Retrieval metrics of `len(relevant)` queries, reading their scores `chunk_size` queries at a time.
+
+    Hand-written rather than sklearn's ranking metrics (`label_ranking_average_precision_score`, `ndcg_score`,
+    `top_k_accuracy_score`), which take the dense [Q, N] score and relevance matrices: for AudioCaps / Clotho-size
+    sets, 10k clips × 50k captions, that is 2 GB of float32 scores plus the relevance matrix, where this reads
+    `chunk_size` rows at a time; and they define neither recall@k over several relevant items nor mAP@10.
 
     Args:
         row_scores: `row_scores(start, stop)` gives the scores [stop - start, N] of those queries against all N

@@ -1,4 +1,4 @@
-"""Audio–text retrieval with an M2D2 CLAP model, as the original evaluation (EVAR `retr_a2t_t2a.py`, spec §11.4).
+"""Audio–text retrieval with an M2D2 CLAP model, as the original (EVAR `retr_a2t_t2a.py`; docs/method.md §7).
 
 Every clip is embedded whole (CLAP audio embedding), every caption alone (see `embed_texts`), and the metrics are read
 off the cosine similarities of all clips against all captions, computed in chunks of queries

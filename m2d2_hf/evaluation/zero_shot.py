@@ -1,4 +1,4 @@
-"""Zero-shot classification with an M2D2 CLAP model, as the original evaluation (EVAR `zeroshot.py`, spec §11.4).
+"""Zero-shot classification with an M2D2 CLAP model, as the original (EVAR `zeroshot.py`; docs/method.md §7).
 
 Each class name (underscores read as spaces) is put into a prompt ("{} can be heard" by default) and encoded alone;
 each clip is embedded whole with the CLAP audio embedding; the class scores are the cosine similarities (both sides

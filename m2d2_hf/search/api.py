@@ -151,7 +151,7 @@ class SoundIndex:
                 float(self.ends[row]),
                 float(self.durations[row]),
                 sound,
-            )  # fmt: skip
+            )
             for rank, (score, sound, row) in enumerate(hits[:top_k], 1)
         ]
 

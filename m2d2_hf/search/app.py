@@ -212,8 +212,9 @@ def create_app(index):
             wave = decode_audio(path, sampling_rate=index.rate, max_seconds=None)
         except AudioDecodeError as error:
             raise HTTPException(404, f"cannot decode {path}: {error}") from None
-        plotted = Timeline([label], times, similarities[None].astype(np.float32), meta["window_seconds"],
-                           meta["hop_seconds"])  # fmt: skip
+        plotted = Timeline(
+            [label], times, similarities[None].astype(np.float32), meta["window_seconds"], meta["hop_seconds"]
+        )
         with tempfile.TemporaryDirectory() as folder:
             png = plot_timeline(plotted, wave, index.rate, Path(folder) / "timeline.png", title=Path(path).name)
             return Response(png.read_bytes(), media_type="image/png")

@@ -70,6 +70,7 @@ class IndexSummary:
 def _schema(dim: int):
     import pyarrow as pa
 
+    # The schema as a table: field, type (fmt: skip keeps the rows).
     return pa.schema(
         [("key", pa.string()), ("stamp", pa.string()), ("path", pa.string()), ("kind", pa.string()),
          ("start", pa.float64()), ("end", pa.float64()), ("duration", pa.float64()),
@@ -92,11 +93,26 @@ class _ShardWriter:
         self.failed: list[dict] = []
         self.files = 0
 
-    def add(self, item: SourceItem, kinds_starts_ends: list[tuple[str, float, float]], duration: float,
-            embeddings: np.ndarray) -> None:  # fmt: skip
+    def add(
+        self,
+        item: SourceItem,
+        kinds_starts_ends: list[tuple[str, float, float]],
+        duration: float,
+        embeddings: np.ndarray,
+    ) -> None:
         for (kind, start, end), embedding in zip(kinds_starts_ends, embeddings):
-            self.rows.append({"key": item.key, "stamp": item.stamp, "path": item.path, "kind": kind,
-                              "start": start, "end": end, "duration": duration, "embedding": embedding})  # fmt: skip
+            self.rows.append(
+                {
+                    "key": item.key,
+                    "stamp": item.stamp,
+                    "path": item.path,
+                    "kind": kind,
+                    "start": start,
+                    "end": end,
+                    "duration": duration,
+                    "embedding": embedding,
+                }
+            )
         self._count()
 
     def fail(self, item: SourceItem, error: str) -> None:
@@ -294,8 +310,12 @@ def _window_settings(meta: dict) -> dict:
 
 
 def _settings(fingerprint: ModelFingerprint, window_seconds: float, hop_seconds: float, rate: int) -> dict:
-    return {"model": fingerprint.to_dict(), "window_seconds": window_seconds, "hop_seconds": hop_seconds,
-            "sampling_rate": rate}  # fmt: skip
+    return {
+        "model": fingerprint.to_dict(),
+        "window_seconds": window_seconds,
+        "hop_seconds": hop_seconds,
+        "sampling_rate": rate,
+    }
 
 
 def _same_settings(meta: dict, settings: dict) -> bool:
@@ -385,8 +405,13 @@ def build_index(
     writer = _ShardWriter(work, state.process_index, model.config.projection_dim, files_per_shard)
     window_samples = int(round(window_seconds * rate))
     mine = todo[state.process_index :: state.num_processes]
-    bar = tqdm(total=len(mine), unit="file", desc="index", file=sys.stderr,
-               disable=None if (progress and state.is_main_process) else True)  # fmt: skip
+    bar = tqdm(
+        total=len(mine),
+        unit="file",
+        desc="index",
+        file=sys.stderr,
+        disable=None if (progress and state.is_main_process) else True,
+    )
     with bar:
         for first in range(0, len(mine), batch_size):
             batch, waves = [], []
@@ -415,8 +440,13 @@ def build_index(
         return None
 
     table, failures = _merge(_shard_files(work, previous), items)
-    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **settings, "source": str(source),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        **settings,
+        "source": str(source),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     recall = _write_index(output, table, failures, meta, index_type, index_params)
     shutil.rmtree(work)
     if recall is not None:

@@ -1,5 +1,11 @@
 """Training utilities: streamed audio data, cached caption embeddings, optimiser schedules."""
 
+from ..extras import require_extra
+
+
+# ruff: noqa: E402 -- the imports below follow the extras check, so that a missing package names the extra
+require_extra("train")
+
 from ..data.audio import AudioDecodeError, decode_audio
 from .captions import (
     CaptionEmbeddingTable,

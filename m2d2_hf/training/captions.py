@@ -1,8 +1,8 @@
 """Cached caption embeddings: the CLAP targets of stage-1 pre-training.
 
 The original embedded every caption of its training clips once, offline, with a frozen sentence-embedding model
-(NV-Embed-v2, 4096-d, empty instruction; spec §7), kept them as float16 keyed by clip id, and drew one of a clip's
-captions at random each time the clip was used. This module does the same with any transformers or
+(NV-Embed-v2, 4096-d, empty instruction; docs/method.md §6), kept them as float16 keyed by clip id, and drew one of
+a clip's captions at random each time the clip was used. This module does the same with any transformers or
 sentence-transformers model:
 
 - `read_captions`: `{clip id: [captions]}` from a CSV/TSV, a JSONL, a Parquet file, a local datasets folder or

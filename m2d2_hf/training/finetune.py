@@ -45,7 +45,6 @@ before each evaluation the main process's running statistics are copied to the o
 import argparse
 import copy
 import logging
-import math
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +76,7 @@ from .loop import (
     step_generator,
     streamed_loader,
 )
+from .optim import timm_cosine_schedule
 
 
 logger = logging.getLogger(__name__)
@@ -382,18 +382,6 @@ def parameter_groups(
     return [groups[key] for key in sorted(groups, key=lambda key: (-key[0], key[1]))]
 
 
-def timm_cosine_lambda(warmup_steps: int, total_steps: int, min_ratio: float):
-    """timm `CosineLRScheduler(warmup_prefix=False)` per step, as the original: linear warm-up from 0, and a cosine
-    that counts from step 0 (so it is at cos(π·warmup/total) when the warm-up ends) down to `min_ratio`."""
-
-    def multiplier(step: int) -> float:
-        if step < warmup_steps:
-            return step / warmup_steps
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(step / max(1, total_steps), 1.0)))
-
-    return multiplier
-
-
 def build_optimizer(args: argparse.Namespace, model: M2D2ForAudioClassification) -> torch.optim.Optimizer:
     learning_rate = args.learning_rate if args.learning_rate is not None else DEFAULT_LEARNING_RATES[args.optimizer]
     weight_decay = args.weight_decay if args.weight_decay is not None else DEFAULT_WEIGHT_DECAYS[args.optimizer]
@@ -593,9 +581,7 @@ def train(args: argparse.Namespace) -> Path:
     optimizer = build_optimizer(args, model)
     warmup_steps = round(args.warmup_ratio * args.max_train_steps)
     min_ratio = MIN_LEARNING_RATE / optimizer.param_groups[0]["lr"]
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, timm_cosine_lambda(warmup_steps, args.max_train_steps, min_ratio)
-    )
+    scheduler = timm_cosine_schedule(optimizer, warmup_steps, args.max_train_steps, min_ratio)
     objective = ClassificationObjective(model)
     objective, optimizer = accelerator.prepare(objective, optimizer)
     train_loader = stream_of(

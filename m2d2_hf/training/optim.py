@@ -1,9 +1,11 @@
 """Optimiser parameter groups and learning-rate schedules of the original recipes (MAE-style)."""
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
+from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 
 def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -23,20 +25,33 @@ def scaled_learning_rate(base_lr: float, global_batch_size: int) -> float:
     return base_lr * global_batch_size / 256
 
 
-def warmup_cosine_lambda(warmup_steps: int, total_steps: int, min_ratio: float = 0.0):
-    """Per-step multiplier: linear warm-up from 0, then half-cycle cosine down to `min_ratio` (MAE's schedule,
-    evaluated per iteration)."""
+def warmup_cosine_schedule(
+    optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, min_ratio: float = 0.0
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """MAE's schedule, evaluated per iteration: linear warm-up from 0, then a half-cycle cosine down to `min_ratio`
+    of the base rate. transformers' cosine-with-warm-up computes the same numbers for every step of the run
+    (0 … `total_steps`; tests/test_library_equivalence.py), so it is used as it is."""
+    return get_cosine_with_min_lr_schedule_with_warmup(optimizer, warmup_steps, total_steps, min_lr_rate=min_ratio)
+
+
+def timm_cosine_lambda(warmup_steps: int, total_steps: int, min_ratio: float) -> Callable[[int], float]:
+    """timm `CosineLRScheduler(warmup_prefix=False)` per step, as the original fine-tuning: linear warm-up from 0,
+    and a cosine that counts from step 0 (so it is at cos(π·warmup/total) when the warm-up ends) down to `min_ratio`.
+
+    Hand-written because no installed library gives these numbers: transformers' and torch's cosine schedules start
+    their cosine where the warm-up ends (SequentialLR restarts it at the milestone), and timm, whose scheduler this
+    is, is not a dependency of the package."""
 
     def multiplier(step: int) -> float:
         if step < warmup_steps:
             return step / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return min_ratio + (1 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(step / max(1, total_steps), 1.0)))
 
     return multiplier
 
 
-def warmup_cosine_schedule(
-    optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, min_ratio: float = 0.0
+def timm_cosine_schedule(
+    optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, min_ratio: float
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine_lambda(warmup_steps, total_steps, min_ratio))
+    """The fine-tuning schedule (`timm_cosine_lambda`) as a `LambdaLR`."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, timm_cosine_lambda(warmup_steps, total_steps, min_ratio))

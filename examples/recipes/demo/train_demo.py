@@ -88,6 +88,7 @@ def run(command: list[str], log: Path) -> float:
 
 
 def common_training_arguments(data: Path, output_dir: Path, steps: int) -> list[str]:
+    # Flag / value pairs grouped as one would type them (fmt: skip keeps the groups on their lines).
     return [
         "--train_data", str(data), "--filter", "split=train", "--max_seconds", "12",
         "--global_batch_size", "32", "--per_device_train_batch_size", "32", "--max_train_steps", str(steps),
@@ -149,6 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
         writer = csv.writer(handle)
         writer.writerow(["id", "caption"])
         writer.writerows([Path(row["file_name"]).stem, row["caption"]] for row in train)
+    # Flag / value pairs grouped as one would type them (fmt: skip keeps the groups on their lines).
     timings["caption_embeddings"] = run(
         [sys.executable, str(EXAMPLES / "cache_caption_embeddings.py"), "--captions", str(captions_csv),
          "--id-column", "id", "--model", str(minilm_folder()), "--pooling", "mean", "--normalize",
@@ -157,11 +159,16 @@ def main(argv: list[str] | None = None) -> dict:
     )  # fmt: skip
 
     text_tower = shrink_text_tower(
-        minilm_folder(), work / "text_tower", num_hidden_layers=2, num_words=8000, max_position_embeddings=128,
+        minilm_folder(),
+        work / "text_tower",
+        num_hidden_layers=2,
+        num_words=8000,
+        max_position_embeddings=128,
         required_texts=[row["caption"] for row in train],
-    )  # fmt: skip
+    )
 
     stage1_dir = work / "stage1"
+    # Flag / value pairs grouped as one would type them (fmt: skip keeps the groups on their lines).
     timings["stage1"] = run(
         [sys.executable, str(EXAMPLES / "pretrain_stage1.py"),
          *common_training_arguments(data, stage1_dir, schedule["stage1"]),
@@ -171,6 +178,7 @@ def main(argv: list[str] | None = None) -> dict:
     )  # fmt: skip
 
     stage2_dir = work / "stage2"
+    # Flag / value pairs grouped as one would type them (fmt: skip keeps the groups on their lines).
     timings["stage2"] = run(
         [sys.executable, str(EXAMPLES / "pretrain_stage2.py"),
          *common_training_arguments(data, stage2_dir, schedule["stage2"]),
