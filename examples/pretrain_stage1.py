@@ -1,12 +1,101 @@
-"""Stage-1 M2D2 pre-training (M2D + CLAP against cached caption embeddings).
+#!/usr/bin/env python
+"""Stage-1 M2D2 pre-training: M2D + CLAP against cached caption embeddings, with accelerate.
 
-    accelerate launch examples/pretrain_stage1.py --train_data DATA --caption_embeddings CAPTIONS \
-        --output_dir OUT --max_train_steps N
+    accelerate launch --multi_gpu --num_processes 4 --mixed_precision bf16 examples/pretrain_stage1.py \\
+        --train_data /data/audioset --caption_embeddings caption_embeddings --output_dir runs/stage1 \\
+        --global_batch_size 2048 --per_device_train_batch_size 512 --max_train_steps 300000
 
-All options: `python examples/pretrain_stage1.py --help`. The program lives in `m2d2_hf.training.stage1`.
+All options: `python examples/pretrain_stage1.py --help`; `--config FILE` reads them from a JSON or YAML file
+(command-line options override it). The program reads top to bottom: parse the settings, build the model and the
+streams, compute the log-mel statistics, prepare with accelerate, run the shared loop (which checkpoints and
+exports `M2D2AudioModel` folders). Its pieces live in `m2d2_hf.training` (`stage1`, `loop`, `optim`).
 """
 
-from m2d2_hf.training.stage1 import main
+import logging
+from pathlib import Path
+
+import torch
+
+from m2d2_hf.feature_extraction_m2d2 import M2D2FeatureExtractor
+from m2d2_hf.training.arguments import TrainingSettings, parse_settings, settings_record
+from m2d2_hf.training.captions import CaptionEmbeddingTable
+from m2d2_hf.training.checkpoint import resolve_checkpoint
+from m2d2_hf.training.loop import (
+    BatchStream,
+    ExportCard,
+    RunState,
+    TrainingRun,
+    build_accelerator,
+    make_output_dir,
+    run_training,
+    start_run,
+    streamed_loader,
+)
+from m2d2_hf.training.optim import scaled_learning_rate, warmup_cosine_schedule, weight_decay_groups
+from m2d2_hf.training.stage1 import DESCRIPTION, Stage1, Stage1Batches, Stage1Settings, build_model, compute_norm_stats
+
+
+logger = logging.getLogger("pretrain_stage1")
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """Runs stage 1 and returns the folder of the final encoder export (`<output_dir>/final`)."""
+    # Parse.
+    training, stage = parse_settings((TrainingSettings, Stage1Settings), argv, DESCRIPTION)
+    accelerator = build_accelerator(training)  # seeds every RNG with --seed
+    make_output_dir(accelerator, training.output_dir)
+
+    # Build: the caption table fixes the size of the CLAP head; a resumed run gets its weights back below.
+    captions = CaptionEmbeddingTable.from_path(stage.caption_embeddings) if stage.caption_embeddings else None
+    model = build_model(stage, captions.embedding_size if captions else None)
+    sampling_rate = model.config.sampling_rate
+
+    def batch_stream(seed_offset: int) -> BatchStream:
+        """The training stream (offset 0) or the statistics pass's own shuffle of it (offset 1)."""
+        loader = streamed_loader(
+            training,
+            accelerator,
+            sampling_rate,
+            min_samples=int(stage.min_seconds * sampling_rate),
+            seed=training.seed + seed_offset,
+        )
+        return BatchStream(loader, accelerator.process_index)
+
+    checkpoint, start_step = resolve_checkpoint(training.resume_from_checkpoint, training.output_dir)
+    feature_extractor = M2D2FeatureExtractor.from_audio_config(model.config)
+    batches = Stage1Batches(feature_extractor, stage.crop_frames, captions, training.seed)
+
+    # The log-mel statistics: given, computed over random crops, or (resuming) restored with the checkpoint.
+    if stage.norm_stats:
+        model.config.norm_stats = list(stage.norm_stats)
+    elif not checkpoint:
+        norm_stats = compute_norm_stats(
+            iter(batch_stream(1)), batches, stage.norm_stats_crops, accelerator, training.seed
+        )
+        model.config.norm_stats = list(norm_stats)
+        logger.info(f"norm_stats from {stage.norm_stats_crops} crops: {model.config.norm_stats}")
+    feature_extractor.norm_stats = list(model.config.norm_stats)
+
+    # Prepare: AdamW over the decay groups, warm-up + cosine per step, accelerate, then resume.
+    optimizer = torch.optim.AdamW(
+        weight_decay_groups(model, training.weight_decay),
+        lr=scaled_learning_rate(stage.base_learning_rate, training.global_batch_size),
+        betas=(training.adam_beta1, training.adam_beta2),
+    )
+    scheduler = warmup_cosine_schedule(optimizer, training.warmup_steps, training.max_train_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    run = TrainingRun(model, optimizer, scheduler, batch_stream(0), RunState(feature_extractor.norm_stats), start_step)
+    record = settings_record(training, stage)
+    start_run(accelerator, run, checkpoint, "m2d2_stage1", record)
+    unwrapped = accelerator.unwrap_model(model)
+    unwrapped.config.norm_stats = feature_extractor.norm_stats = list(run.state.norm_stats)
+
+    # Loop and export: the loop checkpoints every --checkpointing_steps and exports the encoder at the end.
+    card = ExportCard("examples/pretrain_stage1.py", record, [stage.model_name_or_path])
+    model.train()
+    return run_training(
+        accelerator, training, run, Stage1(accelerator, unwrapped, batches, stage, training.max_train_steps, card)
+    )
 
 
 if __name__ == "__main__":

@@ -1,13 +1,92 @@
-"""Stage-2 / 2.1 M2D2 CLAP training: a text tower and a new audio projector against the frozen audio encoder.
+#!/usr/bin/env python
+"""Stage-2 / 2.1 M2D2 CLAP training with the audio encoder frozen, with accelerate.
 
-    accelerate launch examples/pretrain_stage2.py --train_data DATA --audio_model STAGE1_1_ENCODER \
-        --text_model google-bert/bert-base-uncased --output_dir OUT --max_train_steps N
-    # stage 2.1: --model_name_or_path OUT/final --mask_ratio 0 (on WavCaps + AudioCaps + Clotho)
+    accelerate launch examples/pretrain_stage2.py --train_data DATA --audio_model STAGE1_1_ENCODER \\
+        --text_model google-bert/bert-base-uncased --output_dir runs/stage2 --max_train_steps 30000
+    # stage 2.1: continue from the stage-2 result without the audio mask
+    accelerate launch examples/pretrain_stage2.py --model_name_or_path runs/stage2/final --mask_ratio 0 ...
 
-All options: `python examples/pretrain_stage2.py --help`. The program lives in `m2d2_hf.training.stage2`.
+All options: `python examples/pretrain_stage2.py --help`; `--config FILE` reads them from a JSON or YAML file
+(command-line options override it). The program reads top to bottom: parse the settings, build the CLAP model
+(frozen encoder, text tower, new projector) and the caption stream, prepare the objective with accelerate, run the
+shared loop (which checkpoints and exports complete `M2D2ClapModel` folders with their processor). Its pieces
+live in `m2d2_hf.training` (`stage2`, `loop`, `optim`, `captions`).
 """
 
-from m2d2_hf.training.stage2 import main
+from pathlib import Path
+
+import torch
+
+from m2d2_hf.feature_extraction_m2d2 import M2D2FeatureExtractor
+from m2d2_hf.training.arguments import parse_settings, settings_record
+from m2d2_hf.training.captions import read_captions
+from m2d2_hf.training.checkpoint import resolve_checkpoint
+from m2d2_hf.training.loop import (
+    BatchStream,
+    ExportCard,
+    RunState,
+    TrainingRun,
+    build_accelerator,
+    make_output_dir,
+    run_training,
+    start_run,
+    streamed_loader,
+)
+from m2d2_hf.training.optim import scaled_learning_rate, warmup_cosine_schedule, weight_decay_groups
+from m2d2_hf.training.stage2 import (
+    DESCRIPTION,
+    FrozenEncoderClapObjective,
+    Stage2,
+    Stage2Batches,
+    Stage2Settings,
+    Stage2TrainingSettings,
+    build_model,
+)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """Runs stage 2 (or 2.1) and returns the folder of the final export (`<output_dir>/final`)."""
+    # Parse.
+    training, stage = parse_settings((Stage2TrainingSettings, Stage2Settings), argv, DESCRIPTION)
+    accelerator = build_accelerator(training)  # seeds every RNG with --seed
+    make_output_dir(accelerator, training.output_dir)
+
+    # Build: the CLAP model and its tokenizer; captions from a separate file, or a column of the stream.
+    clap, tokenizer = build_model(stage)
+    audio_config = clap.config.audio_config
+    captions = None
+    if stage.captions:
+        captions = read_captions(
+            stage.captions, caption_column=stage.caption_column, separator=stage.caption_separator
+        )
+    keep = [] if captions is not None else [stage.caption_column]
+    loader = streamed_loader(training, accelerator, audio_config.sampling_rate, keep_columns=keep)
+    feature_extractor = M2D2FeatureExtractor.from_audio_config(audio_config)
+    batches = Stage2Batches(stage, training.seed, feature_extractor, tokenizer, audio_config, captions)
+
+    # Prepare: AdamW over the trainable parameters (projector, text tower, temperature), warm-up + cosine per step,
+    # the objective (frozen encoder → projector, text tower → global contrastive loss) under accelerate, resume.
+    optimizer = torch.optim.AdamW(
+        weight_decay_groups(clap, training.weight_decay),
+        lr=scaled_learning_rate(stage.base_learning_rate, training.global_batch_size),
+        betas=(training.adam_beta1, training.adam_beta2),
+    )
+    scheduler = warmup_cosine_schedule(optimizer, training.warmup_steps, training.max_train_steps)
+    objective, optimizer = accelerator.prepare(FrozenEncoderClapObjective(clap), optimizer)
+    run = TrainingRun(objective, optimizer, scheduler, BatchStream(loader, accelerator.process_index), RunState())
+    checkpoint, _ = resolve_checkpoint(training.resume_from_checkpoint, training.output_dir)
+    record = settings_record(training, stage)
+    start_run(accelerator, run, checkpoint, "m2d2_stage2", record)
+
+    # Loop and export. The encoder is frozen (and dropout-free anyway); the text tower trains with its dropout, as
+    # in the paper, unless it is frozen too.
+    objective.train()
+    clap.audio_model.eval()
+    if stage.freeze_text_model:
+        clap.text_model.eval()
+    sources = [stage.model_name_or_path, stage.audio_model, stage.text_model]
+    card = ExportCard("examples/pretrain_stage2.py", record, sources)
+    return run_training(accelerator, training, run, Stage2(accelerator, clap, tokenizer, batches, card))
 
 
 if __name__ == "__main__":
