@@ -16,6 +16,7 @@ import logging
 from pathlib import Path
 
 from m2d2_hf.feature_extraction_m2d2 import M2D2FeatureExtractor
+from m2d2_hf.training import loop
 from m2d2_hf.training.arguments import parse_settings, settings_record
 from m2d2_hf.training.checkpoint import resolve_checkpoint
 from m2d2_hf.training.finetune import (
@@ -33,16 +34,6 @@ from m2d2_hf.training.finetune import (
     resolve_labels,
     timm_cosine_schedule,
 )
-from m2d2_hf.training.loop import (
-    BatchStream,
-    ExportCard,
-    RunState,
-    TrainingRun,
-    build_accelerator,
-    make_output_dir,
-    run_training,
-    start_run,
-)
 
 
 logger = logging.getLogger("finetune_audio_classification")
@@ -54,10 +45,10 @@ def main(argv: list[str] | None = None) -> Path:
     training, settings, evaluation = parse_settings(
         (FinetuneTrainingSettings, FinetuneSettings, EvaluationSettings), argv, DESCRIPTION
     )
-    accelerator = build_accelerator(training)  # seeds every RNG with --seed
+    accelerator = loop.build_accelerator(training)  # seeds every RNG with --seed
     if settings.multi_label_implied:
         logger.info("--label_separator given: a multi-label run")
-    make_output_dir(accelerator, training.output_dir)
+    loop.make_output_dir(accelerator, training.output_dir)
 
     # Build: the label set (given, or one pass over the training rows), then the classifier for it.
     reader = LabelReader(settings.label_column, settings.multi_label, settings.label_separator)
@@ -77,17 +68,17 @@ def main(argv: list[str] | None = None) -> Path:
     optimizer = build_optimizer(settings, training, model)
     scheduler = timm_cosine_schedule(optimizer, training.warmup_steps, training.max_train_steps)
     objective, optimizer = accelerator.prepare(ClassificationObjective(model), optimizer)
-    stream = BatchStream(streams.train_loader(), accelerator.process_index)
-    run = TrainingRun(objective, optimizer, scheduler, stream, RunState(list(config.norm_stats)), start_step)
+    stream = loop.BatchStream(streams.train_loader(), accelerator.process_index)
+    run = loop.TrainingRun(objective, optimizer, scheduler, stream, loop.RunState(list(config.norm_stats)), start_step)
     record = settings_record(training, settings, evaluation)
-    start_run(accelerator, run, checkpoint, "m2d2_finetune", record)
+    loop.start_run(accelerator, run, checkpoint, "m2d2_finetune", record)
     classifier = accelerator.unwrap_model(objective).model
 
     # Loop and export: evaluation every --eval_steps and at the end (when an evaluation split is given).
-    card = ExportCard("examples/finetune_audio_classification.py", record, [settings.model_name_or_path])
+    card = loop.ExportCard("examples/finetune_audio_classification.py", record, [settings.model_name_or_path])
     stage = Finetune(accelerator, classifier, batches, streams, training.max_train_steps, card)
     objective.train()
-    return run_training(accelerator, training, run, stage)
+    return loop.run_training(accelerator, training, run, stage)
 
 
 if __name__ == "__main__":

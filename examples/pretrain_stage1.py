@@ -17,20 +17,10 @@ from pathlib import Path
 import torch
 
 from m2d2_hf.feature_extraction_m2d2 import M2D2FeatureExtractor
+from m2d2_hf.training import loop
 from m2d2_hf.training.arguments import TrainingSettings, parse_settings, settings_record
 from m2d2_hf.training.captions import CaptionEmbeddingTable
 from m2d2_hf.training.checkpoint import resolve_checkpoint
-from m2d2_hf.training.loop import (
-    BatchStream,
-    ExportCard,
-    RunState,
-    TrainingRun,
-    build_accelerator,
-    make_output_dir,
-    run_training,
-    start_run,
-    streamed_loader,
-)
 from m2d2_hf.training.optim import scaled_learning_rate, warmup_cosine_schedule, weight_decay_groups
 from m2d2_hf.training.stage1 import DESCRIPTION, Stage1, Stage1Batches, Stage1Settings, build_model, compute_norm_stats
 
@@ -42,24 +32,24 @@ def main(argv: list[str] | None = None) -> Path:
     """Runs stage 1 and returns the folder of the final encoder export (`<output_dir>/final`)."""
     # Parse.
     training, stage = parse_settings((TrainingSettings, Stage1Settings), argv, DESCRIPTION)
-    accelerator = build_accelerator(training)  # seeds every RNG with --seed
-    make_output_dir(accelerator, training.output_dir)
+    accelerator = loop.build_accelerator(training)  # seeds every RNG with --seed
+    loop.make_output_dir(accelerator, training.output_dir)
 
     # Build: the caption table fixes the size of the CLAP head; a resumed run gets its weights back below.
     captions = CaptionEmbeddingTable.from_path(stage.caption_embeddings) if stage.caption_embeddings else None
     model = build_model(stage, captions.embedding_size if captions else None)
     sampling_rate = model.config.sampling_rate
 
-    def batch_stream(seed_offset: int) -> BatchStream:
+    def batch_stream(seed_offset: int) -> loop.BatchStream:
         """The training stream (offset 0) or the statistics pass's own shuffle of it (offset 1)."""
-        loader = streamed_loader(
+        loader = loop.streamed_loader(
             training,
             accelerator,
             sampling_rate,
             min_samples=int(stage.min_seconds * sampling_rate),
             seed=training.seed + seed_offset,
         )
-        return BatchStream(loader, accelerator.process_index)
+        return loop.BatchStream(loader, accelerator.process_index)
 
     checkpoint, start_step = resolve_checkpoint(training.resume_from_checkpoint, training.output_dir)
     feature_extractor = M2D2FeatureExtractor.from_audio_config(model.config)
@@ -84,16 +74,17 @@ def main(argv: list[str] | None = None) -> Path:
     )
     scheduler = warmup_cosine_schedule(optimizer, training.warmup_steps, training.max_train_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
-    run = TrainingRun(model, optimizer, scheduler, batch_stream(0), RunState(feature_extractor.norm_stats), start_step)
+    state = loop.RunState(feature_extractor.norm_stats)
+    run = loop.TrainingRun(model, optimizer, scheduler, batch_stream(0), state, start_step)
     record = settings_record(training, stage)
-    start_run(accelerator, run, checkpoint, "m2d2_stage1", record)
+    loop.start_run(accelerator, run, checkpoint, "m2d2_stage1", record)
     unwrapped = accelerator.unwrap_model(model)
     unwrapped.config.norm_stats = feature_extractor.norm_stats = list(run.state.norm_stats)
 
     # Loop and export: the loop checkpoints every --checkpointing_steps and exports the encoder at the end.
-    card = ExportCard("examples/pretrain_stage1.py", record, [stage.model_name_or_path])
+    card = loop.ExportCard("examples/pretrain_stage1.py", record, [stage.model_name_or_path])
     model.train()
-    return run_training(
+    return loop.run_training(
         accelerator, training, run, Stage1(accelerator, unwrapped, batches, stage, training.max_train_steps, card)
     )
 

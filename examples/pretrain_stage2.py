@@ -18,20 +18,10 @@ from pathlib import Path
 import torch
 
 from m2d2_hf.feature_extraction_m2d2 import M2D2FeatureExtractor
+from m2d2_hf.training import loop
 from m2d2_hf.training.arguments import parse_settings, settings_record
 from m2d2_hf.training.captions import read_captions
 from m2d2_hf.training.checkpoint import resolve_checkpoint
-from m2d2_hf.training.loop import (
-    BatchStream,
-    ExportCard,
-    RunState,
-    TrainingRun,
-    build_accelerator,
-    make_output_dir,
-    run_training,
-    start_run,
-    streamed_loader,
-)
 from m2d2_hf.training.optim import scaled_learning_rate, warmup_cosine_schedule, weight_decay_groups
 from m2d2_hf.training.stage2 import (
     DESCRIPTION,
@@ -48,8 +38,8 @@ def main(argv: list[str] | None = None) -> Path:
     """Runs stage 2 (or 2.1) and returns the folder of the final export (`<output_dir>/final`)."""
     # Parse.
     training, stage = parse_settings((Stage2TrainingSettings, Stage2Settings), argv, DESCRIPTION)
-    accelerator = build_accelerator(training)  # seeds every RNG with --seed
-    make_output_dir(accelerator, training.output_dir)
+    accelerator = loop.build_accelerator(training)  # seeds every RNG with --seed
+    loop.make_output_dir(accelerator, training.output_dir)
 
     # Build: the CLAP model and its tokenizer; captions from a separate file, or a column of the stream.
     clap, tokenizer = build_model(stage)
@@ -60,7 +50,7 @@ def main(argv: list[str] | None = None) -> Path:
             stage.captions, caption_column=stage.caption_column, separator=stage.caption_separator
         )
     keep = [] if captions is not None else [stage.caption_column]
-    loader = streamed_loader(training, accelerator, audio_config.sampling_rate, keep_columns=keep)
+    loader = loop.streamed_loader(training, accelerator, audio_config.sampling_rate, keep_columns=keep)
     feature_extractor = M2D2FeatureExtractor.from_audio_config(audio_config)
     batches = Stage2Batches(stage, training.seed, feature_extractor, tokenizer, audio_config, captions)
 
@@ -73,10 +63,11 @@ def main(argv: list[str] | None = None) -> Path:
     )
     scheduler = warmup_cosine_schedule(optimizer, training.warmup_steps, training.max_train_steps)
     objective, optimizer = accelerator.prepare(FrozenEncoderClapObjective(clap), optimizer)
-    run = TrainingRun(objective, optimizer, scheduler, BatchStream(loader, accelerator.process_index), RunState())
+    stream = loop.BatchStream(loader, accelerator.process_index)
+    run = loop.TrainingRun(objective, optimizer, scheduler, stream, loop.RunState())
     checkpoint, _ = resolve_checkpoint(training.resume_from_checkpoint, training.output_dir)
     record = settings_record(training, stage)
-    start_run(accelerator, run, checkpoint, "m2d2_stage2", record)
+    loop.start_run(accelerator, run, checkpoint, "m2d2_stage2", record)
 
     # Loop and export. The encoder is frozen (and dropout-free anyway); the text tower trains with its dropout, as
     # in the paper, unless it is frozen too.
@@ -85,8 +76,8 @@ def main(argv: list[str] | None = None) -> Path:
     if stage.freeze_text_model:
         clap.text_model.eval()
     sources = [stage.model_name_or_path, stage.audio_model, stage.text_model]
-    card = ExportCard("examples/pretrain_stage2.py", record, sources)
-    return run_training(accelerator, training, run, Stage2(accelerator, clap, tokenizer, batches, card))
+    card = loop.ExportCard("examples/pretrain_stage2.py", record, sources)
+    return loop.run_training(accelerator, training, run, Stage2(accelerator, clap, tokenizer, batches, card))
 
 
 if __name__ == "__main__":

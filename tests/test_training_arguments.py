@@ -91,3 +91,22 @@ def test_every_program_takes_a_config_file(program, capsys):
     assert stop.value.code == 0
     shown = capsys.readouterr().out
     assert "--config CONFIG" in shown and "--train_data" in shown
+
+
+def test_the_cli_takes_the_programs_flag_style_and_keeps_the_dashed_one():
+    from m2d2_hf.cli import build_parser
+    from m2d2_hf.evaluation.cli import add_label_arguments, evaluation_parser
+
+    parser = build_parser()
+    for spelling in ("--label_column", "--label-column"):
+        args = parser.parse_args(["zero-shot", "model", "clip.wav", "--labels", "a,b", spelling, "tag"])
+        assert args.label_column == "tag"
+    args = parser.parse_args(["convert", "c.pth", "out", "--text_model", "t", "--text_pooling", "mean"])
+    assert (args.text_model, args.text_pooling) == ("t", "mean")
+    args = parser.parse_args(["index", "model", "data", "--output", "out", "--audio_column", "wave"])
+    assert args.audio_column == "wave"
+    evaluation = evaluation_parser("test")
+    add_label_arguments(evaluation)
+    args = evaluation.parse_args(["m", "d", "--audio_column", "a", "--multi_label", "--label_separator", ";"])
+    assert (args.audio_column, args.multi_label, args.label_separator) == ("a", True, ";")
+    assert evaluation.parse_args(["m", "d", "--multi-label", "--label-column", "c"]).label_column == "c"
