@@ -15,7 +15,11 @@ details (labels, mixup, masks, the head, the schedule), are in `m2d2_hf.training
 import logging
 from pathlib import Path
 
+from accelerate import Accelerator
+
 from m2d2_hf.feature_extraction_m2d2 import M2D2FeatureExtractor
+from m2d2_hf.model_card import write_model_card
+from m2d2_hf.modeling_m2d2 import M2D2ForAudioClassification
 from m2d2_hf.training import loop
 from m2d2_hf.training.arguments import parse_settings, settings_record
 from m2d2_hf.training.checkpoint import resolve_checkpoint
@@ -23,7 +27,6 @@ from m2d2_hf.training.finetune import (
     DESCRIPTION,
     ClassificationObjective,
     EvaluationSettings,
-    Finetune,
     FinetuneBatches,
     FinetuneSettings,
     FinetuneTrainingSettings,
@@ -31,6 +34,7 @@ from m2d2_hf.training.finetune import (
     LabelReader,
     build_model,
     build_optimizer,
+    evaluate,
     resolve_labels,
     timm_cosine_schedule,
 )
@@ -39,16 +43,56 @@ from m2d2_hf.training.finetune import (
 logger = logging.getLogger("finetune_audio_classification")
 
 
+class Finetune:
+    """What fine-tuning adds to the shared loop (a `loop.Stage`): inputs from `FinetuneBatches`, an evaluation when
+    due after a step, exports of the classifier (a folder `pipeline("audio-classification")` loads)."""
+
+    loss_names = ("loss",)
+    description = "fine-tuning"
+    allow_uncaptioned = None
+
+    def __init__(
+        self,
+        accelerator: Accelerator,
+        model: M2D2ForAudioClassification,
+        batches: FinetuneBatches,
+        streams: LabelledStreams,
+        max_train_steps: int,
+        card: loop.ExportCard,
+    ):
+        self.accelerator, self.model, self.batches, self.streams = accelerator, model, batches, streams
+        self.max_train_steps, self.card = max_train_steps, card
+
+    def make_inputs(self, batch: dict, step: int, micro: int) -> dict:
+        return self.batches.train_inputs(batch, self.accelerator.device, step, self.accelerator.process_index, micro)
+
+    def after_step(self, step: int) -> dict:
+        done = step + 1
+        if self.streams.evaluation.due(done, self.max_train_steps):
+            values = evaluate(self.model, self.streams.eval_loader, self.batches, self.accelerator)
+            if self.accelerator.is_main_process:
+                logger.info(f"evaluation at step {done}: {values}")
+            self.accelerator.log(values, step=done)
+        return {}
+
+    def export(self, folder: Path, step: int) -> None:
+        """Saves the classification model with its feature extractor and model card."""
+        if self.accelerator.is_main_process:
+            self.model.save_pretrained(folder)
+            M2D2FeatureExtractor.from_audio_config(self.model.config).save_pretrained(folder)
+            write_model_card(folder, "M2D2ForAudioClassification", self.card.info(step))
+            logger.info(f"exported the classifier to {folder}")
+
+
 def main(argv: list[str] | None = None) -> Path:
     """Fine-tunes and returns the folder of the final export (`<output_dir>/final`)."""
     # Parse.
     training, settings, evaluation = parse_settings(
         (FinetuneTrainingSettings, FinetuneSettings, EvaluationSettings), argv, DESCRIPTION
     )
-    accelerator = loop.build_accelerator(training)  # seeds every RNG with --seed
+    accelerator = loop.build_accelerator(training)  # seeds every RNG, creates --output_dir
     if settings.multi_label_implied:
         logger.info("--label_separator given: a multi-label run")
-    loop.make_output_dir(accelerator, training.output_dir)
 
     # Build: the label set (given, or one pass over the training rows), then the classifier for it.
     reader = LabelReader(settings.label_column, settings.multi_label, settings.label_separator)

@@ -15,25 +15,68 @@ import logging
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
 
 from m2d2_hf.feature_extraction_m2d2 import M2D2FeatureExtractor
+from m2d2_hf.model_card import write_model_card
+from m2d2_hf.modeling_m2d2_pretraining import M2D2ForPreTraining
 from m2d2_hf.training import loop
 from m2d2_hf.training.arguments import TrainingSettings, parse_settings, settings_record
 from m2d2_hf.training.captions import CaptionEmbeddingTable
 from m2d2_hf.training.checkpoint import resolve_checkpoint
 from m2d2_hf.training.optim import scaled_learning_rate, warmup_cosine_schedule, weight_decay_groups
-from m2d2_hf.training.stage1 import DESCRIPTION, Stage1, Stage1Batches, Stage1Settings, build_model, compute_norm_stats
+from m2d2_hf.training.stage1 import DESCRIPTION, Stage1Batches, Stage1Settings, build_model, compute_norm_stats
 
 
 logger = logging.getLogger("pretrain_stage1")
+
+
+class Stage1:
+    """What stage 1 adds to the shared loop (a `loop.Stage`): inputs from `Stage1Batches`, the EMA update of the
+    target encoder and the temperature clamp after each step, `M2D2AudioModel` exports of the online encoder."""
+
+    loss_names = ("loss", "m2d_loss", "clap_loss")
+    description = "stage 1"
+
+    def __init__(
+        self,
+        accelerator: Accelerator,
+        model: M2D2ForPreTraining,
+        batches: Stage1Batches,
+        settings: Stage1Settings,
+        max_train_steps: int,
+        card: loop.ExportCard,
+    ):
+        self.accelerator, self.model, self.batches, self.card = accelerator, model, batches, card
+        self.max_train_steps = max_train_steps  # the EMA schedule's length
+        self.allow_uncaptioned = settings.allow_uncaptioned
+
+    def make_inputs(self, batch: dict, step: int, micro: int) -> dict:
+        return self.batches.inputs(batch, self.accelerator.device, step, self.accelerator.process_index, micro)
+
+    def after_step(self, step: int) -> dict:
+        decay = self.model.ema_decay(step, self.max_train_steps)
+        self.model.update_target(decay)
+        self.model.clamp_logit_scale()
+        values = {"ema_decay": decay}
+        if hasattr(self.model, "logit_scale"):
+            values["logit_scale"] = self.model.logit_scale.item()
+        return values
+
+    def export(self, folder: Path, step: int) -> None:
+        """Saves the online encoder as an `M2D2AudioModel` folder with its feature extractor and model card."""
+        if self.accelerator.is_main_process:
+            self.model.audio_model.save_pretrained(folder)
+            M2D2FeatureExtractor.from_audio_config(self.model.config).save_pretrained(folder)
+            write_model_card(folder, "M2D2AudioModel", self.card.info(step))
+            logger.info(f"exported the encoder to {folder}")
 
 
 def main(argv: list[str] | None = None) -> Path:
     """Runs stage 1 and returns the folder of the final encoder export (`<output_dir>/final`)."""
     # Parse.
     training, stage = parse_settings((TrainingSettings, Stage1Settings), argv, DESCRIPTION)
-    accelerator = loop.build_accelerator(training)  # seeds every RNG with --seed
-    loop.make_output_dir(accelerator, training.output_dir)
+    accelerator = loop.build_accelerator(training)  # seeds every RNG, creates --output_dir
 
     # Build: the caption table fixes the size of the CLAP head; a resumed run gets its weights back below.
     captions = CaptionEmbeddingTable.from_path(stage.caption_embeddings) if stage.caption_embeddings else None
@@ -85,7 +128,10 @@ def main(argv: list[str] | None = None) -> Path:
     card = loop.ExportCard("examples/pretrain_stage1.py", record, [stage.model_name_or_path])
     model.train()
     return loop.run_training(
-        accelerator, training, run, Stage1(accelerator, unwrapped, batches, stage, training.max_train_steps, card)
+        accelerator,
+        training,
+        run,
+        Stage1(accelerator, unwrapped, batches, stage, training.max_train_steps, card),
     )
 
 

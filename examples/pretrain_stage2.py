@@ -13,11 +13,17 @@ shared loop (which checkpoints and exports complete `M2D2ClapModel` folders with
 live in `m2d2_hf.training` (`stage2`, `loop`, `optim`, `captions`).
 """
 
+import logging
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
 
 from m2d2_hf.feature_extraction_m2d2 import M2D2FeatureExtractor
+from m2d2_hf.model_card import write_model_card
+from m2d2_hf.modeling_m2d2 import M2D2ClapModel
+from m2d2_hf.modeling_m2d2_pretraining import MAX_LOGIT_SCALE
+from m2d2_hf.processing_m2d2 import M2D2Processor
 from m2d2_hf.training import loop
 from m2d2_hf.training.arguments import parse_settings, settings_record
 from m2d2_hf.training.captions import read_captions
@@ -26,7 +32,6 @@ from m2d2_hf.training.optim import scaled_learning_rate, warmup_cosine_schedule,
 from m2d2_hf.training.stage2 import (
     DESCRIPTION,
     FrozenEncoderClapObjective,
-    Stage2,
     Stage2Batches,
     Stage2Settings,
     Stage2TrainingSettings,
@@ -34,12 +39,46 @@ from m2d2_hf.training.stage2 import (
 )
 
 
+logger = logging.getLogger("pretrain_stage2")
+
+
+class Stage2:
+    """What stage 2 adds to the shared loop (a `loop.Stage`): inputs from `Stage2Batches`, the temperature clamp
+    after each step, complete `M2D2ClapModel` exports with their processor."""
+
+    loss_names = ("loss",)
+    description = "stage 2"
+    allow_uncaptioned = None
+
+    def __init__(
+        self, accelerator: Accelerator, clap: M2D2ClapModel, tokenizer, batches: Stage2Batches, card: loop.ExportCard
+    ):
+        self.accelerator, self.clap, self.tokenizer = accelerator, clap, tokenizer
+        self.batches, self.card = batches, card
+
+    def make_inputs(self, batch: dict, step: int, micro: int) -> dict:
+        return self.batches.inputs(batch, self.accelerator.device, step, self.accelerator.process_index, micro)
+
+    def after_step(self, step: int) -> dict:
+        with torch.no_grad():
+            self.clap.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+        return {"logit_scale": self.clap.logit_scale.item()}
+
+    def export(self, folder: Path, step: int) -> None:
+        """Saves the complete CLAP model with its processor (feature extractor + tokenizer) and model card."""
+        if self.accelerator.is_main_process:
+            self.clap.save_pretrained(folder)
+            feature_extractor = M2D2FeatureExtractor.from_audio_config(self.clap.config.audio_config)
+            M2D2Processor(feature_extractor, self.tokenizer).save_pretrained(folder)
+            write_model_card(folder, "M2D2ClapModel", self.card.info(step))
+            logger.info(f"exported the CLAP model to {folder}")
+
+
 def main(argv: list[str] | None = None) -> Path:
     """Runs stage 2 (or 2.1) and returns the folder of the final export (`<output_dir>/final`)."""
     # Parse.
     training, stage = parse_settings((Stage2TrainingSettings, Stage2Settings), argv, DESCRIPTION)
-    accelerator = loop.build_accelerator(training)  # seeds every RNG with --seed
-    loop.make_output_dir(accelerator, training.output_dir)
+    accelerator = loop.build_accelerator(training)  # seeds every RNG, creates --output_dir
 
     # Build: the CLAP model and its tokenizer; captions from a separate file, or a column of the stream.
     clap, tokenizer = build_model(stage)

@@ -1,13 +1,13 @@
 """Stage 1.1 of the M2D2 recipe: audio-classification fine-tuning of an M2D2 encoder, with accelerate.
 
 The pieces of `examples/finetune_audio_classification.py` (the program): its settings, labels, model, batches,
-evaluation and the stage it gives the shared loop. The defaults are
-the stage-1.1 recipe (spec §11.3: EVAR `finetune.py` with m2d `util/ft-as2m.sh` settings): random 1001-frame
-crops, mixup α 0.5 on the raw log-mel and the labels, normalisation with the encoder's `norm_stats`, one frequency
-mask (30 bins) and one time mask (192 frames) shared by the batch, structured patch masking at 0.5, the EVAR head
-(BatchNorm1d without affine → Linear), SGD with momentum 0.9 and no weight decay (the original's LARS, whose trust
-ratio is skipped at weight decay 0) at lr 2.0 for batch 64, 15 of 70 epochs warm-up then cosine (timm's
-`CosineLRScheduler`), no gradient clipping, BCE (multi-label) or cross-entropy (single-label).
+streams and evaluation. The defaults are the stage-1.1 recipe (spec §11.3: EVAR `finetune.py` with m2d
+`util/ft-as2m.sh` settings): random 1001-frame crops, mixup α 0.5 on the raw log-mel and the labels,
+normalisation with the encoder's `norm_stats`, one frequency mask (30 bins) and one time mask (192 frames) shared
+by the batch, structured patch masking at 0.5, the EVAR head (BatchNorm1d without affine → Linear), SGD with
+momentum 0.9 and no weight decay (the original's LARS, whose trust ratio is skipped at weight decay 0) at lr 2.0 for
+batch 64, 15 of 70 epochs warm-up then cosine (timm's `CosineLRScheduler`), no gradient clipping, BCE (multi-label)
+or cross-entropy (single-label).
 
 Data path: streamed audio with a label column (`load_audio_stream`, decoded in DataLoader workers, broken items
 skipped and counted) → log-mel of whole clips on the training device → a random crop per clip (zero-padded at the
@@ -47,7 +47,6 @@ import copy
 import logging
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -64,11 +63,10 @@ from ..configuration_m2d2 import M2D2AudioConfig, M2D2Config
 from ..evaluation.metrics import mean_average_precision, top_k_accuracy
 from ..feature_extraction_m2d2 import M2D2FeatureExtractor
 from ..masking import random_structured_mask
-from ..model_card import write_model_card
 from ..modeling_m2d2 import M2D2AudioModel, M2D2ClapModel, M2D2ForAudioClassification, sincos_position_table
 from .arguments import TrainingSettings, option, repeatable
 from .data import load_audio_stream, random_log_mel_crops
-from .loop import ExportCard, parse_filters, step_generator, streamed_loader
+from .loop import parse_filters, step_generator, streamed_loader
 
 
 logger = logging.getLogger(__name__)
@@ -606,7 +604,7 @@ def evaluate(model: M2D2ForAudioClassification, make_loader, prepare: FinetuneBa
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Program
+# Streams
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -650,44 +648,3 @@ class LabelledStreams:
             evaluation.eval_data or training.train_data, evaluation.eval_split or training.split,
             evaluation.eval_filter, batch_size, 0, False,
         )  # fmt: skip
-
-
-class Finetune:
-    """Fine-tuning for the shared loop: inputs from `FinetuneBatches`, an evaluation when due after a step, exports
-    of the classifier (a folder `pipeline("audio-classification")` loads)."""
-
-    loss_names = ("loss",)
-    description = "fine-tuning"
-    allow_uncaptioned = None
-
-    def __init__(
-        self,
-        accelerator: Accelerator,
-        model: M2D2ForAudioClassification,
-        batches: FinetuneBatches,
-        streams: LabelledStreams,
-        max_train_steps: int,
-        card: ExportCard,
-    ):
-        self.accelerator, self.model, self.batches, self.streams = accelerator, model, batches, streams
-        self.max_train_steps, self.card = max_train_steps, card
-
-    def make_inputs(self, batch: dict, step: int, micro: int) -> dict:
-        return self.batches.train_inputs(batch, self.accelerator.device, step, self.accelerator.process_index, micro)
-
-    def after_step(self, step: int) -> dict:
-        done = step + 1
-        if self.streams.evaluation.due(done, self.max_train_steps):
-            values = evaluate(self.model, self.streams.eval_loader, self.batches, self.accelerator)
-            if self.accelerator.is_main_process:
-                logger.info(f"evaluation at step {done}: {values}")
-            self.accelerator.log(values, step=done)
-        return {}
-
-    def export(self, folder: Path, step: int) -> None:
-        """Saves the classification model with its feature extractor and model card."""
-        if self.accelerator.is_main_process:
-            self.model.save_pretrained(folder)
-            M2D2FeatureExtractor.from_audio_config(self.model.config).save_pretrained(folder)
-            write_model_card(folder, "M2D2ForAudioClassification", self.card.info(step))
-            logger.info(f"exported the classifier to {folder}")

@@ -83,7 +83,8 @@ def tracker_names(report_to: str) -> list[str]:
 
 def build_accelerator(settings: TrainingSettings) -> Accelerator:
     """The Accelerator of a run: trackers from `--report_to` (jsonl writes `metrics.jsonl` in the output folder),
-    and gradient accumulation that makes per-device batch × processes × accumulation the global batch."""
+    and gradient accumulation that makes per-device batch × processes × accumulation the global batch. Seeds every
+    RNG with `--seed` and creates the output folder (after the trackers are checked)."""
     names = tracker_names(settings.report_to)
     trackers: list[Any] = [JSONLTracker("m2d2", settings.output_dir) if n == "jsonl" else n for n in names]
     accelerator = Accelerator(log_with=trackers or None, project_dir=settings.output_dir)
@@ -97,6 +98,7 @@ def build_accelerator(settings: TrainingSettings) -> Accelerator:
         level=logging.INFO if accelerator.is_local_main_process else logging.WARNING,
     )
     set_seed(settings.seed)
+    make_output_dir(accelerator, settings.output_dir)
     return accelerator
 
 

@@ -1,7 +1,7 @@
 """Stage 1 of the M2D2 recipe: M2D + CLAP pre-training against cached caption embeddings, with accelerate.
 
 The pieces of `examples/pretrain_stage1.py` (the program: parse → build → prepare → loop → export): its settings,
-the model it builds, the batches it makes, the `norm_stats` pass and the stage it gives the shared loop. Data path:
+the model it builds, the batches it makes and the `norm_stats` pass. Data path:
 streamed audio (decoded and resampled in DataLoader workers, broken items skipped and counted) → log-mel of whole
 clips on the training device → random 608-frame crops (zero-padded in raw log-mel space) → normalisation with the
 run's `norm_stats` → `M2D2ForPreTraining` → clipped AdamW, warm-up + cosine schedule, EMA target update,
@@ -10,20 +10,16 @@ temperature clamp → step checkpoints and `M2D2AudioModel` exports.
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 from transformers import AutoConfig
 
 from ..configuration_m2d2 import M2D2AudioConfig
-from ..feature_extraction_m2d2 import M2D2FeatureExtractor
-from ..model_card import write_model_card
 from ..modeling_m2d2_pretraining import M2D2ForPreTraining
 from .arguments import option
 from .captions import CaptionEmbeddingTable, draw_captions
 from .data import random_log_mel_crops
-from .loop import ExportCard, step_generator
+from .loop import step_generator
 
 
 logger = logging.getLogger(__name__)
@@ -147,44 +143,3 @@ def compute_norm_stats(batches, prepare: Stage1Batches, num_crops: int, accelera
     mean = totals[0] / totals[2]
     std = (totals[1] / totals[2] - mean.square()).clamp(min=0).sqrt()
     return float(mean), float(std)
-
-
-class Stage1:
-    """Stage 1 for the shared loop: inputs from `Stage1Batches`, the EMA update and temperature clamp after each
-    step, `M2D2AudioModel` exports of the online encoder."""
-
-    loss_names = ("loss", "m2d_loss", "clap_loss")
-    description = "stage 1"
-
-    def __init__(
-        self,
-        accelerator: Accelerator,
-        model: M2D2ForPreTraining,
-        batches: Stage1Batches,
-        settings: Stage1Settings,
-        max_train_steps: int,
-        card: ExportCard,
-    ):
-        self.accelerator, self.model, self.batches, self.card = accelerator, model, batches, card
-        self.max_train_steps = max_train_steps
-        self.allow_uncaptioned = settings.allow_uncaptioned
-
-    def make_inputs(self, batch: dict, step: int, micro: int) -> dict:
-        return self.batches.inputs(batch, self.accelerator.device, step, self.accelerator.process_index, micro)
-
-    def after_step(self, step: int) -> dict:
-        decay = self.model.ema_decay(step, self.max_train_steps)
-        self.model.update_target(decay)
-        self.model.clamp_logit_scale()
-        values = {"ema_decay": decay}
-        if hasattr(self.model, "logit_scale"):
-            values["logit_scale"] = self.model.logit_scale.item()
-        return values
-
-    def export(self, folder: Path, step: int) -> None:
-        """Saves the online encoder as an `M2D2AudioModel` folder with its feature extractor and model card."""
-        if self.accelerator.is_main_process:
-            self.model.audio_model.save_pretrained(folder)
-            M2D2FeatureExtractor.from_audio_config(self.model.config).save_pretrained(folder)
-            write_model_card(folder, "M2D2AudioModel", self.card.info(step))
-            logger.info(f"exported the encoder to {folder}")

@@ -1,8 +1,8 @@
 """Stages 2 and 2.1 of the M2D2 recipe: CLAP training of a text tower and a new semantic audio projector against
 the FROZEN stage-1.1 audio encoder, with accelerate (spec §7, §11.2).
 
-The pieces of `examples/pretrain_stage2.py` (the program): its settings, the model it builds, the objective, the
-batches and the stage it gives the shared loop. Data path: streamed audio + captions (several per clip, one drawn
+The pieces of `examples/pretrain_stage2.py` (the program): its settings, the model it builds, the objective and
+the batches. Data path: streamed audio + captions (several per clip, one drawn
 per step) → log-mel of whole clips on the device → random 1001-frame crops → normalisation with the encoder's
 `norm_stats` → frozen encoder over the visible patches of a structured mask (ratio 0.3 in stage 2, 0 in stage 2.1)
 → projector; captions tokenised on the fly → text tower (CLS) → contrastive loss over the global batch → the
@@ -12,11 +12,9 @@ complete `M2D2ClapModel` folder with its processor, ready for `pipeline("zero-sh
 import logging
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import torch
-from accelerate import Accelerator
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 from transformers.utils import ModelOutput
@@ -24,13 +22,11 @@ from transformers.utils import ModelOutput
 from ..configuration_m2d2 import M2D2Config
 from ..feature_extraction_m2d2 import M2D2FeatureExtractor
 from ..masking import random_structured_mask, random_unstructured_mask
-from ..model_card import write_model_card
 from ..modeling_m2d2 import M2D2AudioModel, M2D2ClapModel
-from ..modeling_m2d2_pretraining import MAX_LOGIT_SCALE, global_clap_loss
-from ..processing_m2d2 import M2D2Processor
+from ..modeling_m2d2_pretraining import global_clap_loss
 from .arguments import TrainingSettings, option
 from .data import random_log_mel_crops
-from .loop import ExportCard, step_generator
+from .loop import step_generator
 
 
 logger = logging.getLogger(__name__)
@@ -251,35 +247,3 @@ class Stage2Batches:
             **tokens,
             **extra,
         }
-
-
-class Stage2:
-    """Stage 2 for the shared loop: inputs from `Stage2Batches`, the temperature clamp after each step, complete
-    `M2D2ClapModel` exports with their processor."""
-
-    loss_names = ("loss",)
-    description = "stage 2"
-    allow_uncaptioned = None
-
-    def __init__(
-        self, accelerator: Accelerator, clap: M2D2ClapModel, tokenizer, batches: "Stage2Batches", card: ExportCard
-    ):
-        self.accelerator, self.clap, self.tokenizer = accelerator, clap, tokenizer
-        self.batches, self.card = batches, card
-
-    def make_inputs(self, batch: dict, step: int, micro: int) -> dict:
-        return self.batches.inputs(batch, self.accelerator.device, step, self.accelerator.process_index, micro)
-
-    def after_step(self, step: int) -> dict:
-        with torch.no_grad():
-            self.clap.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
-        return {"logit_scale": self.clap.logit_scale.item()}
-
-    def export(self, folder: Path, step: int) -> None:
-        """Saves the complete CLAP model with its processor (feature extractor + tokenizer) and model card."""
-        if self.accelerator.is_main_process:
-            self.clap.save_pretrained(folder)
-            feature_extractor = M2D2FeatureExtractor.from_audio_config(self.clap.config.audio_config)
-            M2D2Processor(feature_extractor, self.tokenizer).save_pretrained(folder)
-            write_model_card(folder, "M2D2ClapModel", self.card.info(step))
-            logger.info(f"exported the CLAP model to {folder}")
