@@ -1,5 +1,7 @@
 """The accelerate pieces every M2D2 training program shares: the process set-up, an endless epoch-aware batch
-stream that resumes at the exact batch, per-step random generators, step checkpoints, trackers and progress.
+stream that resumes at the exact batch, per-step random generators, step checkpoints, trackers and progress, and
+the optimisation loop (`run_training`), which takes the shared settings, the prepared run (`TrainingRun`) and what
+the program adds to each step (a `Stage`).
 
 Resuming is step-exact because everything random that a step uses is either derived from (seed, step, process)
 or restored from the checkpoint (model, optimiser, the stream's epoch and position; see `checkpoint`), and the
@@ -98,7 +100,9 @@ def build_accelerator(settings: TrainingSettings) -> Accelerator:
         level=logging.INFO if accelerator.is_local_main_process else logging.WARNING,
     )
     set_seed(settings.seed)
-    make_output_dir(accelerator, settings.output_dir)
+    if accelerator.is_main_process:
+        Path(settings.output_dir).mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
     return accelerator
 
 
@@ -385,15 +389,6 @@ def run_training(accelerator: Accelerator, settings: TrainingSettings, run: Trai
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return final
-
-
-def make_output_dir(accelerator: Accelerator, output_dir: str | os.PathLike) -> Path:
-    """Creates the output folder on the main process; every process waits for it."""
-    output_dir = Path(output_dir)
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
-    return output_dir
 
 
 def streamed_loader(
