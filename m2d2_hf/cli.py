@@ -99,12 +99,16 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
         "folder with bert-base-uncased's vocab.txt",
     )
     parser.add_argument(
+        "--text_model",
         "--text-model",
         metavar="DIR_OR_ID",
         help="text tower for checkpoints that do not contain it (the 2024 model: thenlper/gte-base)",
     )
     parser.add_argument(
-        "--text-pooling", choices=("cls", "mean"), help="text pooling (default: from the folder name's letter)"
+        "--text_pooling",
+        "--text-pooling",
+        choices=("cls", "mean"),
+        help="text pooling (default: from the folder name's letter)",
     )
     parser.add_argument("--input-size", type=_size_pair, metavar="FxT", help="mel bins x frames, e.g. 80x1001")
     parser.add_argument("--patch-size", type=_size_pair, metavar="FxT", help="patch height x width, e.g. 16x16")
@@ -209,7 +213,9 @@ def add_zero_shot_arguments(parser: argparse.ArgumentParser) -> None:
         help="a labelled set's metadata.csv (audiofolder layout: file_name relative to its folder, a label column): "
         "scores the predictions and prints the top-1 accuracy; the class names default to all its distinct labels",
     )
-    parser.add_argument("--label-column", default="label", help="label column of --metadata (default: label)")
+    parser.add_argument(
+        "--label_column", "--label-column", default="label", help="label column of --metadata (default: label)"
+    )
     parser.add_argument("--split", help="keep the --metadata rows whose 'split' column has this value (e.g. test)")
     parser.add_argument(
         "--template",

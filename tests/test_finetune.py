@@ -3,7 +3,6 @@ falls, the export loads in the audio-classification pipeline, a longer crop reco
 resumed run logs the uninterrupted run's losses, multi-label CSV labels give an mAP, mixup changes the loss; and the
 pieces (labels, mixup, masks, layer decay, schedule, eval crops) checked in-process."""
 
-import argparse
 import csv
 import json
 import math
@@ -310,7 +309,7 @@ def test_build_model_extends_or_keeps_the_grid(encoder_dir):
     stored = encoder.embeddings.position_embeddings
 
     def args(crop, table="recompute"):
-        return argparse.Namespace(
+        return finetune.FinetuneSettings(
             model_name_or_path=str(encoder_dir), crop_frames=crop, position_table=table, multi_label=True
         )
 

@@ -32,6 +32,7 @@ from m2d2_hf import M2D2AudioConfig, M2D2AudioModel, cli
 from m2d2_hf.conversion import convert_checkpoint
 from m2d2_hf.evaluation import load_evaluation_set
 from m2d2_hf.training import loop
+from m2d2_hf.training.arguments import TrainingSettings
 from m2d2_hf.training.captions import CaptionEmbeddingTable, CaptionEncoder, cached_ids, write_embedding_shard
 from m2d2_hf.training.checkpoint import COMPLETE_MARKER
 from m2d2_hf.training.data import load_audio_stream
@@ -449,11 +450,9 @@ def test_report_to_a_tracker_that_is_not_installed_stops_before_training(monkeyp
     assert loop.tracker_names("jsonl,tensorboard") == ["jsonl", "tensorboard"]
     # build_accelerator checks the trackers first: nothing is created, not even the output folder.
     monkeypatch.setattr(loop, "get_available_trackers", lambda: [])
-    args = loop.program_parser("test")[0].parse_args(
-        ["--train_data", "x", "--output_dir", "/nonexistent/out", "--max_train_steps", "1", "--report_to", "wandb"]
-    )
+    settings = TrainingSettings(train_data="x", output_dir="/nonexistent/out", max_train_steps=1, report_to="wandb")
     with pytest.raises(ValueError, match="wandb"):
-        loop.build_accelerator(args)
+        loop.build_accelerator(settings)
     import configparser
 
     setup = configparser.ConfigParser()

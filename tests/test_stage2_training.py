@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from transformers import AutoModel, pipeline
 
 from m2d2_hf import M2D2AudioConfig, M2D2AudioModel, M2D2ClapModel, M2D2Config
-from m2d2_hf.training.stage2 import build_model, build_parser, crop_padding_mask
+from m2d2_hf.training.stage2 import Stage2Settings, build_model, crop_padding_mask
 
 from .conftest import TINY_AUDIO
 from .test_model_card import assert_model_card
@@ -128,13 +128,12 @@ def test_masked_visible_encoding_equals_encoding_only_the_audio():
 
 
 def test_projection_dim_needs_the_mlp_projector(encoder_dir, tokenizer_dir):
-    parser = build_parser()
-    # Flag / value pairs grouped as one would type them (fmt: skip keeps the groups on their lines).
-    base = ["--train_data", "x", "--output_dir", "y", "--max_train_steps", "1", "--audio_model", str(encoder_dir),
-            "--text_model", str(tokenizer_dir), "--crop_frames", "208"]  # fmt: skip
+    def settings(**options) -> Stage2Settings:
+        return Stage2Settings(audio_model=str(encoder_dir), text_model=str(tokenizer_dir), crop_frames=208, **options)
+
     with pytest.raises(ValueError, match="needs --audio_projector_type mlp"):
-        build_model(parser.parse_args(base + ["--projection_dim", "384"]))
-    model, _ = build_model(parser.parse_args(base + ["--audio_projector_type", "mlp", "--projection_dim", "384"]))
+        build_model(settings(projection_dim=384))
+    model, _ = build_model(settings(audio_projector_type="mlp", projection_dim=384))
     assert model.audio_projection.fc2.out_features == 384 and not model.config.text_projection
     with pytest.raises(ValueError, match="semantic audio projector keeps the encoder width"):
         M2D2Config(audio_config=model.config.audio_config, text_config=model.config.text_config, projection_dim=384)

@@ -9,16 +9,29 @@ goes to `log`. `save_delay` makes every flush of a checkpoint save sleep, so tha
 The runner itself runs no torch operation before forking: children start with no OpenMP thread pool to inherit.
 """
 
+import importlib.util
 import json
 import os
 import sys
 import time
 import traceback
+from pathlib import Path
 
-from m2d2_hf.training import checkpoint, stage1, stage2
+from m2d2_hf.training import checkpoint
 
 
-PROGRAMS = {"stage1": stage1.main, "stage2": stage2.main}
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def program(name: str):
+    """The `main` of an example program, imported (once, in the runner) from its file."""
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+PROGRAMS = {"stage1": program("pretrain_stage1"), "stage2": program("pretrain_stage2")}
 
 
 def slow_down_saves(delay: float) -> None:

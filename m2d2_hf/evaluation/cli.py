@@ -28,7 +28,9 @@ def add_common_arguments(parser: argparse.ArgumentParser, split_filter: bool = T
     if split_filter:
         parser.add_argument("--split", help="dataset split, or value of --split-column to keep")
     parser.add_argument("--split-column", default="split", help="column holding the split (default: split)")
-    parser.add_argument("--audio-column", default="audio", help="audio column of a datasets source (default: audio)")
+    parser.add_argument(
+        "--audio_column", "--audio-column", default="audio", help="audio column of a datasets source (default: audio)"
+    )
     parser.add_argument("--limit", type=int, help="evaluate only the first N clips (quick runs)")
     parser.add_argument("--batch-size", type=int, default=8, help="clips per forward pass (default: 8)")
     parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
@@ -37,9 +39,13 @@ def add_common_arguments(parser: argparse.ArgumentParser, split_filter: bool = T
 
 def add_label_arguments(parser: argparse.ArgumentParser) -> None:
     """The label arguments of the classification scripts (zero-shot, linear probe)."""
-    parser.add_argument("--label-column", default="label", help="column holding the labels (default: label)")
-    parser.add_argument("--multi-label", action="store_true", help="label lists per clip; report mAP")
-    parser.add_argument("--label-separator", default=",", help="separator of multi-label names in a text column")
+    parser.add_argument(
+        "--label_column", "--label-column", default="label", help="column holding the labels (default: label)"
+    )
+    parser.add_argument("--multi_label", "--multi-label", action="store_true", help="label lists per clip; report mAP")
+    parser.add_argument(
+        "--label_separator", "--label-separator", default=",", help="separator of multi-label names in a text column"
+    )
 
 
 def evaluation_parser(description: str, split_filter: bool = True) -> argparse.ArgumentParser:

@@ -59,7 +59,9 @@ def add_index_arguments(parser: argparse.ArgumentParser) -> None:
         help="override a FAISS parameter (repeatable): ivf nlist / nprobe, hnsw M / ef_construction / ef_search",
     )
     parser.add_argument("--split", help="keep the rows of this split (a metadata split column or a dataset split)")
-    parser.add_argument("--audio-column", default="audio", help="audio column of a dataset source (default audio)")
+    parser.add_argument(
+        "--audio_column", "--audio-column", default="audio", help="audio column of a dataset source (default audio)"
+    )
     parser.add_argument("--batch-size", type=positive_int, default=8, help="sounds / windows per forward (default 8)")
     parser.add_argument(
         "--files-per-shard", type=positive_int, default=64, help="sounds per resumable shard (default 64)"

@@ -1,12 +1,13 @@
 """Stage 1.1 of the M2D2 recipe: audio-classification fine-tuning of an M2D2 encoder, with accelerate.
 
-`examples/finetune_audio_classification.py` is the command line; everything it does lives here. The defaults are
-the stage-1.1 recipe (spec §11.3: EVAR `finetune.py` with m2d `util/ft-as2m.sh` settings): random 1001-frame
-crops, mixup α 0.5 on the raw log-mel and the labels, normalisation with the encoder's `norm_stats`, one frequency
-mask (30 bins) and one time mask (192 frames) shared by the batch, structured patch masking at 0.5, the EVAR head
-(BatchNorm1d without affine → Linear), SGD with momentum 0.9 and no weight decay (the original's LARS, whose trust
-ratio is skipped at weight decay 0) at lr 2.0 for batch 64, 15 of 70 epochs warm-up then cosine (timm's
-`CosineLRScheduler`), no gradient clipping, BCE (multi-label) or cross-entropy (single-label).
+The pieces of `examples/finetune_audio_classification.py` (the program): its settings, labels, model, batches,
+streams and evaluation. The defaults are the stage-1.1 recipe (spec §11.3: EVAR `finetune.py` with m2d
+`util/ft-as2m.sh` settings): random 1001-frame crops, mixup α 0.5 on the raw log-mel and the labels,
+normalisation with the encoder's `norm_stats`, one frequency mask (30 bins) and one time mask (192 frames) shared
+by the batch, structured patch masking at 0.5, the EVAR head (BatchNorm1d without affine → Linear), SGD with
+momentum 0.9 and no weight decay (the original's LARS, whose trust ratio is skipped at weight decay 0) at lr 2.0 for
+batch 64, 15 of 70 epochs warm-up then cosine (timm's `CosineLRScheduler`), no gradient clipping, BCE (multi-label)
+or cross-entropy (single-label).
 
 Data path: streamed audio with a label column (`load_audio_stream`, decoded in DataLoader workers, broken items
 skipped and counted) → log-mel of whole clips on the training device → a random crop per clip (zero-padded at the
@@ -42,16 +43,18 @@ The head's BatchNorm1d stays a plain (per-process) BatchNorm, as the original tr
 before each evaluation the main process's running statistics are copied to the others.
 """
 
-import argparse
 import copy
 import logging
-from pathlib import Path
+from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object
 from torch import nn
+from torch.utils.data import DataLoader
 from transformers import AutoConfig
 from transformers.modeling_outputs import SequenceClassifierOutput
 
@@ -60,23 +63,10 @@ from ..data.labels import LabelReader, parse_label_list, targets_of
 from ..evaluation.metrics import mean_average_precision, top_k_accuracy
 from ..feature_extraction_m2d2 import M2D2FeatureExtractor
 from ..masking import random_structured_mask
-from ..model_card import ModelCardInfo, training_card_info, write_model_card
 from ..modeling_m2d2 import M2D2AudioModel, M2D2ClapModel, M2D2ForAudioClassification, sincos_position_table
-from .checkpoint import resolve_checkpoint
+from .arguments import TrainingSettings, option, repeatable
 from .data import load_audio_stream, random_log_mel_crops
-from .loop import (
-    BatchStream,
-    RunState,
-    build_accelerator,
-    make_output_dir,
-    parse_filters,
-    program_parser,
-    run_training,
-    start_run,
-    step_generator,
-    streamed_loader,
-)
-from .optim import timm_cosine_schedule
+from .loop import parse_filters, step_generator, streamed_loader
 
 
 logger = logging.getLogger(__name__)
@@ -87,102 +77,103 @@ POSITION_KEY = "embeddings.position_embeddings"
 MIN_LEARNING_RATE = 1e-7
 DEFAULT_LEARNING_RATES = {"sgd": 2.0, "adamw": 1e-4}
 DEFAULT_WEIGHT_DECAYS = {"sgd": 0.0, "adamw": 0.05}
+DESCRIPTION = (
+    "Stage-1.1 M2D2 fine-tuning: audio classification from an M2D2 encoder folder. Defaults follow the 2025 recipe "
+    "(AudioSet-2M in EVAR): 1001-frame random crops, mixup 0.5, frequency mask 30, time mask 192, structured patch "
+    "mask 0.5, SGD momentum 0.9 without weight decay (the original's LARS) at lr 2.0 for batch 64, 15 of 70 epochs "
+    "warm-up then cosine, no gradient clipping. --weight_decay defaults to 0 with sgd and 0.05 with adamw; "
+    "--learning_rate to 2.0 with sgd and 1e-4 with adamw. Scale the lr with the batch."
+)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser, model = program_parser(
-        "Stage-1.1 M2D2 fine-tuning: audio classification from an M2D2 encoder folder. Defaults follow "
-        "the 2025 recipe (AudioSet-2M in EVAR): 1001-frame random crops, mixup 0.5, frequency mask 30, time mask "
-        "192, structured patch mask 0.5, SGD momentum 0.9 without weight decay (the original's LARS) at lr 2.0 for "
-        "batch 64, 15 of 70 epochs warm-up then cosine, no gradient clipping. --weight_decay defaults to 0 with sgd "
-        "and 0.05 with adamw; --learning_rate to 2.0 with sgd and 1e-4 with adamw. Scale the lr with the batch."
-    )
-    model.add_argument(
-        "--model_name_or_path",
-        required=True,
+@dataclass
+class FinetuneSettings:
+    """The model, label, augmentation and optimiser options of fine-tuning (the shared ones:
+    `FinetuneTrainingSettings`)."""
+
+    model_name_or_path: str = option(
         help="M2D2AudioModel folder (e.g. the stage-1 export <out>/final, a converted encoder), or an M2D2 CLAP / "
         "pre-training / classification folder whose audio encoder is taken",
     )
-    model.add_argument("--crop_frames", type=int, default=1001, help="log-mel frames per crop (10.01 s)")
-    model.add_argument(
-        "--position_table",
-        choices=("recompute", "bicubic"),
-        default="recompute",
+    crop_frames: int = option(1001, help="log-mel frames per crop (10.01 s)")
+    position_table: Literal["recompute", "bicubic"] = option(
+        "recompute",
         help="when --crop_frames exceeds the encoder's chunk_frames: recompute the fixed sin-cos table for the "
         "longer grid, or resize the stored one bicubically as the original's EVAR loader did",
     )
-    model.add_argument("--min_seconds", type=float, default=0.0, help="zero-pad waveforms to this length first")
+    min_seconds: float = option(0.0, help="zero-pad waveforms to this length first")
 
-    labels = parser.add_argument_group("labels")
-    labels.add_argument("--label_column", default="label", help="column holding the label(s)")
-    labels.add_argument(
-        "--labels",
-        default=None,
+    label_column: str = option("label", help="column holding the label(s)")
+    labels: str | None = option(
+        None,
         help="comma-separated label set (its order is id2label's); default: every label of the filtered training "
         "rows, sorted, from one pass over the rows at the start (no audio decoding, but remote data is read once: "
         "give the labels there). Rows with no label of the set are left out. Integer labels (a ClassLabel column) "
         "are used as their string form: prefer a column of names",
     )
-    labels.add_argument("--multi_label", action="store_true", help="multi-label targets, sigmoid + BCE, mAP")
-    labels.add_argument(
-        "--label_separator", default=None, help="split string label cells on this (e.g. ';'); implies --multi_label"
+    multi_label: bool = option(False, help="multi-label targets, sigmoid + BCE, mAP")
+    label_separator: str | None = option(
+        None, help="split string label cells on this (e.g. ';'); implies --multi_label"
     )
 
-    augment = parser.add_argument_group("augmentation and masking")
-    augment.add_argument("--mixup", type=float, default=0.5, help="mixup alpha, lambda ~ Beta(a, a) per clip (0: off)")
-    augment.add_argument("--freq_mask", type=int, default=30, help="torchaudio FrequencyMasking bins (0: off)")
-    augment.add_argument("--time_mask", type=int, default=192, help="torchaudio TimeMasking frames (0: off)")
-    augment.add_argument(
-        "--training_mask", type=float, default=0.5, help="structured frequency/time patch mask ratio (0: off)"
-    )
-    augment.add_argument(
-        "--drop_stripes",
-        action="store_true",
+    mixup: float = option(0.5, help="mixup alpha, lambda ~ Beta(a, a) per clip (0: off)")
+    freq_mask: int = option(30, help="torchaudio FrequencyMasking bins (0: off)")
+    time_mask: int = option(192, help="torchaudio TimeMasking frames (0: off)")
+    training_mask: float = option(0.5, help="structured frequency/time patch mask ratio (0: off)")
+    drop_stripes: bool = option(
+        False,
         help="drop the stripe patches (the method as described) instead of the original code's order, which keeps "
         "them and drops the last non-stripe patches (spec 11.1)",
     )
 
-    optim = parser.add_argument_group("fine-tuning optimiser")
-    optim.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd", help="sgd: momentum 0.9 (LARS as used)")
-    optim.add_argument("--learning_rate", type=float, default=None, help="peak lr (sgd: 2.0 at batch 64)")
-    optim.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    optim.add_argument(
-        "--layer_decay",
-        type=float,
-        default=1.0,
+    optimizer: Literal["sgd", "adamw"] = option("sgd", help="sgd: momentum 0.9 (LARS as used)")
+    learning_rate: float | None = option(None, help="peak lr (sgd: 2.0 at batch 64)")
+    momentum: float = option(0.9, help="SGD momentum")
+    layer_decay: float = option(
+        1.0,
         help="layer-wise lr decay (1.0: off): lr × decay^(L+1-level), level 0 = patch embedding + CLS, level i = "
         "encoder layer i, level L+1 = final LayerNorm + head",
     )
 
-    evaluation = parser.add_argument_group("evaluation")
-    evaluation.add_argument("--eval_data", default=None, help="evaluation source (default: --train_data)")
-    evaluation.add_argument("--eval_split", default=None, help="evaluation split (default: --split)")
-    evaluation.add_argument(
-        "--eval_filter", action="append", default=[], metavar="COLUMN=VALUE", help="evaluation rows, e.g. split=test"
+    def __post_init__(self):
+        if self.label_separator is not None and not self.multi_label:
+            self.multi_label = True  # the program logs it once logging is set up
+            self.multi_label_implied = True
+        else:
+            self.multi_label_implied = False
+
+
+@dataclass
+class EvaluationSettings:
+    """When and on what fine-tuning evaluates (off unless one of eval_data, eval_split, eval_filter is given)."""
+
+    eval_data: str | None = option(None, help="evaluation source (default: --train_data)")
+    eval_split: str | None = option(None, help="evaluation split (default: --split)")
+    eval_filter: list[str] = repeatable("evaluation rows, e.g. split=test (repeatable)", "COLUMN=VALUE")
+    eval_steps: int = option(3125, help="evaluate every N steps and at the end (original: one epoch)")
+    per_device_eval_batch_size: int | None = option(None, help="default: training batch")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.eval_split or self.eval_filter or self.eval_data)
+
+    def due(self, done: int, total_steps: int) -> bool:
+        return self.enabled and (done == total_steps or bool(self.eval_steps and done % self.eval_steps == 0))
+
+
+@dataclass
+class FinetuneTrainingSettings(TrainingSettings):
+    """The shared options with stage 1.1's defaults: batch 64, 15 of 70 epochs warm-up, no clipping."""
+
+    global_batch_size: int = option(64, help="clips per optimiser step (stage 1.1: 64)")
+    per_device_train_batch_size: int = option(
+        64, help="clips per forward pass on each process; gradient accumulation makes up the global batch"
     )
-    evaluation.add_argument(
-        "--eval_steps", type=int, default=3125, help="evaluate every N steps and at the end (original: one epoch)"
+    warmup_ratio: float = option(15 / 70, help="fraction of the steps for linear warm-up (stage 1.1: 15 of 70 epochs)")
+    weight_decay: float | None = option(
+        None, help="weight decay (default: 0 with sgd, 0.05 with adamw; no decay on biases and 1-D tensors)"
     )
-    evaluation.add_argument("--per_device_eval_batch_size", type=int, default=None, help="default: training batch")
-    evaluation.add_argument("--export_steps", type=int, default=0, help="also export every N steps")
-    parser.set_defaults(
-        global_batch_size=64,
-        per_device_train_batch_size=64,
-        warmup_ratio=15 / 70,
-        weight_decay=None,
-        max_grad_norm=0.0,
-        seed=7,
-    )
-    for action in parser._actions:  # the shared flags' help names the pre-training values
-        if action.dest == "weight_decay":
-            action.help = "weight decay (default: 0 with sgd, 0.05 with adamw; no decay on biases and 1-D tensors)"
-        elif action.dest == "max_grad_norm":
-            action.help = "gradient clipping (0: off, the original)"
-        elif action.dest == "global_batch_size":
-            action.help = "clips per optimiser step (stage 1.1: 64)"
-        elif action.dest == "warmup_ratio":
-            action.help = "fraction of the steps for linear warm-up (stage 1.1: 15 of 70 epochs)"
-    return parser
+    max_grad_norm: float = option(0.0, help="gradient clipping (0: off, the original)")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -237,18 +228,18 @@ class LabelCollector:
         return False
 
 
-def collect_labels(args: argparse.Namespace, reader: LabelReader) -> list[str]:
+def collect_labels(training: TrainingSettings, reader: LabelReader) -> list[str]:
     """The sorted labels of the filtered training rows (one pass over the rows, in this process)."""
-    collector = LabelCollector(reader, parse_filters(args.filter))
+    collector = LabelCollector(reader, parse_filters(training.filter))
     stream = load_audio_stream(
-        args.train_data, split=args.split, audio_column=args.audio_column, id_column=args.id_column,
-        keep_columns=[args.label_column], shuffle_buffer=0, filter_fn=collector,
+        training.train_data, split=training.split, audio_column=training.audio_column, id_column=training.id_column,
+        keep_columns=[reader.column], shuffle_buffer=0, filter_fn=collector,
     )  # fmt: skip
     for _ in stream:  # the collector rejects every row: nothing is decoded
         pass
     if not collector.counts:
         raise ValueError(
-            f"no labels in column {args.label_column!r} of {collector.rows} training rows: check --label_column, "
+            f"no labels in column {reader.column!r} of {collector.rows} training rows: check --label_column, "
             f"--split and --filter"
         )
     logger.info(
@@ -258,10 +249,13 @@ def collect_labels(args: argparse.Namespace, reader: LabelReader) -> list[str]:
     return sorted(collector.counts)
 
 
-def resolve_labels(args: argparse.Namespace, reader: LabelReader, accelerator) -> list[str]:
-    if args.labels:
-        return parse_label_list(args.labels)
-    found = [collect_labels(args, reader) if accelerator.is_main_process else None]
+def resolve_labels(
+    names: str | None, training: TrainingSettings, reader: LabelReader, accelerator: Accelerator
+) -> list[str]:
+    """The label set: `names` (a comma list), or every label of the training rows found by the main process."""
+    if names:
+        return parse_label_list(names)
+    found = [collect_labels(training, reader) if accelerator.is_main_process else None]
     broadcast_object_list(found, from_process=0)
     return found[0]
 
@@ -290,31 +284,41 @@ def resized_position_table(table: torch.Tensor, rows: int, old_columns: int, new
     return torch.cat([table[:, :1], grid.permute(0, 2, 3, 1).reshape(1, rows * new_columns, -1)], dim=1)
 
 
-def build_model(args: argparse.Namespace, labels: list[str]) -> M2D2ForAudioClassification:
+def grown_position_table(
+    table: torch.Tensor, rows: int, old_columns: int, new_columns: int, how: str
+) -> tuple[torch.Tensor, str]:
+    """The positional table [1, 1 + rows * new_columns, D] of a grid grown from `old_columns` patch columns:
+    `how` "recompute" (the fixed 2-D sin-cos table) or "bicubic" (`resized_position_table`); with a phrase for the
+    log that says which."""
+    if how == "recompute":
+        grown = sincos_position_table(table.shape[-1], rows, new_columns)[None]
+        return grown.to(table.dtype), "recomputed as the fixed 2-D sin-cos table (not interpolated)"
+    grown = resized_position_table(table, rows, old_columns, new_columns)
+    return grown.to(table.dtype), "resized bicubically from the stored table (the original EVAR loader's way)"
+
+
+def build_model(settings: FinetuneSettings, labels: list[str]) -> M2D2ForAudioClassification:
     """`M2D2ForAudioClassification` with the encoder of `--model_name_or_path`, a new head for `labels` and, when
     `--crop_frames` exceeds the encoder's chunk, the grid extended to it."""
-    encoder = load_encoder(args.model_name_or_path)
+    encoder = load_encoder(settings.model_name_or_path)
     config = copy.deepcopy(encoder.config)
     config.architectures = None
     config.num_labels = len(labels)
     config.id2label = dict(enumerate(labels))
     config.label2id = {name: index for index, name in enumerate(labels)}
-    config.problem_type = MULTI_LABEL if args.multi_label else SINGLE_LABEL
+    config.problem_type = MULTI_LABEL if settings.multi_label else SINGLE_LABEL
     state = encoder.state_dict()
     old_columns = config.time_patches
-    if args.crop_frames > config.chunk_frames:
-        config.chunk_frames = args.crop_frames
+    if settings.crop_frames > config.chunk_frames:
+        config.chunk_frames = settings.crop_frames
         rows, columns = config.frequency_patches, config.time_patches
-        if args.position_table == "recompute":
-            table = sincos_position_table(config.hidden_size, rows, columns)[None]
-            how = "recomputed as the fixed 2-D sin-cos table (not interpolated)"
-        else:
-            table = resized_position_table(state[POSITION_KEY], rows, old_columns, columns)
-            how = "resized bicubically from the stored table (the original EVAR loader's way)"
-        state[POSITION_KEY] = table.to(state[POSITION_KEY].dtype)
+        state[POSITION_KEY], how = grown_position_table(
+            state[POSITION_KEY], rows, old_columns, columns, settings.position_table
+        )
         logger.info(
-            f"--crop_frames {args.crop_frames} exceeds the encoder's chunk of {encoder.config.chunk_frames} frames: "
-            f"chunk_frames set to {args.crop_frames}, positional table {rows}x{old_columns} → {rows}x{columns} {how}"
+            f"--crop_frames {settings.crop_frames} exceeds the encoder's chunk of {encoder.config.chunk_frames} "
+            f"frames: chunk_frames set to {settings.crop_frames}, positional table {rows}x{old_columns} → "
+            f"{rows}x{columns} {how}"
         )
     model = M2D2ForAudioClassification(config)
     model.audio_model.load_state_dict(state, strict=True)
@@ -382,13 +386,21 @@ def parameter_groups(
     return [groups[key] for key in sorted(groups, key=lambda key: (-key[0], key[1]))]
 
 
-def build_optimizer(args: argparse.Namespace, model: M2D2ForAudioClassification) -> torch.optim.Optimizer:
-    learning_rate = args.learning_rate if args.learning_rate is not None else DEFAULT_LEARNING_RATES[args.optimizer]
-    weight_decay = args.weight_decay if args.weight_decay is not None else DEFAULT_WEIGHT_DECAYS[args.optimizer]
-    groups = parameter_groups(model, learning_rate, weight_decay, args.layer_decay)
-    if args.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=learning_rate, momentum=args.momentum)
-    return torch.optim.AdamW(groups, lr=learning_rate, betas=(args.adam_beta1, args.adam_beta2))
+def build_optimizer(
+    settings: FinetuneSettings, training: TrainingSettings, model: M2D2ForAudioClassification
+) -> torch.optim.Optimizer:
+    """SGD with momentum (the original's LARS at weight decay 0) or AdamW over the layer-decay groups; the lr and
+    weight decay default by optimiser."""
+    learning_rate = settings.learning_rate
+    if learning_rate is None:
+        learning_rate = DEFAULT_LEARNING_RATES[settings.optimizer]
+    weight_decay = training.weight_decay
+    if weight_decay is None:
+        weight_decay = DEFAULT_WEIGHT_DECAYS[settings.optimizer]
+    groups = parameter_groups(model, learning_rate, weight_decay, settings.layer_decay)
+    if settings.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=learning_rate, momentum=settings.momentum)
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=(training.adam_beta1, training.adam_beta2))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -439,10 +451,17 @@ def spec_masks(features: torch.Tensor, freq_mask: int, time_mask: int, generator
 class FinetuneBatches:
     """Turns collated waveform batches into the inputs of `ClassificationObjective` on the training device."""
 
-    def __init__(self, args: argparse.Namespace, feature_extractor, config: M2D2AudioConfig, reader: LabelReader):
-        self.args, self.feature_extractor, self.reader = args, feature_extractor, reader
+    def __init__(
+        self,
+        settings: FinetuneSettings,
+        seed: int,
+        feature_extractor: M2D2FeatureExtractor,
+        config: M2D2AudioConfig,
+        reader: LabelReader,
+    ):
+        self.settings, self.seed, self.feature_extractor, self.reader = settings, seed, feature_extractor, reader
         self.label2id = dict(config.label2id)
-        self.grid = (config.frequency_patches, args.crop_frames // config.patch_size[1])
+        self.grid = (config.frequency_patches, settings.crop_frames // config.patch_size[1])
 
     def log_mel(self, batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         waves = batch["waveforms"].to(device, non_blocking=True)
@@ -450,42 +469,38 @@ class FinetuneBatches:
         return self.feature_extractor.batch_log_mel(clips)
 
     def targets(self, batch: dict, device: torch.device) -> torch.Tensor:
-        return targets_of(batch[self.args.label_column], self.reader, self.label2id).to(device)
+        return targets_of(batch[self.reader.column], self.reader, self.label2id).to(device)
 
     def train_inputs(self, batch: dict, device: torch.device, step: int, process: int, micro: int) -> dict:
-        args = self.args
+        settings = self.settings
 
         def generator(purpose: str) -> torch.Generator:
-            return step_generator(args.seed, step, process, f"{purpose}{micro}")
+            return step_generator(self.seed, step, process, f"{purpose}{micro}")
 
         log_mel, num_frames = self.log_mel(batch, device)
-        crops = random_log_mel_crops(log_mel, num_frames, args.crop_frames, generator("crop"))
+        crops = random_log_mel_crops(log_mel, num_frames, settings.crop_frames, generator("crop"))
         targets = self.targets(batch, device)
-        if args.mixup > 0:
-            crops, targets = mixup(crops, targets, args.mixup, generator("mixup"))
+        if settings.mixup > 0:
+            crops, targets = mixup(crops, targets, settings.mixup, generator("mixup"))
         features = self.feature_extractor.normalize(crops)
-        features = spec_masks(features, args.freq_mask, args.time_mask, generator("specmask"))
+        features = spec_masks(features, settings.freq_mask, settings.time_mask, generator("specmask"))
         inputs = {"input_features": features, "targets": targets}
-        if args.training_mask > 0:
+        if settings.training_mask > 0:
             inputs["visible_indices"], _ = random_structured_mask(
-                features.shape[0], *self.grid, args.training_mask, device, generator("patchmask"),
-                original_order=not args.drop_stripes,
+                features.shape[0], *self.grid, settings.training_mask, device, generator("patchmask"),
+                original_order=not settings.drop_stripes,
             )  # fmt: skip
         return inputs
 
     def eval_inputs(self, batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         log_mel, num_frames = self.log_mel(batch, device)
-        features = self.feature_extractor.normalize(head_log_mel_crops(log_mel, num_frames, self.args.crop_frames))
+        features = self.feature_extractor.normalize(head_log_mel_crops(log_mel, num_frames, self.settings.crop_frames))
         return features, self.targets(batch, device)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Evaluation
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def evaluation_enabled(args: argparse.Namespace) -> bool:
-    return bool(args.eval_split or args.eval_filter or args.eval_data)
 
 
 @torch.no_grad()
@@ -531,91 +546,47 @@ def evaluate(model: M2D2ForAudioClassification, make_loader, prepare: FinetuneBa
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Program
+# Streams
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def export_classifier(model: M2D2ForAudioClassification, output_dir: Path, accelerator, card: ModelCardInfo) -> None:
-    """Saves the classification model with its feature extractor and model card: a folder
-    `pipeline("audio-classification")` loads."""
-    if accelerator.is_main_process:
-        model.save_pretrained(output_dir)
-        M2D2FeatureExtractor.from_audio_config(model.config).save_pretrained(output_dir)
-        write_model_card(output_dir, "M2D2ForAudioClassification", card)
-        logger.info(f"exported the classifier to {output_dir}")
+class LabelledStreams:
+    """The training and evaluation loaders of a fine-tuning run: rows with a label of the set (and the filters),
+    the label column kept, clips zero-padded to `--min_seconds`."""
 
+    def __init__(
+        self,
+        training: TrainingSettings,
+        evaluation: EvaluationSettings,
+        accelerator: Accelerator,
+        sampling_rate: int,
+        reader: LabelReader,
+        labels: list[str],
+        min_seconds: float,
+    ):
+        self.training, self.evaluation, self.accelerator = training, evaluation, accelerator
+        self.sampling_rate, self.reader, self.labels = sampling_rate, reader, labels
+        self.min_samples = int(min_seconds * sampling_rate)
 
-def train(args: argparse.Namespace) -> Path:
-    """Fine-tunes and returns the folder of the final export (`<output_dir>/final`)."""
-    accelerator = build_accelerator(args)
-    if args.label_separator is not None and not args.multi_label:
-        args.multi_label = True
-        logger.info("--label_separator given: a multi-label run")
-    make_output_dir(accelerator, args)
-
-    reader = LabelReader(args.label_column, args.multi_label, args.label_separator)
-    labels = resolve_labels(args, reader, accelerator)
-    logger.info(f"{len(labels)} labels ({'multi' if args.multi_label else 'single'}-label): {labels[:20]}")
-    model = build_model(args, labels)
-    config = model.config
-    sampling_rate = config.sampling_rate
-    feature_extractor = M2D2FeatureExtractor.from_audio_config(config)
-    prepare = FinetuneBatches(args, feature_extractor, config, reader)
-
-    def stream_of(data, split, filters, batch_size, shuffle_buffer, training):
+    def loader(self, data: str, split: str, filters: list[str], batch_size: int, shuffle_buffer: int, train: bool):
         return streamed_loader(
-            args, accelerator, sampling_rate, data=data, split=split, batch_size=batch_size,
-            filter_fn=LabelledRows(reader, labels, parse_filters(filters)), shuffle_buffer=shuffle_buffer,
-            keep_columns=[args.label_column], min_samples=int(args.min_seconds * sampling_rate),
-            drop_last=training,  # equal training batches for the BatchNorm head
+            self.training, self.accelerator, self.sampling_rate, data=data, split=split, batch_size=batch_size,
+            filter_fn=LabelledRows(self.reader, self.labels, parse_filters(filters)), shuffle_buffer=shuffle_buffer,
+            keep_columns=[self.reader.column], min_samples=self.min_samples,
+            drop_last=train,  # equal training batches for the BatchNorm head
         )  # fmt: skip
 
-    eval_batch = args.per_device_eval_batch_size or args.per_device_train_batch_size
+    def train_loader(self) -> DataLoader:
+        training = self.training
+        return self.loader(
+            training.train_data, training.split, training.filter, training.per_device_train_batch_size,
+            training.shuffle_buffer, True,
+        )  # fmt: skip
 
-    def eval_loader():
-        return stream_of(
-            args.eval_data or args.train_data, args.eval_split or args.split, args.eval_filter, eval_batch, 0, False
-        )
-
-    checkpoint, start_step = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
-    optimizer = build_optimizer(args, model)
-    warmup_steps = round(args.warmup_ratio * args.max_train_steps)
-    min_ratio = MIN_LEARNING_RATE / optimizer.param_groups[0]["lr"]
-    scheduler = timm_cosine_schedule(optimizer, warmup_steps, args.max_train_steps, min_ratio)
-    objective = ClassificationObjective(model)
-    objective, optimizer = accelerator.prepare(objective, optimizer)
-    train_loader = stream_of(
-        args.train_data, args.split, args.filter, args.per_device_train_batch_size, args.shuffle_buffer, True
-    )
-    stream, state = BatchStream(train_loader, accelerator.process_index), RunState(list(config.norm_stats))
-    start_run(accelerator, args, "m2d2_finetune", checkpoint, objective, optimizer, scheduler, stream, state)
-    unwrapped: M2D2ForAudioClassification = accelerator.unwrap_model(objective).model
-
-    def after_step(step: int) -> dict:
-        done = step + 1
-        if evaluation_enabled(args) and (
-            done == args.max_train_steps or (args.eval_steps and done % args.eval_steps == 0)
-        ):
-            values = evaluate(unwrapped, eval_loader, prepare, accelerator)
-            if accelerator.is_main_process:
-                logger.info(f"evaluation at step {done}: {values}")
-            accelerator.log(values, step=done)
-        return {}
-
-    def make_inputs(batch: dict, step: int, micro: int) -> dict:
-        return prepare.train_inputs(batch, accelerator.device, step, accelerator.process_index, micro)
-
-    def export(folder: Path, step: int) -> None:
-        program = "examples/finetune_audio_classification.py"
-        card = training_card_info(program, vars(args), [args.model_name_or_path], step)
-        export_classifier(unwrapped, folder, accelerator, card)
-
-    objective.train()
-    return run_training(
-        accelerator, args, objective, optimizer, scheduler, stream, state, start_step, make_inputs, ("loss",),
-        after_step, export, "fine-tuning",
-    )  # fmt: skip
-
-
-def main(argv: list[str] | None = None) -> Path:
-    return train(build_parser().parse_args(argv))
+    def eval_loader(self) -> DataLoader:
+        training, evaluation = self.training, self.evaluation
+        batch_size = evaluation.per_device_eval_batch_size or training.per_device_train_batch_size
+        return self.loader(
+            evaluation.eval_data or training.train_data, evaluation.eval_split or training.split,
+            evaluation.eval_filter, batch_size, 0, False,
+        )  # fmt: skip

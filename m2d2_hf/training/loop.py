@@ -1,21 +1,23 @@
 """The accelerate pieces every M2D2 training program shares: the process set-up, an endless epoch-aware batch
-stream that resumes at the exact batch, per-step random generators, step checkpoints, trackers and progress.
+stream that resumes at the exact batch, per-step random generators, step checkpoints, trackers and progress, and
+the optimisation loop (`run_training`), which takes the shared settings, the prepared run (`TrainingRun`) and what
+the program adds to each step (a `Stage`).
 
 Resuming is step-exact because everything random that a step uses is either derived from (seed, step, process)
 or restored from the checkpoint (model, optimiser, the stream's epoch and position; see `checkpoint`), and the
 learning rate is a function of the step.
 """
 
-import argparse
 import hashlib
 import json
 import logging
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from accelerate import Accelerator
@@ -24,58 +26,12 @@ from accelerate.utils import LoggerType, gather_object, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ..model_card import ModelCardInfo, training_card_info
+from .arguments import TrainingSettings
 from .checkpoint import check_distributed_type, load_checkpoint, save_checkpoint
 
 
 logger = logging.getLogger(__name__)
-
-
-def add_common_arguments(parser: argparse.ArgumentParser) -> None:
-    """Data, optimisation, checkpointing and logging options shared by the training programs."""
-    data = parser.add_argument_group("data")
-    data.add_argument("--train_data", required=True, help="audiofolder, Parquet/WebDataset shards, CSV list or hub id")
-    data.add_argument("--split", default="train", help="split of train_data")
-    data.add_argument("--audio_column", default="audio", help="column holding the audio")
-    data.add_argument("--id_column", default=None, help="clip id column (None: the audio file stem)")
-    data.add_argument(
-        "--filter", action="append", default=[], metavar="COLUMN=VALUE", help="keep rows whose column equals value"
-    )
-    data.add_argument("--max_seconds", type=float, default=30.0, help="audio is cut to this length (original: 30 s)")
-    data.add_argument("--shuffle_buffer", type=int, default=10000, help="examples in the shuffle buffer (0: none)")
-    data.add_argument("--dataloader_num_workers", type=int, default=2, help="decoding workers per process")
-
-    optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--global_batch_size", type=int, default=2048, help="clips per optimiser step (paper: 2048)")
-    optim.add_argument(
-        "--per_device_train_batch_size",
-        type=int,
-        default=64,
-        help="clips per forward pass on each process; gradient accumulation makes up the global batch",
-    )
-    optim.add_argument("--max_train_steps", type=int, required=True, help="optimiser steps of the run")
-    optim.add_argument("--warmup_ratio", type=float, default=None, help="fraction of the steps for linear warm-up")
-    optim.add_argument("--weight_decay", type=float, default=0.05, help="AdamW weight decay (paper: 0.05)")
-    optim.add_argument("--adam_beta1", type=float, default=0.9)
-    optim.add_argument("--adam_beta2", type=float, default=0.95, help="(paper: 0.95)")
-    optim.add_argument("--max_grad_norm", type=float, default=3.0, help="gradient clipping (paper: 3.0)")
-    optim.add_argument("--seed", type=int, default=7, help="run seed (paper's stage 1: 7)")
-
-    run = parser.add_argument_group("run")
-    run.add_argument("--output_dir", required=True)
-    run.add_argument("--checkpointing_steps", type=int, default=1000, help="checkpoint every N optimiser steps")
-    run.add_argument(
-        "--resume_from_checkpoint",
-        default=None,
-        help="a step_N folder, or 'latest' (the newest complete one in output_dir); a larger --max_train_steps "
-        "than the checkpointed run's continues on the schedule of the new total",
-    )
-    run.add_argument("--logging_steps", type=int, default=10, help="log every N optimiser steps")
-    run.add_argument(
-        "--report_to",
-        default="jsonl",
-        help="comma-separated trackers: jsonl, tensorboard, wandb, all (all installed ones); pip install "
-        "'m2d2-hf[train]' installs tensorboard",
-    )
 
 
 class JSONLTracker(GeneralTracker):
@@ -127,22 +83,26 @@ def tracker_names(report_to: str) -> list[str]:
     return names
 
 
-def build_accelerator(args: argparse.Namespace) -> Accelerator:
+def build_accelerator(settings: TrainingSettings) -> Accelerator:
     """The Accelerator of a run: trackers from `--report_to` (jsonl writes `metrics.jsonl` in the output folder),
-    and gradient accumulation that makes per-device batch × processes × accumulation the global batch."""
-    names = tracker_names(args.report_to)
-    trackers: list[Any] = [JSONLTracker("m2d2", args.output_dir) if n == "jsonl" else n for n in names]
-    accelerator = Accelerator(log_with=trackers or None, project_dir=args.output_dir)
+    and gradient accumulation that makes per-device batch × processes × accumulation the global batch. Seeds every
+    RNG with `--seed` and creates the output folder (after the trackers are checked)."""
+    names = tracker_names(settings.report_to)
+    trackers: list[Any] = [JSONLTracker("m2d2", settings.output_dir) if n == "jsonl" else n for n in names]
+    accelerator = Accelerator(log_with=trackers or None, project_dir=settings.output_dir)
     check_distributed_type(accelerator)
     # Known only once the processes are set up, hence set after construction.
     accelerator.gradient_accumulation_steps = accumulation_steps(
-        args.global_batch_size, args.per_device_train_batch_size, accelerator.num_processes
+        settings.global_batch_size, settings.per_device_train_batch_size, accelerator.num_processes
     )
     logging.basicConfig(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         level=logging.INFO if accelerator.is_local_main_process else logging.WARNING,
     )
-    set_seed(args.seed)
+    set_seed(settings.seed)
+    if accelerator.is_main_process:
+        Path(settings.output_dir).mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
     return accelerator
 
 
@@ -300,49 +260,88 @@ def next_batch(batches: Iterator[dict]) -> tuple[dict, int]:
     return batch, skipped
 
 
-def run_training(
-    accelerator: Accelerator,
-    args: argparse.Namespace,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    stream: BatchStream,
-    state: RunState,
-    start_step: int,
-    make_inputs,
-    loss_names: tuple[str, ...],
-    after_step,
-    export,
-    description: str,
-) -> Path:
+@dataclass
+class ExportCard:
+    """What the model card of every export of a run says: the program, the run's settings (`settings_record`) and
+    the model folders it started from (None entries: new weights)."""
+
+    program: str
+    record: Mapping[str, Any]
+    sources: list[str | None]
+
+    def info(self, step: int) -> ModelCardInfo:
+        return training_card_info(self.program, self.record, self.sources, step)
+
+
+class Stage(Protocol):
+    """What a training program adds to the shared loop.
+
+    `loss_names`: fields of the model output that are logged (the first one is shown on the progress bar);
+    `description`: the progress bar's label; `allow_uncaptioned`: for contrastive stages, whether a run whose first
+    step finds a caption for none of its clips goes on (None: the program has no such option, and stops)."""
+
+    loss_names: tuple[str, ...]
+    description: str
+    allow_uncaptioned: bool | None
+
+    def make_inputs(self, batch: dict, step: int, micro: int) -> dict:
+        """The model's keyword arguments for micro-batch `micro` of optimiser step `step`."""
+
+    def after_step(self, step: int) -> dict:
+        """Runs after the optimiser step `step` (EMA, temperature clamp, evaluation, ...); returns values to log."""
+
+    def export(self, folder: Path, step: int) -> None:
+        """Saves the model of step `step` as a `from_pretrained` folder."""
+
+
+@dataclass
+class TrainingRun:
+    """The prepared objects of a run and the step it starts at (0, or the checkpoint's step when resuming)."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    stream: BatchStream
+    state: RunState
+    start_step: int = 0
+
+    def save_checkpoint(self, accelerator: Accelerator, folder: Path, step: int) -> None:
+        save_checkpoint(accelerator, folder, step, self.model, self.optimizer, self.stream, self.state)
+
+
+def run_training(accelerator: Accelerator, settings: TrainingSettings, run: TrainingRun, stage: Stage) -> Path:
     """The optimisation loop shared by the training programs.
 
-    Per optimiser step: `gradient_accumulation_steps` micro-batches (`make_inputs(batch, step, micro)` → model
-    kwargs; the model output's `loss` is back-propagated and the `loss_names` fields are logged), gradient clipping,
-    AdamW, the scheduler, then `after_step(step) -> dict` (EMA, temperature clamp, ...; its values are logged).
-    Logs through the accelerate trackers, checkpoints (`checkpoint.save_checkpoint`) every `--checkpointing_steps`,
-    exports with `export(folder, step)` every `--export_steps` or on request, and at the end. Returns the final export
+    Per optimiser step: `gradient_accumulation_steps` micro-batches (`stage.make_inputs(batch, step, micro)` → model
+    kwargs; the model output's `loss` is back-propagated and the `stage.loss_names` fields are logged), gradient
+    clipping, the optimiser, the scheduler, then `stage.after_step(step)` (its values are logged). Logs through the
+    accelerate trackers, checkpoints (`checkpoint.save_checkpoint`) every `checkpointing_steps`, exports with
+    `stage.export(folder, step)` every `export_steps` or on request, and at the end. Returns the final export
     folder.
 
     Inputs with a `has_caption` mask (contrastive training) add `uncaptioned_clips`, the clips of each logging
     window that had no caption, to the logs; when no clip of the run's first step has one, the captions do not
-    belong to the clips (e.g. other ids) and the run stops, unless `args.allow_uncaptioned`.
+    belong to the clips (e.g. other ids) and the run stops, unless `stage.allow_uncaptioned`.
     """
-    output_dir = Path(args.output_dir)
-    batches, throughput = iter(stream), Throughput()
+    output_dir, total_steps, loss_names = Path(settings.output_dir), settings.max_train_steps, stage.loss_names
+    model, optimizer, scheduler, state = run.model, run.optimizer, run.scheduler, run.state
+    batches, throughput = iter(run.stream), Throughput()
     progress = tqdm(
-        total=args.max_train_steps, initial=start_step, disable=not accelerator.is_local_main_process, desc=description
+        total=total_steps,
+        initial=run.start_step,
+        disable=not accelerator.is_local_main_process,
+        desc=stage.description,
     )
     device = accelerator.device
     captioned_inputs, window_uncaptioned = False, 0
-    for step in range(start_step, args.max_train_steps):
+    for step in range(run.start_step, total_steps):
         sums = torch.zeros(len(loss_names) + 3, device=device)  # the losses, uncaptioned clips, clips, skipped items
         for micro in range(accelerator.gradient_accumulation_steps):
             batch, skipped = next_batch(batches)
             # The global RNG (dropout, e.g. of a text tower) restarts from a per-step seed: a resumed run must not
             # depend on what else drew from it (DataLoader iterators do, once per epoch and on resume).
-            torch.manual_seed(step_seed(args.seed, step, accelerator.process_index, f"global{micro}"))
-            inputs = make_inputs(batch, step, micro)
+            torch.manual_seed(step_seed(settings.seed, step, accelerator.process_index, f"global{micro}"))
+            inputs = stage.make_inputs(batch, step, micro)
             captioned_inputs = "has_caption" in inputs
             uncaptioned = (
                 (~inputs["has_caption"]).sum().float() if captioned_inputs else torch.zeros((), device=device)
@@ -350,8 +349,8 @@ def run_training(
             with accelerator.accumulate(model):
                 out = model(**inputs)
                 accelerator.backward(out.loss)
-                if accelerator.sync_gradients and args.max_grad_norm > 0:  # 0 turns clipping off
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                if accelerator.sync_gradients and settings.max_grad_norm > 0:  # 0 turns clipping off
+                    accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad()
             values = [getattr(out, name) for name in loss_names]
@@ -360,17 +359,17 @@ def run_training(
             sums += torch.stack(values + counts + [torch.tensor(float(skipped), device=device)])
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
-        extra = after_step(step)
+        extra = stage.after_step(step)
         done = step + 1
 
         totals = accelerator.reduce(sums, "sum")
         state.skipped_items += int(totals[-1])
         throughput.add(int(totals[-2]))
         window_uncaptioned += int(totals[-3])
-        if captioned_inputs and step == start_step and totals[-3] == totals[-2]:
-            require_captions(args, int(totals[-2]))
+        if captioned_inputs and step == run.start_step and totals[-3] == totals[-2]:
+            require_captions(stage.allow_uncaptioned, int(totals[-2]))
         progress.update(1)
-        if done % args.logging_steps == 0 or done == args.max_train_steps:
+        if done % settings.logging_steps == 0 or done == total_steps:
             micro_batches = accelerator.gradient_accumulation_steps * accelerator.num_processes
             logged = {name: float(total) / micro_batches for name, total in zip(loss_names, totals)}
             logged.update(lr=lr, skipped_items=state.skipped_items, clips_per_second=throughput.rate(), **extra)
@@ -378,33 +377,22 @@ def run_training(
                 logged["uncaptioned_clips"], window_uncaptioned = window_uncaptioned, 0
             accelerator.log(logged, step=done)
             progress.set_postfix(loss=f"{logged[loss_names[0]]:.4f}", skipped=state.skipped_items)
-        if done % args.checkpointing_steps == 0 and done < args.max_train_steps:
-            save_checkpoint(accelerator, output_dir / f"step_{done}", done, model, optimizer, stream, state)
-        if export_requested(getattr(args, "export_steps", 0), done, output_dir):
-            export(output_dir / f"export_step_{done}", done)
+        if done % settings.checkpointing_steps == 0 and done < total_steps:
+            run.save_checkpoint(accelerator, output_dir / f"step_{done}", done)
+        if export_requested(settings.export_steps, done, output_dir):
+            stage.export(output_dir / f"export_step_{done}", done)
     progress.close()
 
-    save_checkpoint(
-        accelerator, output_dir / f"step_{args.max_train_steps}", args.max_train_steps, model, optimizer, stream, state
-    )
+    run.save_checkpoint(accelerator, output_dir / f"step_{total_steps}", total_steps)
     final = output_dir / "final"
-    export(final, args.max_train_steps)
+    stage.export(final, total_steps)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return final
 
 
-def make_output_dir(accelerator: Accelerator, args: argparse.Namespace) -> Path:
-    """Creates `--output_dir` on the main process; every process waits for it."""
-    output_dir = Path(args.output_dir)
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
-    return output_dir
-
-
 def streamed_loader(
-    args: argparse.Namespace,
+    settings: TrainingSettings,
     accelerator: Accelerator,
     sampling_rate: int,
     *,
@@ -418,41 +406,42 @@ def streamed_loader(
     seed: int | None = None,
     drop_last: bool = False,
 ) -> DataLoader:
-    """A DataLoader over this process's share of a decoded audio stream (the run's data flags unless overridden),
-    collated into zero-padded waveform batches with broken items skipped and counted."""
+    """A DataLoader over this process's share of a decoded audio stream (the run's data settings unless
+    overridden), collated into zero-padded waveform batches with broken items skipped and counted."""
     from .data import AudioBatchCollator, load_audio_stream
 
     dataset = load_audio_stream(
-        data or args.train_data,
-        split=split or args.split,
-        audio_column=args.audio_column,
-        id_column=args.id_column,
+        data or settings.train_data,
+        split=split or settings.split,
+        audio_column=settings.audio_column,
+        id_column=settings.id_column,
         keep_columns=list(keep_columns),
-        max_seconds=args.max_seconds,
+        max_seconds=settings.max_seconds,
         sampling_rate=sampling_rate,
-        shuffle_buffer=args.shuffle_buffer if shuffle_buffer is None else shuffle_buffer,
-        seed=args.seed if seed is None else seed,
+        shuffle_buffer=settings.shuffle_buffer if shuffle_buffer is None else shuffle_buffer,
+        seed=settings.seed if seed is None else seed,
         process_index=accelerator.process_index,
         num_processes=accelerator.num_processes,
-        filter_fn=parse_filters(args.filter) if filter_fn is None else filter_fn,
+        filter_fn=parse_filters(settings.filter) if filter_fn is None else filter_fn,
     )
     return DataLoader(
         dataset,
-        batch_size=batch_size or args.per_device_train_batch_size,
+        batch_size=batch_size or settings.per_device_train_batch_size,
         collate_fn=AudioBatchCollator(min_samples=min_samples, keep_columns=list(keep_columns)),
-        num_workers=args.dataloader_num_workers,
+        num_workers=settings.dataloader_num_workers,
         drop_last=drop_last,
     )
 
 
-def require_captions(args: argparse.Namespace, clips: int) -> None:
-    """Stops a contrastive run whose first step found a caption for none of its clips, unless allowed."""
-    if getattr(args, "allow_uncaptioned", False):
+def require_captions(allow_uncaptioned: bool | None, clips: int) -> None:
+    """Stops a contrastive run whose first step found a caption for none of its clips, unless allowed (None: the
+    program has no `--allow_uncaptioned`)."""
+    if allow_uncaptioned:
         logger.warning(f"none of the {clips} clips of the first step has a caption: training without the CLAP term")
         return
-    fix = "fix the ids, or pass --allow_uncaptioned to train without captions"
-    if not hasattr(args, "allow_uncaptioned"):
-        fix = "fix the ids"
+    fix = "fix the ids"
+    if allow_uncaptioned is not None:
+        fix += ", or pass --allow_uncaptioned to train without captions"
     raise ValueError(
         f"none of the {clips} clips of the first step has a caption, so the contrastive loss is 0 and learns nothing: "
         "the caption ids do not match the clip ids of --train_data (by default the audio file stem; see --id_column), "
@@ -461,26 +450,13 @@ def require_captions(args: argparse.Namespace, clips: int) -> None:
 
 
 def start_run(
-    accelerator: Accelerator,
-    args: argparse.Namespace,
-    name: str,
-    checkpoint: str | None,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LambdaLR,
-    stream: BatchStream,
-    state: RunState,
+    accelerator: Accelerator, run: TrainingRun, checkpoint: str | None, project: str, record: Mapping[str, Any]
 ) -> None:
     """Restores the prepared model and optimiser, the scheduler, stream and run state from `checkpoint` when
-    resuming, and opens the trackers with the run's arguments."""
+    resuming (`run.start_step` becomes its step), and opens the trackers with the run's settings (`record`)."""
     if checkpoint:
-        step = load_checkpoint(accelerator, checkpoint, model, optimizer, scheduler, stream, state)
-        logger.info(f"resumed from {checkpoint} at step {step}")
-    accelerator.init_trackers(name, {key: value for key, value in vars(args).items() if value is not None})
-
-
-def program_parser(description: str) -> tuple[argparse.ArgumentParser, argparse._ArgumentGroup]:
-    """A training program's parser with the shared flags; returns it and its (empty) "model" group."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_common_arguments(parser)
-    return parser, parser.add_argument_group("model")
+        run.start_step = load_checkpoint(
+            accelerator, checkpoint, run.model, run.optimizer, run.scheduler, run.stream, run.state
+        )
+        logger.info(f"resumed from {checkpoint} at step {run.start_step}")
+    accelerator.init_trackers(project, {key: value for key, value in record.items() if value is not None})

@@ -1,105 +1,97 @@
 """Stage 1 of the M2D2 recipe: M2D + CLAP pre-training against cached caption embeddings, with accelerate.
 
-`examples/pretrain_stage1.py` is the command line; everything it does lives here so that it can be tested and
-reused. Data path: streamed audio (decoded and resampled in DataLoader workers, broken items skipped and counted)
-→ log-mel of whole clips on the training device → random 608-frame crops (zero-padded in raw log-mel space) →
-normalisation with the run's `norm_stats` → `M2D2ForPreTraining` → clipped AdamW, warm-up + cosine schedule, EMA
-target update, temperature clamp → step checkpoints and `M2D2AudioModel` exports.
+The pieces of `examples/pretrain_stage1.py` (the program: parse → build → prepare → loop → export): its settings,
+the model it builds, the batches it makes and the `norm_stats` pass. Data path:
+streamed audio (decoded and resampled in DataLoader workers, broken items skipped and counted) → log-mel of whole
+clips on the training device → random 608-frame crops (zero-padded in raw log-mel space) → normalisation with the
+run's `norm_stats` → `M2D2ForPreTraining` → clipped AdamW, warm-up + cosine schedule, EMA target update,
+temperature clamp → step checkpoints and `M2D2AudioModel` exports.
 """
 
-import argparse
 import logging
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 from transformers import AutoConfig
 
 from ..configuration_m2d2 import M2D2AudioConfig
-from ..feature_extraction_m2d2 import M2D2FeatureExtractor
-from ..model_card import ModelCardInfo, training_card_info, write_model_card
 from ..modeling_m2d2_pretraining import M2D2ForPreTraining
+from .arguments import option
 from .captions import CaptionEmbeddingTable, draw_captions
-from .checkpoint import resolve_checkpoint
 from .data import random_log_mel_crops
-from .loop import (
-    BatchStream,
-    RunState,
-    build_accelerator,
-    make_output_dir,
-    program_parser,
-    run_training,
-    start_run,
-    step_generator,
-    streamed_loader,
-)
-from .optim import scaled_learning_rate, warmup_cosine_schedule, weight_decay_groups
+from .loop import step_generator
 
 
 logger = logging.getLogger(__name__)
 
+DESCRIPTION = (
+    "Stage-1 M2D2 pre-training (M2D + CLAP against cached caption embeddings). Defaults follow the 2025 paper: "
+    "608-frame crops, 16x16 patches, mask ratio 0.7, global batch 2048, AdamW (0.9, 0.95), weight decay 0.05, "
+    "base lr 3e-4 x batch/256, 20 of 300 epochs warm-up then cosine, clip 3.0, EMA 0.99995→0.99999, loss "
+    "1.0·M2D + 0.01·CLAP, seed 7."
+)
 
-def build_parser() -> argparse.ArgumentParser:
-    parser, model = program_parser(
-        "Stage-1 M2D2 pre-training (M2D + CLAP against cached caption embeddings). Defaults follow the "
-        "2025 paper: 608-frame crops, 16x16 patches, mask ratio 0.7, global batch 2048, AdamW (0.9, 0.95), weight "
-        "decay 0.05, base lr 3e-4 x batch/256, 20 of 300 epochs warm-up then cosine, clip 3.0, EMA 0.99995→0.99999, "
-        "loss 1.0·M2D + 0.01·CLAP, seed 7."
-    )
-    model.add_argument(
-        "--model_name_or_path",
-        default=None,
+
+@dataclass
+class Stage1Settings:
+    """The model, objective and data options of stage 1 (the shared ones: `arguments.TrainingSettings`, whose
+    defaults are stage 1's)."""
+
+    model_name_or_path: str | None = option(
+        None,
         help="continue from an M2D2ForPreTraining folder (e.g. a converted original pre-training checkpoint) or "
         "start the encoder from an M2D2AudioModel folder; a new ViT-B otherwise",
     )
-    model.add_argument(
-        "--config_overrides", default="", help="for a new model, e.g. 'hidden_size=192,num_hidden_layers=4'"
-    )
-    model.add_argument("--caption_embeddings", default=None, help="folder written by cache_caption_embeddings.py")
-    model.add_argument(
-        "--allow_uncaptioned",
-        action="store_true",
+    config_overrides: str = option("", help="for a new model, e.g. 'hidden_size=192,num_hidden_layers=4'")
+    caption_embeddings: str | None = option(None, help="folder written by cache_caption_embeddings.py")
+    allow_uncaptioned: bool = option(
+        False,
         help="go on when no clip of the first step has a caption embedding (the CLAP term is then 0): without it, "
         "the run stops, as caption ids that match no clip id train M2D alone",
     )
-    model.add_argument("--crop_frames", type=int, default=608, help="log-mel frames per training crop (6.08 s)")
-    model.add_argument("--mask_ratio", type=float, default=0.7, help="fraction of patches hidden from the encoder")
-    model.add_argument("--m2d_loss_weight", type=float, default=1.0)
-    model.add_argument("--clap_loss_weight", type=float, default=0.01)
-    model.add_argument("--base_learning_rate", type=float, default=3e-4, help="lr = base × global batch / 256")
-    model.add_argument("--min_seconds", type=float, default=6.1, help="clips are zero-padded to this length first")
-    model.add_argument(
-        "--norm_stats", type=float, nargs=2, default=None, metavar=("MEAN", "STD"), help="log-mel statistics"
-    )
-    model.add_argument("--norm_stats_crops", type=int, default=5000, help="random crops for the statistics")
-    model.add_argument("--export_steps", type=int, default=0, help="also export the encoder every N steps")
-    parser.set_defaults(warmup_ratio=20 / 300)
-    return parser
+    crop_frames: int = option(608, help="log-mel frames per training crop (6.08 s)")
+    mask_ratio: float = option(0.7, help="fraction of patches hidden from the encoder")
+    m2d_loss_weight: float = option(1.0, help="weight of the M2D loss")
+    clap_loss_weight: float = option(0.01, help="weight of the CLAP loss")
+    base_learning_rate: float = option(3e-4, help="lr = base × global batch / 256")
+    min_seconds: float = option(6.1, help="clips are zero-padded to this length first")
+    norm_stats: list[float] | None = option(None, help="log-mel statistics", metavar="MEAN STD")
+    norm_stats_crops: int = option(5000, help="random crops for the statistics")
+
+    def __post_init__(self):
+        if self.norm_stats is not None and len(self.norm_stats) != 2:
+            raise ValueError(f"--norm_stats takes two values, MEAN and STD, got {self.norm_stats}")
 
 
-def build_model(args: argparse.Namespace, caption_size: int | None) -> M2D2ForPreTraining:
-    """A new model from the config flags, or one loaded from `--model_name_or_path`."""
-    if args.model_name_or_path:
-        config = AutoConfig.from_pretrained(args.model_name_or_path)
+def new_model_config(settings: Stage1Settings, caption_size: int | None) -> M2D2AudioConfig:
+    """The config of a new model: ViT-B with the run's crop length, `--config_overrides` applied."""
+    config = M2D2AudioConfig(chunk_frames=settings.crop_frames, caption_embedding_size=caption_size)
+    if settings.config_overrides:
+        config.update_from_string(settings.config_overrides)
+    return config
+
+
+def build_model(settings: Stage1Settings, caption_size: int | None) -> M2D2ForPreTraining:
+    """A new model from the config options, or one loaded from `--model_name_or_path`."""
+    if settings.model_name_or_path:
+        config = AutoConfig.from_pretrained(settings.model_name_or_path)
         if not isinstance(config, M2D2AudioConfig):
-            raise ValueError(f"{args.model_name_or_path} is not an M2D2 audio or pre-training folder")
+            raise ValueError(f"{settings.model_name_or_path} is not an M2D2 audio or pre-training folder")
         if config.caption_embedding_size != caption_size:
             config.caption_embedding_size = caption_size
             logger.warning(f"caption embedding size set to {caption_size}: the CLAP head is re-initialised")
         # An encoder-only folder fills the online encoder; the target starts as its copy, the predictor new.
-        model = M2D2ForPreTraining.from_pretrained(args.model_name_or_path, config=config)
+        model = M2D2ForPreTraining.from_pretrained(settings.model_name_or_path, config=config)
     else:
-        config = M2D2AudioConfig(chunk_frames=args.crop_frames, caption_embedding_size=caption_size)
-        if args.config_overrides:
-            config.update_from_string(args.config_overrides)
-        model = M2D2ForPreTraining(config)
-    if model.config.chunk_frames < args.crop_frames:
+        model = M2D2ForPreTraining(new_model_config(settings, caption_size))
+    if model.config.chunk_frames < settings.crop_frames:
         raise ValueError(
-            f"--crop_frames {args.crop_frames} exceeds the model's positional grid "
+            f"--crop_frames {settings.crop_frames} exceeds the model's positional grid "
             f"({model.config.chunk_frames} frames)"
         )
-    model.config.mask_ratio = args.mask_ratio
-    model.config.m2d_loss_weight = args.m2d_loss_weight
-    model.config.clap_loss_weight = args.clap_loss_weight
+    model.config.mask_ratio = settings.mask_ratio
+    model.config.m2d_loss_weight = settings.m2d_loss_weight
+    model.config.clap_loss_weight = settings.clap_loss_weight
     return model
 
 
@@ -151,78 +143,3 @@ def compute_norm_stats(batches, prepare: Stage1Batches, num_crops: int, accelera
     mean = totals[0] / totals[2]
     std = (totals[1] / totals[2] - mean.square()).clamp(min=0).sqrt()
     return float(mean), float(std)
-
-
-def export_encoder(model: M2D2ForPreTraining, output_dir: Path, accelerator, card: ModelCardInfo) -> None:
-    """Saves the online encoder as an `M2D2AudioModel` folder with its feature extractor and model card."""
-    if accelerator.is_main_process:
-        model.audio_model.save_pretrained(output_dir)
-        M2D2FeatureExtractor.from_audio_config(model.config).save_pretrained(output_dir)
-        write_model_card(output_dir, "M2D2AudioModel", card)
-        logger.info(f"exported the encoder to {output_dir}")
-
-
-def train(args: argparse.Namespace) -> Path:
-    """Runs stage 1 and returns the folder of the final encoder export (`<output_dir>/final`)."""
-    accelerator = build_accelerator(args)
-    make_output_dir(accelerator, args)
-
-    caption_table = CaptionEmbeddingTable.from_path(args.caption_embeddings) if args.caption_embeddings else None
-    model = build_model(args, caption_table.embedding_size if caption_table else None)
-    sampling_rate = model.config.sampling_rate
-
-    def batch_stream(seed_offset: int) -> BatchStream:
-        min_samples = int(args.min_seconds * sampling_rate)
-        seed = args.seed + seed_offset
-        loader = streamed_loader(args, accelerator, sampling_rate, min_samples=min_samples, seed=seed)
-        return BatchStream(loader, accelerator.process_index)
-
-    checkpoint, start_step = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
-    feature_extractor = M2D2FeatureExtractor.from_audio_config(model.config)
-    prepare = Stage1Batches(feature_extractor, args.crop_frames, caption_table, args.seed)
-    if args.norm_stats:
-        model.config.norm_stats = list(args.norm_stats)
-    elif not checkpoint:  # a resumed run gets its statistics back with the checkpoint
-        model.config.norm_stats = list(
-            compute_norm_stats(iter(batch_stream(1)), prepare, args.norm_stats_crops, accelerator, args.seed)
-        )
-        logger.info(f"norm_stats from {args.norm_stats_crops} crops: {model.config.norm_stats}")
-    feature_extractor.norm_stats = list(model.config.norm_stats)
-
-    lr = scaled_learning_rate(args.base_learning_rate, args.global_batch_size)
-    optimizer = torch.optim.AdamW(
-        weight_decay_groups(model, args.weight_decay), lr=lr, betas=(args.adam_beta1, args.adam_beta2)
-    )
-    warmup_steps = round(args.warmup_ratio * args.max_train_steps)
-    scheduler = warmup_cosine_schedule(optimizer, warmup_steps, args.max_train_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    stream, state = batch_stream(0), RunState(feature_extractor.norm_stats)
-    start_run(accelerator, args, "m2d2_stage1", checkpoint, model, optimizer, scheduler, stream, state)
-    unwrapped: M2D2ForPreTraining = accelerator.unwrap_model(model)
-    unwrapped.config.norm_stats = feature_extractor.norm_stats = list(state.norm_stats)
-
-    def after_step(step: int) -> dict:
-        decay = unwrapped.ema_decay(step, args.max_train_steps)
-        unwrapped.update_target(decay)
-        unwrapped.clamp_logit_scale()
-        values = {"ema_decay": decay}
-        if hasattr(unwrapped, "logit_scale"):
-            values["logit_scale"] = unwrapped.logit_scale.item()
-        return values
-
-    def make_inputs(batch: dict, step: int, micro: int) -> dict:
-        return prepare.inputs(batch, accelerator.device, step, accelerator.process_index, micro)
-
-    def export(folder: Path, step: int) -> None:
-        card = training_card_info("examples/pretrain_stage1.py", vars(args), [args.model_name_or_path], step)
-        export_encoder(unwrapped, folder, accelerator, card)
-
-    model.train()
-    return run_training(
-        accelerator, args, model, optimizer, scheduler, stream, state, start_step, make_inputs,
-        ("loss", "m2d_loss", "clap_loss"), after_step, export, "stage 1",
-    )  # fmt: skip
-
-
-def main(argv: list[str] | None = None) -> Path:
-    return train(build_parser().parse_args(argv))
