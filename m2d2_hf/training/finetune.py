@@ -61,7 +61,7 @@ from ..evaluation.metrics import mean_average_precision, top_k_accuracy
 from ..feature_extraction_m2d2 import M2D2FeatureExtractor
 from ..masking import random_structured_mask
 from ..model_card import ModelCardInfo, training_card_info, write_model_card
-from ..modeling_m2d2 import M2D2AudioModel, M2D2ClapModel, M2D2ForAudioClassification, sincos_position_table
+from ..modeling_m2d2 import M2D2AudioModel, M2D2ClapModel, M2D2ForAudioClassification
 from .checkpoint import resolve_checkpoint
 from .data import load_audio_stream, random_log_mel_crops
 from .loop import (
@@ -81,7 +81,6 @@ from .loop import (
 logger = logging.getLogger(__name__)
 
 SINGLE_LABEL, MULTI_LABEL = "single_label_classification", "multi_label_classification"
-POSITION_KEY = "embeddings.position_embeddings"
 # timm CosineLRScheduler(lr_min=1e-7) of the original.
 MIN_LEARNING_RATE = 1e-7
 DEFAULT_LEARNING_RATES = {"sgd": 2.0, "adamw": 1e-4}
@@ -319,42 +318,37 @@ def load_encoder(path: str) -> M2D2AudioModel:
     return M2D2AudioModel.from_pretrained(path)
 
 
-def resized_position_table(table: torch.Tensor, rows: int, old_columns: int, new_columns: int) -> torch.Tensor:
-    """The original's EVAR resize: the patch rows of [1, 1 + rows * old, D] bicubically resized to `new_columns`
-    (align_corners False, no antialias), the CLS row kept."""
-    grid = table[:, 1:].reshape(1, rows, old_columns, -1).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid.float(), size=(rows, new_columns), mode="bicubic", align_corners=False)
-    return torch.cat([table[:, :1], grid.permute(0, 2, 3, 1).reshape(1, rows * new_columns, -1)], dim=1)
-
-
 def build_model(args: argparse.Namespace, labels: list[str]) -> M2D2ForAudioClassification:
     """`M2D2ForAudioClassification` with the encoder of `--model_name_or_path`, a new head for `labels` and, when
     `--crop_frames` exceeds the encoder's chunk, the grid extended to it."""
     encoder = load_encoder(args.model_name_or_path)
+    if args.crop_frames > encoder.config.chunk_frames:
+        chunk_frames, rows, old_columns = (
+            encoder.config.chunk_frames,
+            encoder.config.frequency_patches,
+            encoder.config.time_patches,
+        )
+        encoder.resize_position_embeddings(
+            args.crop_frames, "sincos" if args.position_table == "recompute" else "bicubic"
+        )
+        how = (
+            "recomputed as the fixed 2-D sin-cos table (not interpolated)"
+            if args.position_table == "recompute"
+            else "resized bicubically from the stored table (the original EVAR loader's way)"
+        )
+        logger.info(
+            f"--crop_frames {args.crop_frames} exceeds the encoder's chunk of {chunk_frames} frames: "
+            f"chunk_frames set to {args.crop_frames}, positional table {rows}x{old_columns} → "
+            f"{rows}x{encoder.config.time_patches} {how}"
+        )
     config = copy.deepcopy(encoder.config)
     config.architectures = None
     config.num_labels = len(labels)
     config.id2label = dict(enumerate(labels))
     config.label2id = {name: index for index, name in enumerate(labels)}
     config.problem_type = MULTI_LABEL if args.multi_label else SINGLE_LABEL
-    state = encoder.state_dict()
-    old_columns = config.time_patches
-    if args.crop_frames > config.chunk_frames:
-        config.chunk_frames = args.crop_frames
-        rows, columns = config.frequency_patches, config.time_patches
-        if args.position_table == "recompute":
-            table = sincos_position_table(config.hidden_size, rows, columns)[None]
-            how = "recomputed as the fixed 2-D sin-cos table (not interpolated)"
-        else:
-            table = resized_position_table(state[POSITION_KEY], rows, old_columns, columns)
-            how = "resized bicubically from the stored table (the original EVAR loader's way)"
-        state[POSITION_KEY] = table.to(state[POSITION_KEY].dtype)
-        logger.info(
-            f"--crop_frames {args.crop_frames} exceeds the encoder's chunk of {encoder.config.chunk_frames} frames: "
-            f"chunk_frames set to {args.crop_frames}, positional table {rows}x{old_columns} → {rows}x{columns} {how}"
-        )
     model = M2D2ForAudioClassification(config)
-    model.audio_model.load_state_dict(state, strict=True)
+    model.audio_model.load_state_dict(encoder.state_dict(), strict=True)
     return model
 
 
@@ -584,12 +578,14 @@ def evaluate(model: M2D2ForAudioClassification, make_loader, prepare: FinetuneBa
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def export_classifier(model: M2D2ForAudioClassification, output_dir: Path, accelerator, card: ModelCardInfo) -> None:
+def export_classifier(
+    model: M2D2ForAudioClassification, feature_extractor, output_dir: Path, accelerator, card: ModelCardInfo
+) -> None:
     """Saves the classification model with its feature extractor and model card: a folder
     `pipeline("audio-classification")` loads."""
     if accelerator.is_main_process:
         model.save_pretrained(output_dir)
-        M2D2FeatureExtractor.from_audio_config(model.config).save_pretrained(output_dir)
+        feature_extractor.save_pretrained(output_dir)
         write_model_card(output_dir, "M2D2ForAudioClassification", card)
         logger.info(f"exported the classifier to {output_dir}")
 
@@ -607,8 +603,8 @@ def train(args: argparse.Namespace) -> Path:
     logger.info(f"{len(labels)} labels ({'multi' if args.multi_label else 'single'}-label): {labels[:20]}")
     model = build_model(args, labels)
     config = model.config
-    sampling_rate = config.sampling_rate
-    feature_extractor = M2D2FeatureExtractor.from_audio_config(config)
+    feature_extractor = M2D2FeatureExtractor.from_model_folder(args.model_name_or_path, config)
+    sampling_rate = feature_extractor.sampling_rate
     prepare = FinetuneBatches(args, feature_extractor, config, reader)
 
     def stream_of(data, split, filters, batch_size, shuffle_buffer, training):
@@ -638,7 +634,7 @@ def train(args: argparse.Namespace) -> Path:
     train_loader = stream_of(
         args.train_data, args.split, args.filter, args.per_device_train_batch_size, args.shuffle_buffer, True
     )
-    stream, state = BatchStream(train_loader, accelerator.process_index), RunState(list(config.norm_stats))
+    stream, state = BatchStream(train_loader, accelerator.process_index), RunState(list(feature_extractor.norm_stats))
     start_run(accelerator, args, "m2d2_finetune", checkpoint, objective, optimizer, scheduler, stream, state)
     unwrapped: M2D2ForAudioClassification = accelerator.unwrap_model(objective).model
 
@@ -659,7 +655,7 @@ def train(args: argparse.Namespace) -> Path:
     def export(folder: Path, step: int) -> None:
         program = "examples/finetune_audio_classification.py"
         card = training_card_info(program, vars(args), [args.model_name_or_path], step)
-        export_classifier(unwrapped, folder, accelerator, card)
+        export_classifier(unwrapped, feature_extractor, folder, accelerator, card)
 
     objective.train()
     return run_training(

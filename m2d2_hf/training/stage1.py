@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig
 
-from ..configuration_m2d2 import M2D2AudioConfig
+from ..configuration_m2d2 import M2D2AudioConfig, M2D2PreTrainingConfig
 from ..feature_extraction_m2d2 import M2D2FeatureExtractor
 from ..model_card import ModelCardInfo, training_card_info, write_model_card
 from ..modeling_m2d2_pretraining import M2D2ForPreTraining
@@ -82,13 +82,14 @@ def build_model(args: argparse.Namespace, caption_size: int | None) -> M2D2ForPr
         config = AutoConfig.from_pretrained(args.model_name_or_path)
         if not isinstance(config, M2D2AudioConfig):
             raise ValueError(f"{args.model_name_or_path} is not an M2D2 audio or pre-training folder")
+        config = M2D2PreTrainingConfig.from_pretrained(args.model_name_or_path)
         if config.caption_embedding_size != caption_size:
             config.caption_embedding_size = caption_size
             logger.warning(f"caption embedding size set to {caption_size}: the CLAP head is re-initialised")
         # An encoder-only folder fills the online encoder; the target starts as its copy, the predictor new.
         model = M2D2ForPreTraining.from_pretrained(args.model_name_or_path, config=config)
     else:
-        config = M2D2AudioConfig(chunk_frames=args.crop_frames, caption_embedding_size=caption_size)
+        config = M2D2PreTrainingConfig(chunk_frames=args.crop_frames, caption_embedding_size=caption_size)
         if args.config_overrides:
             config.update_from_string(args.config_overrides)
         model = M2D2ForPreTraining(config)
@@ -153,11 +154,13 @@ def compute_norm_stats(batches, prepare: Stage1Batches, num_crops: int, accelera
     return float(mean), float(std)
 
 
-def export_encoder(model: M2D2ForPreTraining, output_dir: Path, accelerator, card: ModelCardInfo) -> None:
+def export_encoder(
+    model: M2D2ForPreTraining, feature_extractor, output_dir: Path, accelerator, card: ModelCardInfo
+) -> None:
     """Saves the online encoder as an `M2D2AudioModel` folder with its feature extractor and model card."""
     if accelerator.is_main_process:
         model.audio_model.save_pretrained(output_dir)
-        M2D2FeatureExtractor.from_audio_config(model.config).save_pretrained(output_dir)
+        feature_extractor.save_pretrained(output_dir)
         write_model_card(output_dir, "M2D2AudioModel", card)
         logger.info(f"exported the encoder to {output_dir}")
 
@@ -169,7 +172,11 @@ def train(args: argparse.Namespace) -> Path:
 
     caption_table = CaptionEmbeddingTable.from_path(args.caption_embeddings) if args.caption_embeddings else None
     model = build_model(args, caption_table.embedding_size if caption_table else None)
-    sampling_rate = model.config.sampling_rate
+    if args.model_name_or_path:
+        feature_extractor = M2D2FeatureExtractor.from_model_folder(args.model_name_or_path, model.config)
+    else:
+        feature_extractor = M2D2FeatureExtractor.from_audio_config(model.config)
+    sampling_rate = feature_extractor.sampling_rate
 
     def batch_stream(seed_offset: int) -> BatchStream:
         min_samples = int(args.min_seconds * sampling_rate)
@@ -178,16 +185,14 @@ def train(args: argparse.Namespace) -> Path:
         return BatchStream(loader, accelerator.process_index)
 
     checkpoint, start_step = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
-    feature_extractor = M2D2FeatureExtractor.from_audio_config(model.config)
     prepare = Stage1Batches(feature_extractor, args.crop_frames, caption_table, args.seed)
     if args.norm_stats:
-        model.config.norm_stats = list(args.norm_stats)
+        feature_extractor.norm_stats = list(args.norm_stats)
     elif not checkpoint:  # a resumed run gets its statistics back with the checkpoint
-        model.config.norm_stats = list(
+        feature_extractor.norm_stats = list(
             compute_norm_stats(iter(batch_stream(1)), prepare, args.norm_stats_crops, accelerator, args.seed)
         )
-        logger.info(f"norm_stats from {args.norm_stats_crops} crops: {model.config.norm_stats}")
-    feature_extractor.norm_stats = list(model.config.norm_stats)
+        logger.info(f"norm_stats from {args.norm_stats_crops} crops: {feature_extractor.norm_stats}")
 
     lr = scaled_learning_rate(args.base_learning_rate, args.global_batch_size)
     optimizer = torch.optim.AdamW(
@@ -199,7 +204,7 @@ def train(args: argparse.Namespace) -> Path:
     stream, state = batch_stream(0), RunState(feature_extractor.norm_stats)
     start_run(accelerator, args, "m2d2_stage1", checkpoint, model, optimizer, scheduler, stream, state)
     unwrapped: M2D2ForPreTraining = accelerator.unwrap_model(model)
-    unwrapped.config.norm_stats = feature_extractor.norm_stats = list(state.norm_stats)
+    feature_extractor.norm_stats = list(state.norm_stats)
 
     def after_step(step: int) -> dict:
         decay = unwrapped.ema_decay(step, args.max_train_steps)
@@ -215,7 +220,7 @@ def train(args: argparse.Namespace) -> Path:
 
     def export(folder: Path, step: int) -> None:
         card = training_card_info("examples/pretrain_stage1.py", vars(args), [args.model_name_or_path], step)
-        export_encoder(unwrapped, folder, accelerator, card)
+        export_encoder(unwrapped, feature_extractor, folder, accelerator, card)
 
     model.train()
     return run_training(

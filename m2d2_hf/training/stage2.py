@@ -256,11 +256,12 @@ class Stage2Batches:
         }
 
 
-def export_clap(model: M2D2ClapModel, tokenizer, output_dir: Path, accelerator, card: ModelCardInfo) -> None:
+def export_clap(
+    model: M2D2ClapModel, feature_extractor, tokenizer, output_dir: Path, accelerator, card: ModelCardInfo
+) -> None:
     """Saves the complete CLAP model with its processor (feature extractor + tokenizer) and model card."""
     if accelerator.is_main_process:
         model.save_pretrained(output_dir)
-        feature_extractor = M2D2FeatureExtractor.from_audio_config(model.config.audio_config)
         M2D2Processor(feature_extractor, tokenizer).save_pretrained(output_dir)
         write_model_card(output_dir, "M2D2ClapModel", card)
         logger.info(f"exported the CLAP model to {output_dir}")
@@ -277,8 +278,10 @@ def train(args: argparse.Namespace) -> Path:
     if args.captions:
         captions = read_captions(args.captions, caption_column=args.caption_column, separator=args.caption_separator)
     keep = [] if captions is not None else [args.caption_column]
-    loader = streamed_loader(args, accelerator, audio_config.sampling_rate, keep_columns=keep)
-    feature_extractor = M2D2FeatureExtractor.from_audio_config(audio_config)
+    feature_extractor = M2D2FeatureExtractor.from_model_folder(
+        args.model_name_or_path or args.audio_model, audio_config
+    )
+    loader = streamed_loader(args, accelerator, feature_extractor.sampling_rate, keep_columns=keep)
     prepare = Stage2Batches(args, feature_extractor, tokenizer, audio_config, captions)
 
     optimizer = torch.optim.AdamW(
@@ -309,7 +312,7 @@ def train(args: argparse.Namespace) -> Path:
     def export(folder: Path, step: int) -> None:
         sources = [args.model_name_or_path, args.audio_model, args.text_model]
         card = training_card_info("examples/pretrain_stage2.py", vars(args), sources, step)
-        export_clap(clap, tokenizer, folder, accelerator, card)
+        export_clap(clap, feature_extractor, tokenizer, folder, accelerator, card)
 
     return run_training(
         accelerator, args, objective, optimizer, scheduler, stream, state, start_step, make_inputs, ("loss",),
