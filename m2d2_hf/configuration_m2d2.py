@@ -157,9 +157,10 @@ class M2D2AudioConfig(_SavesWithoutChangingItself, PreTrainedConfig):
         """The config of a saved folder, as the class asked for: `M2D2AudioConfig` of a pre-training folder is its
         encoder's (as `M2D2AudioModel.from_pretrained` loads its online encoder)."""
         loaded = super().from_pretrained(*args, **kwargs)
-        if cls is M2D2AudioConfig and isinstance(loaded, M2D2PreTrainingConfig):
-            return (loaded[0].encoder_config(), loaded[1]) if isinstance(loaded, tuple) else loaded.encoder_config()
-        return loaded
+        config, unused = loaded if isinstance(loaded, tuple) else (loaded, None)
+        if cls is M2D2AudioConfig and isinstance(config, M2D2PreTrainingConfig):
+            config = config.encoder_config()
+        return config if unused is None else (config, unused)
 
     @classmethod
     def from_dict(cls, config_dict: dict, **kwargs) -> PreTrainedConfig:
