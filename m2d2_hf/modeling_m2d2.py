@@ -393,6 +393,14 @@ class M2D2PreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_attention_backend = True
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """transformers' `from_pretrained`; without a `dtype` the model computes in float32, whatever its weights
+        are stored in (the config's `dtype`: float16 for the shipped demo); `dtype="auto"` loads them as stored."""
+        if kwargs.get("dtype") is None and kwargs.get("torch_dtype") is None:
+            kwargs["dtype"] = torch.float32
+        return super().from_pretrained(*args, **kwargs)
+
     def save_pretrained(self, *args, **kwargs):
         """transformers' `save_pretrained`; the saved folder carries an `auto_map`, the model's config is left as
         it was (its `to_dict()` does not change by saving)."""
