@@ -183,6 +183,8 @@ def test_demo_config_is_slim_and_says_how_it_is_stored():
     with safe_open(DEMO_MODEL / "model.safetensors", "pt") as weights:
         stored = {str(weights.get_slice(name).get_dtype()) for name in weights.keys()}
     assert stored == {"F16"} and config["dtype"] == "float16"
+    # Stored so for size: it computes in float32 unless a torch dtype is asked for ("auto" is the pipelines' default).
+    assert AutoModel.from_pretrained(DEMO_MODEL, dtype="auto").dtype == torch.float32
     assert "norm_stats" in json.loads((DEMO_MODEL / "processor_config.json").read_text())["feature_extractor"]
     # The module copies are the package's current ones (after changing the package:
     # `python examples/recipes/demo/train_demo.py --data - --export_dir examples/demo_model --refresh_remote_code`).

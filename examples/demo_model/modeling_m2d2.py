@@ -395,9 +395,11 @@ class M2D2PreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        """transformers' `from_pretrained`; without a `dtype` the model computes in float32, whatever its weights
-        are stored in (the config's `dtype`: float16 for the shipped demo); `dtype="auto"` loads them as stored."""
-        if kwargs.get("dtype") is None and kwargs.get("torch_dtype") is None:
+        """transformers' `from_pretrained`, computing in float32 unless a torch dtype is asked for, whatever the
+        weights are stored in (the config's `dtype`: float16 for the shipped demo, stored so for size). `"auto"`,
+        transformers' default and the pipelines', means float32 here too; `dtype=torch.bfloat16` etc. are kept."""
+        if kwargs.get("dtype") in (None, "auto") and kwargs.get("torch_dtype") in (None, "auto"):
+            kwargs.pop("torch_dtype", None)
             kwargs["dtype"] = torch.float32
         return super().from_pretrained(*args, **kwargs)
 
