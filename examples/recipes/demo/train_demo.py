@@ -20,10 +20,9 @@ Steps (fixed seeds; every step is the package's code, the recipe only chooses se
    No patches are masked (`--mask_ratio 0`, as the paper's stage 2.1): the clips are short already. With no
    validation split (191 clips), these settings and the step counts were picked among a handful of variants by
    their test accuracy (see the README's demo section);
-5. export: the CLAP model in float16 safetensors (its config's `dtype` says so; it loads as float32 unless asked
-   otherwise), with its processor, the copies of the package's modules that `trust_remote_code=True` loading uses
-   where m2d2_hf is not installed (`--refresh_remote_code` rewrites them from the installed package after it
-   changed), and without the paths of this machine;
+5. export: the CLAP model in float16 safetensors (its config's `dtype` says so; it computes in float32 unless
+   asked otherwise), with its processor, links to the package's modules that `trust_remote_code=True` loading
+   reads where m2d2_hf is not importable, and without the paths of this machine;
 6. zero-shot classification of the TEST split among the 22 labels (`m2d2_hf.evaluation.zero_shot_classify`,
    default prompt), written to `<export_dir>/demo_report.json` with the recipe's settings and timings.
 
@@ -34,10 +33,8 @@ import argparse
 import csv
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -101,8 +98,14 @@ def common_training_arguments(data: Path, output_dir: Path, steps: int) -> list[
 
 
 def make_portable(folder: Path) -> None:
-    """Removes what ties the exported folder to this machine: `_name_or_path` (the local folders the run loaded
-    from)."""
+    """Removes what ties the exported folder to this machine (`_name_or_path`: the local folders the run loaded
+    from) and replaces the module copies that `save_pretrained` writes for `trust_remote_code` loading by relative
+    links to the package's modules: the folder loads with `trust_remote_code=True` where m2d2_hf is not importable,
+    and its code cannot go stale as the package changes."""
+    package = Path(m2d2_hf.__file__).resolve().parent
+    for module in folder.glob("*.py"):
+        module.unlink()
+        module.symlink_to(os.path.relpath(package / module.name, folder))
 
     def cleaned(value):
         if isinstance(value, dict):
@@ -125,38 +128,13 @@ def majority_class_accuracy(targets: list[str]) -> float:
     return max(targets.count(label) for label in set(targets)) / len(targets)
 
 
-def write_remote_code(folder: Path) -> None:
-    """Writes the installed package's modules and `auto_map` entries into an exported CLAP folder again (what its
-    `save_pretrained` writes, the weights left as they are), so that its `trust_remote_code=True` loading runs the
-    package's current code."""
-    model = M2D2ClapModel.from_pretrained(folder, dtype=torch.float16)
-    processor = M2D2Processor.from_pretrained(folder)
-    for module in folder.glob("*.py"):
-        module.unlink()
-    with tempfile.TemporaryDirectory() as scratch:
-        model.save_pretrained(scratch)
-        processor.save_pretrained(scratch)
-        for path in Path(scratch).iterdir():
-            if not path.name.endswith(".safetensors"):
-                shutil.copyfile(path, folder / path.name)
-    make_portable(folder)
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, required=True, help="the real_sounds folder (metadata.csv + audio/)")
     parser.add_argument("--work_dir", type=Path, default=Path("out/demo_recipe"), help="runs, logs, caches")
     parser.add_argument("--export_dir", type=Path, default=None, help="the shipped model (default: work_dir/model)")
     parser.add_argument("--quick", action="store_true", help="shortened schedule (the test suite's retraining check)")
-    parser.add_argument(
-        "--refresh_remote_code",
-        action="store_true",
-        help="only rewrite the module copies and auto_map of the existing --export_dir from the installed package",
-    )
     args = parser.parse_args(argv)
-    if args.refresh_remote_code:
-        write_remote_code(args.export_dir.resolve())
-        return {}
 
     data, work = args.data.resolve(), args.work_dir.resolve()
     export_dir = (args.export_dir or work / "model").resolve()
