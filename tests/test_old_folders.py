@@ -147,15 +147,7 @@ def test_pretraining_config_holds_the_pretraining_fields(tmp_path):
 
 
 def test_resize_position_embeddings_recomputes_or_resizes_the_grid():
-    config = M2D2AudioConfig(
-        num_mel_bins=32,
-        chunk_frames=64,
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-    )
-    model = M2D2AudioModel(config).eval()
+    model = M2D2AudioModel(M2D2AudioConfig.from_pretrained(OLD / "audio")).eval()  # 2 x 4 patches of 16 x 16
     stored = model.get_position_embeddings().clone()
     model.resize_position_embeddings(64, "bicubic")  # the same grid: the identity
     torch.testing.assert_close(model.get_position_embeddings(), stored, atol=1e-6, rtol=0)
