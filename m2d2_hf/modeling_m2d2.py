@@ -395,13 +395,17 @@ class M2D2PreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        """transformers' `from_pretrained`, computing in float32 unless a torch dtype is asked for, whatever the
-        weights are stored in (the config's `dtype`: float16 for the shipped demo, stored so for size). `"auto"`,
-        transformers' default and the pipelines', means float32 here too; `dtype=torch.bfloat16` etc. are kept."""
-        if kwargs.get("dtype") in (None, "auto") and kwargs.get("torch_dtype") in (None, "auto"):
-            kwargs.pop("torch_dtype", None)
-            kwargs["dtype"] = torch.float32
-        return super().from_pretrained(*args, **kwargs)
+        """transformers' `from_pretrained`; weights stored in float16 (the shipped demo, stored so for size: CPU
+        kernels compute float16 slowly) compute in float32 unless a torch dtype is asked for. Other stored dtypes
+        load as transformers loads them (`"auto"`: as stored)."""
+        asked = kwargs.get("dtype", kwargs.get("torch_dtype"))
+        model = super().from_pretrained(*args, **kwargs)
+        loaded = model[0] if isinstance(model, tuple) else model
+        if asked in (None, "auto") and loaded.dtype == torch.float16:
+            loaded.to(torch.float32)
+            for config in (loaded.config, *(getattr(loaded.config, key) for key in loaded.config.sub_configs)):
+                config.dtype = torch.float32
+        return model
 
     def save_pretrained(self, *args, **kwargs):
         """transformers' `save_pretrained`; the saved folder carries an `auto_map`, the model's config is left as
