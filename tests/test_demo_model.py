@@ -39,7 +39,7 @@ def test_demo_model_is_small_and_computes_in_float32():
     assert AutoModel.from_pretrained(DEMO_MODEL, dtype=torch.bfloat16).dtype == torch.bfloat16
     assert REPORT["train_clips"] == 191 and REPORT["test_clips"] == 60 and len(REPORT["labels"]) == 22
     # Loaded through the installed package; the module copies beside the weights serve trust_remote_code loading
-    # where it is not installed (tests/test_old_folders.py checks that they are the package's current modules).
+    # where it is not installed (links to the package's modules; tests/test_old_folders.py checks them).
     assert type(model).__module__ == "m2d2_hf.modeling_m2d2"
 
 
