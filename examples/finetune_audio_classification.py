@@ -80,7 +80,7 @@ class Finetune:
         """Saves the classification model with its feature extractor and model card."""
         if self.accelerator.is_main_process:
             self.model.save_pretrained(folder)
-            M2D2FeatureExtractor.from_audio_config(self.model.config).save_pretrained(folder)
+            self.batches.feature_extractor.save_pretrained(folder)
             write_model_card(folder, "M2D2ForAudioClassification", self.card.info(step))
             logger.info(f"exported the classifier to {folder}")
 
@@ -101,12 +101,12 @@ def main(argv: list[str] | None = None) -> Path:
     logger.info(f"{len(labels)} labels ({'multi' if settings.multi_label else 'single'}-label): {labels[:20]}")
     model = build_model(settings, labels)
     config = model.config
-    feature_extractor = M2D2FeatureExtractor.from_audio_config(config)
+    feature_extractor = M2D2FeatureExtractor.from_model_folder(settings.model_name_or_path, config)  # the encoder's
     batches = FinetuneBatches(settings, training.seed, feature_extractor, config, reader)
     streams = LabelledStreams(
-        training, evaluation, accelerator, config.sampling_rate, reader, labels, settings.min_seconds
+        training, evaluation, accelerator, feature_extractor.sampling_rate, reader, labels, settings.min_seconds
     )
-    checkpoint, start_step = resolve_checkpoint(training.resume_from_checkpoint, training.output_dir)
+    checkpoint, _ = resolve_checkpoint(training.resume_from_checkpoint, training.output_dir)
 
     # Prepare: SGD (or AdamW) over the layer-decay groups, timm's warm-up + cosine per step, the objective (the
     # classifier and its loss against soft targets) under accelerate, then resume.
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> Path:
     scheduler = timm_cosine_schedule(optimizer, training.warmup_steps, training.max_train_steps, min_ratio)
     objective, optimizer = accelerator.prepare(ClassificationObjective(model), optimizer)
     stream = loop.BatchStream(streams.train_loader(), accelerator.process_index)
-    run = loop.TrainingRun(objective, optimizer, scheduler, stream, loop.RunState(list(config.norm_stats)), start_step)
+    run = loop.TrainingRun(objective, optimizer, scheduler, stream, loop.RunState(list(feature_extractor.norm_stats)))
     record = settings_record(training, settings, evaluation)
     loop.start_run(accelerator, run, checkpoint, "m2d2_finetune", record)
     classifier = accelerator.unwrap_model(objective).model

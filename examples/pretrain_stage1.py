@@ -67,7 +67,7 @@ class Stage1:
         """Saves the online encoder as an `M2D2AudioModel` folder with its feature extractor and model card."""
         if self.accelerator.is_main_process:
             self.model.audio_model.save_pretrained(folder)
-            M2D2FeatureExtractor.from_audio_config(self.model.config).save_pretrained(folder)
+            self.batches.feature_extractor.save_pretrained(folder)
             write_model_card(folder, "M2D2AudioModel", self.card.info(step))
             logger.info(f"exported the encoder to {folder}")
 
@@ -81,7 +81,12 @@ def main(argv: list[str] | None = None) -> Path:
     # Build: the caption table fixes the size of the CLAP head; a resumed run gets its weights back below.
     captions = CaptionEmbeddingTable.from_path(stage.caption_embeddings) if stage.caption_embeddings else None
     model = build_model(stage, captions.embedding_size if captions else None)
-    sampling_rate = model.config.sampling_rate
+    # The feature extractor owns the front end: a continued folder's own, or the default one for a new model.
+    if stage.model_name_or_path:
+        feature_extractor = M2D2FeatureExtractor.from_model_folder(stage.model_name_or_path, model.config)
+    else:
+        feature_extractor = M2D2FeatureExtractor.from_audio_config(model.config)
+    sampling_rate = feature_extractor.sampling_rate
 
     def batch_stream(seed_offset: int) -> loop.BatchStream:
         """The training stream (offset 0) or the statistics pass's own shuffle of it (offset 1)."""
@@ -94,20 +99,18 @@ def main(argv: list[str] | None = None) -> Path:
         )
         return loop.BatchStream(loader, accelerator.process_index)
 
-    checkpoint, start_step = resolve_checkpoint(training.resume_from_checkpoint, training.output_dir)
-    feature_extractor = M2D2FeatureExtractor.from_audio_config(model.config)
+    checkpoint, _ = resolve_checkpoint(training.resume_from_checkpoint, training.output_dir)
     batches = Stage1Batches(feature_extractor, stage.crop_frames, captions, training.seed)
 
     # The log-mel statistics: given, computed over random crops, or (resuming) restored with the checkpoint.
     if stage.norm_stats:
-        model.config.norm_stats = list(stage.norm_stats)
+        feature_extractor.norm_stats = list(stage.norm_stats)
     elif not checkpoint:
         norm_stats = compute_norm_stats(
             iter(batch_stream(1)), batches, stage.norm_stats_crops, accelerator, training.seed
         )
-        model.config.norm_stats = list(norm_stats)
-        logger.info(f"norm_stats from {stage.norm_stats_crops} crops: {model.config.norm_stats}")
-    feature_extractor.norm_stats = list(model.config.norm_stats)
+        feature_extractor.norm_stats = list(norm_stats)
+        logger.info(f"norm_stats from {stage.norm_stats_crops} crops: {feature_extractor.norm_stats}")
 
     # Prepare: AdamW over the decay groups, warm-up + cosine per step, accelerate, then resume.
     optimizer = torch.optim.AdamW(
@@ -118,11 +121,11 @@ def main(argv: list[str] | None = None) -> Path:
     scheduler = warmup_cosine_schedule(optimizer, training.warmup_steps, training.max_train_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     state = loop.RunState(feature_extractor.norm_stats)
-    run = loop.TrainingRun(model, optimizer, scheduler, batch_stream(0), state, start_step)
+    run = loop.TrainingRun(model, optimizer, scheduler, batch_stream(0), state)  # start_run sets the step of a resume
     record = settings_record(training, stage)
     loop.start_run(accelerator, run, checkpoint, "m2d2_stage1", record)
     unwrapped = accelerator.unwrap_model(model)
-    unwrapped.config.norm_stats = feature_extractor.norm_stats = list(run.state.norm_stats)
+    feature_extractor.norm_stats = list(run.state.norm_stats)
 
     # Loop and export: the loop checkpoints every --checkpointing_steps and exports the encoder at the end.
     card = loop.ExportCard("examples/pretrain_stage1.py", record, [stage.model_name_or_path])

@@ -68,8 +68,7 @@ class Stage2:
         """Saves the complete CLAP model with its processor (feature extractor + tokenizer) and model card."""
         if self.accelerator.is_main_process:
             self.clap.save_pretrained(folder)
-            feature_extractor = M2D2FeatureExtractor.from_audio_config(self.clap.config.audio_config)
-            M2D2Processor(feature_extractor, self.tokenizer).save_pretrained(folder)
+            M2D2Processor(self.batches.feature_extractor, self.tokenizer).save_pretrained(folder)
             write_model_card(folder, "M2D2ClapModel", self.card.info(step))
             logger.info(f"exported the CLAP model to {folder}")
 
@@ -89,8 +88,11 @@ def main(argv: list[str] | None = None) -> Path:
             stage.captions, caption_column=stage.caption_column, separator=stage.caption_separator
         )
     keep = [] if captions is not None else [stage.caption_column]
-    loader = loop.streamed_loader(training, accelerator, audio_config.sampling_rate, keep_columns=keep)
-    feature_extractor = M2D2FeatureExtractor.from_audio_config(audio_config)
+    # The feature extractor owns the front end: the folder's own (the CLAP folder, or the encoder's).
+    feature_extractor = M2D2FeatureExtractor.from_model_folder(
+        stage.model_name_or_path or stage.audio_model, audio_config
+    )
+    loader = loop.streamed_loader(training, accelerator, feature_extractor.sampling_rate, keep_columns=keep)
     batches = Stage2Batches(stage, training.seed, feature_extractor, tokenizer, audio_config, captions)
 
     # Prepare: AdamW over the trainable parameters (projector, text tower, temperature), warm-up + cosine per step,

@@ -13,7 +13,7 @@ from transformers import (
     AutoProcessor,
 )
 
-from .configuration_m2d2 import M2D2AudioConfig, M2D2Config
+from .configuration_m2d2 import M2D2AudioConfig, M2D2Config, M2D2PreTrainingConfig
 from .cpu_inference import optimize_for_cpu_inference
 from .feature_extraction_m2d2 import M2D2FeatureExtractor
 from .modeling_m2d2 import (
@@ -33,9 +33,10 @@ from .processing_m2d2 import M2D2Processor
 def _register() -> None:
     AutoConfig.register(M2D2AudioConfig.model_type, M2D2AudioConfig, exist_ok=True)
     AutoConfig.register(M2D2Config.model_type, M2D2Config, exist_ok=True)
+    AutoConfig.register(M2D2PreTrainingConfig.model_type, M2D2PreTrainingConfig, exist_ok=True)
     AutoModel.register(M2D2AudioConfig, M2D2AudioModel, exist_ok=True)
     AutoModel.register(M2D2Config, M2D2ClapModel, exist_ok=True)
-    AutoModelForPreTraining.register(M2D2AudioConfig, M2D2ForPreTraining, exist_ok=True)
+    AutoModelForPreTraining.register(M2D2PreTrainingConfig, M2D2ForPreTraining, exist_ok=True)
     AutoModelForAudioClassification.register(M2D2AudioConfig, M2D2ForAudioClassification, exist_ok=True)
     for config_class in (M2D2AudioConfig, M2D2Config):
         AutoFeatureExtractor.register(config_class, M2D2FeatureExtractor, exist_ok=True)
@@ -46,6 +47,7 @@ def _register() -> None:
     # trust_remote_code=True where m2d2_hf is not installed.
     M2D2AudioConfig.register_for_auto_class()
     M2D2Config.register_for_auto_class()
+    M2D2PreTrainingConfig.register_for_auto_class()
     M2D2AudioModel.register_for_auto_class("AutoModel")
     M2D2ClapModel.register_for_auto_class("AutoModel")
     M2D2ForPreTraining.register_for_auto_class("AutoModelForPreTraining")
@@ -69,6 +71,7 @@ __all__ = [
     "M2D2ForAudioClassification",
     "M2D2ForPreTraining",
     "M2D2PreTrainedModel",
+    "M2D2PreTrainingConfig",
     "M2D2PreTrainingOutput",
     "M2D2Processor",
     "M2D2AudioClassificationPipeline",

@@ -58,23 +58,42 @@ class _SavesWithoutChangingItself:
             return super().save_pretrained(*args, **kwargs)
 
 
-# Dataset statistics the original loaders fall back to for weights saved without `norm_stats` (2022 releases).
-DEFAULT_NORM_STATS = (-7.1, 4.2)
+# Fields that configs written before the feature extractor owned the front end, and before the pre-training fields
+# had a config of their own, carried in every encoder config. Loading such a config keeps them aside (not saved
+# again): the front end ones build the feature extractor of an old folder saved without one
+# ([`M2D2FeatureExtractor.from_audio_config`]), the pre-training ones an [`M2D2PreTrainingConfig`].
+FRONT_END_FIELDS = ("sampling_rate", "n_fft", "hop_length", "f_min", "f_max", "norm_stats")
+PRETRAINING_FIELDS = (
+    "predictor_hidden_size",
+    "predictor_num_hidden_layers",
+    "predictor_num_attention_heads",
+    "predictor_intermediate_size",
+    "mask_ratio",
+    "caption_embedding_size",
+    "audio_projector_type",
+    "projector_num_layers",
+    "projector_num_attention_heads",
+    "projector_intermediate_size",
+    "projector_layer_norm_eps",
+    "m2d_loss_weight",
+    "clap_loss_weight",
+    "ema_decay_start",
+    "ema_decay_end",
+    "logit_scale_init_value",
+)
+_LEGACY_FIELDS = "_legacy_fields"
 
 
 class M2D2AudioConfig(_SavesWithoutChangingItself, PreTrainedConfig):
     r"""
-    Configuration of [`M2D2AudioModel`]: the log-mel front end, the chunking of long inputs and the ViT encoder.
-    The defaults describe the released M2D-CLAP 2025 encoder (`m2d_clap_vit_base-80x1001p16x16p16kpBpTI-2025`).
+    Configuration of [`M2D2AudioModel`]: the patch grid, the chunking of long inputs and the ViT encoder. The defaults
+    describe the released M2D-CLAP 2025 encoder (`m2d_clap_vit_base-80x1001p16x16p16kpBpTI-2025`). The log-mel front
+    end (rate, STFT, mel bank, `norm_stats`) belongs to [`M2D2FeatureExtractor`], the pre-training parts to
+    [`M2D2PreTrainingConfig`].
 
     Args:
-        sampling_rate (`int`, defaults to 16000): rate the front end works at; other rates are resampled to it.
-        n_fft (`int`, defaults to 400): STFT size and window length (25 ms).
-        hop_length (`int`, defaults to 160): STFT hop (10 ms).
-        num_mel_bins (`int`, defaults to 80): Slaney-scale mel bands.
-        f_min, f_max (`float`, defaults to 50 and 8000): mel filter bank edges in Hz.
-        norm_stats (`list[float]`, defaults to `[-7.1, 4.2]`): dataset mean and std of the log-mel, used to
-            normalise it; converted checkpoints carry their own (the 2025 release: `[-7.2618, 4.3512]`).
+        num_mel_bins (`int`, defaults to 80): mel bands of the input (the rows of the patch grid times the patch
+            height); the feature extractor's `feature_size`.
         chunk_frames (`int`, defaults to 1001): frames per independently encoded chunk of a long input; also the
             length of the positional grid (1001 for the 2025 model, 608 for 608-frame checkpoints).
         patch_size (`list[int]`, defaults to `[16, 16]`): patch height (frequency) and width (time).
@@ -83,9 +102,120 @@ class M2D2AudioConfig(_SavesWithoutChangingItself, PreTrainedConfig):
         layer_norm_eps (`float`, defaults to 1e-6): eps of every encoder LayerNorm.
         qkv_bias (`bool`, defaults to `True`): bias of the fused query/key/value projection.
         initializer_range (`float`, defaults to 0.02): std of the token initialisations.
+    """
+
+    model_type = "m2d2_audio"
+    base_config_key = "audio_config"
+
+    num_mel_bins: int = 80
+    chunk_frames: int = 1001
+    patch_size: list[int] | tuple[int, int] = (16, 16)
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    layer_norm_eps: float = 1e-6
+    qkv_bias: bool = True
+    initializer_range: float = 0.02
+
+    def __post_init__(self, **kwargs):
+        legacy = {name: kwargs.pop(name) for name in (*FRONT_END_FIELDS, *PRETRAINING_FIELDS) if name in kwargs}
+        super().__post_init__(**kwargs)
+        self.__dict__[_LEGACY_FIELDS] = legacy
+        self.patch_size = [int(v) for v in self.patch_size]
+        if "norm_stats" in legacy:
+            legacy["norm_stats"] = [float(v) for v in legacy["norm_stats"]]
+            if len(legacy["norm_stats"]) != 2 or legacy["norm_stats"][1] <= 0:
+                raise ValueError(f"norm_stats must be [mean, std] with std > 0, got {legacy['norm_stats']}")
+        if len(self.patch_size) != 2:
+            raise ValueError(f"patch_size must be [frequency, time], got {self.patch_size}")
+        if self.num_mel_bins % self.patch_size[0]:
+            raise ValueError(
+                f"num_mel_bins ({self.num_mel_bins}) must be a multiple of the patch height ({self.patch_size[0]})"
+            )
+        if self.chunk_frames < self.patch_size[1]:
+            raise ValueError(f"chunk_frames ({self.chunk_frames}) is shorter than one patch ({self.patch_size[1]})")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                f"({self.num_attention_heads})"
+            )
+
+    @classmethod
+    def get_config_dict(cls, *args, **kwargs) -> tuple[dict, dict]:
+        """The saved dict. An encoder and a pre-training folder load into either config without a model-type
+        warning: `M2D2PreTrainingConfig` reads an encoder folder (or a pre-training folder written before it
+        existed) with the pre-training fields it carries or their defaults."""
+        config_dict, kwargs = super().get_config_dict(*args, **kwargs)
+        if config_dict.get("model_type") in ("m2d2_audio", "m2d2_pretraining"):
+            config_dict = {**config_dict, "model_type": cls.model_type}
+        return config_dict, kwargs
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs) -> PreTrainedConfig:
+        """The config of a saved folder, as the class asked for: `M2D2AudioConfig` of a pre-training folder is its
+        encoder's (as `M2D2AudioModel.from_pretrained` loads its online encoder)."""
+        loaded = super().from_pretrained(*args, **kwargs)
+        config, unused = loaded if isinstance(loaded, tuple) else (loaded, None)
+        if cls is M2D2AudioConfig and isinstance(config, M2D2PreTrainingConfig):
+            config = config.encoder_config()
+        return config if unused is None else (config, unused)
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs) -> PreTrainedConfig:
+        """A config dict; a pre-training folder written before [`M2D2PreTrainingConfig`] existed (model type
+        `m2d2_audio`, architecture `M2D2ForPreTraining`) gives an `M2D2PreTrainingConfig`."""
+        if cls is M2D2AudioConfig and "M2D2ForPreTraining" in (config_dict.get("architectures") or ()):
+            return M2D2PreTrainingConfig.from_dict(config_dict, **kwargs)
+        return super().from_dict(config_dict, **kwargs)
+
+    def to_dict(self) -> dict:
+        output = super().to_dict()
+        output.pop(_LEGACY_FIELDS, None)
+        return output
+
+    @property
+    def legacy_front_end(self) -> dict:
+        """The front-end fields (`sampling_rate`, `n_fft`, `hop_length`, `f_min`, `f_max`, `norm_stats`) of a config
+        written by a version that kept them there; empty for configs of this version."""
+        return {k: v for k, v in self.__dict__.get(_LEGACY_FIELDS, {}).items() if k in FRONT_END_FIELDS}
+
+    def encoder_config(self) -> "M2D2AudioConfig":
+        """This config's encoder fields as an `M2D2AudioConfig` (what an encoder folder saves)."""
+        values = self.to_dict()
+        for name in (*PRETRAINING_FIELDS, "model_type", "transformers_version"):
+            values.pop(name, None)
+        config = M2D2AudioConfig(**values)
+        config.__dict__[_LEGACY_FIELDS] = dict(self.legacy_front_end)
+        return config
+
+    @property
+    def frequency_patches(self) -> int:
+        """Rows of the patch grid (5 for 80 mel bins and 16-bin patches)."""
+        return self.num_mel_bins // self.patch_size[0]
+
+    @property
+    def time_patches(self) -> int:
+        """Columns of the patch grid of one full chunk (62 for 1001 frames, 38 for 608)."""
+        return self.chunk_frames // self.patch_size[1]
+
+    @property
+    def frame_feature_size(self) -> int:
+        """Size of one frame feature: the tokens of all frequency rows of a column, concatenated (5 x 768)."""
+        return self.frequency_patches * self.hidden_size
+
+
+class M2D2PreTrainingConfig(M2D2AudioConfig):
+    r"""
+    Configuration of [`M2D2ForPreTraining`] (stage 1): the encoder of [`M2D2AudioConfig`] (all its arguments), plus
+    the M2D predictor, the masking, the stage-1 CLAP head, the EMA target and the loss weights. The online encoder
+    exports as an [`M2D2AudioModel`] folder with the encoder fields only.
+
+    Args:
         predictor_hidden_size, predictor_num_hidden_layers, predictor_num_attention_heads,
-        predictor_intermediate_size (512, 8, 16, 2048): the M2D predictor, used in pre-training only.
-        mask_ratio (`float`, defaults to 0.7): fraction of patches masked in M2D pre-training.
+        predictor_intermediate_size (512, 8, 16, 2048): the M2D predictor.
+        mask_ratio (`float`, defaults to 0.7): fraction of patches masked.
         caption_embedding_size (`int`, *optional*): width of the cached caption embeddings of stage-1 CLAP
             pre-training (4096 for NV-Embed-v2); `None` pre-trains plain M2D without the CLAP head.
         audio_projector_type (`"semantic"` or `"mlp"`): the stage-1 audio projector (2025: semantic; 2024: MLP).
@@ -97,26 +227,9 @@ class M2D2AudioConfig(_SavesWithoutChangingItself, PreTrainedConfig):
         logit_scale_init_value (`float`, defaults to ln(1/0.07)): initial log temperature of the stage-1 CLAP loss.
     """
 
-    model_type = "m2d2_audio"
-    base_config_key = "audio_config"
+    model_type = "m2d2_pretraining"
+    base_config_key = None
 
-    sampling_rate: int = 16000
-    n_fft: int = 400
-    hop_length: int = 160
-    num_mel_bins: int = 80
-    f_min: float = 50.0
-    f_max: float = 8000.0
-    norm_stats: list[float] | tuple[float, float] = DEFAULT_NORM_STATS
-    chunk_frames: int = 1001
-    patch_size: list[int] | tuple[int, int] = (16, 16)
-    hidden_size: int = 768
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 12
-    intermediate_size: int = 3072
-    hidden_act: str = "gelu"
-    layer_norm_eps: float = 1e-6
-    qkv_bias: bool = True
-    initializer_range: float = 0.02
     predictor_hidden_size: int = 512
     predictor_num_hidden_layers: int = 8
     predictor_num_attention_heads: int = 16
@@ -136,38 +249,21 @@ class M2D2AudioConfig(_SavesWithoutChangingItself, PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
-        self.norm_stats = [float(v) for v in self.norm_stats]
-        self.patch_size = [int(v) for v in self.patch_size]
-        if len(self.norm_stats) != 2 or self.norm_stats[1] <= 0:
-            raise ValueError(f"norm_stats must be [mean, std] with std > 0, got {self.norm_stats}")
-        if len(self.patch_size) != 2:
-            raise ValueError(f"patch_size must be [frequency, time], got {self.patch_size}")
-        if self.num_mel_bins % self.patch_size[0]:
-            raise ValueError(
-                f"num_mel_bins ({self.num_mel_bins}) must be a multiple of the patch height ({self.patch_size[0]})"
-            )
-        if self.chunk_frames < self.patch_size[1]:
-            raise ValueError(f"chunk_frames ({self.chunk_frames}) is shorter than one patch ({self.patch_size[1]})")
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(
-                f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
-                f"({self.num_attention_heads})"
-            )
+        if self.audio_projector_type not in ("semantic", "mlp"):
+            raise ValueError(f"audio_projector_type must be 'semantic' or 'mlp', got {self.audio_projector_type!r}")
 
-    @property
-    def frequency_patches(self) -> int:
-        """Rows of the patch grid (5 for 80 mel bins and 16-bin patches)."""
-        return self.num_mel_bins // self.patch_size[0]
-
-    @property
-    def time_patches(self) -> int:
-        """Columns of the patch grid of one full chunk (62 for 1001 frames, 38 for 608)."""
-        return self.chunk_frames // self.patch_size[1]
-
-    @property
-    def frame_feature_size(self) -> int:
-        """Size of one frame feature: the tokens of all frequency rows of a column, concatenated (5 x 768)."""
-        return self.frequency_patches * self.hidden_size
+    @classmethod
+    def from_audio_config(cls, config: M2D2AudioConfig) -> "M2D2PreTrainingConfig":
+        """The pre-training config of an encoder config: its encoder fields, and the pre-training fields it was
+        given as an older version's `M2D2AudioConfig` (the defaults for the others)."""
+        if isinstance(config, cls):
+            return config
+        values = config.to_dict()
+        for name in ("model_type", "transformers_version"):
+            values.pop(name, None)
+        legacy = config.__dict__.get(_LEGACY_FIELDS, {})
+        # The attention implementation is set on a config in memory, not saved with it.
+        return cls(**values, **legacy, attn_implementation=config._attn_implementation_internal)
 
 
 class M2D2Config(_SavesWithoutChangingItself, PreTrainedConfig):
@@ -243,4 +339,4 @@ class M2D2Config(_SavesWithoutChangingItself, PreTrainedConfig):
             )
 
 
-__all__ = ["M2D2AudioConfig", "M2D2Config"]
+__all__ = ["M2D2AudioConfig", "M2D2Config", "M2D2PreTrainingConfig"]

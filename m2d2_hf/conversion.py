@@ -26,8 +26,8 @@ import torch
 from transformers import AutoConfig, AutoModel, AutoTokenizer, BertConfig
 from transformers.utils import logging
 
-from .configuration_m2d2 import DEFAULT_NORM_STATS, M2D2AudioConfig, M2D2Config
-from .feature_extraction_m2d2 import M2D2FeatureExtractor
+from .configuration_m2d2 import M2D2AudioConfig, M2D2Config, M2D2PreTrainingConfig
+from .feature_extraction_m2d2 import DEFAULT_NORM_STATS, M2D2FeatureExtractor
 from .model_card import architecture_of, conversion_card_info, write_model_card
 from .modeling_m2d2 import M2D2AudioModel, M2D2ClapModel, M2D2ForAudioClassification
 from .modeling_m2d2_pretraining import M2D2ForPreTraining
@@ -82,7 +82,7 @@ CLAP_RULES = [
 ]
 # Keys dropped on purpose, with the reason shown to the user.
 DROPPED = [
-    (r"norm_stats", "stored in the config and feature extractor"),
+    (r"norm_stats", "stored in the feature extractor"),
     (r"to_spec\..+", "front-end buffers (the feature extractor recomputes them exactly)"),
     (r"target_(blocks|norm)\..+", "pre-training EMA target encoder"),
     (r"(decoder_.+|mask_token)", "pre-training predictor"),
@@ -218,23 +218,31 @@ def checked_norm_stats(state: dict[str, torch.Tensor]) -> list[float]:
         raise ValueError(
             f"the checkpoint's norm_stats are {values}, not a finite (mean, std) with std > 0: the file is damaged; "
             "re-export it, or drop the norm_stats tensor from the state dict to use the defaults "
-            f"{list(DEFAULT_NORM_STATS)} and set the right statistics in the config afterwards"
+            f"{list(DEFAULT_NORM_STATS)} and set the right statistics in preprocessor_config.json afterwards"
         )
     return values
+
+
+def front_end_from(arch: Architecture, state: dict[str, torch.Tensor]) -> M2D2FeatureExtractor:
+    """The original front end at the checkpoint's rate (25 ms windows, 10 ms hops, mels up to Nyquist) with the
+    checkpoint's `norm_stats`."""
+    rate = arch.sampling_rate
+    return M2D2FeatureExtractor(
+        feature_size=arch.input_size[0],
+        sampling_rate=rate,
+        n_fft=400 * rate // 16000,
+        hop_length=160 * rate // 16000,
+        f_max=rate / 2,
+        norm_stats=checked_norm_stats(state),
+        min_frames=arch.patch_size[1],
+    )
 
 
 def audio_config_from(arch: Architecture, state: dict[str, torch.Tensor]) -> M2D2AudioConfig:
     layers = _count_blocks(state, r"blocks\.(\d+)\.")
     hidden = state["cls_token"].shape[-1]
-    rate = arch.sampling_rate
-    norm_stats = checked_norm_stats(state)
     config = M2D2AudioConfig(
-        sampling_rate=rate,
-        n_fft=400 * rate // 16000,
-        hop_length=160 * rate // 16000,
         num_mel_bins=arch.input_size[0],
-        f_max=rate / 2,
-        norm_stats=norm_stats,
         chunk_frames=arch.input_size[1],
         patch_size=list(arch.patch_size),
         hidden_size=hidden,
@@ -316,9 +324,20 @@ def convert_checkpoint(
     state, layout = strip_layout_prefix(load_original_checkpoint(checkpoint_path))
     state = Tensors(state)
     audio_config = audio_config_from(arch, state)
+    front_end = front_end_from(arch, state)
     with staged_folder(output_dir) as staging:
         _write(
-            state, layout, arch, audio_config, staging, tokenizer, text_model, text_pooling, encoder_only, pretraining
+            state,
+            layout,
+            arch,
+            audio_config,
+            front_end,
+            staging,
+            tokenizer,
+            text_model,
+            text_pooling,
+            encoder_only,
+            pretraining,
         )
         options = {
             "tokenizer": tokenizer,
@@ -335,7 +354,17 @@ def convert_checkpoint(
 
 
 def _write(
-    state, layout, arch, audio_config, output_dir, tokenizer, text_model, text_pooling, encoder_only, pretraining
+    state,
+    layout,
+    arch,
+    audio_config,
+    front_end,
+    output_dir,
+    tokenizer,
+    text_model,
+    text_pooling,
+    encoder_only,
+    pretraining,
 ):
     """Writes the model the layout and the flags ask for into `output_dir`."""
     if pretraining:
@@ -344,18 +373,18 @@ def _write(
                 f"the file is a {layout} checkpoint without the EMA target and predictor: only M2D / "
                 "M2D-CLAP pre-training checkpoints (checkpoint-N.pth of the training runs) can continue pre-training"
             )
-        return _write_pretraining(state, audio_config, output_dir)
+        return _write_pretraining(state, audio_config, front_end, output_dir)
     if layout == "evar" and "head.mlp.mlp.0.weight" in state and not encoder_only:
-        return _write_classifier(state, audio_config, output_dir)
+        return _write_classifier(state, audio_config, front_end, output_dir)
     if encoder_only or not any(k.startswith("audio_proj.") for k in state):
         state = {k: v for k, v in state.items() if not k.startswith(("audio_proj.", "text_proj.", "text_encoder."))}
         state.pop("logit_scale", None)
         model = M2D2AudioModel(audio_config)
         _load_total(model, _map_and_report(state, ENCODER_RULES, layout))
         model.save_pretrained(output_dir)
-        M2D2FeatureExtractor.from_audio_config(audio_config).save_pretrained(output_dir)
+        front_end.save_pretrained(output_dir)
         return output_dir
-    return _write_clap(state, layout, arch, audio_config, output_dir, tokenizer, text_model, text_pooling)
+    return _write_clap(state, layout, arch, audio_config, front_end, output_dir, tokenizer, text_model, text_pooling)
 
 
 def resolve_architecture(
@@ -406,7 +435,7 @@ def _projector_rules(state: dict[str, torch.Tensor]) -> list[tuple[str, str]]:
     return SEMANTIC_PROJECTOR_RULES if "audio_proj.sem_token" in state else MLP_PROJECTOR_RULES
 
 
-def _write_clap(state, layout, arch, audio_config, output_dir, tokenizer, text_model, text_pooling) -> Path:
+def _write_clap(state, layout, arch, audio_config, front_end, output_dir, tokenizer, text_model, text_pooling) -> Path:
     mapped = _map_and_report(
         state, [(p, f"audio_model.{t}") for p, t in ENCODER_RULES] + _projector_rules(state) + CLAP_RULES, layout
     )
@@ -449,9 +478,7 @@ def _write_clap(state, layout, arch, audio_config, output_dir, tokenizer, text_m
     mapped.setdefault("logit_scale", torch.tensor(config.logit_scale_init_value))
     _load_total(model, mapped)
     model.save_pretrained(output_dir)
-    M2D2Processor(
-        feature_extractor=M2D2FeatureExtractor.from_audio_config(audio_config), tokenizer=text_tokenizer
-    ).save_pretrained(output_dir)
+    M2D2Processor(feature_extractor=front_end, tokenizer=text_tokenizer).save_pretrained(output_dir)
     return output_dir
 
 
@@ -461,7 +488,9 @@ HEAD_RULES = [
 ]
 
 
-def _write_classifier(state: dict[str, torch.Tensor], audio_config: M2D2AudioConfig, output_dir: Path) -> Path:
+def _write_classifier(
+    state: dict[str, torch.Tensor], audio_config: M2D2AudioConfig, front_end: M2D2FeatureExtractor, output_dir: Path
+) -> Path:
     """An EVAR fine-tuned checkpoint (encoder + BatchNorm/Linear head) as an `M2D2ForAudioClassification`.
 
     The label names are not in the checkpoint (AudioSet's 527 classes in the releases): the config gets
@@ -474,7 +503,7 @@ def _write_classifier(state: dict[str, torch.Tensor], audio_config: M2D2AudioCon
     mapped.setdefault("head_norm.num_batches_tracked", torch.tensor(0))
     _load_total(model, mapped)
     model.save_pretrained(output_dir)
-    M2D2FeatureExtractor.from_audio_config(audio_config).save_pretrained(output_dir)
+    front_end.save_pretrained(output_dir)
     return output_dir
 
 
@@ -492,25 +521,28 @@ TARGET_RULES = [
 ]
 
 
-def _write_pretraining(state: dict[str, torch.Tensor], audio_config: M2D2AudioConfig, output_dir: Path) -> Path:
+def _write_pretraining(
+    state: dict[str, torch.Tensor], audio_config: M2D2AudioConfig, front_end: M2D2FeatureExtractor, output_dir: Path
+) -> Path:
+    config = M2D2PreTrainingConfig.from_audio_config(audio_config)
     rules = [(p, f"audio_model.{t}") for p, t in ENCODER_RULES] + TARGET_RULES + PREDICTOR_RULES
     width = state["decoder_embed.weight"].shape[0]
-    audio_config.predictor_hidden_size = width
-    audio_config.predictor_num_hidden_layers = _count_blocks(state, r"decoder_blocks\.(\d+)\.")
+    config.predictor_hidden_size = width
+    config.predictor_num_hidden_layers = _count_blocks(state, r"decoder_blocks\.(\d+)\.")
     # Not in the weights: the released predictors use 32-wide heads (512 / 16).
-    audio_config.predictor_num_attention_heads = max(1, width // 32)
-    audio_config.predictor_intermediate_size = state["decoder_blocks.0.mlp.fc1.weight"].shape[0]
+    config.predictor_num_attention_heads = max(1, width // 32)
+    config.predictor_intermediate_size = state["decoder_blocks.0.mlp.fc1.weight"].shape[0]
     if any(k.startswith("audio_proj.") for k in state):
         rules += _projector_rules(state) + [r for r in CLAP_RULES if not r[0].startswith("text_encoder")]
         for name, value in _projector_fields(state).items():
-            setattr(audio_config, name, value)
+            setattr(config, name, value)
         projection = state.get("text_proj.weight")
-        audio_config.caption_embedding_size = audio_config.hidden_size if projection is None else projection.shape[1]
-        audio_config.logit_scale_init_value = float(state.get("logit_scale", math.log(1 / 0.07)))
-    model = M2D2ForPreTraining(audio_config)
+        config.caption_embedding_size = config.hidden_size if projection is None else projection.shape[1]
+        config.logit_scale_init_value = float(state.get("logit_scale", math.log(1 / 0.07)))
+    model = M2D2ForPreTraining(config)
     _load_total(model, _map_and_report(state, rules, "pretraining"))
     model.save_pretrained(output_dir)
-    M2D2FeatureExtractor.from_audio_config(audio_config).save_pretrained(output_dir)
+    front_end.save_pretrained(output_dir)
     return output_dir
 
 

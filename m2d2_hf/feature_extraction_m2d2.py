@@ -11,6 +11,7 @@ import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,9 +19,13 @@ import torch
 import torch.nn.functional as F
 import torchaudio
 from transformers import BatchFeature, SequenceFeatureExtractor
-from transformers.utils import TensorType, logging
+from transformers.utils import FEATURE_EXTRACTOR_NAME, PROCESSOR_NAME, TensorType, logging
 
 from .configuration_m2d2 import auto_map_kept_on_disk_only, is_installed_package_object, is_own_auto_map
+
+
+# Dataset statistics the original loaders fall back to for weights saved without `norm_stats` (2022 releases).
+DEFAULT_NORM_STATS = (-7.1, 4.2)
 
 
 logger = logging.get_logger(__name__)
@@ -183,7 +188,7 @@ class M2D2FeatureExtractor(SequenceFeatureExtractor):
         hop_length: int = 160,
         f_min: float = 50.0,
         f_max: float = 8000.0,
-        norm_stats: list[float] | tuple[float, float] = (-7.1, 4.2),
+        norm_stats: list[float] | tuple[float, float] = DEFAULT_NORM_STATS,
         min_frames: int = 16,
         padding_value: float = 0.0,
         return_attention_mask: bool = True,
@@ -231,17 +236,20 @@ class M2D2FeatureExtractor(SequenceFeatureExtractor):
 
     @classmethod
     def from_audio_config(cls, config) -> "M2D2FeatureExtractor":
-        """The front end an [`M2D2AudioConfig`] describes (rate, STFT, mel bank, `norm_stats`, one patch minimum)."""
-        return cls(
-            feature_size=config.num_mel_bins,
-            sampling_rate=config.sampling_rate,
-            n_fft=config.n_fft,
-            hop_length=config.hop_length,
-            f_min=config.f_min,
-            f_max=config.f_max,
-            norm_stats=config.norm_stats,
-            min_frames=config.patch_size[1],
-        )
+        """A front end for an [`M2D2AudioConfig`]: its mel bins and one patch minimum, and the rate, STFT, mel bank
+        and `norm_stats` that a config written by an older version carried (folders saved without a
+        `preprocessor_config.json` then get back the front end they were trained with); the defaults otherwise."""
+        return cls(feature_size=config.num_mel_bins, min_frames=config.patch_size[1], **config.legacy_front_end)
+
+    @classmethod
+    def from_model_folder(cls, folder: str | os.PathLike, config) -> "M2D2FeatureExtractor":
+        """The feature extractor saved with a model (its `preprocessor_config.json`, or its processor's); for a
+        local folder an older version wrote without one, the front end its config describes
+        ([`from_audio_config`]). Hub ids load as `from_pretrained`."""
+        path = Path(folder)
+        if path.is_dir() and not any((path / name).is_file() for name in (FEATURE_EXTRACTOR_NAME, PROCESSOR_NAME)):
+            return cls.from_audio_config(config)
+        return cls.from_pretrained(folder)
 
     def to_dict(self) -> dict[str, Any]:
         """Settings to serialise, without the derived kernels (they are rebuilt from the settings on load)."""

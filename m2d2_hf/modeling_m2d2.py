@@ -4,6 +4,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from typing import Literal
 
 import numpy as np
 import torch
@@ -108,6 +109,14 @@ def sincos_position_table(embed_dim: int, frequency_patches: int, time_patches: 
     )
     table = np.concatenate([np.zeros((1, embed_dim)), grid], axis=0)
     return torch.from_numpy(table.astype(np.float32))
+
+
+def resized_position_table(table: torch.Tensor, rows: int, old_columns: int, new_columns: int) -> torch.Tensor:
+    """The original's EVAR resize: the patch rows of [1, 1 + rows * old, D] bicubically resized to `new_columns`
+    (align_corners False, no antialias), the CLS row kept."""
+    grid = table[:, 1:].reshape(1, rows, old_columns, -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid.float(), size=(rows, new_columns), mode="bicubic", align_corners=False)
+    return torch.cat([table[:, :1], grid.permute(0, 2, 3, 1).reshape(1, rows * new_columns, -1)], dim=1)
 
 
 def frame_timestamps(num_samples: int, num_frames: int, sampling_rate: int = 16000) -> np.ndarray:
@@ -372,6 +381,20 @@ class M2D2PreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_attention_backend = True
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """transformers' `from_pretrained`; weights stored in float16 (the shipped demo, stored so for size: CPU
+        kernels compute float16 slowly) compute in float32 unless a torch dtype is asked for. Other stored dtypes
+        load as transformers loads them (`"auto"`: as stored)."""
+        asked = kwargs.get("dtype", kwargs.get("torch_dtype"))
+        model = super().from_pretrained(*args, **kwargs)
+        loaded = model[0] if isinstance(model, tuple) else model
+        if asked in (None, "auto") and loaded.dtype == torch.float16:
+            loaded.to(torch.float32)
+            for config in (loaded.config, *(getattr(loaded.config, key) for key in loaded.config.sub_configs)):
+                config.dtype = torch.float32
+        return model
+
     def save_pretrained(self, *args, **kwargs):
         """transformers' `save_pretrained`; the saved folder carries an `auto_map`, the model's config is left as
         it was (its `to_dict()` does not change by saving)."""
@@ -436,8 +459,42 @@ class M2D2AudioModel(M2D2PreTrainedModel):
         self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_init()
 
+    def save_pretrained(self, *args, **kwargs):
+        """An encoder folder: the online encoder of [`M2D2ForPreTraining`] shares that model's pre-training
+        config and saves only its encoder fields."""
+        shared = self.config
+        self.config = shared.encoder_config() if type(shared) is not M2D2AudioConfig else shared
+        try:
+            return super().save_pretrained(*args, **kwargs)
+        finally:
+            self.config = shared
+
     def get_input_embeddings(self) -> M2D2PatchEmbeddings:
         return self.embeddings.patch_embeddings
+
+    def get_position_embeddings(self) -> torch.Tensor:
+        """The positional table `[1, 1 + frequency_patches * time_patches, hidden_size]` (CLS row first)."""
+        return self.embeddings.position_embeddings
+
+    @torch.no_grad()
+    def resize_position_embeddings(self, chunk_frames: int, method: Literal["sincos", "bicubic"] = "sincos") -> None:
+        """Sets the positional grid to chunks of `chunk_frames` frames (e.g. 608 → 1001 to fine-tune on longer
+        crops) and `config.chunk_frames` with it. `"sincos"` recomputes the fixed 2-D sin-cos table for the new grid
+        (the table pre-training uses); `"bicubic"` resizes the stored table as the original EVAR loader does (the
+        2025 release's 5x62 table is its 5x38 one resized so)."""
+        if method not in ("sincos", "bicubic"):
+            raise ValueError(f"method must be 'sincos' or 'bicubic', got {method!r}")
+        config = self.config
+        if chunk_frames < config.patch_size[1]:
+            raise ValueError(f"chunk_frames ({chunk_frames}) is shorter than one patch ({config.patch_size[1]})")
+        stored = self.embeddings.position_embeddings
+        rows, columns = config.frequency_patches, chunk_frames // config.patch_size[1]
+        if method == "sincos":
+            table = sincos_position_table(config.hidden_size, rows, columns)[None]
+        else:
+            table = resized_position_table(stored, rows, config.time_patches, columns)
+        self.embeddings.position_embeddings = table.to(device=stored.device, dtype=stored.dtype)
+        config.chunk_frames = chunk_frames
 
     def _check_inputs(
         self, input_features: torch.Tensor, input_features_mask: torch.Tensor | None

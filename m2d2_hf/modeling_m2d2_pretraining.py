@@ -16,7 +16,7 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
-from .configuration_m2d2 import M2D2AudioConfig
+from .configuration_m2d2 import M2D2AudioConfig, M2D2PreTrainingConfig
 from .masking import complement_indices, random_unstructured_mask
 from .modeling_m2d2 import (
     M2D2Attention,
@@ -124,7 +124,7 @@ class M2D2Predictor(nn.Module):
     """The M2D predictor ("decoder"): visible latents and mask tokens, in patch order with a fixed sin-cos table,
     through narrow transformer blocks, projected back to the encoder width."""
 
-    def __init__(self, config: M2D2AudioConfig):
+    def __init__(self, config: M2D2PreTrainingConfig):
         super().__init__()
         self.config = config
         width = config.predictor_hidden_size
@@ -173,13 +173,18 @@ class M2D2ForPreTraining(M2D2PreTrainedModel):
     the predictor, and, when `config.caption_embedding_size` is set, the CLAP head (semantic projector of the visible
     tokens, `text_projection` of the caption embeddings, `logit_scale`)."""
 
-    config: M2D2AudioConfig
+    config: M2D2PreTrainingConfig
     # `output_attentions=True` returns the online encoder's attentions only (`audio_model` records its own layers);
     # the target encoder, the predictor and the projector are left out.
     _can_record_outputs = {"attentions": OutputRecorder(M2D2Attention, index=1, layer_name="audio_model")}
 
-    def __init__(self, config: M2D2AudioConfig):
+    def __init__(self, config: M2D2PreTrainingConfig | M2D2AudioConfig):
+        # An `M2D2AudioConfig` (an encoder to pre-train further; or, from older versions, one carrying the
+        # pre-training fields) becomes the pre-training config of its encoder.
+        config = M2D2PreTrainingConfig.from_audio_config(config)
         super().__init__(config)
+        # The online encoder shares this config (so attention and output settings reach it); it saves as an
+        # encoder folder with the encoder fields only.
         self.audio_model = M2D2AudioModel(config)
         self.target_layers = encoder_layers(config)
         self.target_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)

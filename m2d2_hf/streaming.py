@@ -207,7 +207,12 @@ def embed_long_audio(
         raise ValueError(f"chunks_per_window must be at least 1, got {chunks_per_window}")
     config = encoder.config
     if feature_extractor is None:
-        feature_extractor = M2D2FeatureExtractor.from_audio_config(config)
+        # The front end saved with the model (the rate, mels and `norm_stats` it was trained with).
+        folder = model.config.name_or_path
+        if folder:
+            feature_extractor = M2D2FeatureExtractor.from_model_folder(folder, config)
+        else:
+            feature_extractor = M2D2FeatureExtractor.from_audio_config(config)
     if feature_extractor.feature_size != config.num_mel_bins:
         raise ValueError(
             f"the feature extractor makes {feature_extractor.feature_size} mel bins, "

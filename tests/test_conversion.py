@@ -4,7 +4,7 @@ import datetime
 
 import pytest
 import torch
-from transformers import AutoModel, AutoModelForAudioClassification, AutoTokenizer
+from transformers import AutoFeatureExtractor, AutoModel, AutoModelForAudioClassification, AutoTokenizer
 
 from m2d2_hf import M2D2AudioModel, M2D2ClapModel, M2D2ForAudioClassification
 from m2d2_hf.conversion import Architecture, convert_checkpoint, load_original_checkpoint, parse_checkpoint_name
@@ -35,7 +35,8 @@ def test_encoder_only_checkpoint(tmp_path):
     out = convert_checkpoint(path, tmp_path / "out")
     model = AutoModel.from_pretrained(out)
     assert isinstance(model, M2D2AudioModel)
-    assert model.config.chunk_frames == 208 and model.config.norm_stats == pytest.approx([-6.5, 4.0])
+    assert model.config.chunk_frames == 208
+    assert AutoFeatureExtractor.from_pretrained(out).norm_stats == pytest.approx([-6.5, 4.0])
     assert torch.equal(model.embeddings.position_embeddings, state["pos_embed"])
     assert torch.equal(model.layers[1].attention.qkv.weight, state["blocks.1.attn.qkv.weight"])
     assert torch.equal(model.layernorm.bias, state["norm.bias"])

@@ -38,8 +38,9 @@ def test_demo_model_is_small_and_computes_in_float32():
     assert isinstance(model, M2D2ClapModel) and model.dtype == torch.float32
     assert AutoModel.from_pretrained(DEMO_MODEL, dtype=torch.bfloat16).dtype == torch.bfloat16
     assert REPORT["train_clips"] == 191 and REPORT["test_clips"] == 60 and len(REPORT["labels"]) == 22
-    # Loaded through the installed package, not through module copies that would go stale.
-    assert not list(DEMO_MODEL.glob("*.py")) and "auto_map" not in (DEMO_MODEL / "config.json").read_text()
+    # Loaded through the installed package; the module copies beside the weights serve trust_remote_code loading
+    # where it is not installed (links to the package's modules; tests/test_old_folders.py checks them).
+    assert type(model).__module__ == "m2d2_hf.modeling_m2d2"
 
 
 def test_demo_model_reproduces_its_reported_accuracy(demo, real_sounds_dir):

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from transformers import pipeline
 
 from m2d2_hf import M2D2AudioConfig, M2D2AudioModel, M2D2ForAudioClassification
-from m2d2_hf.modeling_m2d2 import sincos_position_table
+from m2d2_hf.modeling_m2d2 import resized_position_table, sincos_position_table
 from m2d2_hf.training import finetune
 from m2d2_hf.training.optim import timm_cosine_lambda
 from tests.conftest import TINY_AUDIO
@@ -322,5 +322,5 @@ def test_build_model_extends_or_keeps_the_grid(encoder_dir):
     assert table.shape == (1, 1 + 5 * 19, TINY_AUDIO["hidden_size"])
     assert torch.equal(table[0, 0], stored[0, 0])
     # A bicubic resize to the same grid is the identity (align_corners False samples the very grid points).
-    assert torch.allclose(finetune.resized_position_table(stored, 5, 13, 13), stored, atol=1e-6)
+    assert torch.allclose(resized_position_table(stored, 5, 13, 13), stored, atol=1e-6)
     assert not torch.allclose(table, sincos_position_table(TINY_AUDIO["hidden_size"], 5, 19)[None], atol=1e-3)

@@ -11,13 +11,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoConfig, AutoModel
+from transformers import AutoConfig, AutoFeatureExtractor, AutoModel
 
 from m2d2_hf import M2D2AudioConfig, M2D2AudioModel, M2D2ClapModel, M2D2Config
 from m2d2_hf.chunking import ChunkLayout
 from m2d2_hf.modeling_m2d2 import contrastive_loss, frame_timestamps, sincos_position_table
 
 from .conftest import FIXTURE_DIR, TINY_AUDIO, TINY_TEXT
+from .test_demo_model import DEMO_MODEL
 
 
 def tiny_audio_model(**overrides) -> M2D2AudioModel:
@@ -325,24 +326,41 @@ def test_clap_logit_scale_initialisation():
 
 
 def test_remote_code_loading_without_the_package(tmp_path):
+    """A saved folder, and the shipped demo folder (its module copies and front end), load and compute as with the
+    package where `import m2d2_hf` fails."""
     model = tiny_clap_model()
     model.save_pretrained(tmp_path)
     ids, features = torch.randint(1, 100, (1, 5)), torch.randn(1, 80, 150)
     with torch.no_grad():
         expected = model(input_ids=ids, input_features=features).logits_per_audio
-    torch.save({"ids": ids, "features": features, "expected": expected}, tmp_path / "inputs.pt")
+    demo = M2D2ClapModel.from_pretrained(DEMO_MODEL).eval()
+    audio = torch.sin(torch.arange(32000) / 9.0)
+    demo_features = AutoFeatureExtractor.from_pretrained(DEMO_MODEL)(audio.numpy(), return_tensors="pt")
+    with torch.no_grad():
+        demo_expected = demo(input_ids=ids, **demo_features).logits_per_audio
+    torch.save(
+        {"ids": ids, "features": features, "expected": expected, "audio": audio, "demo_expected": demo_expected},
+        tmp_path / "inputs.pt",
+    )
     script = textwrap.dedent(
         f"""
         import sys
         sys.modules["m2d2_hf"] = None  # make `import m2d2_hf` fail: only the folder's own code may be used
         import torch
-        from transformers import AutoModel
+        from transformers import AutoFeatureExtractor, AutoModel
         model = AutoModel.from_pretrained({str(tmp_path)!r}, trust_remote_code=True).eval()
         assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
         data = torch.load({str(tmp_path / "inputs.pt")!r})
         with torch.no_grad():
             got = model(input_ids=data["ids"], input_features=data["features"]).logits_per_audio
         torch.testing.assert_close(got, data["expected"])
+        demo = AutoModel.from_pretrained({str(DEMO_MODEL)!r}, trust_remote_code=True).eval()
+        extractor = AutoFeatureExtractor.from_pretrained({str(DEMO_MODEL)!r}, trust_remote_code=True)
+        assert type(demo).__module__.startswith("transformers_modules"), type(demo).__module__
+        assert type(extractor).__module__.startswith("transformers_modules"), type(extractor).__module__
+        with torch.no_grad():
+            got = demo(input_ids=data["ids"], **extractor(data["audio"].numpy(), return_tensors="pt")).logits_per_audio
+        torch.testing.assert_close(got, data["demo_expected"], atol=1e-5, rtol=0)
         print("remote-ok")
         """
     )

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModel, pipeline
 
-from m2d2_hf import M2D2AudioConfig, M2D2AudioModel, M2D2ClapModel, M2D2Config
+from m2d2_hf import M2D2AudioConfig, M2D2AudioModel, M2D2ClapModel, M2D2Config, M2D2FeatureExtractor, M2D2Processor
 from m2d2_hf.training.stage2 import Stage2Settings, build_model, crop_padding_mask
 
 from .conftest import TINY_AUDIO
@@ -45,7 +45,8 @@ def metrics(output_dir: Path) -> list[dict]:
 def encoder_dir(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("encoder")
-    M2D2AudioModel(M2D2AudioConfig(**TINY_AUDIO, norm_stats=[-9.0, 4.0])).save_pretrained(folder)
+    M2D2AudioModel(M2D2AudioConfig(**TINY_AUDIO)).save_pretrained(folder)
+    M2D2FeatureExtractor(norm_stats=[-9.0, 4.0]).save_pretrained(folder)
     return folder
 
 
@@ -80,7 +81,8 @@ def test_two_processes_resume_freeze_and_export(real_sounds_dir, encoder_dir, to
     start = load_file(full / "step_2" / "model.safetensors")
     end = load_file(full / "step_4" / "model.safetensors")
     assert not torch.equal(start["clap.audio_projection.sem_token"], end["clap.audio_projection.sem_token"])
-    assert model.config.text_projection and model.config.audio_config.norm_stats == [-9.0, 4.0]
+    assert model.config.text_projection
+    assert M2D2Processor.from_pretrained(full / "final").feature_extractor.norm_stats == [-9.0, 4.0]
 
     card = assert_model_card(full / "final", "M2D2ClapModel", "zero-shot-audio-classification", ntt=False)
     assert f"started from `{encoder_dir}`, `{tokenizer_dir}`" in card.text

@@ -27,6 +27,7 @@ from m2d2_hf import (
     M2D2FeatureExtractor,
     M2D2ForAudioClassification,
     M2D2ForPreTraining,
+    M2D2PreTrainingConfig,
     M2D2Processor,
 )
 
@@ -89,7 +90,10 @@ class M2D2AudioModelTester:
         self.key_length = self.encoder_seq_length
 
     def get_config(self) -> M2D2AudioConfig:
-        return M2D2AudioConfig(
+        return M2D2AudioConfig(**self.config_kwargs())
+
+    def config_kwargs(self) -> dict:
+        return dict(
             num_mel_bins=self.num_mel_bins,
             patch_size=self.patch_size,
             chunk_frames=16,
@@ -97,10 +101,6 @@ class M2D2AudioModelTester:
             num_hidden_layers=self.num_hidden_layers,
             num_attention_heads=self.num_attention_heads,
             intermediate_size=self.intermediate_size,
-            predictor_hidden_size=16,
-            predictor_num_hidden_layers=1,
-            predictor_num_attention_heads=2,
-            predictor_intermediate_size=24,
             num_labels=self.num_labels,
         )
 
@@ -127,7 +127,8 @@ class M2D2AudioModelTest(ModelTesterMixin, PipelineTesterMixin, unittest.TestCas
     # The input is a log-mel, projected to patches by a Conv2d: there is no token embedding matrix to resize.
     test_resize_embeddings = False
     # The positional table is the fixed sin-cos table of one chunk's patch grid (set by chunk_frames and the mel
-    # bins; longer inputs are chunked), not sized by a max_position_embeddings setting: nothing to resize.
+    # bins; longer inputs are chunked), not sized by a max_position_embeddings setting: the mixin's resize test does
+    # not apply (`resize_position_embeddings(chunk_frames)` is tested in tests/test_old_folders.py).
     test_resize_position_embeddings = False
 
     def setUp(self):
@@ -268,6 +269,15 @@ class M2D2ForPreTrainingTester(M2D2AudioModelTester):
         # The online encoder sees CLS + the 3 visible patches.
         self.seq_length = self.encoder_seq_length = self.key_length = 4
 
+    def get_config(self) -> M2D2PreTrainingConfig:
+        return M2D2PreTrainingConfig(
+            **self.config_kwargs(),
+            predictor_hidden_size=16,
+            predictor_num_hidden_layers=1,
+            predictor_num_attention_heads=2,
+            predictor_intermediate_size=24,
+        )
+
     def prepare_config_and_inputs_for_common(self):
         config, inputs = super().prepare_config_and_inputs_for_common()
         # A fixed mask: the common tests compare outputs of repeated calls, which a random mask would change.
@@ -288,6 +298,12 @@ class M2D2ForPreTrainingTest(ModelTesterMixin, unittest.TestCase):
 
     def setUp(self):
         self.model_tester = M2D2ForPreTrainingTester(self)
+        self.config_tester = ConfigTester(
+            self, config_class=M2D2PreTrainingConfig, has_text_modality=False, hidden_size=48
+        )
+
+    def test_config(self):
+        self.config_tester.run_common_tests()
 
     @unittest.skip(reason="an audio encoder of log-mel patches has no inputs_embeds argument (as AST)")
     def test_inputs_embeds(self):

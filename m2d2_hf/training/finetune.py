@@ -63,7 +63,7 @@ from ..data.labels import LabelReader, parse_label_list, targets_of
 from ..evaluation.metrics import mean_average_precision, top_k_accuracy
 from ..feature_extraction_m2d2 import M2D2FeatureExtractor
 from ..masking import random_structured_mask
-from ..modeling_m2d2 import M2D2AudioModel, M2D2ClapModel, M2D2ForAudioClassification, sincos_position_table
+from ..modeling_m2d2 import M2D2AudioModel, M2D2ClapModel, M2D2ForAudioClassification
 from .arguments import TrainingSettings, option, repeatable
 from .data import load_audio_stream, random_log_mel_crops
 from .loop import parse_filters, step_generator, streamed_loader
@@ -72,7 +72,6 @@ from .loop import parse_filters, step_generator, streamed_loader
 logger = logging.getLogger(__name__)
 
 SINGLE_LABEL, MULTI_LABEL = "single_label_classification", "multi_label_classification"
-POSITION_KEY = "embeddings.position_embeddings"
 # timm CosineLRScheduler(lr_min=1e-7) of the original.
 MIN_LEARNING_RATE = 1e-7
 DEFAULT_LEARNING_RATES = {"sgd": 2.0, "adamw": 1e-4}
@@ -276,52 +275,36 @@ def load_encoder(path: str) -> M2D2AudioModel:
     return M2D2AudioModel.from_pretrained(path)
 
 
-def resized_position_table(table: torch.Tensor, rows: int, old_columns: int, new_columns: int) -> torch.Tensor:
-    """The original's EVAR resize: the patch rows of [1, 1 + rows * old, D] bicubically resized to `new_columns`
-    (align_corners False, no antialias), the CLS row kept."""
-    grid = table[:, 1:].reshape(1, rows, old_columns, -1).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid.float(), size=(rows, new_columns), mode="bicubic", align_corners=False)
-    return torch.cat([table[:, :1], grid.permute(0, 2, 3, 1).reshape(1, rows * new_columns, -1)], dim=1)
-
-
-def grown_position_table(
-    table: torch.Tensor, rows: int, old_columns: int, new_columns: int, how: str
-) -> tuple[torch.Tensor, str]:
-    """The positional table [1, 1 + rows * new_columns, D] of a grid grown from `old_columns` patch columns:
-    `how` "recompute" (the fixed 2-D sin-cos table) or "bicubic" (`resized_position_table`); with a phrase for the
-    log that says which."""
-    if how == "recompute":
-        grown = sincos_position_table(table.shape[-1], rows, new_columns)[None]
-        return grown.to(table.dtype), "recomputed as the fixed 2-D sin-cos table (not interpolated)"
-    grown = resized_position_table(table, rows, old_columns, new_columns)
-    return grown.to(table.dtype), "resized bicubically from the stored table (the original EVAR loader's way)"
-
-
 def build_model(settings: FinetuneSettings, labels: list[str]) -> M2D2ForAudioClassification:
     """`M2D2ForAudioClassification` with the encoder of `--model_name_or_path`, a new head for `labels` and, when
-    `--crop_frames` exceeds the encoder's chunk, the grid extended to it."""
+    `--crop_frames` exceeds the encoder's chunk, the grid extended to it (`resize_position_embeddings`)."""
     encoder = load_encoder(settings.model_name_or_path)
+    if settings.crop_frames > encoder.config.chunk_frames:
+        chunk_frames, rows, old_columns = (
+            encoder.config.chunk_frames,
+            encoder.config.frequency_patches,
+            encoder.config.time_patches,
+        )
+        recompute = settings.position_table == "recompute"
+        encoder.resize_position_embeddings(settings.crop_frames, "sincos" if recompute else "bicubic")
+        how = (
+            "recomputed as the fixed 2-D sin-cos table (not interpolated)"
+            if recompute
+            else "resized bicubically from the stored table (the original EVAR loader's way)"
+        )
+        logger.info(
+            f"--crop_frames {settings.crop_frames} exceeds the encoder's chunk of {chunk_frames} frames: "
+            f"chunk_frames set to {settings.crop_frames}, positional table {rows}x{old_columns} → "
+            f"{rows}x{encoder.config.time_patches} {how}"
+        )
     config = copy.deepcopy(encoder.config)
     config.architectures = None
     config.num_labels = len(labels)
     config.id2label = dict(enumerate(labels))
     config.label2id = {name: index for index, name in enumerate(labels)}
     config.problem_type = MULTI_LABEL if settings.multi_label else SINGLE_LABEL
-    state = encoder.state_dict()
-    old_columns = config.time_patches
-    if settings.crop_frames > config.chunk_frames:
-        config.chunk_frames = settings.crop_frames
-        rows, columns = config.frequency_patches, config.time_patches
-        state[POSITION_KEY], how = grown_position_table(
-            state[POSITION_KEY], rows, old_columns, columns, settings.position_table
-        )
-        logger.info(
-            f"--crop_frames {settings.crop_frames} exceeds the encoder's chunk of {encoder.config.chunk_frames} "
-            f"frames: chunk_frames set to {settings.crop_frames}, positional table {rows}x{old_columns} → "
-            f"{rows}x{columns} {how}"
-        )
     model = M2D2ForAudioClassification(config)
-    model.audio_model.load_state_dict(state, strict=True)
+    model.audio_model.load_state_dict(encoder.state_dict(), strict=True)
     return model
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoConfig
 
-from ..configuration_m2d2 import M2D2AudioConfig
+from ..configuration_m2d2 import M2D2AudioConfig, M2D2PreTrainingConfig
 from ..modeling_m2d2_pretraining import M2D2ForPreTraining
 from .arguments import option
 from .captions import CaptionEmbeddingTable, draw_captions
@@ -63,9 +63,9 @@ class Stage1Settings:
             raise ValueError(f"--norm_stats takes two values, MEAN and STD, got {self.norm_stats}")
 
 
-def new_model_config(settings: Stage1Settings, caption_size: int | None) -> M2D2AudioConfig:
+def new_model_config(settings: Stage1Settings, caption_size: int | None) -> M2D2PreTrainingConfig:
     """The config of a new model: ViT-B with the run's crop length, `--config_overrides` applied."""
-    config = M2D2AudioConfig(chunk_frames=settings.crop_frames, caption_embedding_size=caption_size)
+    config = M2D2PreTrainingConfig(chunk_frames=settings.crop_frames, caption_embedding_size=caption_size)
     if settings.config_overrides:
         config.update_from_string(settings.config_overrides)
     return config
@@ -77,6 +77,7 @@ def build_model(settings: Stage1Settings, caption_size: int | None) -> M2D2ForPr
         config = AutoConfig.from_pretrained(settings.model_name_or_path)
         if not isinstance(config, M2D2AudioConfig):
             raise ValueError(f"{settings.model_name_or_path} is not an M2D2 audio or pre-training folder")
+        config = M2D2PreTrainingConfig.from_pretrained(settings.model_name_or_path)
         if config.caption_embedding_size != caption_size:
             config.caption_embedding_size = caption_size
             logger.warning(f"caption embedding size set to {caption_size}: the CLAP head is re-initialised")

@@ -20,9 +20,9 @@ Steps (fixed seeds; every step is the package's code, the recipe only chooses se
    No patches are masked (`--mask_ratio 0`, as the paper's stage 2.1): the clips are short already. With no
    validation split (191 clips), these settings and the step counts were picked among a handful of variants by
    their test accuracy (see the README's demo section);
-5. export: the CLAP model in float16 safetensors (loads as float32 by default), with its processor, without the
-   module copies that `trust_remote_code` would use (the folder loads through the installed package) and without
-   the paths of this machine;
+5. export: the CLAP model in float16 safetensors (its config's `dtype` says so; it computes in float32 unless
+   asked otherwise), with its processor, links to the package's modules that `trust_remote_code=True` loading
+   reads where m2d2_hf is not importable, and without the paths of this machine;
 6. zero-shot classification of the TEST split among the 22 labels (`m2d2_hf.evaluation.zero_shot_classify`,
    default prompt), written to `<export_dir>/demo_report.json` with the recipe's settings and timings.
 
@@ -99,16 +99,18 @@ def common_training_arguments(data: Path, output_dir: Path, steps: int) -> list[
 
 
 def make_portable(folder: Path) -> None:
-    """Removes what ties the exported folder to this machine or to module copies: `_name_or_path` (the local folders
-    the run loaded from) and the module copies and `auto_map` entries that `save_pretrained` adds for
-    `trust_remote_code`. The shipped folder lives in this repository and loads through the installed package
-    (`import m2d2_hf`); copies of the package's modules inside it would go stale as the package changes."""
+    """Removes what ties the exported folder to this machine (`_name_or_path`: the local folders the run loaded
+    from) and replaces the module copies that `save_pretrained` writes for `trust_remote_code` loading by relative
+    links to the package's modules: the folder loads with `trust_remote_code=True` where m2d2_hf is not importable,
+    and its code cannot go stale as the package changes."""
+    package = Path(m2d2_hf.__file__).resolve().parent
     for module in folder.glob("*.py"):
         module.unlink()
+        module.symlink_to(os.path.relpath(package / module.name, folder))
 
     def cleaned(value):
         if isinstance(value, dict):
-            return {key: cleaned(item) for key, item in value.items() if key not in ("auto_map", "_name_or_path")}
+            return {key: cleaned(item) for key, item in value.items() if key != "_name_or_path"}
         return value
 
     for path in folder.glob("*.json"):
@@ -191,12 +193,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     model = M2D2ClapModel.from_pretrained(stage2_dir / "final")
     processor = M2D2Processor.from_pretrained(stage2_dir / "final")
+    # Stored in float16 to keep the repository small (the config's dtype says so); computed in float32 unless the
+    # user asks for another dtype.
     model.half().save_pretrained(export_dir)
-    # Stored in float16 to keep the repository small; computed in float32 unless the user asks for another dtype.
-    config_path = export_dir / "config.json"
-    config = json.loads(config_path.read_text())
-    config["dtype"] = "float32"
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     processor.save_pretrained(export_dir)
     make_portable(export_dir)
 

@@ -1,0 +1,1 @@
+../../m2d2_hf/modeling_m2d2.py
