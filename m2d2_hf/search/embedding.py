@@ -18,8 +18,8 @@ import torch
 from transformers import AutoConfig, AutoProcessor
 
 from ..configuration_m2d2 import M2D2Config
+from ..long_audio import embed_long_audio
 from ..modeling_m2d2 import M2D2ClapModel
-from ..streaming import embed_long_audio
 from ..timeline import window_embeddings
 
 
