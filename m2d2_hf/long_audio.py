@@ -196,7 +196,7 @@ def _as_waveform(
 @torch.inference_mode()
 def embed_long_audio(
     model: PreTrainedModel,
-    audio: np.ndarray | torch.Tensor | list[float] | str | os.PathLike,
+    audio: np.ndarray | torch.Tensor | list[float] | str | os.PathLike | AudioFileSamples,
     sampling_rate: int | None = None,
     feature_extractor: M2D2FeatureExtractor | None = None,
     chunks_per_window: int = 8,
@@ -213,7 +213,7 @@ def embed_long_audio(
         audio: one clip, a 1-D array / tensor (or `[channels, samples]` with `mono=True`), as for the feature
             extractor, resampled once (whole) if `sampling_rate` differs from the model's; or the path of an audio
             file soundfile reads, which is read a window at a time (channels averaged, resampled per window; see
-            [`AudioFileSamples`]), so not even the waveform is held whole.
+            [`AudioFileSamples`], which may also be passed open), so not even the waveform is held whole.
         sampling_rate (`int`, *optional*): rate of an array `audio`; the model's rate if omitted. A file carries its
             own.
         feature_extractor ([`M2D2FeatureExtractor`], *optional*): defaults to the one the model config describes.
@@ -246,18 +246,35 @@ def embed_long_audio(
             f"the feature extractor makes {feature_extractor.feature_size} mel bins, "
             f"the model reads {config.num_mel_bins}"
         )
-    if isinstance(audio, (str, os.PathLike)):
+
+    def embed(waveform: torch.Tensor | AudioFileSamples) -> M2D2LongAudioOutput:
+        return _embed_windows(
+            encoder,
+            projector,
+            feature_extractor,
+            waveform,
+            chunks_per_window,
+            return_frame_features,
+            return_last_hidden_state,
+        )
+
+    if isinstance(audio, (str, os.PathLike, AudioFileSamples)):
         if sampling_rate is not None:
             raise ValueError(
-                f"sampling_rate={sampling_rate} was given with the file {os.fspath(audio)}: a file carries its own "
-                f"rate (and is resampled to the model's); pass sampling_rate only with an array"
+                f"sampling_rate={sampling_rate} was given with an audio file: a file carries its own rate (and is "
+                f"resampled to the model's); pass sampling_rate only with an array"
             )
+        if isinstance(audio, AudioFileSamples):
+            if audio.sampling_rate != feature_extractor.sampling_rate:
+                raise ValueError(
+                    f"{audio.path} is read at {audio.sampling_rate} Hz, the model takes "
+                    f"{feature_extractor.sampling_rate} Hz: open it with AudioFileSamples(path, "
+                    f"{feature_extractor.sampling_rate})"
+                )
+            return embed(audio)
         with AudioFileSamples(audio, feature_extractor.sampling_rate) as samples:
-            return _embed_windows(encoder, projector, feature_extractor, samples, chunks_per_window,
-                                  return_frame_features, return_last_hidden_state)  # fmt: skip
-    waveform = _as_waveform(feature_extractor, audio, sampling_rate, mono)
-    return _embed_windows(encoder, projector, feature_extractor, waveform.to(encoder.device), chunks_per_window,
-                          return_frame_features, return_last_hidden_state)  # fmt: skip
+            return embed(samples)
+    return embed(_as_waveform(feature_extractor, audio, sampling_rate, mono).to(encoder.device))
 
 
 def _embed_windows(

@@ -31,8 +31,16 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..long_audio import AudioFileSamples
 from ..training.data import AudioDecodeError, decode_audio
-from .embedding import ModelFingerprint, clip_embeddings, load_clap_model, model_fingerprint, timed_window_embeddings
+from .embedding import (
+    ModelFingerprint,
+    clip_embeddings,
+    load_clap_model,
+    long_file_embeddings,
+    model_fingerprint,
+    timed_window_embeddings,
+)
 from .sources import SourceItem, list_source
 from .vector_index import (
     INDEX_TYPES,
@@ -289,6 +297,21 @@ def _write_index(
     return recall
 
 
+def _is_long_file(value: Any, window_samples: int, rate: int) -> bool:
+    """Whether `value` is a local file soundfile reads that is longer than one window at `rate`: such a file is
+    embedded straight from disk a window at a time (bounded memory for hours-long files) instead of decoded whole;
+    everything else (short files, bytes, formats only torchcodec reads) goes through `decode_audio`."""
+    if not isinstance(value, str) or not os.path.isfile(value):
+        return False
+    import soundfile as sf
+
+    try:
+        info = sf.info(value)
+    except (RuntimeError, OSError):  # not for soundfile: `decode_audio` tries torchcodec, or says why it failed
+        return False
+    return info.samplerate > 0 and -(-info.frames * rate // info.samplerate) > window_samples
+
+
 def _window_settings(meta: dict) -> dict:
     return {key: meta[key] for key in ("window_seconds", "hop_seconds", "sampling_rate")}
 
@@ -391,8 +414,23 @@ def build_index(
         for first in range(0, len(mine), batch_size):
             batch, waves = [], []
             for item in mine[first : first + batch_size]:
+                value = item.audio_value()
+                if _is_long_file(value, window_samples, rate):
+                    try:
+                        with AudioFileSamples(value, rate) as samples:
+                            duration = samples.num_samples / rate
+                            clip, starts, ends, windows = long_file_embeddings(
+                                model, processor, samples, window_seconds, hop_seconds, batch_size
+                            )
+                    except (RuntimeError, ValueError) as error:  # soundfile failing mid-file (a truncated file)
+                        writer.fail(item, f"cannot read {value}: {type(error).__name__}: {error}")
+                        say(f"skipped {item.key}: {error}")
+                        continue
+                    spans = [("clip", 0.0, duration)] + [("window", float(s), float(e)) for s, e in zip(starts, ends)]
+                    writer.add(item, spans, duration, np.concatenate([clip[None], windows]))
+                    continue
                 try:
-                    waves.append(decode_audio(item.audio_value(), sampling_rate=rate, max_seconds=None))
+                    waves.append(decode_audio(value, sampling_rate=rate, max_seconds=None))
                     batch.append(item)
                 except AudioDecodeError as error:
                     writer.fail(item, str(error))
