@@ -136,3 +136,38 @@ def test_a_long_file_is_embedded_in_bounded_memory(tmp_path):
     assert whole >= 0.9 * waveform_bytes, (whole, waveform_bytes)  # the measurement sees a whole-file read
     assert streamed < 0.1 * waveform_bytes, (streamed, waveform_bytes)
     assert torch.isfinite(outputs[0].audio_embeds).all()
+
+
+def test_the_index_embeds_long_files_from_disk_as_it_embeds_decoded_ones(tmp_path, monkeypatch):
+    """A file longer than `STREAMED_FILE_SECONDS` is embedded window by window from disk (never decoded whole): its
+    clip and window vectors equal those of the decoded file."""
+    pytest.importorskip("faiss", reason="the index needs faiss-cpu (pip install 'm2d2_hf[search]')")
+    import pyarrow.parquet as pq
+
+    from m2d2_hf.search import build_index, building
+
+    model = str(Path(__file__).resolve().parents[1] / "examples" / "demo_model")
+    folder = tmp_path / "sounds"
+    folder.mkdir()
+    write_noise(folder / "long.flac", 7.3, 44100, channels=2, seed=5)
+    write_noise(folder / "short.wav", 1.5, 16000, seed=6)
+    decode, decoded = building.decode_audio, []
+    monkeypatch.setattr(
+        building, "decode_audio", lambda value, **kwargs: (decoded.append(value), decode(value, **kwargs))[1]
+    )
+
+    def rows(output):
+        return pq.read_table(output / "items.parquet").to_pylist()
+
+    build_index(model, folder, tmp_path / "decoded", window_seconds=2.0, hop_seconds=1.0, progress=False)
+    assert len(decoded) == 2
+    decoded.clear()
+    monkeypatch.setattr(building, "STREAMED_FILE_SECONDS", 5.0)
+    build_index(model, folder, tmp_path / "streamed", window_seconds=2.0, hop_seconds=1.0, progress=False)
+    assert [Path(value).name for value in decoded] == ["short.wav"]
+    expected, actual = rows(tmp_path / "decoded"), rows(tmp_path / "streamed")
+    assert [row["kind"] for row in actual].count("window") == 7
+    columns = ("key", "kind", "start", "end", "duration")
+    assert [[row[c] for c in columns] for row in actual] == [[row[c] for c in columns] for row in expected]
+    for streamed, whole in zip(actual, expected):
+        np.testing.assert_allclose(streamed["embedding"], whole["embedding"], rtol=0, atol=1e-5)

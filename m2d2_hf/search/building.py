@@ -58,6 +58,9 @@ ITEMS_FILE, VECTORS_FILE, META_FILE, README_FILE = "items.parquet", "vectors.fai
 SETTINGS_FILE = "settings.json"
 PARQUET_MODEL_KEY, PARQUET_SETTINGS_KEY = b"m2d2_hf.model", b"m2d2_hf.settings"
 META_COLUMNS = ("key", "stamp", "path", "kind", "start", "end", "duration")
+# Local files longer than this are read a window at a time rather than decoded whole: below it the waveform (38 MB
+# for 10 minutes at 16 kHz) is small next to the model, and one read of the whole file is the simplest.
+STREAMED_FILE_SECONDS = 600.0
 
 
 @dataclass
@@ -297,10 +300,10 @@ def _write_index(
     return recall
 
 
-def _is_long_file(value: Any, window_samples: int, rate: int) -> bool:
-    """Whether `value` is a local file soundfile reads that is longer than one window at `rate`: such a file is
+def _is_long_file(value: Any) -> bool:
+    """Whether `value` is a local file soundfile reads that is longer than `STREAMED_FILE_SECONDS`: such a file is
     embedded straight from disk a window at a time (bounded memory for hours-long files) instead of decoded whole;
-    everything else (short files, bytes, formats only torchcodec reads) goes through `decode_audio`."""
+    everything else (shorter files, bytes, formats only torchcodec reads) goes through `decode_audio`."""
     if not isinstance(value, str) or not os.path.isfile(value):
         return False
     import soundfile as sf
@@ -309,7 +312,7 @@ def _is_long_file(value: Any, window_samples: int, rate: int) -> bool:
         info = sf.info(value)
     except (RuntimeError, OSError):  # not for soundfile: `decode_audio` tries torchcodec, or says why it failed
         return False
-    return info.samplerate > 0 and -(-info.frames * rate // info.samplerate) > window_samples
+    return info.frames > STREAMED_FILE_SECONDS * info.samplerate
 
 
 def _window_settings(meta: dict) -> dict:
@@ -415,7 +418,7 @@ def build_index(
             batch, waves = [], []
             for item in mine[first : first + batch_size]:
                 value = item.audio_value()
-                if _is_long_file(value, window_samples, rate):
+                if _is_long_file(value):
                     try:
                         with AudioFileSamples(value, rate) as samples:
                             duration = samples.num_samples / rate
