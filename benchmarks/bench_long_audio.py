@@ -242,7 +242,7 @@ def one_hour(
             report = json.loads(result.stdout.strip().splitlines()[-1])
             print(
                 f"  {path_name:>8}: peak RSS {report['peak_rss'] * mb:5.0f} MB "
-                f"({'met' if report['peak_rss'] < 1.5e9 else 'NOT met'}), {report['seconds']:6.1f} s = "
+                f"({'met' if report['peak_rss'] < 1.5 * 2**30 else 'NOT met'}), {report['seconds']:6.1f} s = "
                 f"{report['minutes'] * 60 / report['seconds']:5.1f}x real time; after imports "
                 f"{report['rss_after_import'] * mb:.0f} MB, + model {report['rss_after_model'] * mb:.0f} MB "
                 f"(waveform {report['waveform_bytes'] * mb:.0f} MB, frame features "

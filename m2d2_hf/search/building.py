@@ -458,6 +458,11 @@ def build_index(
     table, failures = _merge(_shard_files(work, previous), items)
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **settings, "source": str(source),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
+    # How to open the source again (the page plays dataset rows from it): an in-memory dataset cannot be.
+    if isinstance(source, (str, os.PathLike)):
+        local = Path(source).exists()
+        where = str(Path(source).resolve()) if local else str(source)
+        meta["reopen"] = {"source": where, "split": split, "audio_column": audio_column}
     recall = _write_index(output, table, failures, meta, index_type, index_params)
     shutil.rmtree(work)
     if recall is not None:
