@@ -131,7 +131,13 @@ HOUR_PATHS = ("file", "array", "features")
 
 
 def hour_worker(
-    audio_file: str, path_name: str, dtype_name: str, chunks_per_window: int, model_name: str, optimize: bool
+    audio_file: str,
+    path_name: str,
+    dtype_name: str,
+    chunks_per_window: int,
+    model_name: str,
+    optimize: bool,
+    frame_features_wanted: bool,
 ) -> None:
     """Runs in its own process so that its peak RSS is one path's alone; prints one JSON line."""
     from m2d2_hf import M2D2ClapModel, M2D2Config
@@ -152,20 +158,27 @@ def hour_worker(
     start = time.perf_counter()
     with torch.inference_mode():
         if path_name == "file":
-            out = model.embed_long_audio(audio_file, chunks_per_window=chunks_per_window)
-            frame_features = out.frame_features
+            out = model.embed_long_audio(
+                audio_file, chunks_per_window=chunks_per_window, return_frame_features=frame_features_wanted
+            )
+            outputs = [out.pooler_output, out.frame_features]
         else:
             wave = decode_audio(audio_file, sampling_rate=SAMPLING_RATE, max_seconds=None)
             if path_name == "array":
-                frame_features = model.embed_long_audio(
-                    wave, SAMPLING_RATE, chunks_per_window=chunks_per_window
-                ).frame_features
+                out = model.embed_long_audio(
+                    wave,
+                    SAMPLING_RATE,
+                    chunks_per_window=chunks_per_window,
+                    return_frame_features=frame_features_wanted,
+                )
+                outputs = [out.pooler_output, out.frame_features]
             else:
                 features = M2D2FeatureExtractor.from_audio_config(audio_config)(
                     wave, sampling_rate=SAMPLING_RATE, return_tensors="pt"
                 )
                 encode = model.get_audio_features if model_name == "clap" else model
-                frame_features = encode(**features).frame_features
+                out = encode(**features)
+                outputs = [out.pooler_output, out.frame_features]
     elapsed = time.perf_counter() - start
     num_frames = M2D2FeatureExtractor().num_frames(round(sf_frames(audio_file)))
     report = {
@@ -181,9 +194,8 @@ def hour_worker(
         "rss_after_import": after_import,
         "rss_after_model": after_model,
         "waveform_bytes": sf_frames(audio_file) * 4,
-        "frame_features_bytes": frame_features.numel() * frame_features.element_size(),
-        "frame_features_shape": list(frame_features.shape),
-        "embeddings_finite": bool(torch.isfinite(frame_features).all()),
+        "frame_features_bytes": sum(t.numel() * t.element_size() for t in outputs[1:] if t is not None),
+        "embeddings_finite": all(bool(torch.isfinite(t).all()) for t in outputs if t is not None),
     }
     print(json.dumps(report))
 
@@ -207,7 +219,13 @@ def write_recording(minutes: float, folder: str) -> str:
 
 
 def one_hour(
-    minutes: float, paths: list[str], dtype_name: str, chunks_per_window: int, model_name: str, optimize: bool
+    minutes: float,
+    paths: list[str],
+    dtype_name: str,
+    chunks_per_window: int,
+    model_name: str,
+    optimize: bool,
+    frame_features_wanted: bool,
 ) -> None:
     import tempfile
 
@@ -216,8 +234,9 @@ def one_hour(
         audio_file = write_recording(minutes, folder)
         print(
             f"{minutes:g} min recording (16 kHz FLAC), {model_name} model {dtype_name}"
-            f"{' optimized for CPU inference' if optimize else ''}, {chunks_per_window} chunks per window, frame "
-            "features + clip embeddings, each path in a fresh process (target: peak RSS < 1.5 GB on every path)"
+            f"{' optimized for CPU inference' if optimize else ''}, {chunks_per_window} chunks per window, "
+            f"{'frame features + ' if frame_features_wanted else ''}clip embeddings (embed_long_audio), each path in "
+            "a fresh process (target: peak RSS < 1.5 GB on every path)"
         )
         for path_name in paths:
             command = [
@@ -234,6 +253,7 @@ def one_hour(
                 "--hour-model",
                 model_name,
                 "--hour-optimize" if optimize else "--no-hour-optimize",
+                "--hour-frame-features" if frame_features_wanted else "--no-hour-frame-features",
             ]
             result = subprocess.run(command, capture_output=True, text=True)
             if result.returncode != 0:
@@ -268,6 +288,12 @@ def main() -> None:
         default=True,
         help="apply optimize_for_cpu_inference to the hour's model",
     )
+    parser.add_argument(
+        "--hour-frame-features",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="embed_long_audio also returns the frame features (171 MB in bf16 for an hour)",
+    )
     parser.add_argument("--skip-60s", action="store_true")
     parser.add_argument("--skip-hour", action="store_true")
     parser.add_argument(
@@ -283,14 +309,28 @@ def main() -> None:
     if args.hour_worker:
         (path_name,) = paths
         hour_worker(
-            args.hour_worker, path_name, args.hour_dtype, args.chunks_per_window, args.hour_model, args.hour_optimize
+            args.hour_worker,
+            path_name,
+            args.hour_dtype,
+            args.chunks_per_window,
+            args.hour_model,
+            args.hour_optimize,
+            args.hour_frame_features,
         )
         return
     print(f"machine: {describe_machine()}")
     if not args.skip_60s:
         packed_vs_sequential(args.repeats)
     if not args.skip_hour:
-        one_hour(args.minutes, paths, args.hour_dtype, args.chunks_per_window, args.hour_model, args.hour_optimize)
+        one_hour(
+            args.minutes,
+            paths,
+            args.hour_dtype,
+            args.chunks_per_window,
+            args.hour_model,
+            args.hour_optimize,
+            args.hour_frame_features,
+        )
 
 
 if __name__ == "__main__":
