@@ -19,6 +19,7 @@ import math
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -130,16 +131,33 @@ def packed_vs_sequential(repeats: int) -> None:
 HOUR_PATHS = ("file", "array", "features")
 
 
-def hour_worker(
-    audio_file: str,
-    path_name: str,
-    dtype_name: str,
-    chunks_per_window: int,
-    model_name: str,
-    optimize: bool,
-    frame_features_wanted: bool,
-) -> None:
+@dataclass(frozen=True)
+class HourSettings:
+    """How the hour is embedded (the `--hour-*` options), passed on to each worker process."""
+
+    dtype_name: str
+    chunks_per_window: int
+    model_name: str
+    optimize: bool
+    frame_features_wanted: bool
+
+    def worker_arguments(self) -> list[str]:
+        return [
+            "--hour-dtype",
+            self.dtype_name,
+            "--chunks-per-window",
+            str(self.chunks_per_window),
+            "--hour-model",
+            self.model_name,
+            "--hour-optimize" if self.optimize else "--no-hour-optimize",
+            "--hour-frame-features" if self.frame_features_wanted else "--no-hour-frame-features",
+        ]
+
+
+def hour_worker(audio_file: str, path_name: str, settings: HourSettings) -> None:
     """Runs in its own process so that its peak RSS is one path's alone; prints one JSON line."""
+    dtype_name, chunks_per_window, model_name = settings.dtype_name, settings.chunks_per_window, settings.model_name
+    optimize, frame_features_wanted = settings.optimize, settings.frame_features_wanted
     from m2d2_hf import M2D2ClapModel, M2D2Config
     from m2d2_hf.training.data import decode_audio
 
@@ -218,16 +236,11 @@ def write_recording(minutes: float, folder: str) -> str:
     return path
 
 
-def one_hour(
-    minutes: float,
-    paths: list[str],
-    dtype_name: str,
-    chunks_per_window: int,
-    model_name: str,
-    optimize: bool,
-    frame_features_wanted: bool,
-) -> None:
+def one_hour(minutes: float, paths: list[str], settings: HourSettings) -> None:
     import tempfile
+
+    dtype_name, chunks_per_window, model_name = settings.dtype_name, settings.chunks_per_window, settings.model_name
+    optimize, frame_features_wanted = settings.optimize, settings.frame_features_wanted
 
     mb = 1 / 2**20
     with tempfile.TemporaryDirectory() as folder:
@@ -239,22 +252,8 @@ def one_hour(
             "a fresh process (target: peak RSS < 1.5 GB on every path)"
         )
         for path_name in paths:
-            command = [
-                sys.executable,
-                str(Path(__file__).resolve()),
-                "--hour-worker",
-                audio_file,
-                "--hour-paths",
-                path_name,
-                "--hour-dtype",
-                dtype_name,
-                "--chunks-per-window",
-                str(chunks_per_window),
-                "--hour-model",
-                model_name,
-                "--hour-optimize" if optimize else "--no-hour-optimize",
-                "--hour-frame-features" if frame_features_wanted else "--no-hour-frame-features",
-            ]
+            command = [sys.executable, str(Path(__file__).resolve()), "--hour-worker", audio_file, "--hour-paths"]
+            command += [path_name, *settings.worker_arguments()]
             result = subprocess.run(command, capture_output=True, text=True)
             if result.returncode != 0:
                 print(f"  {path_name}: failed ({result.stderr.strip().splitlines()[-1:]})")
@@ -306,31 +305,18 @@ def main() -> None:
     paths = [name.strip() for name in args.hour_paths.split(",") if name.strip()]
     if unknown := sorted(set(paths) - set(HOUR_PATHS)):
         parser.error(f"unknown --hour-paths {unknown}: choose from {HOUR_PATHS}")
+    settings = HourSettings(
+        args.hour_dtype, args.chunks_per_window, args.hour_model, args.hour_optimize, args.hour_frame_features
+    )
     if args.hour_worker:
         (path_name,) = paths
-        hour_worker(
-            args.hour_worker,
-            path_name,
-            args.hour_dtype,
-            args.chunks_per_window,
-            args.hour_model,
-            args.hour_optimize,
-            args.hour_frame_features,
-        )
+        hour_worker(args.hour_worker, path_name, settings)
         return
     print(f"machine: {describe_machine()}")
     if not args.skip_60s:
         packed_vs_sequential(args.repeats)
     if not args.skip_hour:
-        one_hour(
-            args.minutes,
-            paths,
-            args.hour_dtype,
-            args.chunks_per_window,
-            args.hour_model,
-            args.hour_optimize,
-            args.hour_frame_features,
-        )
+        one_hour(args.minutes, paths, settings)
 
 
 if __name__ == "__main__":
