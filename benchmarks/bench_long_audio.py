@@ -3,11 +3,13 @@
 1. A 60 s clip: all its 1001-frame chunks packed into one batched forward (`M2D2AudioModel`) against encoding the
    chunks one after another (the original runtime's loop), fp32, with the outputs checked to agree (<= 1e-5 rel);
    both again after `optimize_for_cpu_inference` (prepacked Linear weights).
-2. A 1-hour recording through `embed_long_audio` (windows of chunks, CLAP model in bf16 tuned by
-   `optimize_for_cpu_inference` by default) in a fresh process: peak RSS and throughput as x real time.
+2. A 1-hour recording (a 16 kHz FLAC file) through each documented path, each in a fresh process: the file given
+   to `embed_long_audio` (read a window at a time), the file decoded whole then `embed_long_audio` on the array,
+   and decoded whole then feature extractor + one forward; CLAP model in bf16 tuned by `optimize_for_cpu_inference`
+   by default. Peak RSS and throughput as x real time.
 
     python benchmarks/bench_long_audio.py [--repeats 5] [--minutes 60] [--hour-dtype bf16] [--hour-model clap]
-        [--chunks-per-window 8] [--no-hour-optimize]
+        [--chunks-per-window 8] [--no-hour-optimize] [--hour-paths file,array,features]
 """
 
 import argparse
@@ -17,6 +19,7 @@ import math
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -121,9 +124,42 @@ def packed_vs_sequential(repeats: int) -> None:
     print(f"  packed bf16 (cosine {cosine:.5f} to fp32, not the 1e-5 bound): {base / seconds['packed bf16']:.2f}x")
 
 
-def hour_worker(minutes: float, dtype_name: str, chunks_per_window: int, model_name: str, optimize: bool) -> None:
-    """Runs in its own process so that its peak RSS is the long-audio path's alone; prints one JSON line."""
+# The documented ways to embed a recording, each measured in a fresh process on the same 1-hour FLAC file:
+# "file": `model.embed_long_audio(path)`, read a window at a time; "array": the file decoded whole
+# (`decode_audio`), then `model.embed_long_audio(wave, rate)`; "features": decoded whole, then the feature extractor
+# and one forward (`get_audio_features` / the audio model), the short-clip path.
+HOUR_PATHS = ("file", "array", "features")
+
+
+@dataclass(frozen=True)
+class HourSettings:
+    """How the hour is embedded (the `--hour-*` options), passed on to each worker process."""
+
+    dtype_name: str
+    chunks_per_window: int
+    model_name: str
+    optimize: bool
+    frame_features_wanted: bool
+
+    def worker_arguments(self) -> list[str]:
+        return [
+            "--hour-dtype",
+            self.dtype_name,
+            "--chunks-per-window",
+            str(self.chunks_per_window),
+            "--hour-model",
+            self.model_name,
+            "--hour-optimize" if self.optimize else "--no-hour-optimize",
+            "--hour-frame-features" if self.frame_features_wanted else "--no-hour-frame-features",
+        ]
+
+
+def hour_worker(audio_file: str, path_name: str, settings: HourSettings) -> None:
+    """Runs in its own process so that its peak RSS is one path's alone; prints one JSON line."""
+    dtype_name, chunks_per_window, model_name = settings.dtype_name, settings.chunks_per_window, settings.model_name
+    optimize, frame_features_wanted = settings.optimize, settings.frame_features_wanted
     from m2d2_hf import M2D2ClapModel, M2D2Config
+    from m2d2_hf.training.data import decode_audio
 
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
     after_import = peak_rss_bytes()
@@ -137,63 +173,100 @@ def hour_worker(minutes: float, dtype_name: str, chunks_per_window: int, model_n
     if optimize:
         optimize_for_cpu_inference(model)
     after_model = peak_rss_bytes()
-    wave = synthetic_audio(minutes * 60)
-    after_audio = peak_rss_bytes()
     start = time.perf_counter()
-    out = model.embed_long_audio(wave, SAMPLING_RATE, chunks_per_window=chunks_per_window)
+    with torch.inference_mode():
+        if path_name == "file":
+            out = model.embed_long_audio(
+                audio_file, chunks_per_window=chunks_per_window, return_frame_features=frame_features_wanted
+            )
+            outputs = [out.pooler_output, out.frame_features]
+        else:
+            wave = decode_audio(audio_file, sampling_rate=SAMPLING_RATE, max_seconds=None)
+            if path_name == "array":
+                out = model.embed_long_audio(
+                    wave,
+                    SAMPLING_RATE,
+                    chunks_per_window=chunks_per_window,
+                    return_frame_features=frame_features_wanted,
+                )
+                outputs = [out.pooler_output, out.frame_features]
+            else:
+                features = M2D2FeatureExtractor.from_audio_config(audio_config)(
+                    wave, sampling_rate=SAMPLING_RATE, return_tensors="pt"
+                )
+                encode = model.get_audio_features if model_name == "clap" else model
+                out = encode(**features)
+                outputs = [out.pooler_output, out.frame_features]
     elapsed = time.perf_counter() - start
+    num_frames = M2D2FeatureExtractor().num_frames(round(sf_frames(audio_file)))
     report = {
-        "minutes": minutes,
+        "path": path_name,
+        "minutes": sf_frames(audio_file) / SAMPLING_RATE / 60,
         "dtype": dtype_name,
         "chunks_per_window": chunks_per_window,
         "model": type(model).__name__,
         "optimized": optimize,
-        "chunks": math.ceil(M2D2FeatureExtractor().num_frames(len(wave)) / audio_config.chunk_frames),
+        "chunks": math.ceil(num_frames / audio_config.chunk_frames),
         "seconds": elapsed,
         "peak_rss": peak_rss_bytes(),
         "rss_after_import": after_import,
         "rss_after_model": after_model,
-        "rss_after_audio": after_audio,
-        "waveform_bytes": wave.numel() * wave.element_size(),
-        "frame_features_bytes": out.frame_features.numel() * out.frame_features.element_size(),
-        "frame_features_shape": list(out.frame_features.shape),
-        "embeddings_finite": bool(torch.isfinite(out.pooler_output).all()),
+        "waveform_bytes": sf_frames(audio_file) * 4,
+        "frame_features_bytes": sum(t.numel() * t.element_size() for t in outputs[1:] if t is not None),
+        "embeddings_finite": all(bool(torch.isfinite(t).all()) for t in outputs if t is not None),
     }
     print(json.dumps(report))
 
 
-def one_hour(minutes: float, dtype_name: str, chunks_per_window: int, model_name: str, optimize: bool) -> None:
-    command = [
-        sys.executable,
-        str(Path(__file__).resolve()),
-        "--hour-worker",
-        "--minutes",
-        str(minutes),
-        "--hour-dtype",
-        dtype_name,
-        "--chunks-per-window",
-        str(chunks_per_window),
-        "--hour-model",
-        model_name,
-        "--hour-optimize" if optimize else "--no-hour-optimize",
-    ]
-    result = subprocess.run(command, capture_output=True, text=True, check=True)
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+def sf_frames(audio_file: str) -> int:
+    import soundfile as sf
+
+    return sf.info(audio_file).frames
+
+
+def write_recording(minutes: float, folder: str) -> str:
+    """The synthetic recording as a 16 kHz FLAC file, written a minute at a time."""
+    import soundfile as sf
+
+    path = str(Path(folder) / "recording.flac")
+    wave = synthetic_audio(minutes * 60).numpy()
+    with sf.SoundFile(path, "w", SAMPLING_RATE, 1, subtype="PCM_16") as handle:
+        for start in range(0, len(wave), SAMPLING_RATE * 60):
+            handle.write(wave[start : start + SAMPLING_RATE * 60])
+    return path
+
+
+def one_hour(minutes: float, paths: list[str], settings: HourSettings) -> None:
+    import tempfile
+
+    dtype_name, chunks_per_window, model_name = settings.dtype_name, settings.chunks_per_window, settings.model_name
+    optimize, frame_features_wanted = settings.optimize, settings.frame_features_wanted
+
     mb = 1 / 2**20
-    audio_seconds = report["minutes"] * 60
-    print(
-        f"{report['minutes']:g} min recording ({report['chunks']} chunks), {report['model']} {report['dtype']}"
-        f"{' optimized for CPU inference' if report['optimized'] else ''}, "
-        f"embed_long_audio with {report['chunks_per_window']} chunks per window, frame features + clip "
-        f"{'+ CLAP ' if report['model'] == 'M2D2ClapModel' else ''}embeddings, fresh process"
-    )
-    print(f"  {report['seconds']:.1f} s = {audio_seconds / report['seconds']:.1f}x real time")
-    print(
-        f"  peak RSS {report['peak_rss'] * mb:.0f} MB (target < 2048 MB): after imports "
-        f"{report['rss_after_import'] * mb:.0f} MB, + model {report['rss_after_model'] * mb:.0f} MB, + waveform "
-        f"{report['rss_after_audio'] * mb:.0f} MB (waveform {report['waveform_bytes'] * mb:.0f} MB, frame features "
-        f"{report['frame_features_bytes'] * mb:.0f} MB {report['frame_features_shape']})"
-    )
+    with tempfile.TemporaryDirectory() as folder:
+        audio_file = write_recording(minutes, folder)
+        print(
+            f"{minutes:g} min recording (16 kHz FLAC), {model_name} model {dtype_name}"
+            f"{' optimized for CPU inference' if optimize else ''}, {chunks_per_window} chunks per window, "
+            f"{'frame features + ' if frame_features_wanted else ''}clip embeddings (embed_long_audio), each path in "
+            "a fresh process (target: peak RSS < 1.5 GB on every path)"
+        )
+        for path_name in paths:
+            command = [sys.executable, str(Path(__file__).resolve()), "--hour-worker", audio_file, "--hour-paths"]
+            command += [path_name, *settings.worker_arguments()]
+            result = subprocess.run(command, capture_output=True, text=True)
+            if result.returncode != 0:
+                print(f"  {path_name}: failed ({result.stderr.strip().splitlines()[-1:]})")
+                continue
+            report = json.loads(result.stdout.strip().splitlines()[-1])
+            print(
+                f"  {path_name:>8}: peak RSS {report['peak_rss'] * mb:5.0f} MB "
+                f"({'met' if report['peak_rss'] < 1.5 * 2**30 else 'NOT met'}), {report['seconds']:6.1f} s = "
+                f"{report['minutes'] * 60 / report['seconds']:5.1f}x real time; after imports "
+                f"{report['rss_after_import'] * mb:.0f} MB, + model {report['rss_after_model'] * mb:.0f} MB "
+                f"(waveform {report['waveform_bytes'] * mb:.0f} MB, frame features "
+                f"{report['frame_features_bytes'] * mb:.0f} MB)"
+            )
 
 
 def main() -> None:
@@ -214,18 +287,36 @@ def main() -> None:
         default=True,
         help="apply optimize_for_cpu_inference to the hour's model",
     )
+    parser.add_argument(
+        "--hour-frame-features",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="embed_long_audio also returns the frame features (171 MB in bf16 for an hour)",
+    )
     parser.add_argument("--skip-60s", action="store_true")
     parser.add_argument("--skip-hour", action="store_true")
-    parser.add_argument("--hour-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--hour-paths",
+        default=",".join(HOUR_PATHS),
+        help=f"comma-separated ways to embed the hour, of {HOUR_PATHS}",
+    )
+    parser.add_argument("--hour-worker", metavar="AUDIO_FILE", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    paths = [name.strip() for name in args.hour_paths.split(",") if name.strip()]
+    if unknown := sorted(set(paths) - set(HOUR_PATHS)):
+        parser.error(f"unknown --hour-paths {unknown}: choose from {HOUR_PATHS}")
+    settings = HourSettings(
+        args.hour_dtype, args.chunks_per_window, args.hour_model, args.hour_optimize, args.hour_frame_features
+    )
     if args.hour_worker:
-        hour_worker(args.minutes, args.hour_dtype, args.chunks_per_window, args.hour_model, args.hour_optimize)
+        (path_name,) = paths
+        hour_worker(args.hour_worker, path_name, settings)
         return
     print(f"machine: {describe_machine()}")
     if not args.skip_60s:
         packed_vs_sequential(args.repeats)
     if not args.skip_hour:
-        one_hour(args.minutes, args.hour_dtype, args.chunks_per_window, args.hour_model, args.hour_optimize)
+        one_hour(args.minutes, paths, settings)
 
 
 if __name__ == "__main__":

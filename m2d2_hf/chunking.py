@@ -60,13 +60,10 @@ class ChunkLayout:
         for clip, length in enumerate(lengths):
             if length < 1:
                 raise ValueError(f"clip {clip} has no frames: every clip needs at least one log-mel frame")
-            for start in range(0, length, chunk_frames):
-                frames = min(chunk_frames, length - start)
-                # The last chunk is zero-padded up to a whole patch, but never beyond one full chunk.
-                padded = min(math.ceil(frames / patch_width) * patch_width, chunk_frames)
+            for start, cols in cls.plan_clip(length, chunk_frames, patch_width):
                 clip_index.append(clip)
                 start_frame.append(start)
-                columns.append(padded // patch_width)
+                columns.append(cols)
         max_columns = max(columns)
 
         token_rows, frame_rows = [[] for _ in lengths], [[] for _ in lengths]
@@ -95,6 +92,18 @@ class ChunkLayout:
             frame_index=frame_index,
             frame_mask=frame_mask,
         )
+
+    @staticmethod
+    def plan_clip(num_frames: int, chunk_frames: int, patch_width: int) -> list[tuple[int, int]]:
+        """(first frame, patch columns) of each chunk of one clip of `num_frames` frames, without the packing
+        indices: what a caller that encodes a long clip a few chunks at a time needs (`m2d2_hf.long_audio`)."""
+        plan = []
+        for start in range(0, num_frames, chunk_frames):
+            frames = min(chunk_frames, num_frames - start)
+            # The last chunk is zero-padded up to a whole patch, but never beyond one full chunk.
+            padded = min(math.ceil(frames / patch_width) * patch_width, chunk_frames)
+            plan.append((start, padded // patch_width))
+        return plan
 
     @property
     def num_chunks(self) -> int:

@@ -277,6 +277,68 @@ class M2D2FeatureExtractor(SequenceFeatureExtractor):
         """Frames of a clip of `num_samples` samples: `1 + num_samples // hop_length` for an even `n_fft`."""
         return 1 + (num_samples + 2 * (self.n_fft // 2) - self.n_fft) // self.hop_length
 
+    def window_sample_range(self, start: int, end: int, num_samples: int, min_frames: int = 1) -> tuple[int, int]:
+        """
+        The samples `[begin, stop)` of a clip of `num_samples` samples that [`~M2D2FeatureExtractor.windowed_log_mel`]
+        reads for the clip's frames `[start, end)`: a reader of a long recording supplies just these.
+
+        Frame `i` reads the samples `[i * hop - n_fft // 2, i * hop - n_fft // 2 + n_fft)` (the whole-clip front end
+        reflect-pads `n_fft // 2` samples at both ends), so a window needs `n_fft // 2` samples of its neighbours
+        at each cut. It is computed over at least `min_frames` frames (extended to the left, cropped afterwards).
+        """
+        if self.n_fft % 2:
+            raise ValueError(
+                f"windowed log-mel needs an even n_fft (the frame count formula assumes it), got {self.n_fft}"
+            )
+        clip_frames = self.num_frames(num_samples)
+        if not 0 <= start < end <= clip_frames:
+            raise ValueError(f"frames [{start}, {end}) are outside the clip's {clip_frames} frames")
+        begin, stop = self._padded_span(self._first_window_frame(start, end, min_frames), end)
+        return max(begin, 0), min(stop, num_samples)
+
+    def windowed_log_mel(
+        self, samples: torch.Tensor, start: int, end: int, num_samples: int, min_frames: int = 1
+    ) -> torch.Tensor:
+        """
+        Normalised log-mel of the frames `[start, end)` of a clip of `num_samples` samples, equal to the same frames
+        of `__call__`'s features for the whole clip (within float rounding; bit for bit on the CPU when windows are
+        at least one model chunk of frames), from only the samples the window reads.
+
+        Args:
+            samples (`torch.Tensor` of shape `[stop - begin]`): the clip's samples `[begin, stop)` at
+                `self.sampling_rate`, with `(begin, stop) = self.window_sample_range(start, end, num_samples,
+                min_frames)`; only the clip's two ends are reflect-padded.
+            start, end (`int`): the frames wanted.
+            num_samples (`int`): the length of the whole clip.
+            min_frames (`int`, defaults to 1): compute at least this many frames and crop: a window of a handful of
+                frames would run torch's convolution and matmul on other kernels than the whole clip's, which round
+                differently (~1 ulp); long-audio embedding passes the model's `chunk_frames`.
+
+        Returns:
+            `torch.Tensor` of shape `[feature_size, end - start]`, float32, on `samples.device`.
+        """
+        begin, stop = self.window_sample_range(start, end, num_samples, min_frames)
+        if samples.ndim != 1 or samples.shape[-1] != stop - begin:
+            raise ValueError(
+                f"frames [{start}, {end}) read the samples [{begin}, {stop}) of the clip: pass those "
+                f"{stop - begin} samples as a 1-D tensor, got shape {tuple(samples.shape)}"
+            )
+        first = self._first_window_frame(start, end, min_frames)
+        padded_begin, padded_stop = self._padded_span(first, end)
+        left, right = max(0, -padded_begin), max(0, padded_stop - num_samples)
+        samples = samples.float()
+        if left or right:
+            samples = F.pad(samples.view(1, 1, -1), (left, right), mode="reflect").view(-1)
+        return self.normalize(self._log_mel_of_padded(samples[None])[0][:, start - first :])
+
+    def _first_window_frame(self, start: int, end: int, min_frames: int) -> int:
+        return max(0, min(start, end - min_frames))
+
+    def _padded_span(self, first: int, end: int) -> tuple[int, int]:
+        """Sample span (in clip coordinates, possibly past its ends) that frames `[first, end)` read."""
+        pad = self.n_fft // 2
+        return first * self.hop_length - pad, (end - 1) * self.hop_length - pad + self.n_fft
+
     def _kernels_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(Fourier kernels, Hann window, mel matrix) on `device`."""
         if device not in self._kernels:
@@ -383,7 +445,7 @@ class M2D2FeatureExtractor(SequenceFeatureExtractor):
         return_attention_mask = self.return_attention_mask if return_attention_mask is None else return_attention_mask
 
         with torch.no_grad():  # not inference_mode: its tensors could not be fed to a model that is being trained
-            clips = self._to_clips(raw_audio, mono)
+            clips = self.to_clips(raw_audio, mono)
             if sampling_rate is not None and int(sampling_rate) != self.sampling_rate:
                 clips = [
                     torchaudio.functional.resample(clip, int(sampling_rate), self.sampling_rate) for clip in clips
@@ -431,8 +493,12 @@ class M2D2FeatureExtractor(SequenceFeatureExtractor):
         short = max(0, self.min_frames - features.shape[-1])
         return F.pad(features, (0, short), value=self.padding_value), F.pad(mask.long(), (0, short))
 
-    def _to_clips(self, raw_audio: Any, mono: bool) -> list[torch.Tensor]:
-        """Split the input into a list of 1-D float32 clips (channels averaged if `mono`), validating each."""
+    def to_clips(self, raw_audio: Any, mono: bool = False) -> list[torch.Tensor]:
+        """
+        The input split into 1-D float32 clips at its own rate (channels averaged if `mono`), each validated and
+        scaled as `__call__` does it (integer PCM to [-1, 1]; empty, NaN / Inf and too loud clips raise): for callers
+        that compute the features of a clip themselves, such as long-audio embedding.
+        """
         if isinstance(raw_audio, (list, tuple)):
             if len(raw_audio) == 0:
                 raise ValueError("Got an empty list: pass one clip (a 1-D array) or a list of clips.")

@@ -22,6 +22,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .chunking import ChunkLayout, EqualLengthChunks, PaddedChunks
 from .configuration_m2d2 import M2D2AudioConfig, M2D2Config, auto_map_kept_on_disk_only
+from .long_audio import M2D2LongAudioOutput, embed_long_audio
 
 
 @dataclass
@@ -299,12 +300,17 @@ class M2D2Attention(nn.Module):
         self.qkv = nn.Linear(hidden_size, 3 * hidden_size, bias=qkv_bias)
         self.proj = nn.Linear(hidden_size, hidden_size)
 
+    def project_qkv(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values `[B, heads, L, head_dim]` of `hidden_states` `[B, L, hidden_size]`."""
+        batch, length, _ = hidden_states.shape
+        qkv = self.qkv(hidden_states).view(batch, length, 3, self.num_attention_heads, self.head_dim)
+        return qkv.permute(2, 0, 3, 1, 4).unbind(0)
+
     def forward(
         self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch, length, _ = hidden_states.shape
-        qkv = self.qkv(hidden_states).view(batch, length, 3, self.num_attention_heads, self.head_dim)
-        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        query, key, value = self.project_qkv(hidden_states)
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
@@ -674,12 +680,10 @@ class M2D2AudioModel(M2D2PreTrainedModel):
         rows = self.config.frequency_patches
         return outputs.frame_features.reshape(batch, frames, rows, -1).mean(2)
 
-    def embed_long_audio(self, audio, sampling_rate: int | None = None, **kwargs):
-        """Encodes one long recording (minutes to hours) window by window with bounded memory: the log-mel and the
-        encoder run over `chunks_per_window` chunks at a time, with the same outputs as the whole-clip forward.
-        See [`m2d2_hf.streaming.embed_long_audio`] for the arguments; returns an [`M2D2LongAudioOutput`]."""
-        from .streaming import embed_long_audio
-
+    def embed_long_audio(self, audio, sampling_rate: int | None = None, **kwargs) -> M2D2LongAudioOutput:
+        """Encodes one long recording (minutes to hours; an array or an audio file's path) window by window with
+        bounded memory: the log-mel and the encoder run over `chunks_per_window` chunks at a time, with the same
+        outputs as the whole-clip forward. See [`m2d2_hf.long_audio.embed_long_audio`] for the arguments."""
         return embed_long_audio(self, audio, sampling_rate, **kwargs)
 
 
@@ -767,6 +771,12 @@ class M2D2SemanticProjector(nn.Module):
             hidden_states = layer(hidden_states, attention_mask)
         return self.layernorm(hidden_states[:, 0])
 
+    def streaming_pooler(self) -> "M2D2ProjectorStream":
+        """This projector fed the patch tokens of one long recording a window at a time (`add`), giving at `finish`
+        what `forward` gives on all of them: with one block (the released geometry) an online softmax of the learned
+        token's attention, so the tokens themselves are never held; with more blocks, the tokens collected."""
+        return M2D2SemanticTokenAttention(self) if len(self.layers) == 1 else M2D2ProjectorStream(self)
+
 
 class M2D2MLPProjector(nn.Module):
     """The 2024 projector: mean of the patch tokens → Linear → ReLU → Linear."""
@@ -779,6 +789,81 @@ class M2D2MLPProjector(nn.Module):
     def forward(self, tokens: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
         pooled = tokens.mean(1) if token_mask is None else masked_mean(tokens, token_mask)
         return self.fc2(F.relu(self.fc1(pooled)))
+
+    def streaming_pooler(self) -> "M2D2ProjectorStream":
+        """This projector fed the patch tokens of one long recording a window at a time: their mean accumulated."""
+        return M2D2TokenMean(self)
+
+
+class M2D2ProjectorStream:
+    """An audio projector fed the patch tokens `[n, hidden_size]` of one recording in windows (`add`); `finish`
+    returns `projector(all_tokens[None])` `[1, projection_dim]`. This base class collects the tokens."""
+
+    def __init__(self, projector: nn.Module):
+        self.projector = projector
+        self.tokens: list[torch.Tensor] = []
+
+    def add(self, tokens: torch.Tensor) -> None:
+        self.tokens.append(tokens)
+
+    def finish(self) -> torch.Tensor:
+        return self.projector(torch.cat(self.tokens)[None])
+
+
+class M2D2TokenMean(M2D2ProjectorStream):
+    """`M2D2MLPProjector` streamed: the token mean accumulated in float64; its MLP runs once at the end."""
+
+    def __init__(self, projector: "M2D2MLPProjector"):
+        super().__init__(projector)
+        self.sum, self.count = None, 0
+
+    def add(self, tokens: torch.Tensor) -> None:
+        window_sum = tokens.sum(0, dtype=torch.float64)
+        self.sum = window_sum if self.sum is None else self.sum + window_sum
+        self.count += len(tokens)
+
+    def finish(self) -> torch.Tensor:
+        dtype = self.projector.fc1.weight.dtype
+        return self.projector((self.sum / self.count).to(dtype)[None, None])  # the mean of one token is itself
+
+
+class M2D2SemanticTokenAttention(M2D2ProjectorStream):
+    """A one-block `M2D2SemanticProjector` streamed. Only the learned token's output is read, so its block needs the
+    token's query against the keys and values of all patch tokens: these are folded window by window into an online
+    softmax (running maximum, sum and weighted value sum, in float64); `finish` then runs the rest of the block
+    (output projection, MLP, the two residuals of `M2D2Layer.forward`) and the final LayerNorm on the token alone."""
+
+    def __init__(self, projector: M2D2SemanticProjector):
+        super().__init__(projector)
+        self.layer = projector.layers[0]
+        attention = self.layer.attention
+        self.scaling = attention.scaling
+        self.token = projector.sem_token[0]  # [1, D]
+        query, _, _ = attention.project_qkv(self.layer.norm1(self.token)[None])
+        self.query = query[0].double()  # [heads, 1, head_dim]
+        state = {"dtype": torch.float64, "device": self.token.device}
+        self.max = torch.full((attention.num_attention_heads, 1, 1), -torch.inf, **state)
+        self.denominator = torch.zeros((attention.num_attention_heads, 1, 1), **state)
+        self.numerator = torch.zeros((attention.num_attention_heads, 1, attention.head_dim), **state)
+        self.add(self.token)  # the learned token attends to itself too
+
+    def add(self, tokens: torch.Tensor) -> None:
+        _, key, value = self.layer.attention.project_qkv(self.layer.norm1(tokens)[None])
+        key, value = key[0].double(), value[0].double()  # [heads, n, head_dim]
+        scores = self.query @ key.transpose(1, 2) * self.scaling  # [heads, 1, n]
+        new_max = torch.maximum(self.max, scores.amax(-1, keepdim=True))
+        rescale = torch.exp(self.max - new_max)
+        weights = torch.exp(scores - new_max)
+        self.denominator = self.denominator * rescale + weights.sum(-1, keepdim=True)
+        self.numerator = self.numerator * rescale + weights @ value
+        self.max = new_max
+
+    def finish(self) -> torch.Tensor:
+        # Heads side by side, as `M2D2Attention.forward` concatenates them.
+        attended = (self.numerator / self.denominator).to(self.token.dtype).reshape(1, -1)
+        hidden = self.token + self.layer.attention.proj(attended)
+        hidden = hidden + self.layer.mlp(self.layer.norm2(hidden))
+        return self.projector.layernorm(hidden)
 
 
 class M2D2ClapModel(M2D2PreTrainedModel):
@@ -827,12 +912,10 @@ class M2D2ClapModel(M2D2PreTrainedModel):
         audio_outputs.pooler_output = F.normalize(embedding, dim=-1)
         return audio_outputs
 
-    def embed_long_audio(self, audio, sampling_rate: int | None = None, **kwargs):
-        """Encodes one long recording (minutes to hours) window by window with bounded memory, returning its clip
-        embedding, CLAP `audio_embeds` and optionally frame features, equal to `get_audio_features` on the whole
-        clip. See [`m2d2_hf.streaming.embed_long_audio`] for the arguments; returns an [`M2D2LongAudioOutput`]."""
-        from .streaming import embed_long_audio
-
+    def embed_long_audio(self, audio, sampling_rate: int | None = None, **kwargs) -> M2D2LongAudioOutput:
+        """Encodes one long recording (minutes to hours; an array or an audio file's path) window by window with
+        bounded memory, returning its clip embedding, CLAP `audio_embeds` and optionally frame features, equal to
+        `get_audio_features` on the whole clip. See [`m2d2_hf.long_audio.embed_long_audio`] for the arguments."""
         return embed_long_audio(self, audio, sampling_rate, **kwargs)
 
     @can_return_tuple

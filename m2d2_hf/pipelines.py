@@ -110,7 +110,7 @@ class M2D2ZeroShotAudioClassificationPipeline(_TimeMajorBatching, ZeroShotAudioC
         extractor = self.feature_extractor
         # The extractor's own conversion (integer PCM scaling, checks) and resampler, so a dict gives the features
         # the extractor computes from the same waveform and rate.
-        (clip,) = extractor._to_clips([waveform], mono=False)
+        (clip,) = extractor.to_clips([waveform], mono=False)
         if int(rate) != extractor.sampling_rate:
             clip = torchaudio.functional.resample(clip, int(rate), extractor.sampling_rate)
         return clip.cpu().numpy()

@@ -8,6 +8,7 @@ JSON and plotted as a PNG (waveform and log-mel above, one similarity line per q
 import csv
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 
 from .extras import require_extra
+from .long_audio import AudioFileSamples
 from .modeling_m2d2 import M2D2ClapModel
 
 
@@ -60,32 +62,54 @@ def window_starts(num_samples: int, window: int, hop: int) -> list[int]:
     return starts
 
 
+Waveform = np.ndarray | str | os.PathLike | AudioFileSamples
+
+
 @torch.no_grad()
 def window_embeddings(
     model: M2D2ClapModel,
     processor,
-    waveform: np.ndarray,
+    waveform: Waveform,
     window_seconds: float = 2.0,
     hop_seconds: float = 0.5,
     batch_size: int = 16,
 ) -> tuple[np.ndarray, int, torch.Tensor]:
-    """CLAP audio embeddings of the windows of `waveform` (mono, at the processor's sampling rate), `batch_size`
-    windows per forward, so memory holds the waveform and one batch of windows whatever the length.
+    """CLAP audio embeddings of the windows of `waveform`, `batch_size` windows per forward, so memory holds the
+    waveform and one batch of windows whatever the length. `waveform` is mono audio at the processor's sampling
+    rate, or an audio file (a path or an `AudioFileSamples`), which is read a batch of windows at a time: then not
+    even the waveform is held.
 
     Returns (window start samples, window length in samples, L2-normalised embeddings [windows, projection_dim])."""
     if window_seconds <= 0 or hop_seconds <= 0:
         raise ValueError(f"window ({window_seconds} s) and hop ({hop_seconds} s) must be positive")
     rate = processor.feature_extractor.sampling_rate
-    wave = np.asarray(waveform, dtype=np.float32)
-    if wave.ndim != 1:
-        raise ValueError(f"window embeddings take mono audio [samples], got shape {wave.shape}")
+    if isinstance(waveform, (str, os.PathLike)):
+        with AudioFileSamples(waveform, rate) as samples:
+            return window_embeddings(model, processor, samples, window_seconds, hop_seconds, batch_size)
+    if isinstance(waveform, AudioFileSamples):
+        if waveform.sampling_rate != rate:
+            raise ValueError(f"the file is read at {waveform.sampling_rate} Hz, the processor takes {rate} Hz")
+        num_samples = waveform.num_samples
+
+        def cut(start: int, stop: int) -> np.ndarray:
+            return waveform.read(start, stop).numpy()
+
+    else:
+        wave = np.asarray(waveform, dtype=np.float32)
+        if wave.ndim != 1:
+            raise ValueError(f"window embeddings take mono audio [samples], got shape {wave.shape}")
+        num_samples = len(wave)
+
+        def cut(start: int, stop: int) -> np.ndarray:
+            return wave[start:stop]
+
     window, hop = int(round(window_seconds * rate)), int(round(hop_seconds * rate))
-    window = min(window, len(wave))
-    starts = window_starts(len(wave), window, hop)
+    window = min(window, num_samples)
+    starts = window_starts(num_samples, window, hop)
     device = next(model.parameters()).device
     audio_rows = []
     for first in range(0, len(starts), batch_size):
-        clips = np.stack([wave[start : start + window] for start in starts[first : first + batch_size]])
+        clips = np.stack([cut(start, start + window) for start in starts[first : first + batch_size]])
         inputs = processor(audio=clips, sampling_rate=rate, return_tensors="pt").to(device)
         audio_rows.append(model.get_audio_features(**inputs).pooler_output)
     return np.asarray(starts), window, torch.cat(audio_rows)
@@ -95,13 +119,14 @@ def window_embeddings(
 def sound_event_timeline(
     model: M2D2ClapModel,
     processor,
-    waveform: np.ndarray,
+    waveform: Waveform,
     queries: list[str],
     window_seconds: float = 2.0,
     hop_seconds: float = 0.5,
     batch_size: int = 16,
 ) -> Timeline:
-    """Similarity of every query to every window of `waveform` (mono, at the processor's sampling rate).
+    """Similarity of every query to every window of `waveform` (mono, at the processor's sampling rate, or an audio
+    file read a batch of windows at a time, as `window_embeddings` takes it).
 
     A recording shorter than one window is one window. The last window ends at the recording's end."""
     if not queries:

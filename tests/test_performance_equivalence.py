@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from m2d2_hf import M2D2AudioModel, M2D2ClapModel, M2D2FeatureExtractor
 from m2d2_hf.cpu_inference import onednn_prepacking_available, optimize_for_cpu_inference
-from m2d2_hf.streaming import WindowedLogMel, embed_long_audio
+from m2d2_hf.long_audio import WindowedLogMel, embed_long_audio
 
 from .test_modeling import tiny_clap_model
 

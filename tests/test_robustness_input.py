@@ -122,7 +122,7 @@ def scores(predictions: list[dict]) -> dict[str, float]:
 
 def test_pipeline_takes_audio_dicts_with_their_rate(classifier, wave):
     at_16k = scores(classifier(wave, candidate_labels=LABELS))
-    wave_44k = classifier.feature_extractor._to_clips(wave, False)[0]
+    wave_44k = classifier.feature_extractor.to_clips(wave, False)[0]
     import torchaudio
 
     wave_44k = torchaudio.functional.resample(wave_44k, 16000, 44100).numpy()

@@ -5,7 +5,8 @@
     GET  /api/search?q=...&k=10          JSON: {"query", "results": [hit, ...]} (hits as `SearchHit.to_dict` plus
                                          `audio_url` / `timeline_url`)
     POST /api/search-audio?k=10          the same for an uploaded example clip (multipart field `file`)
-    GET  /api/audio/{sound_id}           the indexed file of a sound (only indexed files are served)
+    GET  /api/audio/{sound_id}           the indexed file of a sound (only indexed files are served), or a dataset
+                                         row's encoded audio, read from the index's source
     GET  /api/timeline/{sound_id}.png?q= the timeline plot of a sound against a text query, from its stored window
                                          embeddings (`m2d2_hf.timeline.plot_timeline`)
     POST /api/timeline/{sound_id}.png    the same against an uploaded example clip (multipart field `file`)
@@ -120,6 +121,19 @@ document.getElementById("audio-form").onsubmit = async (event) => {
 """
 
 
+# Leading bytes of the encoded formats a dataset row may hold, for its media type when its name tells none.
+_MAGIC_MEDIA_TYPES = ((b"RIFF", "audio/wav"), (b"fLaC", "audio/flac"), (b"OggS", "audio/ogg"), (b"ID3", "audio/mpeg"))
+
+
+def _media_type(head: bytes, name: str | None) -> str:
+    import mimetypes
+
+    guessed = mimetypes.guess_type(name)[0] if name else None
+    if guessed and guessed.startswith("audio/"):
+        return guessed
+    return next((media for magic, media in _MAGIC_MEDIA_TYPES if head.startswith(magic)), "application/octet-stream")
+
+
 def require_app_extra() -> None:
     """The page's packages are an extra: say which command installs them rather than fail on an import."""
     import importlib.util
@@ -156,9 +170,34 @@ def create_app(index):
         ),
     )
 
+    reopen = meta.get("reopen")  # absent for indexes of in-memory datasets (and for older indexes)
+    dataset_rows: dict[str, object] = {}
+
+    def dataset_audio(sound_id: int) -> tuple[bytes, str]:
+        """The encoded audio of a dataset row, read from the index's source, and its media type."""
+        if reopen is None:
+            raise HTTPException(404, f"sound {sound_id} comes from an in-memory dataset: there is no file to play")
+        if not dataset_rows:
+            from .sources import list_source
+
+            try:
+                items = list_source(reopen["source"], split=reopen["split"], audio_column=reopen["audio_column"])
+            except (ValueError, OSError, ImportError) as error:
+                raise HTTPException(404, f"cannot open the index's source {reopen['source']}: {error}") from None
+            dataset_rows.update((item.key, item) for item in items)
+        item = dataset_rows.get(index.sound_keys[sound_id])
+        value = None if item is None else item.audio_value()
+        data = value.get("bytes") if isinstance(value, dict) else None
+        name = value.get("path") if isinstance(value, dict) else None
+        if data is None and name and os.path.isfile(name):
+            data = Path(name).read_bytes()
+        if not data:
+            raise HTTPException(404, f"sound {sound_id} is no longer in {reopen['source']}")
+        return bytes(data), _media_type(bytes(data[:12]), name)
+
     def with_urls(hits: list[dict]) -> list[dict]:
         for hit in hits:
-            hit["audio_url"] = f"/api/audio/{hit['sound_id']}" if hit["path"] else None
+            hit["audio_url"] = f"/api/audio/{hit['sound_id']}" if hit["path"] or reopen else None
             hit["timeline_url"] = f"/api/timeline/{hit['sound_id']}.png"
         return hits
 
@@ -187,9 +226,12 @@ def create_app(index):
         return {"query": f"audio:{file.filename}", "results": with_urls([hit.to_dict() for hit in hits])}
 
     @app.get("/api/audio/{sound_id}")
-    def audio(sound_id: int) -> FileResponse:
+    def audio(sound_id: int) -> Response:
         path = index.sound_paths[sound(sound_id)]
-        if path is None or not os.path.isfile(path):
+        if path is None:  # a dataset row: its audio from the dataset
+            data, media_type = dataset_audio(sound_id)
+            return Response(data, media_type=media_type)
+        if not os.path.isfile(path):
             raise HTTPException(404, f"sound {sound_id} has no local file to play")
         return FileResponse(path)
 
@@ -205,18 +247,18 @@ def create_app(index):
     def timeline_of(sound_id: int, label: str, query: np.ndarray) -> Response:
         """The PNG of one (checked) sound's window similarities to `query` [D], over its waveform and log-mel."""
         path = index.sound_paths[sound_id]
-        if path is None:
-            raise HTTPException(404, f"sound {sound_id} has no local file to plot")
+        name = path or index.sound_keys[sound_id]
         times, similarities = index.window_similarities(sound_id, query)
         try:
-            wave = decode_audio(path, sampling_rate=index.rate, max_seconds=None)
+            encoded = path if path is not None else dataset_audio(sound_id)[0]
+            wave = decode_audio(encoded, sampling_rate=index.rate, max_seconds=None)
         except AudioDecodeError as error:
-            raise HTTPException(404, f"cannot decode {path}: {error}") from None
+            raise HTTPException(404, f"cannot decode {name}: {error}") from None
         plotted = Timeline(
             [label], times, similarities[None].astype(np.float32), meta["window_seconds"], meta["hop_seconds"]
         )
         with tempfile.TemporaryDirectory() as folder:
-            png = plot_timeline(plotted, wave, index.rate, Path(folder) / "timeline.png", title=Path(path).name)
+            png = plot_timeline(plotted, wave, index.rate, Path(folder) / "timeline.png", title=Path(name).name)
             return Response(png.read_bytes(), media_type="image/png")
 
     @app.get("/api/timeline/{sound_id}.png")

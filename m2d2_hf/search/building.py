@@ -32,7 +32,15 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..data.audio import AudioDecodeError, decode_audio
-from .embedding import ModelFingerprint, clip_embeddings, load_clap_model, model_fingerprint, timed_window_embeddings
+from ..long_audio import AudioFileSamples
+from .embedding import (
+    ModelFingerprint,
+    clip_embeddings,
+    load_clap_model,
+    long_file_embeddings,
+    model_fingerprint,
+    timed_window_embeddings,
+)
 from .sources import SourceItem, list_source
 from .vector_index import (
     INDEX_TYPES,
@@ -50,6 +58,9 @@ ITEMS_FILE, VECTORS_FILE, META_FILE, README_FILE = "items.parquet", "vectors.fai
 SETTINGS_FILE = "settings.json"
 PARQUET_MODEL_KEY, PARQUET_SETTINGS_KEY = b"m2d2_hf.model", b"m2d2_hf.settings"
 META_COLUMNS = ("key", "stamp", "path", "kind", "start", "end", "duration")
+# Local files longer than this are read a window at a time rather than decoded whole: below it the waveform (38 MB
+# for 10 minutes at 16 kHz) is small next to the model, and one read of the whole file is the simplest.
+STREAMED_FILE_SECONDS = 600.0
 
 
 @dataclass
@@ -305,6 +316,21 @@ def _write_index(
     return recall
 
 
+def _is_long_file(value: Any) -> bool:
+    """Whether `value` is a local file soundfile reads that is longer than `STREAMED_FILE_SECONDS`: such a file is
+    embedded straight from disk a window at a time (bounded memory for hours-long files) instead of decoded whole;
+    everything else (shorter files, bytes, formats only torchcodec reads) goes through `decode_audio`."""
+    if not isinstance(value, str) or not os.path.isfile(value):
+        return False
+    import soundfile as sf
+
+    try:
+        info = sf.info(value)
+    except (RuntimeError, OSError):  # not for soundfile: `decode_audio` tries torchcodec, or says why it failed
+        return False
+    return info.frames > STREAMED_FILE_SECONDS * info.samplerate
+
+
 def _window_settings(meta: dict) -> dict:
     return {key: meta[key] for key in ("window_seconds", "hop_seconds", "sampling_rate")}
 
@@ -416,8 +442,23 @@ def build_index(
         for first in range(0, len(mine), batch_size):
             batch, waves = [], []
             for item in mine[first : first + batch_size]:
+                value = item.audio_value()
+                if _is_long_file(value):
+                    try:
+                        with AudioFileSamples(value, rate) as samples:
+                            duration = samples.num_samples / rate
+                            clip, starts, ends, windows = long_file_embeddings(
+                                model, processor, samples, window_seconds, hop_seconds, batch_size
+                            )
+                    except (RuntimeError, ValueError) as error:  # soundfile failing mid-file (a truncated file)
+                        writer.fail(item, f"cannot read {value}: {type(error).__name__}: {error}")
+                        say(f"skipped {item.key}: {error}")
+                        continue
+                    spans = [("clip", 0.0, duration)] + [("window", float(s), float(e)) for s, e in zip(starts, ends)]
+                    writer.add(item, spans, duration, np.concatenate([clip[None], windows]))
+                    continue
                 try:
-                    waves.append(decode_audio(item.audio_value(), sampling_rate=rate, max_seconds=None))
+                    waves.append(decode_audio(value, sampling_rate=rate, max_seconds=None))
                     batch.append(item)
                 except AudioDecodeError as error:
                     writer.fail(item, str(error))
@@ -447,6 +488,11 @@ def build_index(
         "source": str(source),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    # How to open the source again (the page plays dataset rows from it): an in-memory dataset cannot be.
+    if isinstance(source, (str, os.PathLike)):
+        local = Path(source).exists()
+        where = str(Path(source).resolve()) if local else str(source)
+        meta["reopen"] = {"source": where, "split": split, "audio_column": audio_column}
     recall = _write_index(output, table, failures, meta, index_type, index_params)
     shutil.rmtree(work)
     if recall is not None:

@@ -4,6 +4,7 @@
   `embed_long_audio` (bounded memory, equal to the whole-clip forward) for longer ones;
 - window embeddings over time for sounds longer than one window, as the timeline computes them
   (`m2d2_hf.timeline.window_embeddings`);
+- both straight from an audio file read a window at a time (`long_file_embeddings`), for long local files;
 - text embeddings with `get_text_features`.
 
 All are L2-normalised, so inner products are cosine similarities.
@@ -18,8 +19,8 @@ import torch
 from transformers import AutoConfig, AutoProcessor
 
 from ..configuration_m2d2 import M2D2Config
+from ..long_audio import AudioFileSamples, embed_long_audio
 from ..modeling_m2d2 import M2D2ClapModel
-from ..streaming import embed_long_audio
 from ..timeline import window_embeddings
 
 
@@ -94,8 +95,29 @@ def clip_embeddings(model: M2D2ClapModel, processor, waves: list[np.ndarray], wi
     return out
 
 
+def long_file_embeddings(
+    model: M2D2ClapModel,
+    processor,
+    samples: AudioFileSamples,
+    window_seconds: float,
+    hop_seconds: float,
+    batch_size: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The clip embedding [D] and the timed window embeddings (as `timed_window_embeddings`) of an audio file read a
+    window at a time: neither the waveform nor the encoder's activations of the whole file are held."""
+    extractor = processor.feature_extractor
+    long = embed_long_audio(model, samples, feature_extractor=extractor, return_frame_features=False)
+    starts, ends, windows = timed_window_embeddings(model, processor, samples, window_seconds, hop_seconds, batch_size)
+    return long.audio_embeds[0].float().cpu().numpy(), starts, ends, windows
+
+
 def timed_window_embeddings(
-    model: M2D2ClapModel, processor, wave: np.ndarray, window_seconds: float, hop_seconds: float, batch_size: int
+    model: M2D2ClapModel,
+    processor,
+    wave: np.ndarray | AudioFileSamples,
+    window_seconds: float,
+    hop_seconds: float,
+    batch_size: int,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(start seconds, end seconds, float32 embeddings [windows, D]) of the timeline's windows of `wave`."""
     rate = processor.feature_extractor.sampling_rate
@@ -114,6 +136,7 @@ __all__ = [
     "ModelFingerprint",
     "clip_embeddings",
     "load_clap_model",
+    "long_file_embeddings",
     "model_fingerprint",
     "text_embeddings",
     "timed_window_embeddings",
