@@ -1,0 +1,1 @@
+../../m2d2_hf/long_audio.py

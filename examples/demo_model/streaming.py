@@ -1,1 +1,0 @@
-../../m2d2_hf/streaming.py
