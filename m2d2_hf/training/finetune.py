@@ -1,10 +1,11 @@
 """Stage 1.1 of the M2D2 recipe: audio-classification fine-tuning of an M2D2 encoder, with accelerate.
 
 The pieces of `examples/finetune_audio_classification.py` (the program): its settings, labels, model, batches,
-streams and evaluation. The defaults are the stage-1.1 recipe (spec §11.3: EVAR `finetune.py` with m2d
+streams and evaluation. The defaults are the stage-1.1 recipe (docs/method.md §6.3: EVAR `finetune.py` with m2d
 `util/ft-as2m.sh` settings): random 1001-frame crops, mixup α 0.5 on the raw log-mel and the labels,
-normalisation with the encoder's `norm_stats`, one frequency mask (30 bins) and one time mask (192 frames) shared
-by the batch, structured patch masking at 0.5, the EVAR head (BatchNorm1d without affine → Linear), SGD with
+normalisation with the encoder folder's `norm_stats` (its feature extractor's), one frequency mask (30 bins) and
+one time mask (192 frames) shared by the batch, structured patch masking at 0.5, the EVAR head (BatchNorm1d
+without affine → Linear), SGD with
 momentum 0.9 and no weight decay (the original's LARS, whose trust ratio is skipped at weight decay 0) at lr 2.0 for
 batch 64, 15 of 70 epochs warm-up then cosine (timm's `CosineLRScheduler`), no gradient clipping, BCE (multi-label)
 or cross-entropy (single-label).
@@ -231,9 +232,14 @@ def collect_labels(training: TrainingSettings, reader: LabelReader) -> list[str]
     """The sorted labels of the filtered training rows (one pass over the rows, in this process)."""
     collector = LabelCollector(reader, parse_filters(training.filter))
     stream = load_audio_stream(
-        training.train_data, split=training.split, audio_column=training.audio_column, id_column=training.id_column,
-        keep_columns=[reader.column], shuffle_buffer=0, filter_fn=collector,
-    )  # fmt: skip
+        training.train_data,
+        split=training.split,
+        audio_column=training.audio_column,
+        id_column=training.id_column,
+        keep_columns=[reader.column],
+        shuffle_buffer=0,
+        filter_fn=collector,
+    )
     for _ in stream:  # the collector rejects every row: nothing is decoded
         pass
     if not collector.counts:
@@ -470,9 +476,13 @@ class FinetuneBatches:
         inputs = {"input_features": features, "targets": targets}
         if settings.training_mask > 0:
             inputs["visible_indices"], _ = random_structured_mask(
-                features.shape[0], *self.grid, settings.training_mask, device, generator("patchmask"),
+                features.shape[0],
+                *self.grid,
+                settings.training_mask,
+                device,
+                generator("patchmask"),
                 original_order=not settings.drop_stripes,
-            )  # fmt: skip
+            )
         return inputs
 
     def eval_inputs(self, batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -553,23 +563,38 @@ class LabelledStreams:
 
     def loader(self, data: str, split: str, filters: list[str], batch_size: int, shuffle_buffer: int, train: bool):
         return streamed_loader(
-            self.training, self.accelerator, self.sampling_rate, data=data, split=split, batch_size=batch_size,
-            filter_fn=LabelledRows(self.reader, self.labels, parse_filters(filters)), shuffle_buffer=shuffle_buffer,
-            keep_columns=[self.reader.column], min_samples=self.min_samples,
+            self.training,
+            self.accelerator,
+            self.sampling_rate,
+            data=data,
+            split=split,
+            batch_size=batch_size,
+            filter_fn=LabelledRows(self.reader, self.labels, parse_filters(filters)),
+            shuffle_buffer=shuffle_buffer,
+            keep_columns=[self.reader.column],
+            min_samples=self.min_samples,
             drop_last=train,  # equal training batches for the BatchNorm head
-        )  # fmt: skip
+        )
 
     def train_loader(self) -> DataLoader:
         training = self.training
         return self.loader(
-            training.train_data, training.split, training.filter, training.per_device_train_batch_size,
-            training.shuffle_buffer, True,
-        )  # fmt: skip
+            training.train_data,
+            training.split,
+            training.filter,
+            training.per_device_train_batch_size,
+            training.shuffle_buffer,
+            True,
+        )
 
     def eval_loader(self) -> DataLoader:
         training, evaluation = self.training, self.evaluation
         batch_size = evaluation.per_device_eval_batch_size or training.per_device_train_batch_size
         return self.loader(
-            evaluation.eval_data or training.train_data, evaluation.eval_split or training.split,
-            evaluation.eval_filter, batch_size, 0, False,
-        )  # fmt: skip
+            evaluation.eval_data or training.train_data,
+            evaluation.eval_split or training.split,
+            evaluation.eval_filter,
+            batch_size,
+            0,
+            False,
+        )

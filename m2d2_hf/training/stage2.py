@@ -1,5 +1,5 @@
 """Stages 2 and 2.1 of the M2D2 recipe: CLAP training of a text tower and a new semantic audio projector against
-the FROZEN stage-1.1 audio encoder, with accelerate (spec §7, §11.2).
+the FROZEN stage-1.1 audio encoder, with accelerate (docs/method.md §6 and §6.2).
 
 The pieces of `examples/pretrain_stage2.py` (the program): its settings, the model it builds, the objective and
 the batches. Data path: streamed audio + captions (several per clip, one drawn
