@@ -85,17 +85,22 @@ def matmul_flops_per_second(dtype: torch.dtype = torch.float32, size: int = 2048
 
 
 class _GemmShapeRecorder(TorchDispatchMode):
-    """Records (m, k, n, dtype) of every 2-D matmul ATen runs (`mm`, `addmm`: Linear layers, forward and backward)."""
+    """Records (m, k, n, dtype) of every 2-D matmul ATen runs: `mm` and `addmm` (Linear layers under autograd,
+    forward and backward) and `linear` (which inference mode dispatches undecomposed; its input folded to 2-D)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.shapes: dict[tuple[int, int, int, torch.dtype], int] = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        packet = func.overloadpacket
+        packet, key = func.overloadpacket, None
         if packet in (torch.ops.aten.mm, torch.ops.aten.addmm):
             a, b = (args[0], args[1]) if packet is torch.ops.aten.mm else (args[1], args[2])
             key = (a.shape[0], a.shape[1], b.shape[1], a.dtype)
+        elif packet is torch.ops.aten.linear:
+            x, weight = args[0], args[1]
+            key = (x.numel() // x.shape[-1], x.shape[-1], weight.shape[0], x.dtype)
+        if key is not None:
             self.shapes[key] = self.shapes.get(key, 0) + 1
         return func(*args, **(kwargs or {}))
 
