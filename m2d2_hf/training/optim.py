@@ -26,9 +26,10 @@ def adamw(param_groups: list[dict], lr: float, betas: tuple[float, float]) -> to
     default is that loop: about ten passes over each tensor, which on the CPU made the optimiser step of a ViT-B
     stage-1 step 8x slower than the fused single pass (`benchmarks/README.md`). The update is the same to rounding
     (a few 1e-8 absolute on unit-scale weights)."""
-    from torch.optim.optimizer import _get_fused_kernels_supported_devices
+    from torch.optim import optimizer
 
-    supported = _get_fused_kernels_supported_devices()
+    # torch's own list of the devices with a fused AdamW (private; CUDA alone where a torch lacks it).
+    supported = getattr(optimizer, "_get_fused_kernels_supported_devices", lambda: ["cuda"])()
     parameters = [p for group in param_groups for p in group["params"]]
     fused = bool(parameters) and all(p.is_floating_point() and p.device.type in supported for p in parameters)
     return torch.optim.AdamW(param_groups, lr=lr, betas=betas, fused=fused or None)
