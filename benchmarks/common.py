@@ -1,6 +1,7 @@
 """Timing helpers shared by the benchmarks: warm-up, median of repetitions, measured matmul peaks, FLOP counting,
 interleaved timing of several contenders, peak memory, and a description of the machine."""
 
+import math
 import os
 import platform
 import resource
@@ -9,6 +10,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 
@@ -80,6 +82,64 @@ def matmul_flops_per_second(dtype: torch.dtype = torch.float32, size: int = 2048
     a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     seconds = median_seconds(lambda: a @ b, repeats=repeats, warmup=3)
     return 2 * size**3 / seconds
+
+
+class _GemmShapeRecorder(TorchDispatchMode):
+    """Records (m, k, n, dtype) of every 2-D matmul ATen runs: `mm` and `addmm` (Linear layers under autograd,
+    forward and backward) and `linear` (which inference mode dispatches undecomposed; its input folded to 2-D)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: dict[tuple[int, int, int, torch.dtype], int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        packet, key = func.overloadpacket, None
+        if packet in (torch.ops.aten.mm, torch.ops.aten.addmm):
+            a, b = (args[0], args[1]) if packet is torch.ops.aten.mm else (args[1], args[2])
+            key = (a.shape[0], a.shape[1], b.shape[1], a.dtype)
+        elif packet is torch.ops.aten.linear:
+            x, weight = args[0], args[1]
+            key = (x.numel() // x.shape[-1], x.shape[-1], weight.shape[0], x.dtype)
+        if key is not None:
+            self.shapes[key] = self.shapes.get(key, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def gemm_shapes(fn: Callable[[], object]) -> dict[tuple[int, int, int, torch.dtype], int]:
+    """The 2-D GEMM shapes (m, k, n, dtype) of one call of `fn`, with how often each occurs."""
+    with _GemmShapeRecorder() as recorder:
+        fn()
+    return recorder.shapes
+
+
+def mm_fn(m: int, k: int, n: int, dtype: torch.dtype, min_flops: float = 4e9) -> tuple[Callable[[], None], int]:
+    """`torch.mm` of an [m, k] by [k, n] product into a preallocated output, repeated to about `min_flops`, and its
+    FLOPs. The output is allocated once: allocating it per call (page faults) halves the bf16 rate on AMX."""
+    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+    out = torch.empty(m, n, dtype=dtype)
+    inner = max(1, math.ceil(min_flops / (2 * m * k * n)))
+
+    def run() -> None:
+        for _ in range(inner):
+            torch.mm(a, b, out=out)
+
+    return run, 2 * m * k * n * inner
+
+
+def gemm_peak_contenders(
+    shapes: dict[tuple[int, int, int, torch.dtype], int], dtype: torch.dtype, keep: int = 3, repeats: int = 3
+) -> dict[str, tuple[Callable[[], None], int]]:
+    """The `keep` fastest of a workload's own GEMM shapes in `dtype` (screened by a short interleaved run), as
+    `name -> (fn, flops)` contenders to time next to the workload: the best of their rates in that same run is the
+    issue's matmul peak (the best `torch.mm` rate over the model's own shapes, output preallocated)."""
+    candidates = {
+        f"mm {m}x{k}x{n}": mm_fn(m, k, n, dtype) for (m, k, n, shape_dtype) in shapes if shape_dtype == dtype
+    }
+    if not candidates:
+        raise ValueError(f"the workload runs no {dtype} GEMM: nothing to measure its peak on")
+    seconds = interleaved_seconds({name: fn for name, (fn, _) in candidates.items()}, repeats=repeats, settle=0.02)
+    ranked = sorted(candidates, key=lambda name: seconds[name] / candidates[name][1])
+    return {f"{'fp32' if dtype == torch.float32 else 'bf16'} peak {name}": candidates[name] for name in ranked[:keep]}
 
 
 def count_flops(fn: Callable[[], object]) -> int:

@@ -14,7 +14,6 @@ exports `M2D2AudioModel` folders). Its pieces live in `m2d2_hf.training` (`stage
 import logging
 from pathlib import Path
 
-import torch
 from accelerate import Accelerator
 
 from m2d2_hf.feature_extraction_m2d2 import M2D2FeatureExtractor
@@ -24,7 +23,7 @@ from m2d2_hf.training import loop
 from m2d2_hf.training.arguments import TrainingSettings, parse_settings, settings_record
 from m2d2_hf.training.captions import CaptionEmbeddingTable
 from m2d2_hf.training.checkpoint import resolve_checkpoint
-from m2d2_hf.training.optim import scaled_learning_rate, warmup_cosine_schedule, weight_decay_groups
+from m2d2_hf.training.optim import adamw, scaled_learning_rate, warmup_cosine_schedule, weight_decay_groups
 from m2d2_hf.training.stage1 import DESCRIPTION, Stage1Batches, Stage1Settings, build_model, compute_norm_stats
 
 
@@ -113,7 +112,7 @@ def main(argv: list[str] | None = None) -> Path:
         logger.info(f"norm_stats from {stage.norm_stats_crops} crops: {feature_extractor.norm_stats}")
 
     # Prepare: AdamW over the decay groups, warm-up + cosine per step, accelerate, then resume.
-    optimizer = torch.optim.AdamW(
+    optimizer = adamw(
         weight_decay_groups(model, training.weight_decay),
         lr=scaled_learning_rate(stage.base_learning_rate, training.global_batch_size),
         betas=(training.adam_beta1, training.adam_beta2),

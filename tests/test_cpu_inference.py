@@ -214,3 +214,28 @@ def test_amx_probe_agrees_with_the_cpu_flags():
     except (OSError, StopIteration):
         pytest.skip("no /proc/cpuinfo flags to compare with")
     assert cpu_inference.cpu_has_amx() == ("amx_tile" in flags)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_linear_post_ops_equal_separate_ops(dtype):
+    """`forward_gelu` / `forward_add` (GELU and residual inside the oneDNN kernel) equal the separate ops: to fp32
+    rounding in fp32, to one bf16 rounding in bf16, and they fall back to them under autograd."""
+    plain, packed = packed_linear(dtype=dtype)
+    x, residual = torch.randn(3, 7, 48).to(dtype), torch.randn(3, 7, 40).to(dtype)
+    tolerance = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    with torch.inference_mode():
+        torch.testing.assert_close(packed.forward_gelu(x), F.gelu(plain(x)), **tolerance)
+        torch.testing.assert_close(packed.forward_add(x, residual), plain(x) + residual, **tolerance)
+    assert packed._packed is not None, "the packed kernel was not used"
+    x.requires_grad_(True)
+    (packed.forward_gelu(x).sum() + packed.forward_add(x, residual).sum()).backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_optimized_mlp_fuses_gelu_and_residual_and_keeps_fp32_values():
+    model = tiny_audio_model()
+    optimized = optimize_for_cpu_inference(copy.deepcopy(model))
+    x = features()
+    with torch.inference_mode():
+        expected, actual = model(x).last_hidden_state, optimized(x).last_hidden_state
+    assert relative_error(actual, expected) < 1e-5

@@ -177,3 +177,33 @@ def test_weight_decay_groups_and_schedule():
     schedule = warmup_cosine_schedule(torch.optim.SGD([torch.zeros(1)], lr=1.0), 10, 110).lr_lambdas[0]
     assert schedule(0) == 0.0 and schedule(5) == 0.5 and schedule(10) == 1.0
     assert schedule(60) == pytest.approx(0.5) and schedule(110) == pytest.approx(0.0)
+
+
+def test_cpu_ema_update_equals_the_foreach_arithmetic_bit_for_bit():
+    model = tiny_model()
+    with torch.no_grad():
+        for parameter in model.audio_model.parameters():
+            parameter.add_(torch.randn_like(parameter))
+    target, online = map(list, zip(*model.target_parameter_pairs()))
+    expected = torch._foreach_add(torch._foreach_mul(target, 0.99), torch._foreach_mul(online, 0.01))
+    model.update_target(0.99)
+    assert all(torch.equal(a, b) for a, b in zip(target, expected, strict=True))
+
+
+def test_adamw_is_fused_on_the_cpu_and_steps_like_the_loop():
+    from m2d2_hf.training.optim import adamw
+
+    torch.manual_seed(0)
+    weights = [torch.nn.Parameter(torch.randn(64, 32)) for _ in range(2)]
+    reference = [torch.nn.Parameter(w.detach().clone()) for w in weights]
+    fused = adamw([{"params": weights, "weight_decay": 0.05}], lr=1e-2, betas=(0.9, 0.95))
+    loop = torch.optim.AdamW([{"params": reference, "weight_decay": 0.05}], lr=1e-2, betas=(0.9, 0.95), foreach=False)
+    assert fused.defaults["fused"] is True
+    for _ in range(3):
+        for a, b in zip(weights, reference):
+            a.grad = torch.randn_like(a)
+            b.grad = a.grad.clone()
+        fused.step()
+        loop.step()
+    for a, b in zip(weights, reference):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
