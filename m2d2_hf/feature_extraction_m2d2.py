@@ -342,7 +342,11 @@ class M2D2FeatureExtractor(SequenceFeatureExtractor):
 
     def normalize(self, log_mel: torch.Tensor) -> torch.Tensor:
         """`(log_mel - norm_stats[0]) / norm_stats[1]`, the scaling the encoder was trained with."""
-        return (log_mel - self.norm_stats[0]) / self.norm_stats[1]
+        return self._normalize_(log_mel.clone())
+
+    def _normalize_(self, log_mel: torch.Tensor) -> torch.Tensor:
+        """`normalize` in place, for a log-mel computed here that nothing else holds (no second buffer to fault in)."""
+        return log_mel.sub_(self.norm_stats[0]).div_(self.norm_stats[1])
 
     def __call__(
         self,
@@ -397,8 +401,12 @@ class M2D2FeatureExtractor(SequenceFeatureExtractor):
                 clips = [
                     torchaudio.functional.resample(clip, int(sampling_rate), self.sampling_rate) for clip in clips
                 ]
-            # Clips too short for the reflect padding (<= n_fft // 2 samples) get trailing zeros first.
-            clips = [F.pad(clip, (0, max(0, self.n_fft // 2 + 1 - clip.shape[-1]))) for clip in clips]
+            # Clips too short for the reflect padding (<= n_fft // 2 samples) get trailing zeros first (F.pad copies
+            # even when it adds nothing, so only those).
+            shortest = self.n_fft // 2 + 1
+            clips = [
+                clip if clip.shape[-1] >= shortest else F.pad(clip, (0, shortest - clip.shape[-1])) for clip in clips
+            ]
             features, mask = self._batch_features(clips)
 
         data: dict[str, Any] = {"input_features": features}
@@ -442,12 +450,15 @@ class M2D2FeatureExtractor(SequenceFeatureExtractor):
     def _batch_features(self, clips: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised log-mel `[B, n_mels, max_frames]` (padded with `padding_value`), frame mask `[B, max_frames]`."""
         log_mel, num_frames = self.batch_log_mel(clips)
-        features = self.normalize(log_mel)
+        features = self._normalize_(log_mel)
         mask = torch.arange(features.shape[-1], device=features.device)[None, :] < num_frames[:, None]
-        features = features.masked_fill(~mask[:, None, :], self.padding_value)
+        features.masked_fill_(~mask[:, None, :], self.padding_value)
         # Clips shorter than one patch: padded up to `min_frames` as the model pads a last chunk (frames past the
-        # clip's own count are padding in the mask, which the model reads as zeros in normalised space).
+        # clip's own count are padding in the mask, which the model reads as zeros in normalised space). F.pad
+        # copies even when it adds nothing, hence the test.
         short = max(0, self.min_frames - features.shape[-1])
+        if short == 0:
+            return features, mask.long()
         return F.pad(features, (0, short), value=self.padding_value), F.pad(mask.long(), (0, short))
 
     def _to_clips(self, raw_audio: Any, mono: bool) -> list[torch.Tensor]:
