@@ -96,8 +96,8 @@ def export_onnx(
     measured against PyTorch. A folder that holds files is refused with `FileExistsError` unless `overwrite`.
 
     With `optimize` (the default) the audio graph is rewritten with onnxruntime's fused CPU operators
-    ([`optimize_audio_graph`], 1.2x faster on ViT-B) and the int8 graph is quantized from that one; `optimize=False`
-    keeps the graph of standard ONNX operators that other runtimes can load.
+    ([`optimize_audio_graph`]; `benchmarks/bench_onnx.py` times it against the plain graph) and the int8 graph is
+    quantized from that one; `optimize=False` keeps the graph of standard ONNX operators that other runtimes load.
     """
     if quantize is not None and quantize not in QUANTIZATIONS:
         raise ValueError(f"quantize must be one of {QUANTIZATIONS} or None, got {quantize!r}")
