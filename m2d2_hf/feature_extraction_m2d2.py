@@ -367,8 +367,17 @@ class M2D2FeatureExtractor(SequenceFeatureExtractor):
                 spectrum = F.conv1d(padded.unsqueeze(1), fourier, stride=self.hop_length)[..., :num_frames]
                 real, imag = spectrum.chunk(2, dim=1)
                 # sqrt then square (instead of re² + im² directly) rounds like the original.
-                power = torch.sqrt(real.pow(2) + imag.pow(2)).pow(2)
-            return torch.log(torch.matmul(mel, power) + LOG_OFFSET)
+                if torch.is_grad_enabled() and spectrum.requires_grad:
+                    power = torch.sqrt(real.pow(2) + imag.pow(2)).pow(2)
+                else:
+                    # The same operations in place on the convolution's own output (x * x is what pow(2) computes):
+                    # the same bits without four more [B, n_fft // 2 + 1, frames] buffers to allocate and fault in.
+                    power = real.square()
+                    power.add_(imag.square_()).sqrt_().square_()
+            log_mel = torch.matmul(mel, power)
+            if torch.is_grad_enabled() and log_mel.requires_grad:
+                return torch.log(log_mel + LOG_OFFSET)
+            return log_mel.add_(LOG_OFFSET).log_()
 
     def log_mel(self, waveforms: torch.Tensor) -> torch.Tensor:
         """
@@ -395,7 +404,11 @@ class M2D2FeatureExtractor(SequenceFeatureExtractor):
 
     def normalize(self, log_mel: torch.Tensor) -> torch.Tensor:
         """`(log_mel - norm_stats[0]) / norm_stats[1]`, the scaling the encoder was trained with."""
-        return (log_mel - self.norm_stats[0]) / self.norm_stats[1]
+        return self._normalize_(log_mel.clone())
+
+    def _normalize_(self, log_mel: torch.Tensor) -> torch.Tensor:
+        """`normalize` in place, for a log-mel computed here that nothing else holds (no second buffer to fault in)."""
+        return log_mel.sub_(self.norm_stats[0]).div_(self.norm_stats[1])
 
     def __call__(
         self,
@@ -450,8 +463,12 @@ class M2D2FeatureExtractor(SequenceFeatureExtractor):
                 clips = [
                     torchaudio.functional.resample(clip, int(sampling_rate), self.sampling_rate) for clip in clips
                 ]
-            # Clips too short for the reflect padding (<= n_fft // 2 samples) get trailing zeros first.
-            clips = [F.pad(clip, (0, max(0, self.n_fft // 2 + 1 - clip.shape[-1]))) for clip in clips]
+            # Clips too short for the reflect padding (<= n_fft // 2 samples) get trailing zeros first (F.pad copies
+            # even when it adds nothing, so only those).
+            shortest = self.n_fft // 2 + 1
+            clips = [
+                clip if clip.shape[-1] >= shortest else F.pad(clip, (0, shortest - clip.shape[-1])) for clip in clips
+            ]
             features, mask = self._batch_features(clips)
 
         data: dict[str, Any] = {"input_features": features}
@@ -473,24 +490,37 @@ class M2D2FeatureExtractor(SequenceFeatureExtractor):
             hold values of its zero padding: mask or crop them out.
         """
         pad = self.n_fft // 2
+        lengths = [clip.shape[-1] for clip in clips]
+        if min(lengths) <= pad:
+            raise ValueError(
+                f"batch_log_mel needs clips of more than {self.n_fft // 2} samples for the reflect padding, got one "
+                f"of {min(lengths)}: pad short clips with trailing zeros first (as __call__ does)"
+            )
         # Reflect padding is per clip, so each clip's last frames see its own reflection; the zeros after a short
         # clip's padded signal only reach frames beyond its own count (the last frame, 1 + L // hop, ends at
-        # (L // hop) * hop + n_fft <= L + n_fft samples).
-        padded = torch.nn.utils.rnn.pad_sequence(
-            [F.pad(clip.view(1, 1, -1), (pad, pad), mode="reflect").view(-1) for clip in clips], batch_first=True
-        )
+        # (L // hop) * hop + n_fft <= L + n_fft samples). Each clip and its two reflections are copied straight into
+        # one zeroed buffer: F.pad's reflect mode on a single [1, 1, L] clip runs on one thread and cost more than
+        # the STFT, and pad_sequence copied everything a second time.
+        padded = clips[0].new_zeros(len(clips), max(lengths) + 2 * pad)
+        for row, clip, length in zip(padded, clips, lengths, strict=True):
+            row[pad : pad + length] = clip
+            row[:pad] = clip[1 : pad + 1].flip(0)
+            row[pad + length : length + 2 * pad] = clip[length - pad - 1 : length - 1].flip(0)
         num_frames = torch.tensor([self.num_frames(clip.shape[-1]) for clip in clips], device=padded.device)
         return self._log_mel_of_padded(padded), num_frames
 
     def _batch_features(self, clips: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised log-mel `[B, n_mels, max_frames]` (padded with `padding_value`), frame mask `[B, max_frames]`."""
         log_mel, num_frames = self.batch_log_mel(clips)
-        features = self.normalize(log_mel)
+        features = self._normalize_(log_mel)
         mask = torch.arange(features.shape[-1], device=features.device)[None, :] < num_frames[:, None]
-        features = features.masked_fill(~mask[:, None, :], self.padding_value)
+        features.masked_fill_(~mask[:, None, :], self.padding_value)
         # Clips shorter than one patch: padded up to `min_frames` as the model pads a last chunk (frames past the
-        # clip's own count are padding in the mask, which the model reads as zeros in normalised space).
+        # clip's own count are padding in the mask, which the model reads as zeros in normalised space). F.pad
+        # copies even when it adds nothing, hence the test.
         short = max(0, self.min_frames - features.shape[-1])
+        if short == 0:
+            return features, mask.long()
         return F.pad(features, (0, short), value=self.padding_value), F.pad(mask.long(), (0, short))
 
     def to_clips(self, raw_audio: Any, mono: bool = False) -> list[torch.Tensor]:

@@ -13,6 +13,7 @@ import torch
 
 pytest.importorskip("onnxruntime", reason="pip install -e .[onnx]")
 pytest.importorskip("onnxscript", reason="pip install -e .[onnx]")
+onnx = pytest.importorskip("onnx", reason="pip install -e .[onnx]")
 
 from transformers import pipeline  # noqa: E402
 
@@ -91,15 +92,21 @@ def test_int8_cosine_and_zero_shot_top1_on_the_60_test_clips(demo_export, test_c
         fp32.zero_shot(test_clips[0], LABELS, hypothesis_template="a sound")
 
 
-def test_audio_encoder_export_has_no_clap_outputs(tmp_path):
+def tiny_encoder(folder: Path, layers: int = 1) -> M2D2AudioModel:
+    """An encoder of width 32 with 100-frame chunks, saved with its feature extractor in `folder`."""
     torch.manual_seed(0)
     model = M2D2AudioModel(
         M2D2AudioConfig(
-            hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, chunk_frames=100
+            hidden_size=32, num_hidden_layers=layers, num_attention_heads=2, intermediate_size=64, chunk_frames=100
         )
     ).eval()
-    model.save_pretrained(tmp_path / "encoder")
-    M2D2FeatureExtractor().save_pretrained(tmp_path / "encoder")
+    model.save_pretrained(folder)
+    M2D2FeatureExtractor().save_pretrained(folder)
+    return model
+
+
+def test_audio_encoder_export_has_no_clap_outputs(tmp_path):
+    model = tiny_encoder(tmp_path / "encoder")
     runtime = M2D2OnnxModel(export_onnx(tmp_path / "encoder", tmp_path / "onnx"))
     assert runtime.audio_outputs == ["pooler_output", "frame_features"] and not list((tmp_path / "onnx").glob("*.py"))
     clip = np.random.default_rng(0).uniform(-0.5, 0.5, 40000).astype(np.float32)  # 2.5 s: three 100-frame chunks
@@ -111,6 +118,37 @@ def test_audio_encoder_export_has_no_clap_outputs(tmp_path):
         runtime.embed_text("a dog")
     with pytest.raises(FileNotFoundError, match="--quantize int8"):
         M2D2OnnxModel(tmp_path / "onnx", quantized=True)
+
+
+def test_optimised_audio_graph_fuses_every_attention_and_matches_the_plain_one(tmp_path):
+    model = tiny_encoder(tmp_path / "encoder", layers=2)
+    optimised = export_onnx(tmp_path / "encoder", tmp_path / "optimised", quantize="int8")
+    plain = export_onnx(tmp_path / "encoder", tmp_path / "plain", optimize=False)
+    fused = json.loads((optimised / "onnx_config.json").read_text())["audio_fused_operators"]
+    layers = model.config.num_hidden_layers
+    assert fused["MultiHeadAttention"] == layers and fused["SkipLayerNormalization"] == 2 * layers
+    assert json.loads((plain / "onnx_config.json").read_text())["audio_fused_operators"] == {}
+    domains = {
+        name: {node.domain for node in onnx.load(folder / "audio.onnx").graph.node}
+        for name, folder in (("optimised", optimised), ("plain", plain))
+    }
+    assert "com.microsoft" in domains["optimised"] and domains["plain"] <= {"", "ai.onnx"}
+    # 2.5 s: three 100-frame chunks, the last one partly masked; 0.4 s: one masked chunk.
+    rng = np.random.default_rng(1)
+    clips = [rng.uniform(-0.5, 0.5, n).astype(np.float32) for n in (40000, 6400)]
+    outputs = [M2D2OnnxModel(folder).embed_audio(clips) for folder in (optimised, plain)]
+    assert relative_error(outputs[1], outputs[0]) <= 1e-5
+    extractor = M2D2FeatureExtractor()
+    with torch.no_grad():
+        expected = np.concatenate(
+            [
+                model(
+                    extractor(clip, sampling_rate=16000, return_tensors="pt")["input_features"]
+                ).pooler_output.numpy()
+                for clip in clips
+            ]
+        )
+    assert relative_error(expected, outputs[0]) <= 1e-4
 
 
 def test_cli_export_round_trip_and_errors(tiny_clap_dir, tmp_path, capsys):
