@@ -70,7 +70,7 @@ _RESAMPLE_LOWPASS_WIDTH, _RESAMPLE_ROLLOFF = 6, 0.99
 class AudioFileSamples:
     """
     A mono float32 audio file at `sampling_rate`, read a span at a time with soundfile, so an hour-long file is never
-    held whole: the samples equal those of decoding the whole file with `m2d2_hf.training.data.decode_audio`
+    held whole: the samples equal those of decoding the whole file with `m2d2_hf.data.audio.decode_audio`
     (channels averaged in float32, non-finite samples set to 0, `torchaudio.functional.resample` with its defaults).
 
     A file at another rate is resampled span by span: each span is read with a margin of whole resampling periods
@@ -89,7 +89,7 @@ class AudioFileSamples:
         except (sf.LibsndfileError, RuntimeError, OSError) as error:
             raise ValueError(
                 f"soundfile cannot read {self.path} ({error}): decode it to an array first (for example with "
-                f"m2d2_hf.training.data.decode_audio) and pass the array with its sampling_rate"
+                f"m2d2_hf.data.audio.decode_audio) and pass the array with its sampling_rate"
             ) from None
         self.file_rate, self.sampling_rate = self._file.samplerate, int(sampling_rate)
         divisor = math.gcd(self.file_rate, self.sampling_rate)
@@ -134,6 +134,8 @@ class AudioFileSamples:
         return resampled[begin - offset : stop - offset]
 
     def _read_file(self, begin: int, stop: int) -> torch.Tensor:
+        # decode_audio's channel mean and NaN/Inf → 0, written here again: this module ships in the folders that load
+        # with trust_remote_code, which can only import the package's top-level modules, not m2d2_hf/data.
         self._file.seek(begin)
         samples = self._file.read(stop - begin, dtype="float32", always_2d=True)  # [samples, channels]
         mono = samples.mean(axis=1, dtype=np.float32) if samples.shape[1] != 1 else samples[:, 0]
