@@ -1,7 +1,7 @@
 """ONNX Runtime against PyTorch on 8 x 10 s clips with the ViT-B M2D2 encoder (random weights in the released
 layout): onnxruntime fp32 / PyTorch fp32 and onnxruntime int8 (dynamic quantization) / PyTorch fp32 speed ratios,
 timed round-robin in one run, and the int8 graph's cosine to the fp32 clip embeddings; each graph as exported by
-default (optimised: onnxruntime's fused SkipLayerNormalization, BiasGelu and MultiHeadAttention) and as exported with
+default (optimised: onnxruntime's fused BiasGelu and MultiHeadAttention) and as exported with
 `optimize=False` (standard ONNX operators only), to show what the optimisation gains.
 
     python benchmarks/bench_onnx.py [--repeats 3] [--clips 8] [--seconds 10]
@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime
 import torch
-from common import describe_machine, interleaved_seconds
+from common import describe_machine, gemm_shapes, interleaved_seconds, mm_fn
 
 from m2d2_hf import M2D2AudioConfig, M2D2AudioModel, M2D2FeatureExtractor
 from m2d2_hf.onnx_export import AUDIO_GRAPH, AUDIO_INT8_GRAPH, export_onnx
@@ -32,6 +32,56 @@ def int8_extensions() -> str:
         return "unknown"
     found = [flag for flag in ("avx512_vnni", "avx_vnni", "amx_int8") if flag in flags]
     return ", ".join(found) or "none (no VNNI / AMX)"
+
+
+def onnxruntime_matmul_fn(m: int, k: int, n: int, threads: int, min_flops: float = 4e9):
+    """onnxruntime's fp32 `MatMul` (MLAS, its weight a constant that the session prepacks, as in `audio.onnx`) of an
+    [m, k] input by a [k, n] weight, repeated to about `min_flops`, and its FLOPs: the GEMM every fp32 graph runs."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.random.default_rng(0).standard_normal((k, n), dtype=np.float32), "weight")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "weight"], ["y"])],
+        "matmul",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [m, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n])],
+        [weight],
+    )
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    # Sleeping, not spinning, between calls: a spinning pool would slow the `torch.mm` timed next to it.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    session = onnxruntime.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    inputs = {"x": np.random.default_rng(1).standard_normal((m, k), dtype=np.float32)}
+    inner = max(1, int(np.ceil(min_flops / (2 * m * k * n))))
+
+    def run() -> None:
+        for _ in range(inner):
+            session.run(None, inputs)
+
+    return run, 2 * m * k * n * inner
+
+
+def gemm_ceiling(model: M2D2AudioModel, features: torch.Tensor, repeats: int) -> tuple[float, dict[str, float]]:
+    """How fast onnxruntime's fp32 GEMMs can make the encoder relative to torch's: each of the encoder's Linear
+    shapes timed through MLAS and through `torch.mm` (preallocated output) round-robin, the per-shape rate ratios
+    (MLAS / torch), and their FLOP-weighted combination, the time the encoder's GEMMs take in torch over the time they
+    take in onnxruntime. No fp32 graph can beat PyTorch by more than that on GEMM-bound work."""
+    with torch.inference_mode():
+        shapes = gemm_shapes(lambda: model(features))
+    contenders, weights = {}, {}
+    for (m, k, n, dtype), count in shapes.items():
+        if dtype == torch.float32:
+            weights[(m, k, n)] = 2 * m * k * n * count
+            contenders[("torch", m, k, n)] = mm_fn(m, k, n, dtype)
+            contenders[("onnxruntime", m, k, n)] = onnxruntime_matmul_fn(m, k, n, torch.get_num_threads())
+    seconds = interleaved_seconds({key: fn for key, (fn, _) in contenders.items()}, repeats=repeats)
+    rate = {key: contenders[key][1] / seconds[key] for key in contenders}
+    ratios = {f"{m}x{k}x{n}": rate[("onnxruntime", m, k, n)] / rate[("torch", m, k, n)] for (m, k, n) in weights}
+    torch_time = sum(flops / rate[("torch", *shape)] for shape, flops in weights.items())
+    onnxruntime_time = sum(flops / rate[("onnxruntime", *shape)] for shape, flops in weights.items())
+    return torch_time / onnxruntime_time, ratios
 
 
 def main() -> None:
@@ -94,6 +144,13 @@ def main() -> None:
             f"(target >= 2x on CPUs with VNNI / AMX); int8 clip-embedding cosine to fp32 min {cosine.min():.4f} "
             f"(target >= 0.99); fp32 vs PyTorch relative error {relative:.1e}"
         )
+    ceiling, ratios = gemm_ceiling(model, torch_features, args.repeats)
+    print(
+        "GEMM ceiling (same run, the encoder's Linear shapes): onnxruntime's MLAS fp32 MatMul runs at "
+        + ", ".join(f"{shape} {ratio:.2f}x" for shape, ratio in ratios.items())
+        + f" torch.mm's rate; FLOP-weighted, the encoder's GEMMs take {ceiling:.2f}x torch's speed in onnxruntime, "
+        "the most any fp32 graph of it can reach on GEMM-bound work"
+    )
     print(
         "optimised / plain speed: fp32 "
         f"{times['onnxruntime fp32 plain'] / times['onnxruntime fp32 optimised']:.2f}x, int8 "
