@@ -40,7 +40,7 @@ _ONEDNN_MIN_SAMPLES = 20481
 STFT_METHODS = ("conv1d", "fft")
 
 # Attributes derived from the settings; rebuilt by `__init__`, so never written to preprocessor_config.json.
-_CACHE_ATTRIBUTES = ("_kernels",)
+_CACHE_ATTRIBUTES = ("_kernels", "_packed_fourier")
 
 # Integer PCM formats: (offset, full scale), sample value = (pcm - offset) / full scale. 8-bit WAV is unsigned offset
 # binary (scipy.io.wavfile returns it as uint8, silence = 128); the wider formats are two's complement.
@@ -50,6 +50,15 @@ _PCM_SCALES = {
     torch.int16: (0.0, 32768.0),
     torch.int32: (0.0, 2.0**31),
 }
+
+
+def _onednn_convolution_available() -> bool:
+    """Whether torch runs CPU convolutions on oneDNN and has the prepacked-weight convolution op inductor uses."""
+    return (
+        torch.backends.mkldnn.is_available()
+        and torch.backends.mkldnn.enabled
+        and hasattr(torch.ops.mkldnn, "_reorder_convolution_weight")
+    )
 
 
 @contextmanager
@@ -179,6 +188,8 @@ class M2D2FeatureExtractor(SequenceFeatureExtractor):
     # Not `attention_mask`: pipelines call `model(**tokenizer_output, **feature_output)` and the tokenizer already
     # emits an `attention_mask` for the text.
     model_input_names = ["input_features", "input_features_mask"]
+    # The STFT kernels in oneDNN's layout (`_fourier_conv`), made on first use.
+    _packed_fourier: torch.Tensor | None = None
 
     def __init__(
         self,
@@ -345,6 +356,41 @@ class M2D2FeatureExtractor(SequenceFeatureExtractor):
             self._kernels[device] = tuple(tensor.to(device) for tensor in self._kernels[torch.device("cpu")])
         return self._kernels[device]
 
+    def _fourier_conv(self, padded: torch.Tensor, fourier: torch.Tensor) -> torch.Tensor:
+        """The STFT convolution `[B, 2 * (n_fft // 2 + 1), frames]` of float32 waveforms `[B, samples]`, without
+        autograd. On the CPU with oneDNN, the kernels are reordered once into oneDNN's blocked layout and the
+        convolution runs as inference (`torch.ops.mkldnn._convolution_pointwise`, the op inductor's `freezing`
+        uses): `F.conv1d` reorders them on every call and then its channels-first output, and ran 1.3 to 1.6x slower
+        on the 2-core Xeon of `benchmarks/README.md`, with the same bits there on the fixtures and random clips
+        (`bench_front_end.py` prints whether they agree on the machine it runs on)."""
+        if padded.device.type != "cpu" or not _onednn_convolution_available():
+            return F.conv1d(padded.unsqueeze(1), fourier, stride=self.hop_length)
+        if self._packed_fourier is None:
+            # The layout oneDNN picks for these kernels does not depend on the input length given here.
+            shape = [1, 1, 1, _ONEDNN_MIN_SAMPLES]
+            self._packed_fourier = torch.ops.mkldnn._reorder_convolution_weight(
+                fourier.unsqueeze(2), [0, 0], [1, self.hop_length], [1, 1], 1, shape
+            )
+        spectrum = torch.ops.mkldnn._convolution_pointwise(
+            padded.contiguous()[:, None, None, :],
+            self._packed_fourier,
+            None,
+            [0, 0],
+            [1, self.hop_length],
+            [1, 1],
+            1,
+            "none",
+            [],
+            "",
+        )
+        return spectrum.squeeze(2)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # oneDNN's packed kernels are opaque tensors without storage: copies and pickles repack them on first use.
+        state = self.__dict__.copy()
+        state.pop("_packed_fourier", None)
+        return state
+
     def _log_mel_of_padded(self, padded: torch.Tensor) -> torch.Tensor:
         """Log-mel `[B, n_mels, frames]` of already reflect-padded float32 waveforms `[B, samples]`."""
         fourier, window, mel = self._kernels_on(padded.device)
@@ -363,17 +409,18 @@ class M2D2FeatureExtractor(SequenceFeatureExtractor):
                 # near-silent bins). Zero-padding short inputs past that size keeps every clip on oneDNN, so a clip's
                 # features do not depend on its batch; oneDNN is also what the original used for all clips longer
                 # than ~1.3 s.
-                padded = F.pad(padded, (0, max(0, _ONEDNN_MIN_SAMPLES - padded.shape[-1])))
-                spectrum = F.conv1d(padded.unsqueeze(1), fourier, stride=self.hop_length)[..., :num_frames]
-                real, imag = spectrum.chunk(2, dim=1)
+                if padded.shape[-1] < _ONEDNN_MIN_SAMPLES:
+                    padded = F.pad(padded, (0, _ONEDNN_MIN_SAMPLES - padded.shape[-1]))
                 # sqrt then square (instead of re² + im² directly) rounds like the original.
-                if torch.is_grad_enabled() and spectrum.requires_grad:
+                if torch.is_grad_enabled() and padded.requires_grad:
+                    spectrum = F.conv1d(padded.unsqueeze(1), fourier, stride=self.hop_length)[..., :num_frames]
+                    real, imag = spectrum.chunk(2, dim=1)
                     power = torch.sqrt(real.pow(2) + imag.pow(2)).pow(2)
                 else:
                     # The same operations in place on the convolution's own output (x * x is what pow(2) computes):
-                    # the same bits without four more [B, n_fft // 2 + 1, frames] buffers to allocate and fault in.
-                    power = real.square()
-                    power.add_(imag.square_()).sqrt_().square_()
+                    # the same bits without more [B, n_fft // 2 + 1, frames] buffers to allocate and fault in.
+                    real, imag = self._fourier_conv(padded, fourier)[..., :num_frames].square_().chunk(2, dim=1)
+                    power = real.add_(imag).sqrt_().square_()
             log_mel = torch.matmul(mel, power)
             if torch.is_grad_enabled() and log_mel.requires_grad:
                 return torch.log(log_mel + LOG_OFFSET)

@@ -1,6 +1,8 @@
 """Tests of M2D2FeatureExtractor: parity with the original front end, batching, input forms, errors, serialisation."""
 
+import copy
 import json
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -247,6 +249,26 @@ def test_log_mel_ignores_autocast(fe, reference):
     np.testing.assert_allclose(
         log_mel[0].numpy(), reference["lms__chirp_10s"], rtol=0, atol=LONG_CLIP_LOG_MEL_TOLERANCE
     )
+
+
+def test_prepacked_stft_agrees_with_the_differentiable_conv1d(reference):
+    # Without autograd the CPU STFT runs on kernels prepacked for oneDNN (`_fourier_conv`); with it, `F.conv1d`. Both
+    # sum the same products; on the CPUs seen here they give the same bits, the contract is the cross-CPU bound.
+    fe = M2D2FeatureExtractor()
+    for seconds in (1.0, 10.0, 31.3):
+        wave = torch.from_numpy(np.resize(reference["wave__chirp_10s"], int(16000 * seconds)))[None]
+        with torch.no_grad():
+            fast = fe.log_mel(wave)
+        differentiable = fe.log_mel(wave.clone().requires_grad_(True))
+        assert differentiable.requires_grad and fast.shape == differentiable.shape
+        torch.testing.assert_close(fast, differentiable.detach(), rtol=0, atol=LONG_CLIP_LOG_MEL_TOLERANCE)
+    if feature_extraction_m2d2._onednn_convolution_available():
+        assert fe._packed_fourier is not None
+    # The packed kernels are opaque oneDNN tensors: copies and pickles leave them out and repack on first use.
+    copied = pickle.loads(pickle.dumps(fe))
+    assert copied._packed_fourier is None and copy.deepcopy(fe)._packed_fourier is None
+    assert torch.equal(copied.log_mel(wave), fe.log_mel(wave))
+    assert "_packed_fourier" not in fe.to_dict()
 
 
 def test_real_clip(fe, real_sounds_dir):
