@@ -13,10 +13,10 @@ the layers fall back to `F.linear`.
 
 Without autograd the transformer blocks also need no copy of their inputs: `InPlaceM2D2Layer` adds each residual
 into the fresh output of its branch and `InPlaceM2D2MLP` applies GELU to `fc1`'s fresh output in place (bit for bit
-the same sums and values; ~8 % faster on the CPU, fewer page faults); with prepacked Linear layers the GELU and the
-MLP's residual sum run inside the `fc1` / `fc2` oneDNN kernels (post-ops: one pass less each). The model's own
-blocks stay out-of-place, as timm's `Block`; these are swapped in by `optimize_for_cpu_inference` like the
-prepacked Linear.
+the same sums and values; ~8 % faster on the CPU, fewer page faults); with prepacked Linear layers the GELU and both
+residual sums run inside the `fc1`, `fc2` and attention `proj` oneDNN kernels (post-ops: one pass less each). The
+model's own blocks stay out-of-place, as timm's `Block`; these are swapped in by `optimize_for_cpu_inference` like
+the prepacked Linear.
 """
 
 import torch
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
-from .modeling_m2d2 import M2D2MLP, M2D2Layer
+from .modeling_m2d2 import M2D2MLP, M2D2Attention, M2D2Layer
 
 
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
@@ -116,15 +116,36 @@ class InPlaceM2D2Layer(M2D2Layer):
     def forward(
         self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
     ) -> torch.Tensor:
-        attn_output, _ = self.attention(self.norm1(hidden_states), attention_mask, **kwargs)
-        if attn_output.requires_grad or hidden_states.requires_grad:
-            hidden_states = hidden_states + attn_output
+        needs_grad = torch.is_grad_enabled() and (
+            hidden_states.requires_grad or any(parameter.requires_grad for parameter in self.parameters())
+        )
+        if needs_grad or not isinstance(self.attention, InPlaceM2D2Attention):
+            hidden_states = hidden_states + self.attention(self.norm1(hidden_states), attention_mask, **kwargs)[0]
             return hidden_states + self.mlp(self.norm2(hidden_states))
         # The branch outputs are new tensors nobody else holds; the input `hidden_states` is never written.
-        hidden_states = attn_output.add_(hidden_states)
+        hidden_states, _ = self.attention(self.norm1(hidden_states), attention_mask, residual=hidden_states, **kwargs)
         if isinstance(self.mlp, InPlaceM2D2MLP):
             return self.mlp(self.norm2(hidden_states), residual=hidden_states)
         return self.mlp(self.norm2(hidden_states)).add_(hidden_states)
+
+
+class InPlaceM2D2Attention(M2D2Attention):
+    """An `M2D2Attention` that, given the block's `residual` (without autograd), returns the projection plus it: added
+    inside a prepacked `proj`'s oneDNN kernel, or into its fresh output."""
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        residual: torch.Tensor | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        heads, attn_weights = self.attend(hidden_states, attention_mask, **kwargs)
+        if residual is None:
+            return self.proj(heads), attn_weights
+        if isinstance(self.proj, PrepackedLinear):
+            return self.proj.forward_add(heads, residual), attn_weights
+        return self.proj(heads).add_(residual), attn_weights
 
 
 class InPlaceM2D2MLP(M2D2MLP):
@@ -154,11 +175,13 @@ def has_exact_gelu(mlp: M2D2MLP) -> bool:
 
 
 def use_in_place_blocks(model: nn.Module) -> nn.Module:
-    """Swap the model's `M2D2Layer` / `M2D2MLP` (exact GELU) modules for their in-place inference classes, in place
-    (parameters, hooks and checkpoints unchanged), and return the model."""
+    """Swap the model's `M2D2Layer` / `M2D2Attention` / `M2D2MLP` (exact GELU) modules for their in-place inference
+    classes, in place (parameters, hooks and checkpoints unchanged), and return the model."""
     for module in model.modules():
         if type(module) is M2D2Layer:
             module.__class__ = InPlaceM2D2Layer
+        elif type(module) is M2D2Attention:
+            module.__class__ = InPlaceM2D2Attention
         elif type(module) is M2D2MLP and has_exact_gelu(module):
             module.__class__ = InPlaceM2D2MLP
     return model

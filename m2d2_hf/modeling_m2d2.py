@@ -306,9 +306,11 @@ class M2D2Attention(nn.Module):
         qkv = self.qkv(hidden_states).view(batch, length, 3, self.num_attention_heads, self.head_dim)
         return qkv.permute(2, 0, 3, 1, 4).unbind(0)
 
-    def forward(
+    def attend(
         self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The heads' outputs concatenated, `[B, L, hidden_size]`, before the output projection, and the attention
+        weights (eager attention only)."""
         batch, length, _ = hidden_states.shape
         query, key, value = self.project_qkv(hidden_states)
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
@@ -317,7 +319,13 @@ class M2D2Attention(nn.Module):
         attn_output, attn_weights = attention_interface(
             self, query, key, value, attention_mask, dropout=0.0, scaling=self.scaling, **kwargs
         )
-        return self.proj(attn_output.reshape(batch, length, -1)), attn_weights
+        return attn_output.reshape(batch, length, -1), attn_weights
+
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        heads, attn_weights = self.attend(hidden_states, attention_mask, **kwargs)
+        return self.proj(heads), attn_weights
 
 
 class M2D2MLP(nn.Module):

@@ -11,6 +11,7 @@ from torch import nn
 
 from m2d2_hf import M2D2AudioModel, M2D2ClapModel, cpu_inference
 from m2d2_hf.cpu_inference import (
+    InPlaceM2D2Attention,
     InPlaceM2D2Layer,
     InPlaceM2D2MLP,
     PrepackedLinear,
@@ -118,6 +119,7 @@ def test_in_place_blocks_equal_the_model_blocks_bit_for_bit(hidden_act):
     swapped = use_in_place_blocks(copy.deepcopy(model))
     layers = swapped.layers
     assert all(type(layer) is InPlaceM2D2Layer for layer in layers)
+    assert all(type(layer.attention) is InPlaceM2D2Attention for layer in layers)
     expected_mlp = InPlaceM2D2MLP if hidden_act == "gelu" else M2D2MLP
     assert all(type(layer.mlp) is expected_mlp for layer in layers)
     x = features()
@@ -239,3 +241,24 @@ def test_optimized_mlp_fuses_gelu_and_residual_and_keeps_fp32_values():
     with torch.inference_mode():
         expected, actual = model(x).last_hidden_state, optimized(x).last_hidden_state
     assert relative_error(actual, expected) < 1e-5
+
+
+def test_optimized_attention_fuses_its_residual_and_still_reports_attentions():
+    """The tuned block hands the attention its residual, which a prepacked `proj` adds inside its kernel: the same
+    fp32 values, and `output_attentions=True` still records each layer's weights (transformers' hooks on the
+    attention module fire as before)."""
+    model = tiny_audio_model().eval()
+    model.set_attn_implementation("eager")
+    optimized = optimize_for_cpu_inference(copy.deepcopy(model))
+    calls = []
+    original = PrepackedLinear.forward_add
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(PrepackedLinear, "forward_add", lambda self, *a: calls.append(self) or original(self, *a))
+        with torch.inference_mode():
+            expected = model(features(), output_attentions=True)
+            actual = optimized(features(), output_attentions=True)
+    assert {id(layer.attention.proj) for layer in optimized.layers} <= {id(linear) for linear in calls}
+    assert relative_error(actual.last_hidden_state, expected.last_hidden_state) < 1e-5
+    assert len(actual.attentions) == len(expected.attentions) == model.config.num_hidden_layers
+    for a, b in zip(actual.attentions, expected.attentions, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
