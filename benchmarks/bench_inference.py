@@ -17,7 +17,15 @@ import time
 
 import numpy as np
 import torch
-from common import count_flops, describe_machine, gemm_peak_contenders, gemm_shapes, interleaved_seconds, load_average
+from common import (
+    count_flops,
+    describe_machine,
+    flops_by_operator,
+    gemm_peak_contenders,
+    gemm_shapes,
+    interleaved_seconds,
+    load_average,
+)
 
 from m2d2_hf import M2D2AudioConfig, M2D2AudioModel, M2D2FeatureExtractor, optimize_for_cpu_inference
 
@@ -30,6 +38,33 @@ def tune_glibc_malloc() -> bool:
     except OSError:
         return False
     return bool(libc.mallopt(-3, 32 * 1024 * 1024)) and bool(libc.mallopt(-1, 1 << 30))  # M_MMAP/M_TRIM_THRESHOLD
+
+
+# Self-time keys of the profiler for the Linear layers (prepacked or not) and for the attention kernels.
+LINEAR_KERNELS = ("mkldnn::_linear_pointwise", "aten::addmm", "aten::mm", "aten::linear")
+ATTENTION_KERNELS = ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::bmm", "aten::_softmax")
+
+
+def time_breakdown(fn, linear_flops: int, attention_flops: int) -> dict[str, tuple[float, float]]:
+    """Where one call of `fn` spends its time (torch profiler, self CPU time): `{part: (share of the time, GFLOP/s)}`
+    for the Linear layers, the attention kernels and the rest (LayerNorm, the patch embedding, copies)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        fn()
+    times = {"Linear layers": 0.0, "attention": 0.0, "the rest": 0.0}
+    for event in profile.key_averages():
+        part = (
+            "Linear layers"
+            if event.key in LINEAR_KERNELS
+            else "attention"
+            if event.key in ATTENTION_KERNELS
+            else "the rest"
+        )
+        times[part] += event.self_cpu_time_total / 1e6
+    total = sum(times.values())
+    flops = {"Linear layers": linear_flops, "attention": attention_flops, "the rest": 0}
+    return {
+        part: (seconds / total, flops[part] / seconds / 1e9 if seconds else 0.0) for part, seconds in times.items()
+    }
 
 
 def main() -> None:
@@ -61,9 +96,13 @@ def main() -> None:
     optimized_bf16 = optimize_for_cpu_inference(copy.deepcopy(model_bf16))
 
     with torch.inference_mode():
-        m2d2_flops = count_flops(lambda: model(**features))
+        flops_per_operator = flops_by_operator(lambda: model(**features))
+        m2d2_flops = sum(flops_per_operator.values())
+        attention_flops = sum(flops for op, flops in flops_per_operator.items() if "attention" in op or "bmm" in op)
+        fp32_shapes = gemm_shapes(lambda: model(**features))
+        linear_flops = sum(2 * m * k * n * count for (m, k, n, _), count in fp32_shapes.items())
         peaks = {
-            **gemm_peak_contenders(gemm_shapes(lambda: model(**features)), torch.float32),
+            **gemm_peak_contenders(fp32_shapes, torch.float32),
             **gemm_peak_contenders(gemm_shapes(lambda: model_bf16(**features)), torch.bfloat16),
         }
         contenders = {name: fn for name, (fn, _) in peaks.items()}
@@ -105,6 +144,7 @@ def main() -> None:
             peer_flops = count_flops(lambda: peer.get_audio_features(**peer_features))
             contenders["ClapModel (HTSAT) fp32"] = lambda: peer.get_audio_features(**peer_features)
         seconds = interleaved_seconds(contenders, repeats=args.repeats, warmup=1)
+        breakdown = time_breakdown(lambda: optimized(**features), linear_flops, attention_flops)
         reference = model(**features).pooler_output
         cosines = {
             name: torch.nn.functional.cosine_similarity(reference, m(**features).pooler_output.float()).min().item()
@@ -120,7 +160,8 @@ def main() -> None:
     n = args.clips
     print(
         f"input: {n} x {args.seconds:g} s clips, M2D2 ViT-B {m2d2_flops / 1e9:.1f} GFLOP per batch "
-        f"({m2d2_flops / n / 1e9:.1f} GFLOP/clip)"
+        f"({m2d2_flops / n / 1e9:.1f} GFLOP/clip; Linear layers {linear_flops / 1e9:.1f}, attention "
+        f"{attention_flops / 1e9:.1f})"
     )
     print(
         f"matmul peaks (torch.mm over the encoder's own shapes, preallocated output, same run; {load_average()}): "
@@ -143,6 +184,14 @@ def main() -> None:
         "fp32 fraction of the fp32 matmul peak (target >= 85%): "
         f"as loaded {m2d2_flops / t32 / best[torch.float32]:.1%}, "
         f"optimized {m2d2_flops / t32_opt / best[torch.float32]:.1%}"
+    )
+    print(
+        "where fp32 optimized spends its time (profiler): "
+        + ", ".join(
+            f"{part} {share:.0%}"
+            + (f" at {rate:.0f} GFLOP/s = {rate * 1e9 / best[torch.float32]:.0%} of the peak" if rate else "")
+            for part, (share, rate) in breakdown.items()
+        )
     )
     t16, t16_opt = seconds["M2D2 bf16"], seconds["M2D2 bf16 optimized"]
     print(

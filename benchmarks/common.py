@@ -10,8 +10,31 @@ import time
 from collections.abc import Callable
 
 import torch
+from torch.utils import flop_counter
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
+
+
+def _register_cpu_flash_attention_flops() -> None:
+    """Teach torch's FLOP counter the CPU flash-attention kernels SDPA runs on the CPU: it has formulas for the CUDA
+    ones only, so every CPU attention (2 x 2 x batch x heads x tokens^2 x head_dim per layer forward, twice that
+    backward) would count as zero FLOPs and every fraction of the matmul peak would leave it out."""
+    forward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+    if forward not in flop_counter.flop_registry:
+
+        @flop_counter.register_flop_formula(forward)
+        def _forward_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+            return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    if backward not in flop_counter.flop_registry:
+
+        @flop_counter.register_flop_formula(backward)
+        def _backward_flops(grad_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+            return flop_counter.sdpa_backward_flop_count(grad_shape, query_shape, key_shape, value_shape)
+
+
+_register_cpu_flash_attention_flops()
 
 
 def median_seconds(fn: Callable[[], object], repeats: int = 5, warmup: int = 2) -> float:
@@ -144,9 +167,14 @@ def gemm_peak_contenders(
 
 def count_flops(fn: Callable[[], object]) -> int:
     """FLOPs of one call of `fn` as torch's FLOP counter sees them (matmuls, convolutions, attention)."""
+    return sum(flops_by_operator(fn).values())
+
+
+def flops_by_operator(fn: Callable[[], object]) -> dict[str, int]:
+    """FLOPs of one call of `fn` per ATen operator (`"aten.mm"`, `"aten._scaled_dot_product_..."`, ...)."""
     with FlopCounterMode(display=False) as counter:
         fn()
-    return counter.get_total_flops()
+    return {str(op): flops for op, flops in counter.get_flop_counts().get("Global", {}).items()}
 
 
 def peak_rss_bytes() -> int:
