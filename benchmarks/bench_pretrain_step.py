@@ -7,6 +7,7 @@ step grouped by phase and by kind of operation.
 """
 
 import argparse
+import copy
 import re
 
 import torch
@@ -15,6 +16,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from m2d2_hf import M2D2AudioConfig, M2D2ForPreTraining
 from m2d2_hf.training.optim import adamw, weight_decay_groups
+from m2d2_hf.training.stage1 import training_attention
 
 
 PHASES = ("forward", "backward", "clip", "optimizer", "ema")
@@ -86,7 +88,17 @@ def main() -> None:
     print(f"machine: {describe_machine()}")
     print(f"model: ViT-B stage 1 (M2D + CLAP head), batch {args.batch_size}, 80x608 crops, mask 0.7")
     dtypes = {"fp32": torch.float32, "bf16 autocast": torch.bfloat16}
-    steps = {name: make_step(model, args.batch_size, None if d == torch.float32 else d) for name, d in dtypes.items()}
+    # Each step on its own copy of the model with the attention kernel the program picks for it.
+    models = {"fp32": model, "bf16 autocast": copy.deepcopy(model)}
+    for name, mixed_precision in (("fp32", "no"), ("bf16 autocast", "bf16")):
+        models[name].set_attn_implementation(training_attention(torch.device("cpu"), mixed_precision))
+    print(
+        "attention kernel (m2d2_hf.training.stage1.training_attention): "
+        + ", ".join(f"{name} {models[name].config._attn_implementation}" for name in dtypes)
+    )
+    steps = {
+        name: make_step(models[name], args.batch_size, None if d == torch.float32 else d) for name, d in dtypes.items()
+    }
     flops = {name: count_flops(step) for name, step in steps.items()}
     peaks = {}
     for name, step in steps.items():

@@ -24,7 +24,14 @@ from m2d2_hf.training.arguments import TrainingSettings, parse_settings, setting
 from m2d2_hf.training.captions import CaptionEmbeddingTable
 from m2d2_hf.training.checkpoint import resolve_checkpoint
 from m2d2_hf.training.optim import adamw, scaled_learning_rate, warmup_cosine_schedule, weight_decay_groups
-from m2d2_hf.training.stage1 import DESCRIPTION, Stage1Batches, Stage1Settings, build_model, compute_norm_stats
+from m2d2_hf.training.stage1 import (
+    DESCRIPTION,
+    Stage1Batches,
+    Stage1Settings,
+    build_model,
+    compute_norm_stats,
+    training_attention,
+)
 
 
 logger = logging.getLogger("pretrain_stage1")
@@ -80,6 +87,8 @@ def main(argv: list[str] | None = None) -> Path:
     # Build: the caption table fixes the size of the CLAP head; a resumed run gets its weights back below.
     captions = CaptionEmbeddingTable.from_path(stage.caption_embeddings) if stage.caption_embeddings else None
     model = build_model(stage, captions.embedding_size if captions else None)
+    model.set_attn_implementation(training_attention(accelerator.device, accelerator.mixed_precision))
+    logger.info(f"attention kernel: {model.config._attn_implementation} ({accelerator.mixed_precision} precision)")
     # The feature extractor owns the front end: a continued folder's own, or the default one for a new model.
     if stage.model_name_or_path:
         feature_extractor = M2D2FeatureExtractor.from_model_folder(stage.model_name_or_path, model.config)

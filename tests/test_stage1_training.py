@@ -17,6 +17,7 @@ from transformers import AutoFeatureExtractor, AutoModel
 
 from m2d2_hf import M2D2AudioModel
 from m2d2_hf.training.captions import write_embedding_shard
+from m2d2_hf.training.stage1 import training_attention
 
 from .test_model_card import assert_model_card
 
@@ -30,8 +31,8 @@ TINY = (
 )
 
 
-def run(args: list, processes: int = 1, timeout: int = 300) -> None:
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+def run(args: list, processes: int = 1, timeout: int = 300, **env_overrides: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", **env_overrides)
     if processes == 1:
         command = [sys.executable, str(SCRIPT)]
     else:
@@ -43,6 +44,7 @@ def run(args: list, processes: int = 1, timeout: int = 300) -> None:
         command + [str(a) for a in args], env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT
     )
     assert result.returncode == 0, result.stderr[-4000:]
+    return result
 
 
 def metrics(output_dir: Path) -> list[dict]:
@@ -129,6 +131,25 @@ def test_single_process_run_learns_skips_broken_items_and_exports(data_dir, capt
     assert config["max_train_steps"] == 30
     card = assert_model_card(out / "final", "M2D2AudioModel", None, ntt=False)
     assert "`examples/pretrain_stage1.py` after 30 of 30 optimiser steps" in card.text and "new weights" in card.text
+
+
+def test_bf16_autocast_on_the_cpu_trains_with_eager_attention_and_exports_a_plain_folder(data_dir, tmp_path):
+    out = tmp_path / "bf16"
+    args = common_args(data_dir, out, 3) + ["--per_device_train_batch_size", 8]
+    result = run(args, ACCELERATE_MIXED_PRECISION="bf16")
+    assert "attention kernel: eager (bf16 precision)" in result.stderr
+    assert all(np.isfinite(m["loss"]) for m in metrics(out))
+    # The kernel is a choice of this run, not of the exported encoder: it loads with the default (SDPA).
+    assert "attn_implementation" not in (out / "final" / "config.json").read_text()
+    assert AutoModel.from_pretrained(out / "final").config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize(
+    ("device", "mixed_precision", "expected"),
+    [("cpu", "bf16", "eager"), ("cpu", "no", "sdpa"), ("cpu", "fp16", "sdpa"), ("cuda", "bf16", "sdpa")],
+)
+def test_training_attention_is_eager_only_for_bf16_on_the_cpu(device, mixed_precision, expected):
+    assert training_attention(torch.device(device), mixed_precision) == expected
 
 
 def test_a_stream_of_only_broken_items_stops_with_a_clear_error():

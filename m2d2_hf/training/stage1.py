@@ -96,6 +96,18 @@ def build_model(settings: Stage1Settings, caption_size: int | None) -> M2D2ForPr
     return model
 
 
+def training_attention(device: torch.device, mixed_precision: str) -> str:
+    """The attention kernel for a stage-1 step on `device` under accelerate's `mixed_precision`: eager for bf16
+    autocast on the CPU, SDPA otherwise.
+
+    On the CPU, SDPA's flash-attention backward was the largest part of a bf16 autocast step (25 % of it, ViT-B at
+    batch 8 on the 2-core Xeon with AMX of `benchmarks/README.md`), while eager attention's backward is batched
+    matmuls on the bf16 matrix units: the step ran 1.27x faster with it (1.11 vs 1.42 s, interleaved). In fp32 SDPA
+    stays faster (2.67 vs 2.97 s), and on GPUs SDPA's fused kernels are the fast path.
+    """
+    return "eager" if device.type == "cpu" and mixed_precision == "bf16" else "sdpa"
+
+
 class Stage1Batches:
     """Turns collated waveform batches into model inputs on the training device."""
 
