@@ -116,14 +116,15 @@ class InPlaceM2D2Layer(M2D2Layer):
     def forward(
         self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
     ) -> torch.Tensor:
-        needs_grad = torch.is_grad_enabled() and (
-            hidden_states.requires_grad or any(parameter.requires_grad for parameter in self.parameters())
-        )
-        if needs_grad or not isinstance(self.attention, InPlaceM2D2Attention):
+        if isinstance(self.attention, InPlaceM2D2Attention):
+            hidden_states, _ = self.attention(
+                self.norm1(hidden_states), attention_mask, residual=hidden_states, **kwargs
+            )
+        else:
             hidden_states = hidden_states + self.attention(self.norm1(hidden_states), attention_mask, **kwargs)[0]
+        if hidden_states.requires_grad:
             return hidden_states + self.mlp(self.norm2(hidden_states))
         # The branch outputs are new tensors nobody else holds; the input `hidden_states` is never written.
-        hidden_states, _ = self.attention(self.norm1(hidden_states), attention_mask, residual=hidden_states, **kwargs)
         if isinstance(self.mlp, InPlaceM2D2MLP):
             return self.mlp(self.norm2(hidden_states), residual=hidden_states)
         return self.mlp(self.norm2(hidden_states)).add_(hidden_states)
@@ -143,6 +144,8 @@ class InPlaceM2D2Attention(M2D2Attention):
         heads, attn_weights = self.attend(hidden_states, attention_mask, **kwargs)
         if residual is None:
             return self.proj(heads), attn_weights
+        if heads.requires_grad or residual.requires_grad:
+            return self.proj(heads) + residual, attn_weights
         if isinstance(self.proj, PrepackedLinear):
             return self.proj.forward_add(heads, residual), attn_weights
         return self.proj(heads).add_(residual), attn_weights
