@@ -20,7 +20,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from m2d2_hf import M2D2AudioConfig, M2D2ForPreTraining
 from m2d2_hf.host_memory import keep_freed_memory_mapped
-from m2d2_hf.training.optim import adamw, weight_decay_groups
+from m2d2_hf.training.optim import adamw, clip_grad_norm_, weight_decay_groups
 from m2d2_hf.training.stage1 import training_attention
 
 
@@ -38,7 +38,7 @@ KINDS = (
 
 
 def make_step(model: M2D2ForPreTraining, batch_size: int, dtype: torch.dtype | None):
-    """The recipe's step as `examples/pretrain_stage1.py` runs it, each phase labelled for the profiler."""
+    """The recipe's step as `examples/pretrain_stage1.py` runs it on the CPU, each phase labelled for the profiler."""
     optimizer = adamw(weight_decay_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95))
     features = torch.randn(batch_size, 80, 608)
     captions = torch.randn(batch_size, model.config.caption_embedding_size)
@@ -50,7 +50,7 @@ def make_step(model: M2D2ForPreTraining, batch_size: int, dtype: torch.dtype | N
         with record_function("backward"):
             loss.backward()
         with record_function("clip"):
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 3.0)
+            clip_grad_norm_(model.parameters(), 3.0)
         with record_function("optimizer"):
             optimizer.step()
             optimizer.zero_grad()

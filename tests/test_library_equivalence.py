@@ -1,5 +1,5 @@
 """Where a library computes the package's numbers, the package uses it, and these tests say so; where the package
-keeps its own code, they show the difference that keeps it (schedules, mel bank, top-k accuracy)."""
+keeps its own code, they show the difference that keeps it (schedules, mel bank, top-k accuracy, gradient clipping)."""
 
 import math
 
@@ -12,7 +12,7 @@ from transformers.audio_utils import mel_filter_bank
 
 from m2d2_hf.evaluation.metrics import top_k_accuracy
 from m2d2_hf.feature_extraction_m2d2 import M2D2FeatureExtractor, slaney_mel_filter_bank
-from m2d2_hf.training.optim import timm_cosine_lambda, warmup_cosine_schedule
+from m2d2_hf.training.optim import clip_grad_norm_, timm_cosine_lambda, warmup_cosine_schedule
 
 
 def learning_rates(scheduler: torch.optim.lr_scheduler.LRScheduler, steps: int) -> list[float]:
@@ -92,3 +92,34 @@ def test_top_k_accuracy_breaks_ties_as_argmax_where_sklearn_does_not():
     scores, targets = np.array([[1.0, 1.0, 0.0], [0.0, 2.0, 2.0]]), np.array([0, 1])
     assert top_k_accuracy(scores, targets, 1) == 1.0 == float(np.mean(scores.argmax(1) == targets))
     assert top_k_accuracy_score(targets, scores, k=1, labels=np.arange(3)) == 0.0
+
+
+def gradients(scale: float) -> list[torch.nn.Parameter]:
+    """Parameters with random gradients of total 2-norm about `scale` (one without a gradient)."""
+    generator = torch.Generator().manual_seed(0)
+    parameters = [torch.nn.Parameter(torch.zeros(shape)) for shape in ((64, 32), (32,), (7, 5, 3), (4,))]
+    for parameter in parameters[:3]:
+        parameter.grad = torch.randn(parameter.shape, generator=generator)
+    norm = torch.nn.utils.get_total_norm([p.grad for p in parameters[:3]])
+    for parameter in parameters[:3]:
+        parameter.grad.mul_(scale / norm)
+    return parameters
+
+
+@pytest.mark.parametrize("scale", [0.5, 3.0 - 1e-7, 3.0, 3.0 + 1e-6, 30.0, math.inf, math.nan])
+def test_gradient_clipping_is_torch_s_bit_for_bit(scale, monkeypatch):
+    """Below the threshold (and just under it, where torch's 1e-6 still makes the coefficient < 1), at it and above,
+    and for infinite or NaN norms, the gradients and the returned norm are torch's; the multiplication by 1 that the
+    package leaves out is left out only where torch's coefficient is exactly 1."""
+    ours, theirs = gradients(scale), gradients(scale)
+    clipped = []
+    clip = torch.nn.utils.clip_grads_with_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grads_with_norm_", lambda *args: clipped.append(True) or clip(*args))
+    norm = clip_grad_norm_(ours, 3.0)
+    monkeypatch.undo()
+    expected = torch.nn.utils.clip_grad_norm_(theirs, 3.0)
+    assert torch.equal(norm, expected) or (norm.isnan() and expected.isnan())
+    for a, b in zip(ours, theirs):
+        assert (a.grad is None and b.grad is None) or torch.equal(a.grad.nan_to_num(), b.grad.nan_to_num())
+    coefficient = 3.0 / (expected + 1e-6)
+    assert bool(clipped) == (not bool(coefficient >= 1.0)), (scale, float(coefficient))

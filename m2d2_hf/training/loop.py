@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import torch
 from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker, get_available_trackers
-from accelerate.utils import LoggerType, gather_object, set_seed
+from accelerate.utils import DistributedType, LoggerType, gather_object, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -30,6 +30,7 @@ from ..host_memory import keep_freed_memory_mapped
 from ..model_card import ModelCardInfo, training_card_info
 from .arguments import TrainingSettings
 from .checkpoint import check_distributed_type, load_checkpoint, save_checkpoint
+from .optim import clip_grad_norm_
 
 
 logger = logging.getLogger(__name__)
@@ -313,6 +314,20 @@ class TrainingRun:
         save_checkpoint(accelerator, folder, step, self.model, self.optimizer, self.stream, self.state)
 
 
+def clip_gradients(accelerator: Accelerator, model: torch.nn.Module, max_norm: float) -> None:
+    """Clips the gradients to a total 2-norm of `max_norm`: on the CPU (one process or DDP over gloo, where accelerate
+    unscales and calls torch's clipping) without the pass that multiplies them by 1 (`optim.clip_grad_norm_`),
+    through accelerate elsewhere (FSDP, DeepSpeed and XLA clip their own way)."""
+    if accelerator.device.type == "cpu" and accelerator.distributed_type in (
+        DistributedType.NO,
+        DistributedType.MULTI_CPU,
+    ):
+        accelerator.unscale_gradients()
+        clip_grad_norm_(model.parameters(), max_norm)
+    else:
+        accelerator.clip_grad_norm_(model.parameters(), max_norm)
+
+
 def run_training(accelerator: Accelerator, settings: TrainingSettings, run: TrainingRun, stage: Stage) -> Path:
     """The optimisation loop shared by the training programs.
 
@@ -354,7 +369,7 @@ def run_training(accelerator: Accelerator, settings: TrainingSettings, run: Trai
                 out = model(**inputs)
                 accelerator.backward(out.loss)
                 if accelerator.sync_gradients and settings.max_grad_norm > 0:  # 0 turns clipping off
-                    accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
+                    clip_gradients(accelerator, model, settings.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad()
             values = [getattr(out, name) for name in loss_names]
