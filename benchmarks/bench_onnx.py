@@ -4,13 +4,19 @@ timed round-robin in one run, and the int8 graph's cosine to the fp32 clip embed
 default (optimised: onnxruntime's fused BiasGelu and MultiHeadAttention) and as exported with
 `optimize=False` (standard ONNX operators only), to show what the optimisation gains.
 
-    python benchmarks/bench_onnx.py [--repeats 3] [--clips 8] [--seconds 10]
+    python benchmarks/bench_onnx.py [--repeats 3] [--clips 8] [--seconds 10] [--default-malloc]
 
 The export goes through `m2d2_hf.onnx_export.export_onnx` (the `m2d2-hf export` command), so its parity check runs
-too. onnxruntime gets as many intra-op threads as torch uses.
+too. onnxruntime gets as many intra-op threads as torch uses. PyTorch is timed with freed memory kept mapped
+(`m2d2_hf.host_memory`): under glibc's defaults each onnxruntime run between two PyTorch forwards left the heap
+trimmed, and the next forward took 84 000 fresh pages and ran 1.3x slower (1.70 vs 1.27 s), which flattered
+onnxruntime; `--default-malloc` shows that (page faults per PyTorch forward printed). Each timed call follows an
+untimed one of the same contender (`primed`): right after onnxruntime's plain graphs PyTorch ran 1.6–2.3 s instead of
+1.25–1.30 s, as their working sets evict each other's from the caches.
 """
 
 import argparse
+import resource
 import tempfile
 from pathlib import Path
 
@@ -20,6 +26,7 @@ import torch
 from common import describe_machine, gemm_shapes, interleaved_seconds, mm_fn
 
 from m2d2_hf import M2D2AudioConfig, M2D2AudioModel, M2D2FeatureExtractor
+from m2d2_hf.host_memory import keep_freed_memory_mapped
 from m2d2_hf.onnx_export import AUDIO_GRAPH, AUDIO_INT8_GRAPH, export_onnx
 
 
@@ -89,9 +96,11 @@ def main() -> None:
     parser.add_argument("--clips", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--default-malloc", action="store_true", help="leave glibc malloc's settings as they are")
     args = parser.parse_args()
+    heap = "glibc defaults" if args.default_malloc or not keep_freed_memory_mapped() else "freed memory kept mapped"
     torch.manual_seed(0)
-    print(f"machine: {describe_machine()}; int8 matrix extensions: {int8_extensions()}")
+    print(f"machine: {describe_machine()}; int8 matrix extensions: {int8_extensions()}; malloc: {heap}")
     rng = np.random.default_rng(0)
     clips = [rng.standard_normal(int(16000 * args.seconds)).astype(np.float32) * 0.1 for _ in range(args.clips)]
     feature_extractor = M2D2FeatureExtractor()
@@ -120,13 +129,21 @@ def main() -> None:
         for name, session in sessions.items():
             contenders[name] = lambda session=session: session.run(["pooler_output"], inputs)
         with torch.inference_mode():
-            times = interleaved_seconds(contenders, repeats=args.repeats)
+            times = interleaved_seconds(contenders, repeats=args.repeats, primed=True)
             reference = model(torch_features).pooler_output.double().numpy()
+            sessions["onnxruntime fp32 optimised"].run(["pooler_output"], inputs)
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            model(torch_features)
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
     outputs = {
         name: session.run(["pooler_output"], inputs)[0].astype(np.float64) for name, session in sessions.items()
     }
 
-    print(f"{args.clips} x {args.seconds:g} s, ViT-B (random weights), median of {args.repeats} interleaved rounds")
+    print(
+        f"{args.clips} x {args.seconds:g} s, ViT-B (random weights), median of {args.repeats} interleaved rounds, "
+        "each timed call right after an untimed one of the same contender"
+    )
+    print(f"page faults of one PyTorch forward right after an onnxruntime run ({heap}): {faults}")
     for name, seconds in times.items():
         print(f"  {name:40s} {seconds:7.3f} s")
     for kind in ("optimised", "plain"):

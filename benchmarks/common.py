@@ -50,14 +50,20 @@ def median_seconds(fn: Callable[[], object], repeats: int = 5, warmup: int = 2) 
 
 
 def interleaved_seconds(
-    fns: dict[str, Callable[[], object]], repeats: int = 5, warmup: int = 1, settle: float = 0.1
+    fns: dict[str, Callable[[], object]],
+    repeats: int = 5,
+    warmup: int = 1,
+    settle: float = 0.1,
+    primed: bool = False,
 ) -> dict[str, float]:
     """Median wall time of each of `fns`, run round-robin (`warmup` rounds, then `repeats` timed rounds).
 
     On a shared machine the load drifts over seconds; alternating the contenders exposes each of them to the same
     drift, so the ratios of these medians are fairer than those of back-to-back `median_seconds` calls. Each timed
     call starts after `settle` seconds of sleep, so that the thread pools the previous contender woke (OpenMP,
-    BLAS) stop spinning on the cores instead of slowing the next one down.
+    BLAS) stop spinning on the cores instead of slowing the next one down. `primed` runs each contender once more,
+    untimed, right before its timed call: for contenders whose working sets evict each other's from the caches (a
+    PyTorch forward right after onnxruntime's unfused graphs ran up to 1.8x slower than right after its own).
     """
     for _ in range(warmup):
         for fn in fns.values():
@@ -65,6 +71,8 @@ def interleaved_seconds(
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            if primed:
+                fn()
             time.sleep(settle)
             start = time.perf_counter()
             fn()
