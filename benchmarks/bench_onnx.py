@@ -16,14 +16,13 @@ untimed one of the same contender (`primed`): right after onnxruntime's plain gr
 """
 
 import argparse
-import resource
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import onnxruntime
 import torch
-from common import describe_machine, gemm_shapes, interleaved_seconds, mm_fn
+from common import describe_machine, gemm_shapes, interleaved_seconds, mm_fn, page_faults
 
 from m2d2_hf import M2D2AudioConfig, M2D2AudioModel, M2D2FeatureExtractor
 from m2d2_hf.host_memory import keep_freed_memory_mapped
@@ -132,9 +131,7 @@ def main() -> None:
             times = interleaved_seconds(contenders, repeats=args.repeats, primed=True)
             reference = model(torch_features).pooler_output.double().numpy()
             sessions["onnxruntime fp32 optimised"].run(["pooler_output"], inputs)
-            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-            model(torch_features)
-            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+            faults = page_faults(lambda: model(torch_features))
     outputs = {
         name: session.run(["pooler_output"], inputs)[0].astype(np.float64) for name, session in sessions.items()
     }

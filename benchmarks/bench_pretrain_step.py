@@ -12,10 +12,17 @@ Like the training programs on the CPU, it first makes glibc keep freed memory ma
 import argparse
 import copy
 import re
-import resource
 
 import torch
-from common import count_flops, describe_machine, gemm_peak_contenders, gemm_shapes, interleaved_seconds, load_average
+from common import (
+    count_flops,
+    describe_machine,
+    gemm_peak_contenders,
+    gemm_shapes,
+    interleaved_seconds,
+    load_average,
+    page_faults,
+)
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from m2d2_hf import M2D2AudioConfig, M2D2ForPreTraining
@@ -59,13 +66,6 @@ def make_step(model: M2D2ForPreTraining, batch_size: int, dtype: torch.dtype | N
             model.clamp_logit_scale()
 
     return step
-
-
-def page_faults(step) -> int:
-    """Minor page faults (fresh zeroed pages from the kernel) during one call of `step`."""
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    step()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
 
 def print_profile(step, name: str) -> None:

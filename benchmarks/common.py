@@ -185,6 +185,13 @@ def flops_by_operator(fn: Callable[[], object]) -> dict[str, int]:
     return {str(op): flops for op, flops in counter.get_flop_counts().get("Global", {}).items()}
 
 
+def page_faults(fn: Callable[[], object]) -> int:
+    """Minor page faults (fresh zeroed pages from the kernel) of this process during one call of `fn`."""
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    fn()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
 def peak_rss_bytes() -> int:
     """Peak resident memory of this process so far: Linux's `VmHWM` (which, unlike `ru_maxrss`, does not inherit
     the parent's peak across fork + exec), else `ru_maxrss`."""

@@ -9,7 +9,7 @@ page faults and ran 1.16x slower (bf16 1.26 vs 1.09 s, fp32 3.05 vs 2.62 s); wit
 """
 
 import ctypes
-import ctypes.util
+import platform
 
 
 # mallopt parameters (<malloc.h>) and the values set: blocks up to 32 MB come from the heap, and up to 1 GB of free
@@ -25,13 +25,10 @@ def keep_freed_memory_mapped() -> bool:
 
     The cost is memory: the process keeps the pages of its peak (at most 1 GB of free heap top) mapped instead of
     returning them between steps, which is what a training loop reaches again on every step anyway."""
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-        libc.gnu_get_libc_version  # noqa: B018 -- glibc only; musl has a mallopt that ignores these parameters
-    except (OSError, AttributeError, TypeError):
+    # glibc only: musl has a mallopt that ignores these parameters.
+    if platform.libc_ver()[0] != "glibc":
         return False
+    mallopt = ctypes.CDLL(None).mallopt  # the C library this interpreter runs on
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(
         mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
