@@ -16,6 +16,7 @@ import argparse
 import copy
 import json
 import math
+import signal
 import subprocess
 import sys
 import time
@@ -256,7 +257,13 @@ def one_hour(minutes: float, paths: list[str], settings: HourSettings) -> None:
             command += [path_name, *settings.worker_arguments()]
             result = subprocess.run(command, capture_output=True, text=True)
             if result.returncode != 0:
-                print(f"  {path_name}: failed ({result.stderr.strip().splitlines()[-1:]})")
+                # A worker killed by a signal (the kernel's OOM killer sends SIGKILL) leaves no traceback.
+                last_line = result.stderr.strip().splitlines()[-1:] or [
+                    f"killed by {signal.Signals(-result.returncode).name}"
+                    if result.returncode < 0
+                    else f"exit status {result.returncode}"
+                ]
+                print(f"  {path_name:>8}: failed ({last_line[0]})")
                 continue
             report = json.loads(result.stdout.strip().splitlines()[-1])
             print(

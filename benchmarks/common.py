@@ -157,20 +157,48 @@ def mm_fn(m: int, k: int, n: int, dtype: torch.dtype, min_flops: float = 4e9) ->
     return run, 2 * m * k * n * inner
 
 
+def prepacked_linear_fn(
+    m: int, k: int, n: int, dtype: torch.dtype, min_flops: float = 4e9
+) -> tuple[Callable[[], None], int]:
+    """The same [m, k] by [k, n] product through the package's `PrepackedLinear` (a weight prepacked for oneDNN, as
+    `optimize_for_cpu_inference` runs the encoder's Linear layers), repeated to about `min_flops`, and its FLOPs.
+    oneDNN allocates each output; on AVX-512 CPUs without AMX this kernel beats `torch.mm` (MKL) in fp32."""
+    from m2d2_hf.cpu_inference import PrepackedLinear
+
+    a = torch.randn(m, k, dtype=dtype)
+    linear = PrepackedLinear(k, n, bias=False, dtype=dtype).requires_grad_(False)
+    inner = max(1, math.ceil(min_flops / (2 * m * k * n)))
+
+    def run() -> None:
+        for _ in range(inner):
+            linear(a)
+
+    return run, 2 * m * k * n * inner
+
+
 def gemm_peak_contenders(
-    shapes: dict[tuple[int, int, int, torch.dtype], int], dtype: torch.dtype, keep: int = 3, repeats: int = 3
+    shapes: dict[tuple[int, int, int, torch.dtype], int],
+    dtype: torch.dtype,
+    keep: int = 3,
+    repeats: int = 3,
+    kernel: str = "mm",
 ) -> dict[str, tuple[Callable[[], None], int]]:
     """The `keep` fastest of a workload's own GEMM shapes in `dtype` (screened by a short interleaved run), as
-    `name -> (fn, flops)` contenders to time next to the workload: the best of their rates in that same run is the
-    issue's matmul peak (the best `torch.mm` rate over the model's own shapes, output preallocated)."""
+    `name -> (fn, flops)` contenders to time next to the workload: with `kernel="mm"` the best of their rates in that
+    same run is the issue's matmul peak (the best `torch.mm` rate over the model's own shapes, output preallocated);
+    `kernel="onednn"` times `prepacked_linear_fn` instead (named "oneDNN prepacked ...", not a peak of the issue)."""
+    make = {"mm": mm_fn, "onednn": prepacked_linear_fn}[kernel]
     candidates = {
-        f"mm {m}x{k}x{n}": mm_fn(m, k, n, dtype) for (m, k, n, shape_dtype) in shapes if shape_dtype == dtype
+        f"{kernel} {m}x{k}x{n}": make(m, k, n, dtype) for (m, k, n, shape_dtype) in shapes if shape_dtype == dtype
     }
     if not candidates:
         raise ValueError(f"the workload runs no {dtype} GEMM: nothing to measure its peak on")
     seconds = interleaved_seconds({name: fn for name, (fn, _) in candidates.items()}, repeats=repeats, settle=0.02)
     ranked = sorted(candidates, key=lambda name: seconds[name] / candidates[name][1])
-    return {f"{'fp32' if dtype == torch.float32 else 'bf16'} peak {name}": candidates[name] for name in ranked[:keep]}
+    label = f"{'fp32' if dtype == torch.float32 else 'bf16'} peak"
+    if kernel == "onednn":
+        label = f"oneDNN prepacked {label}"
+    return {f"{label} {name}": candidates[name] for name in ranked[:keep]}
 
 
 def count_flops(fn: Callable[[], object]) -> int:
