@@ -307,12 +307,21 @@ class M2D2Attention(nn.Module):
         return qkv.permute(2, 0, 3, 1, 4).unbind(0)
 
     def attend(
-        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        num_queries: int | None = None,
+        **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The heads' outputs concatenated, `[B, L, hidden_size]`, before the output projection, and the attention
-        weights (eager attention only)."""
+        weights (eager attention only). `num_queries`: only the first positions attend (to all), `[B, num_queries,
+        hidden_size]`."""
         batch, length, _ = hidden_states.shape
         query, key, value = self.project_qkv(hidden_states)
+        if num_queries is not None:
+            length, query = num_queries, query[:, :, :num_queries]
+            if attention_mask is not None:
+                attention_mask = attention_mask[:, :, :num_queries]
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
@@ -367,6 +376,15 @@ class M2D2Layer(GradientCheckpointingLayer):
     ) -> torch.Tensor:
         hidden_states = hidden_states + self.attention(self.norm1(hidden_states), attention_mask, **kwargs)[0]
         return hidden_states + self.mlp(self.norm2(hidden_states))
+
+    def lead_token_forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`forward(hidden_states, attention_mask)[:, :1]` computed for the first position alone: its query against
+        every position's key and value, then the MLP on it only."""
+        heads, _ = self.attention.attend(self.norm1(hidden_states), attention_mask, num_queries=1)
+        lead = hidden_states[:, :1] + self.attention.proj(heads)
+        return lead + self.mlp(self.norm2(lead))
 
 
 def encoder_layers(config: M2D2AudioConfig) -> nn.ModuleList:
@@ -466,6 +484,12 @@ class M2D2AudioModel(M2D2PreTrainedModel):
     # the hidden states keep their per-clip layout and are collected by `forward` itself.
     _can_record_outputs = {"attentions": OutputRecorder(M2D2Attention, index=1, layer_name="layers")}
 
+    # Without gradients no activation outlives its pass, so the chunks of long inputs go through the encoder this
+    # many at a time (None: all at once). An hour in one pass held 3 GB of activations for the bf16 model and over
+    # 20 GB once eager attention's scores were among them; 64 chunks (about 20k tokens) keep the matmuls as large as
+    # the CPU kernels need. Training, hidden states and attention weights keep the single pass.
+    inference_chunks_per_pass: int | None = 64
+
     def __init__(self, config: M2D2AudioConfig):
         super().__init__(config)
         self.embeddings = M2D2Embeddings(config)
@@ -561,6 +585,36 @@ class M2D2AudioModel(M2D2PreTrainedModel):
         """[N, F, W] chunks → normalised patch tokens [N, F * C, D], CLS dropped. `token_mask` [N, F * C]: the tokens
         that may be attended to (None: all). `record`, if given, sees the states after the embeddings and after each
         layer and returns the states the next layer computes from (see `record_clip_tokens`)."""
+        per_pass = self.inference_chunks_per_pass
+        # The number of chunks is read last: traced programs keep it symbolic.
+        if (
+            per_pass is None
+            or record is not None
+            or kwargs.get("output_attentions", self.config.output_attentions)
+            or torch.is_grad_enabled()
+            or torch.compiler.is_compiling()
+            or torch.compiler.is_exporting()
+            or chunks.shape[0] <= per_pass
+        ):
+            return self._encode_chunk_pass(chunks, token_mask, record, **kwargs)
+        tokens = None
+        for start in range(0, chunks.shape[0], per_pass):
+            end = start + per_pass
+            part_mask = None if token_mask is None else token_mask[start:end]
+            part = self._encode_chunk_pass(chunks[start:end], part_mask, **kwargs)
+            if tokens is None:
+                tokens = part.new_empty(chunks.shape[0], *part.shape[1:])
+            tokens[start:end] = part
+        return tokens
+
+    def _encode_chunk_pass(
+        self,
+        chunks: torch.Tensor,
+        token_mask: torch.Tensor | None,
+        record: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        """`_encode_chunks` in one pass of the encoder over all the chunks."""
         patches = self.embeddings(chunks)
         cls = self.embeddings.cls_embedding().expand(patches.shape[0], -1, -1).to(patches.dtype)
         hidden_states = torch.cat([cls, patches], 1)
@@ -775,9 +829,11 @@ class M2D2SemanticProjector(nn.Module):
         attention_mask = None
         if not all_real(token_mask):
             attention_mask = lead_token_attention_mask(self.config, hidden_states, token_mask)
-        for layer in self.layers:
+        for layer in self.layers[:-1]:
             hidden_states = layer(hidden_states, attention_mask)
-        return self.layernorm(hidden_states[:, 0])
+        # Only the learned token's output is read, so the last block computes that position alone: linear instead
+        # of quadratic in the number of tokens (an hour's 111k tokens ran out of memory under eager attention).
+        return self.layernorm(self.layers[-1].lead_token_forward(hidden_states, attention_mask)[:, 0])
 
     def streaming_pooler(self) -> "M2D2ProjectorStream":
         """This projector fed the patch tokens of one long recording a window at a time (`add`), giving at `finish`

@@ -15,7 +15,12 @@ from transformers import AutoConfig, AutoFeatureExtractor, AutoModel
 
 from m2d2_hf import M2D2AudioConfig, M2D2AudioModel, M2D2ClapModel, M2D2Config
 from m2d2_hf.chunking import ChunkLayout
-from m2d2_hf.modeling_m2d2 import contrastive_loss, frame_timestamps, sincos_position_table
+from m2d2_hf.modeling_m2d2 import (
+    contrastive_loss,
+    frame_timestamps,
+    lead_token_attention_mask,
+    sincos_position_table,
+)
 
 from .conftest import FIXTURE_DIR, TINY_AUDIO, TINY_TEXT
 from .test_demo_model import DEMO_MODEL
@@ -145,6 +150,55 @@ def test_batch_of_different_lengths_equals_single_clips():
             )
             torch.testing.assert_close(batch.pooler_output[i], single.pooler_output[0], rtol=1e-5, atol=1e-5)
             assert batch.last_hidden_state[i, n_tokens:].abs().sum() == 0
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_long_inputs_are_encoded_a_few_chunks_at_a_time_without_gradients(masked):
+    """Without autograd the encoder runs `inference_chunks_per_pass` chunks per pass (bounded activation memory)
+    with the outputs of one pass; with autograd, hidden states or attention weights it keeps the single pass."""
+    model = tiny_audio_model()
+    lengths = [1000, 650, 417] if masked else [1000, 1000]
+    features = torch.randn(len(lengths), 80, max(lengths))
+    mask = (torch.arange(max(lengths))[None] < torch.tensor(lengths)[:, None]).long()
+    batch_sizes = []
+    model.layers[0].register_forward_hook(lambda module, args, output: batch_sizes.append(args[0].shape[0]))
+
+    def run(per_pass, **kwargs):
+        model.inference_chunks_per_pass = per_pass
+        batch_sizes.clear()
+        out = model(features, mask if masked else None, **kwargs)
+        return out, list(batch_sizes)
+
+    with torch.no_grad():
+        whole, whole_passes = run(None)
+        sliced, sliced_passes = run(2)
+        _, attention_passes = run(2, output_attentions=True)
+        _, hidden_state_passes = run(2, output_hidden_states=True)
+    _, grad_passes = run(2)
+    assert max(sliced_passes) == 2 and sum(sliced_passes) == sum(whole_passes) and max(whole_passes) > 2
+    assert len(attention_passes) == len(hidden_state_passes) == 1  # the packed path: all chunks in one pass
+    assert grad_passes == whole_passes
+    for name in ("last_hidden_state", "frame_features", "pooler_output"):
+        torch.testing.assert_close(getattr(sliced, name), getattr(whole, name), rtol=1e-6, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_lead_token_forward_is_the_blocks_first_position(attention, masked):
+    """The semantic projector's last block computes only the learned token: what the full block gives there."""
+    model = tiny_clap_model()
+    model.set_attn_implementation(attention)
+    layer = model.audio_projection.layers[0]
+    hidden_states = torch.randn(3, 21, 32)
+    attention_mask = None
+    if masked:
+        token_mask = torch.arange(20)[None] < torch.tensor([20, 13, 4])[:, None]
+        attention_mask = lead_token_attention_mask(model.config, hidden_states, token_mask)
+    with torch.no_grad():
+        lead = layer.lead_token_forward(hidden_states, attention_mask)
+        full = layer(hidden_states, attention_mask)
+    assert lead.shape == (3, 1, 32)
+    torch.testing.assert_close(lead, full[:, :1], rtol=1e-6, atol=1e-6)
 
 
 def test_eager_and_sdpa_agree():
