@@ -383,7 +383,12 @@ class M2D2Layer(GradientCheckpointingLayer):
         """`forward(hidden_states, attention_mask)[:, :1]` computed for the first position alone: its query against
         every position's key and value, then the MLP on it only."""
         heads, _ = self.attention.attend(self.norm1(hidden_states), attention_mask, num_queries=1)
-        lead = hidden_states[:, :1] + self.attention.proj(heads)
+        return self.lead_token_output(hidden_states[:, :1], heads)
+
+    def lead_token_output(self, lead: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
+        """The rest of the block at the lead position, given its input `lead` and its attended heads `heads` (before
+        the output projection): the projection, the MLP and both residuals of `forward`."""
+        lead = lead + self.attention.proj(heads)
         return lead + self.mlp(self.norm2(lead))
 
 
@@ -485,9 +490,9 @@ class M2D2AudioModel(M2D2PreTrainedModel):
     _can_record_outputs = {"attentions": OutputRecorder(M2D2Attention, index=1, layer_name="layers")}
 
     # Without gradients no activation outlives its pass, so the chunks of long inputs go through the encoder this
-    # many at a time (None: all at once). An hour in one pass held 3 GB of activations for the bf16 model and over
-    # 20 GB once eager attention's scores were among them; 64 chunks (about 20k tokens) keep the matmuls as large as
-    # the CPU kernels need. Training, hidden states and attention weights keep the single pass.
+    # many at a time (None: all at once). An hour's 360 chunks in one pass peaked 1.1 GB higher (bf16 CLAP tuned
+    # for the CPU, AMD EPYC: 4235 against 3151 MB); 64 chunks (about 20k tokens) keep the matmuls as large as the
+    # CPU kernels need. Training, hidden states and attention weights keep the single pass.
     inference_chunks_per_pass: int | None = 64
 
     def __init__(self, config: M2D2AudioConfig):
@@ -925,9 +930,7 @@ class M2D2SemanticTokenAttention(M2D2ProjectorStream):
     def finish(self) -> torch.Tensor:
         # Heads side by side, as `M2D2Attention.forward` concatenates them.
         attended = (self.numerator / self.denominator).to(self.token.dtype).reshape(1, -1)
-        hidden = self.token + self.layer.attention.proj(attended)
-        hidden = hidden + self.layer.mlp(self.layer.norm2(hidden))
-        return self.projector.layernorm(hidden)
+        return self.projector.layernorm(self.layer.lead_token_output(self.token, attended))
 
 
 class M2D2ClapModel(M2D2PreTrainedModel):
