@@ -3,6 +3,7 @@ YAML), with one flag style (underscores; HfArgumentParser also takes the dashed 
 
 import json
 import runpy
+import time
 from pathlib import Path
 
 import pytest
@@ -110,3 +111,67 @@ def test_the_cli_takes_the_programs_flag_style_and_keeps_the_dashed_one():
     args = evaluation.parse_args(["m", "d", "--audio_column", "a", "--multi_label", "--label_separator", ";"])
     assert (args.audio_column, args.multi_label, args.label_separator) == ("a", True, ";")
     assert evaluation.parse_args(["m", "d", "--multi-label", "--label-column", "c"]).label_column == "c"
+
+
+def test_config_values_are_never_read_as_options(tmp_path):
+    """A list item or a value that starts with `--` is a value: it cannot move another option."""
+    config = tmp_path / "run.yaml"
+    config.write_text("train_data: data\noutput_dir: out\nmax_train_steps: 5\nfilter: [a=b, --output_dir, X]\n")
+    training, _ = parse_settings((TrainingSettings, Stage1Settings), ["--config", str(config)])
+    assert training.output_dir == "out" and training.filter == ["a=b", "--output_dir", "X"]
+    config.write_text('{"train_data": "--output_dir", "output_dir": "out", "max_train_steps": 5, "filter": ["--"]}')
+    config = config.rename(tmp_path / "run.json")
+    training, _ = parse_settings((TrainingSettings, Stage1Settings), ["--config", str(config)])
+    assert (training.train_data, training.output_dir, training.filter) == ("--output_dir", "out", ["--"])
+    config.write_text('{"train_data": "d", "output_dir": "o", "max_train_steps": 5, "norm_stats": ["--seed", "9"]}')
+    with pytest.raises(SystemExit):
+        parse_settings((TrainingSettings, Stage1Settings), ["--config", str(config)])
+
+
+def test_config_keys_take_both_spellings_once(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("train-data: data\noutput_dir: out\nmax-train-steps: 5\nper-device-train-batch-size: 8\n")
+    training, _ = parse_settings((TrainingSettings, Stage1Settings), ["--config", str(config)])
+    assert (training.train_data, training.max_train_steps, training.per_device_train_batch_size) == ("data", 5, 8)
+    config.write_text("train_data: data\ntrain-data: other\n")
+    with pytest.raises(ValueError, match="'train-data' sets --train_data a second time"):
+        parse_settings((TrainingSettings, Stage1Settings), ["--config", str(config)])
+
+
+@pytest.mark.parametrize(
+    "name, text, message",
+    [
+        ("repeat.yaml", "train_data: a\noutput_dir: o\ntrain_data: b\n", r"line 3: key 'train_data' appears more"),
+        ("repeat.json", '{"seed": 1,\n "train_data": "a",\n "seed": 2}', r"line 3: key 'seed' appears more than once"),
+        ("broken.yaml", "train_data: a\nfilter: [a=b\nseed: 3\n", r"line \d+: "),
+        ("broken.json", '{"train_data": "a",\n "seed": }', r"line 2: Expecting value"),
+        ("nested.yaml", "filter: [[a=b]]\n", r"filter must be a value or a list of values"),
+        ("mapping.yaml", "filter: {a: b}\n", r"filter must be a value or a list of values"),
+        ("binary.yaml", b"\xff\xfe\x00", r"not UTF-8 text"),
+    ],
+)
+def test_malformed_config_files_name_the_file_and_the_line(tmp_path, name, text, message):
+    config = tmp_path / name
+    config.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(ValueError, match=rf"--config {config}: {message}"):
+        parse_settings((TrainingSettings, Stage1Settings), ["--config", str(config)])
+
+
+def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path):
+    """Nine levels of nested aliases under `filter`: under a kilobyte that expands to 10^9 strings if followed."""
+    levels = ["  - &a0 [" + ", ".join(["x"] * 10) + "]"]
+    levels += [f"  - &a{level} [" + ", ".join([f"*a{level - 1}"] * 10) + "]" for level in range(1, 9)]
+    config = tmp_path / "bomb.yaml"
+    config.write_text("train_data: d\nfilter:\n" + "\n".join(levels) + "\n")
+    assert config.stat().st_size < 1000
+    started = time.perf_counter()
+    with pytest.raises(ValueError, match="filter must be a value or a list of values"):
+        parse_settings((TrainingSettings, Stage1Settings), ["--config", str(config)])
+    assert time.perf_counter() - started < 5
+
+
+def test_an_oversized_config_file_is_refused(tmp_path):
+    config = tmp_path / "big.yaml"
+    config.write_text("train_data: d\nfilter: [" + "x, " * 400_000 + "x]\n")
+    with pytest.raises(ValueError, match="more than a config file's"):
+        parse_settings((TrainingSettings, Stage1Settings), ["--config", str(config)])

@@ -9,6 +9,7 @@ The programs in `examples/` declare which dataclasses they read; each stage modu
 import argparse
 import dataclasses
 import json
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -78,42 +79,145 @@ class TrainingSettings:
         return round(self.warmup_ratio * self.max_train_steps)
 
 
+# A config file holds a few dozen options; a larger one is a mistake or an attack (a YAML alias bomb is small on disk
+# but its expansion is not, which the flat-values rule below refuses).
+MAX_CONFIG_BYTES = 1 << 20
+
+
 def parse_settings(types: Sequence[type], argv: Sequence[str] | None = None, description: str = "") -> tuple:
     """One instance of each settings dataclass in `types`, from `argv` (default: `sys.argv[1:]`).
 
     `--config FILE` (a JSON or YAML mapping of option names to values) supplies options as if they came first on
-    the command line, so options given on the command line override the file's (repeatable ones add to them)."""
+    the command line, so options given on the command line override the file's (repeatable ones add to them). The
+    file's values are converted and checked by the options' own types and choices, and are never read as options
+    themselves (a list item "--output_dir" is a value)."""
     parser = HfArgumentParser(types, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", type=Path, default=None, help="JSON or YAML file of option values")
     argv = list(sys.argv[1:] if argv is None else argv)
     config = argparse.ArgumentParser(add_help=False)
     config.add_argument("--config", type=Path, default=None)
     path = config.parse_known_args(argv)[0].config
+    namespace = argparse.Namespace()
     if path is not None:
-        argv = config_arguments(path, {action.dest for action in parser._actions}) + argv
-    namespace = vars(parser.parse_args(argv))
+        for action, values in config_options(path, parser).items():
+            try:
+                apply_config_value(parser, action, values, namespace)
+            except argparse.ArgumentError as error:
+                parser.error(f"--config {path}: {error}")
+            action.required = False  # given by the file; the command line may still override it
+    namespace = vars(parser.parse_args(argv, namespace=namespace))
     return tuple(kind(**{f.name: namespace[f.name] for f in dataclasses.fields(kind) if f.init}) for kind in types)
 
 
-def config_arguments(path: Path, known: set[str]) -> list[str]:
-    """The options of a JSON or YAML config file as command-line arguments, so that argparse converts and checks
-    them as it does typed ones."""
-    try:
-        text = path.read_text()
-    except OSError as error:
-        raise ValueError(f"--config {path}: cannot read it ({error.strerror})") from error
-    values = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+def config_options(path: Path, parser: argparse.ArgumentParser) -> dict[argparse.Action, list[str]]:
+    """The options of a JSON or YAML config file: each option's action with its values as strings (what the
+    command line would give it). Names are spelled as on the command line (`train_data` or `train-data`).
+
+    Raises:
+        ValueError: naming the file (and the line, for a syntax error or a repeated key) and the fix.
+    """
+    values = read_config_file(path)
     if not isinstance(values, Mapping):
         raise ValueError(f"--config {path}: expected a mapping of option names to values, got {type(values).__name__}")
-    arguments = []
+    options: dict[argparse.Action, list[str]] = {}
     for name, value in values.items():
-        if name not in known or name in ("config", "help"):
+        action = parser._option_string_actions.get(f"--{name}")
+        if action is None or action.dest in ("config", "help"):
             raise ValueError(f"--config {path}: {name!r} is not an option of this program (see --help)")
+        if action in options:
+            raise ValueError(f"--config {path}: {name!r} sets {action.option_strings[0]} a second time: keep one")
         if value is None:
             raise ValueError(f"--config {path}: {name} is null: leave it out to keep its default")
         items = value if isinstance(value, list) else [value]
-        arguments += [f"--{name}", *(str(item).lower() if isinstance(item, bool) else str(item) for item in items)]
-    return arguments
+        if any(isinstance(item, (list, Mapping)) or item is None for item in items):
+            raise ValueError(
+                f"--config {path}: {name} must be a value or a list of values, not nested lists, mappings or nulls"
+            )
+        options[action] = [str(item).lower() if isinstance(item, bool) else str(item) for item in items]
+    return options
+
+
+def read_config_file(path: Path) -> Any:
+    """The parsed JSON (`.json`) or YAML (any other suffix) document, refusing repeated keys."""
+    try:
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ValueError(f"--config {path}: {size} bytes, more than a config file's {MAX_CONFIG_BYTES}")
+        text = path.read_text()
+    except OSError as error:
+        raise ValueError(f"--config {path}: cannot read it ({error.strerror})") from error
+    except UnicodeDecodeError as error:
+        raise ValueError(f"--config {path}: not UTF-8 text ({error.reason} at byte {error.start})") from error
+    try:
+        if path.suffix == ".json":
+            return json.loads(text, object_pairs_hook=_unique_json_keys)
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except RepeatedKeyError as error:
+        # The JSON decoder's hook sees no positions: the key's second spelling in the text gives the line.
+        found = [match.start() for match in re.finditer(rf"{re.escape(json.dumps(error.key))}\s*:", text)]
+        line = text.count("\n", 0, found[1]) + 1 if len(found) > 1 else None
+        where = f"line {line}: " if line else ""
+        raise ValueError(f"--config {path}: {where}{error}") from error
+    except json.JSONDecodeError as error:
+        raise ValueError(f"--config {path}: line {error.lineno}: {error.msg}") from error
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark or error.context_mark
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        raise ValueError(f"--config {path}: {where}{error.problem or error.context}") from error
+    except yaml.YAMLError as error:
+        raise ValueError(f"--config {path}: not valid YAML ({error})") from error
+
+
+class RepeatedKeyError(ValueError):
+    """A key given twice in one mapping of a config file (JSON and YAML parsers silently keep the last)."""
+
+    def __init__(self, key: Any):
+        super().__init__(f"key {key!r} appears more than once: keep one")
+        self.key = key
+
+
+def _unique_json_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in values:
+            raise RepeatedKeyError(key)
+        values[key] = value
+    return values
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader (plain data, no tags that run code) refusing a key given twice in one mapping. Merge
+    keys (`<<: *defaults`) keep their meaning: keys written out override merged ones."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, str(RepeatedKeyError(key)), key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def apply_config_value(
+    parser: argparse.ArgumentParser, action: argparse.Action, items: list[str], namespace: argparse.Namespace
+) -> None:
+    """Converts and checks `items` with the action's own type and choices (argparse's errors, as on the command
+    line) and stores them as the action does, without ever reading an item as an option."""
+    single = action.nargs in (None, "?")
+    fixed = isinstance(action.nargs, int) and action.nargs > 0
+    if single and len(items) != 1:
+        raise argparse.ArgumentError(action, f"expected one value, got a list of {len(items)}")
+    if not (single or fixed or action.nargs in ("*", "+")):
+        raise argparse.ArgumentError(action, "cannot be set from a config file: give it on the command line")
+    if (action.nargs == "+" and not items) or (fixed and len(items) != action.nargs):
+        raise argparse.ArgumentError(action, f"expected {action.nargs} values, got {len(items)}")
+    values = [parser._get_value(action, item) for item in items]
+    for value in values:
+        parser._check_value(action, value)
+    action(parser, namespace, values[0] if single else values, action.option_strings[0])
 
 
 def settings_record(*settings: Any) -> dict[str, Any]:
