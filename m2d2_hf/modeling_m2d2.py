@@ -185,13 +185,14 @@ def frame_counts_from_mask(input_features_mask: torch.Tensor) -> torch.Tensor:
     The encoder reads each clip as its first `count` frames, so any other mask (values other than 0/1, a 0 before
     a 1) would silently encode other frames than the ones it marks: it is rejected.
     """
-    mask = input_features_mask.to(torch.long)
-    if ((mask != 0) & (mask != 1)).any():
-        values = sorted(set(torch.unique(mask).tolist()) - {0, 1})[:5]
+    # Checked before the cast to integers: a float mask of 0.9999999 or 1e-8 would truncate to 0 and pass.
+    if ((input_features_mask != 0) & (input_features_mask != 1)).any():
+        values = sorted(set(torch.unique(input_features_mask).tolist()) - {0, 1})[:5]
         raise ValueError(
             f"input_features_mask must hold 0 and 1 only (1 = real frame), got values {values}: pass the mask "
             f"M2D2FeatureExtractor returns."
         )
+    mask = input_features_mask.to(torch.long)
     holes = (mask[:, 1:] > mask[:, :-1]).any(-1)
     if holes.any():
         clip = int(holes.nonzero()[0, 0])

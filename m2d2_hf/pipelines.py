@@ -16,6 +16,8 @@ audio-classification pipeline and `datasets` Audio columns give them; other rate
 label, and labels or templates that would give a silent wrong answer are rejected.
 """
 
+from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -45,13 +47,22 @@ def check_hypothesis_template(template: str) -> None:
 
 
 def check_candidate_labels(candidate_labels: Any) -> list[str]:
-    """The labels as a list: one string is one label; no labels at all is an error."""
+    """The labels as a list: one string is one label; no labels at all, or a label given twice, is an error."""
     if isinstance(candidate_labels, str):
         return [candidate_labels]
     labels = list(candidate_labels) if candidate_labels is not None else []
     if not labels:
         raise ValueError("candidate_labels is empty: pass at least one label, e.g. candidate_labels=['dog', 'rain']")
+    check_unique_labels(labels)
     return labels
+
+
+def check_unique_labels(labels: Sequence[str]) -> None:
+    """Raises `ValueError` when a label is given more than once: the softmax would split its probability between
+    the copies (two labels of 0.5 where one of 1.0 is meant)."""
+    repeated = [label for label, count in Counter(labels).items() if count > 1]
+    if repeated:
+        raise ValueError(f"labels {repeated[:5]} are given more than once: pass each label once")
 
 
 class _TimeMajorBatching:
@@ -140,6 +151,7 @@ __all__ = [
     "M2D2AudioClassificationPipeline",
     "M2D2ZeroShotAudioClassificationPipeline",
     "check_candidate_labels",
+    "check_unique_labels",
     "check_hypothesis_template",
     "register_pipelines",
 ]

@@ -3,7 +3,7 @@ put into a template ("{} can be heard" by default)."""
 
 from collections.abc import Sequence
 
-from .pipelines import check_hypothesis_template
+from .pipelines import check_hypothesis_template, check_unique_labels
 
 
 # The prompt of the original zero-shot evaluation (docs/method.md §7, the ESC-50 notebook).
@@ -11,17 +11,19 @@ DEFAULT_TEMPLATE = "{} can be heard"
 
 
 class PromptError(ValueError):
-    """A template without one `{}` for the class name, or two class names that give the same prompt."""
+    """A template without one `{}` for the class name, a repeated class name, or two that give the same prompt."""
 
 
 def label_prompts(labels: Sequence[str], template: str) -> dict[str, str]:
     """Maps each prompt label (underscores read as spaces, as the original evaluation) back to its given name.
 
     Raises:
-        PromptError: when `template` has no `{}` for the name or two labels give the same prompt.
+        PromptError: when `template` has no `{}` for the name, a label is repeated or two labels give the same
+            prompt.
     """
     try:
         check_hypothesis_template(template)
+        check_unique_labels(labels)
     except ValueError as error:
         raise PromptError(str(error)) from error
     names: dict[str, str] = {}

@@ -291,6 +291,7 @@ def test_zero_shot_scores_the_files_of_a_labelled_split(tiny_clap_dir, clips, tm
         "empty labels",
         "blank labels",
         "template without {}",
+        "repeated label",
         "same stem",
         "too short",
     ],
@@ -332,6 +333,7 @@ def test_user_errors_exit_2_with_one_line(case, encoder_dir, tiny_clap_dir, toke
         "empty labels": (["zero-shot", tiny_clap_dir, clips[0], "--labels", ""], "no labels"),
         "blank labels": (["zero-shot", tiny_clap_dir, clips[0], "--labels", " , "], "no labels"),
         "template without {}": (["zero-shot", tiny_clap_dir, clips[0], "--labels", "a", "--template", "x"], "no {}"),
+        "repeated label": (["zero-shot", tiny_clap_dir, clips[0], "--labels", "a,b,a"], "given more than once"),
         "same stem": (["embed", encoder_dir, clips[0], copy, "-o", out], "same stem"),
         "too short": (["embed", encoder_dir, short, "-o", out], "too short"),
     }[case]

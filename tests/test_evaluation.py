@@ -28,6 +28,7 @@ from m2d2_hf.evaluation import (
 from m2d2_hf.evaluation.data import caption_groups
 from m2d2_hf.evaluation.linear_probe import holdout, train_linear_classifier
 from m2d2_hf.evaluation.metrics import audio_to_text_metrics, mean_average_precision, text_to_audio_metrics
+from m2d2_hf.prompts import PromptError
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -151,6 +152,17 @@ def test_zero_shot_matches_the_model(clap, twelve_clips):
     )
     for entry in report["per_class"].values():
         assert 0.0 <= entry["top1_accuracy"] <= 1.0
+
+
+def test_zero_shot_refuses_a_repeated_label_before_embedding(clap, twelve_clips):
+    model, processor = clap
+
+    def never_read():
+        raise AssertionError("audio was read before the labels were checked")
+        yield
+
+    with pytest.raises(PromptError, match=r"labels \['wild_animal'\] are given more than once"):
+        zero_shot_classify(model, processor, never_read(), labels=[*ZERO_SHOT_LABELS, "wild_animal"], progress=False)
 
 
 def test_zero_shot_multi_label_from_pairs(clap, twelve_clips):

@@ -102,6 +102,13 @@ def test_masks_that_are_not_a_prefix_are_rejected(fe, wave):
         model(**inputs)  # the extractor's own mask is accepted
         with pytest.raises(ValueError, match=r"0 and 1 only.*values \[2\]"):
             model(inputs["input_features"], mask * 2)
+        # Float masks just inside float tolerance of 1 or 0 would truncate to 0 as integers.
+        for value in (0.9999999, 1e-8):
+            near = mask.to(torch.float32)
+            near[0, 0] = value
+            with pytest.raises(ValueError, match=r"0 and 1 only"):
+                model(inputs["input_features"], near)
+        model(inputs["input_features"], mask.to(torch.float32))  # a float mask of exact 0s and 1s is accepted
         holed = mask.clone()
         holed[1, 10:20] = 0
         with pytest.raises(ValueError, match=r"clip 1 has a 0 before a 1.*separate clips"):
@@ -146,6 +153,9 @@ def test_pipeline_labels_and_template_are_checked(classifier, wave):
     assert [p["label"] for p in single] == ["a dog barking"] and single[0]["score"] == pytest.approx(1.0)
     with pytest.raises(ValueError, match=r"has no \{\} for the label"):
         classifier(wave, candidate_labels=LABELS, hypothesis_template="a sound")
+    # A repeated label would split its probability between the copies (0.5 / 0.5 where 1.0 is meant).
+    with pytest.raises(ValueError, match=r"labels \['a dog barking'\] are given more than once"):
+        classifier(wave, candidate_labels=["a dog barking", "rain", "a dog barking"])
 
 
 def test_pipeline_of_other_models_is_unchanged(tokenizer_dir, wave):

@@ -51,6 +51,8 @@ def zero_shot_classify(
         `per_class` (per label: clips and top-1 accuracy, or positives and average precision; None where a class
         has no clip); `predictions`, the top-5 label names of each clip, best first; `targets` as given.
     """
+    if labels is not None:
+        label_prompts(labels, template)  # a repeated label or a bad template fails before any audio is embedded
     if isinstance(examples, Dataset):
         examples = EvaluationSet.from_dataset(examples)
     if isinstance(examples, EvaluationSet):
