@@ -13,19 +13,23 @@ of a call on its own.
 
 Zero-shot input: for M2D2 CLAP models `{"raw" | "array": waveform, "sampling_rate": rate}` dicts are taken (as the
 audio-classification pipeline and `datasets` Audio columns give them; other rates are resampled), one string is one
-label, and labels or templates that would give a silent wrong answer are rejected.
+label, and labels or templates that would give a silent wrong answer are rejected. File paths, URLs and encoded bytes
+are decoded by the package's decoder (`data.audio.decode_audio`, as the CLI does), so a damaged file raises
+`AudioDecodeError` instead of being classified on the part before the damage.
 """
 
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
+import httpx
 import numpy as np
 import torchaudio
 from transformers import AudioClassificationPipeline, ZeroShotAudioClassificationPipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
 from .configuration_m2d2 import M2D2AudioConfig, M2D2Config
+from .data.audio import decode_audio
 
 
 M2D2_MODEL_TYPES = (M2D2Config.model_type, M2D2AudioConfig.model_type)
@@ -65,6 +69,17 @@ def check_unique_labels(labels: Sequence[str]) -> None:
         raise ValueError(f"labels {repeated[:5]} are given more than once: pass each label once")
 
 
+def decode_encoded(audio: Any, sampling_rate: int) -> Any:
+    """A file path, URL or encoded bytes as a mono float32 waveform at `sampling_rate`, decoded by the package's
+    decoder (`data.audio.decode_audio`), so a truncated or corrupt file raises `AudioDecodeError` as it does in the
+    CLI (transformers' ffmpeg reading returns the part before the damage without a word). Other inputs pass."""
+    if isinstance(audio, str) and audio.startswith(("http://", "https://")):
+        audio = httpx.get(audio, follow_redirects=True).content
+    if isinstance(audio, (str, bytes)):
+        return decode_audio(audio, sampling_rate)
+    return audio
+
+
 class _TimeMajorBatching:
     """For M2D2 models, transposes `input_features` to [1, frames, bins] after preprocessing (what the collation
     pads) and back before the model."""
@@ -94,6 +109,7 @@ class M2D2ZeroShotAudioClassificationPipeline(_TimeMajorBatching, ZeroShotAudioC
         if self._is_m2d2():
             candidate_labels = check_candidate_labels(candidate_labels)
             check_hypothesis_template(hypothesis_template)
+            audio = decode_encoded(audio, self.feature_extractor.sampling_rate)
             if isinstance(audio, dict):
                 audio = self._waveform_from_dict(audio)
         return super().preprocess(audio, candidate_labels, hypothesis_template)
@@ -128,7 +144,13 @@ class M2D2ZeroShotAudioClassificationPipeline(_TimeMajorBatching, ZeroShotAudioC
 
 
 class M2D2AudioClassificationPipeline(_TimeMajorBatching, AudioClassificationPipeline):
-    """[`AudioClassificationPipeline`] that, for `M2D2ForAudioClassification`, batches clips of any lengths."""
+    """[`AudioClassificationPipeline`] that, for `M2D2ForAudioClassification`, batches clips of any lengths and
+    decodes files with the package's decoder (damaged files raise `AudioDecodeError`)."""
+
+    def preprocess(self, inputs, *args, **kwargs):
+        if self._is_m2d2():
+            inputs = decode_encoded(inputs, self.feature_extractor.sampling_rate)
+        return super().preprocess(inputs, *args, **kwargs)
 
 
 def register_pipelines() -> None:

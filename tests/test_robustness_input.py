@@ -1,4 +1,4 @@
-"""Issue 12, input and CLI cases: every bad input gives the right answer or a clear error, never a silent wrong one."""
+"""Input and CLI cases: every bad input gives the right answer or a clear error, never a silent wrong one."""
 
 import json
 from pathlib import Path
@@ -12,12 +12,14 @@ from transformers.pipelines.zero_shot_audio_classification import ZeroShotAudioC
 
 from m2d2_hf import M2D2AudioConfig, M2D2AudioModel, M2D2FeatureExtractor
 from m2d2_hf.cli import main
+from m2d2_hf.data.audio import AudioDecodeError
 
 from .conftest import TINY_AUDIO
 
 
 TASK = "zero-shot-audio-classification"
 LABELS = ["a dog barking", "rain falling", "a bell ringing"]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -144,6 +146,23 @@ def test_pipeline_takes_audio_dicts_with_their_rate(classifier, wave):
         )
     with pytest.raises(ValueError, match="'raw' \\(or 'array'\\) key"):
         classifier({"audio": wave, "sampling_rate": 16000}, candidate_labels=LABELS)
+
+
+def test_pipeline_decodes_files_as_the_cli_does(classifier, tmp_path):
+    clip = REPO_ROOT / "examples" / "data" / "audio" / "alarm" / "fd_phone_outgoing_calling.flac"
+    wave, rate = sf.read(str(clip), dtype="float32")
+    assert rate == 16000
+    from_file = scores(classifier(str(clip), candidate_labels=LABELS))
+    from_bytes = scores(classifier(clip.read_bytes(), candidate_labels=LABELS))
+    from_array = scores(classifier(wave, candidate_labels=LABELS))
+    for label in LABELS:
+        assert from_file[label] == pytest.approx(from_array[label], abs=1e-6)
+        assert from_bytes[label] == pytest.approx(from_array[label], abs=1e-6)
+    truncated = tmp_path / "truncated.flac"
+    truncated.write_bytes(clip.read_bytes()[: clip.stat().st_size // 2])
+    for damaged in (str(truncated), truncated.read_bytes()):
+        with pytest.raises(AudioDecodeError, match="lost sync"):
+            classifier(damaged, candidate_labels=LABELS)
 
 
 def test_pipeline_labels_and_template_are_checked(classifier, wave):
