@@ -18,8 +18,6 @@ are decoded by the package's decoder (`data.audio.decode_audio`, as the CLI does
 `AudioDecodeError` instead of being classified on the part before the damage.
 """
 
-from collections import Counter
-from collections.abc import Sequence
 from typing import Any
 
 import httpx
@@ -30,6 +28,7 @@ from transformers.pipelines import PIPELINE_REGISTRY
 
 from .configuration_m2d2 import M2D2AudioConfig, M2D2Config
 from .data.audio import decode_audio
+from .data.labels import check_unique_labels
 
 
 M2D2_MODEL_TYPES = (M2D2Config.model_type, M2D2AudioConfig.model_type)
@@ -59,14 +58,6 @@ def check_candidate_labels(candidate_labels: Any) -> list[str]:
         raise ValueError("candidate_labels is empty: pass at least one label, e.g. candidate_labels=['dog', 'rain']")
     check_unique_labels(labels)
     return labels
-
-
-def check_unique_labels(labels: Sequence[str]) -> None:
-    """Raises `ValueError` when a label is given more than once: the softmax would split its probability between
-    the copies (two labels of 0.5 where one of 1.0 is meant)."""
-    repeated = [label for label, count in Counter(labels).items() if count > 1]
-    if repeated:
-        raise ValueError(f"labels {repeated[:5]} are given more than once: pass each label once")
 
 
 def decode_encoded(audio: Any, sampling_rate: int) -> Any:
@@ -173,7 +164,6 @@ __all__ = [
     "M2D2AudioClassificationPipeline",
     "M2D2ZeroShotAudioClassificationPipeline",
     "check_candidate_labels",
-    "check_unique_labels",
     "check_hypothesis_template",
     "register_pipelines",
 ]

@@ -3,7 +3,8 @@ put into a template ("{} can be heard" by default)."""
 
 from collections.abc import Sequence
 
-from .pipelines import check_hypothesis_template, check_unique_labels
+from .data.labels import check_unique_labels
+from .pipelines import check_hypothesis_template
 
 
 # The prompt of the original zero-shot evaluation (docs/method.md §7, the ESC-50 notebook).

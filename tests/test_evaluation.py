@@ -161,7 +161,7 @@ def test_zero_shot_refuses_a_repeated_label_before_embedding(clap, twelve_clips)
         raise AssertionError("audio was read before the labels were checked")
         yield
 
-    with pytest.raises(PromptError, match=r"labels \['wild_animal'\] are given more than once"):
+    with pytest.raises(PromptError, match=r"the labels repeat \['wild_animal'\]"):
         zero_shot_classify(model, processor, never_read(), labels=[*ZERO_SHOT_LABELS, "wild_animal"], progress=False)
 
 

@@ -173,7 +173,7 @@ def test_pipeline_labels_and_template_are_checked(classifier, wave):
     with pytest.raises(ValueError, match=r"has no \{\} for the label"):
         classifier(wave, candidate_labels=LABELS, hypothesis_template="a sound")
     # A repeated label would split its probability between the copies (0.5 / 0.5 where 1.0 is meant).
-    with pytest.raises(ValueError, match=r"labels \['a dog barking'\] are given more than once"):
+    with pytest.raises(ValueError, match=r"the labels repeat \['a dog barking'\]: give each class once"):
         classifier(wave, candidate_labels=["a dog barking", "rain", "a dog barking"])
 
 

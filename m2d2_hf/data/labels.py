@@ -6,6 +6,7 @@ A cell is a label name, a class index, a list (or array) of those, or a string o
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -100,10 +101,24 @@ def parse_label_list(text: str, separator: str = ",") -> list[str]:
         ValueError: a name given twice (its class would be ambiguous).
     """
     labels = split_labels(text, separator)
-    repeated = sorted({label for label in labels if labels.count(label) > 1})
-    if repeated:
-        raise ValueError(f"the labels repeat {repeated}: give each class once")
+    check_unique_labels(labels)
     return labels
 
 
-__all__ = ["LabelReader", "class_names", "encode_targets", "parse_label_list", "split_labels", "targets_of"]
+def check_unique_labels(labels: Sequence[str]) -> None:
+    """Raises `ValueError` when a class name is given more than once: its class would be ambiguous, and a zero-shot
+    softmax would split its probability between the copies (0.5 and 0.5 where 1.0 is meant)."""
+    repeated = sorted(label for label, count in Counter(labels).items() if count > 1)
+    if repeated:
+        raise ValueError(f"the labels repeat {repeated}: give each class once")
+
+
+__all__ = [
+    "LabelReader",
+    "check_unique_labels",
+    "class_names",
+    "encode_targets",
+    "parse_label_list",
+    "split_labels",
+    "targets_of",
+]
