@@ -1,6 +1,7 @@
 """Loading an M2D2 model folder (or hub id) for inference: its config, feature extractor or weights, and the device to
 run it on, with errors that name the folder or device and the problem instead of a loader's traceback."""
 
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +34,17 @@ def load_m2d2_config(model: str | Path) -> PreTrainedConfig:
     return config
 
 
-def load_pretrained(loader: Any, model: str | Path, what: str = "the model") -> Any:
-    """`loader.from_pretrained(model)` with unreadable, truncated or foreign files as a `ModelLoadError`."""
+def load_pretrained(loader: Any, model: str | Path, what: str = "the model", **kwargs: Any) -> Any:
+    """`loader.from_pretrained(model, **kwargs)` with unreadable, truncated or foreign files as a `ModelLoadError`."""
     try:
-        return loader.from_pretrained(model)
+        return loader.from_pretrained(model, **kwargs)
+    except pickle.UnpicklingError as error:
+        # torch.load(weights_only=True) refused the pickle before running any of it; its message is a page of
+        # ways to run it anyway, which is not the advice to give for a file of unknown origin.
+        raise ModelLoadError(
+            f"cannot load {what} from {model}: its pytorch_model.bin is a pickle holding more than tensors, refused "
+            f"unread because loading it could run code; save the weights as model.safetensors from a copy you trust"
+        ) from error
     except (OSError, ValueError, SafetensorError) as error:
         raise ModelLoadError(f"cannot load {what} from {model}: {error}") from error
 

@@ -16,9 +16,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from transformers import AutoConfig, AutoProcessor
+from transformers import AutoProcessor
 
 from ..configuration_m2d2 import M2D2Config
+from ..loading import load_m2d2_config, load_pretrained
 from ..long_audio import AudioFileSamples, embed_long_audio
 from ..modeling_m2d2 import M2D2ClapModel
 from ..timeline import window_embeddings
@@ -61,14 +62,14 @@ def model_fingerprint(model: M2D2ClapModel, name: str) -> ModelFingerprint:
 
 def load_clap_model(model_name: str, device: str | torch.device = "cpu") -> tuple[M2D2ClapModel, object]:
     """An M2D2 CLAP model (eval mode, on `device`) and its processor; a clear error for other folders."""
-    config = AutoConfig.from_pretrained(model_name)
+    config = load_m2d2_config(model_name)
     if config.model_type != M2D2Config.model_type:
         raise ValueError(
             f"{model_name} is not an M2D2 CLAP model (model_type {config.model_type!r}): a search index needs "
             f"the audio and text towers of an {M2D2Config.model_type!r} folder"
         )
-    model = M2D2ClapModel.from_pretrained(model_name).to(device).eval()
-    return model, AutoProcessor.from_pretrained(model_name)
+    model = load_pretrained(M2D2ClapModel, model_name).to(device).eval()
+    return model, load_pretrained(AutoProcessor, model_name, "the processor")
 
 
 def _pad_to_minimum(wave: np.ndarray, minimum: int) -> np.ndarray:
