@@ -1,6 +1,6 @@
 # The two commands of the README: `make demo` (set up + main job) and `make test` (set up + test suite).
 # Both create .venv, install the package with its dev extras, and install Debian's ffmpeg when it is missing and
-# this user can (root or passwordless sudo); without ffmpeg only the pipeline's file-path decoding is unavailable.
+# this user can (root or passwordless sudo); without ffmpeg, formats libsndfile cannot read (m4a, aac) are not decoded.
 
 VENV ?= .venv
 PYTHON ?= python3
@@ -25,7 +25,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	[ -z "$$missing" ] || { \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq $$missing >/dev/null; \
 	  elif sudo -n true 2>/dev/null; then sudo apt-get update -qq && sudo apt-get install -y -qq $$missing >/dev/null; \
-	  else echo "note: cannot install $$missing here: audio file paths in pipeline() need ffmpeg; the search page's browser test skips without chromium"; fi; }
+	  else echo "note: cannot install $$missing here: formats libsndfile cannot read (m4a, aac) need ffmpeg; the search page's browser test skips without chromium"; fi; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'

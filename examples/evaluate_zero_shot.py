@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> None:
     labels = parser.add_mutually_exclusive_group()
     labels.add_argument("--labels", help="comma-separated class names (default: the labels found in the data)")
     labels.add_argument("--labels-file", type=Path, help="class names, one per line")
-    parser.add_argument("--template", default=DEFAULT_TEMPLATE, help=f"prompt (default: {DEFAULT_TEMPLATE!r})")
+    parser.add_argument("--template", help=f"prompt (default: the model's zero_shot_template, {DEFAULT_TEMPLATE!r})")
     args = parser.parse_args(argv)
 
     report = run_evaluation(

@@ -285,6 +285,9 @@ class M2D2Config(_SavesWithoutChangingItself, PreTrainedConfig):
             text output is the embedding and must already be `projection_dim` wide.
         projection_dim (`int`, defaults to 768): size of the shared embedding space.
         logit_scale_init_value (`float`, defaults to ln 100): initial log temperature (stage 2 initialises ln 100).
+        zero_shot_template (`str`, defaults to `"{} can be heard"`): the prompt a class name is put into for
+            zero-shot classification (the original evaluation's); `pipeline("zero-shot-audio-classification")` uses
+            it when no `hypothesis_template` is passed.
     """
 
     model_type = "m2d2"
@@ -318,10 +321,15 @@ class M2D2Config(_SavesWithoutChangingItself, PreTrainedConfig):
     text_projection: bool = False
     projection_dim: int = 768
     logit_scale_init_value: float = math.log(100.0)
+    zero_shot_template: str = "{} can be heard"
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
+        if not isinstance(self.zero_shot_template, str) or self.zero_shot_template.count("{}") != 1:
+            raise ValueError(
+                f"zero_shot_template must hold one {{}} where the class name goes, got {self.zero_shot_template!r}"
+            )
         if self.audio_projector_type not in ("semantic", "mlp"):
             raise ValueError(f"audio_projector_type must be 'semantic' or 'mlp', got {self.audio_projector_type!r}")
         if self.text_pooling not in ("cls", "mean"):

@@ -32,6 +32,8 @@ from .data.labels import check_unique_labels
 
 
 M2D2_MODEL_TYPES = (M2D2Config.model_type, M2D2AudioConfig.model_type)
+# ZeroShotAudioClassificationPipeline's own default prompt, kept for models other than M2D2.
+TRANSFORMERS_DEFAULT_TEMPLATE = "This is a sound of {}."
 
 
 def check_hypothesis_template(template: str) -> None:
@@ -93,10 +95,17 @@ class _TimeMajorBatching:
 class M2D2ZeroShotAudioClassificationPipeline(_TimeMajorBatching, ZeroShotAudioClassificationPipeline):
     """[`ZeroShotAudioClassificationPipeline`] that, for M2D2 CLAP models, batches clips of any lengths, also takes
     audio as a dict `{"raw" | "array": waveform, "sampling_rate": rate}` (resampled to the feature extractor's rate
-    as the extractor does), takes one string as one label, and raises `ValueError` for no labels or a template
-    without `{}`. Other models get the parent's behaviour unchanged."""
+    as the extractor does), takes one string as one label, prompts with the model's own `zero_shot_template`
+    ("{} can be heard") unless a `hypothesis_template` is passed, and raises `ValueError` for no labels, a repeated
+    label or a template without `{}`. Other models get the parent's behaviour unchanged."""
 
-    def preprocess(self, audio, candidate_labels=None, hypothesis_template="This is a sound of {}."):
+    def preprocess(self, audio, candidate_labels=None, hypothesis_template=None):
+        if hypothesis_template is None:
+            # An M2D2 model's own prompt (the one its zero-shot figures are measured with); other models get the
+            # parent's default. Passing hypothesis_template="This is a sound of {}." still selects that one.
+            hypothesis_template = (
+                self.model.config.zero_shot_template if self._is_m2d2() else TRANSFORMERS_DEFAULT_TEMPLATE
+            )
         if self._is_m2d2():
             candidate_labels = check_candidate_labels(candidate_labels)
             check_hypothesis_template(hypothesis_template)

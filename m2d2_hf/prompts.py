@@ -3,12 +3,14 @@ put into a template ("{} can be heard" by default)."""
 
 from collections.abc import Sequence
 
+from .configuration_m2d2 import M2D2Config
 from .data.labels import check_unique_labels
 from .pipelines import check_hypothesis_template
 
 
-# The prompt of the original zero-shot evaluation (docs/method.md §7, the ESC-50 notebook).
-DEFAULT_TEMPLATE = "{} can be heard"
+# The prompt of the original zero-shot evaluation (docs/method.md §7, the ESC-50 notebook): M2D2Config's default
+# `zero_shot_template`, for folders whose config predates the field and for callers without a model.
+DEFAULT_TEMPLATE = M2D2Config.zero_shot_template
 
 
 class PromptError(ValueError):

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from transformers import AutoModel, AutoProcessor, pipeline
+from transformers import AutoConfig, AutoModel, AutoProcessor, pipeline
 
-import m2d2_hf  # noqa: F401  (registers the M2D2 classes with the Auto classes the pipeline uses)
+from m2d2_hf import M2D2Config  # importing m2d2_hf registers the M2D2 classes with the Auto classes
 
 
 TASK = "zero-shot-audio-classification"
@@ -72,14 +72,31 @@ def test_hypothesis_template_is_used(classifier, tiny_clap_dir, clip):
     assert np.abs(by_template["{} can be heard"] - by_template["This is a sound of {}."]).max() > 1e-4
 
 
-@pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="the pipeline decodes file paths with the ffmpeg binary")
+def test_the_default_prompt_is_the_models_own(classifier, tiny_clap_dir, clip, tmp_path):
+    """Without hypothesis_template the pipeline prompts as the CLI and the evaluations do: with the model's
+    `zero_shot_template`, not transformers' "This is a sound of {}."."""
+    default = as_dict(classifier(clip, candidate_labels=LABELS))
+    expected = direct_scores(tiny_clap_dir, clip, LABELS, classifier.model.config.zero_shot_template)
+    np.testing.assert_allclose([default[label] for label in LABELS], expected.numpy(), atol=1e-6)
+    custom_dir = tmp_path / "custom"
+    shutil.copytree(tiny_clap_dir, custom_dir)
+    config = AutoConfig.from_pretrained(custom_dir)
+    config.zero_shot_template = "the sound of {}"
+    config.save_pretrained(custom_dir)
+    custom = as_dict(pipeline(TASK, model=str(custom_dir))(clip, candidate_labels=LABELS))
+    expected = direct_scores(tiny_clap_dir, clip, LABELS, "the sound of {}")
+    np.testing.assert_allclose([custom[label] for label in LABELS], expected.numpy(), atol=1e-6)
+    with pytest.raises(ValueError, match="zero_shot_template must hold one"):
+        M2D2Config(zero_shot_template="no placeholder")
+
+
 def test_pipeline_on_file_path(classifier, real_sounds_dir, clip):
     from_path = as_dict(classifier(str(real_sounds_dir / REAL_CLIP), candidate_labels=LABELS))
     from_array = as_dict(classifier(clip, candidate_labels=LABELS))
     assert sum(from_path.values()) == pytest.approx(1.0, abs=1e-6)
-    # ffmpeg decodes the 16 kHz 16-bit FLAC to the same float samples soundfile gives.
+    # The package's decoder reads the 16 kHz 16-bit FLAC to the same float samples soundfile gives.
     np.testing.assert_allclose(
-        [from_path[label] for label in LABELS], [from_array[label] for label in LABELS], atol=1e-5
+        [from_path[label] for label in LABELS], [from_array[label] for label in LABELS], atol=1e-6
     )
 
 

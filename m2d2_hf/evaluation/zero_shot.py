@@ -15,7 +15,7 @@ import torch
 from datasets import Dataset
 
 from ..data.labels import class_names, encode_targets
-from ..prompts import DEFAULT_TEMPLATE, label_prompts
+from ..prompts import label_prompts
 from .data import EvaluationSet, embed_audio, embed_texts, unzip_lazily
 from .metrics import average_precision_per_class, mean_average_precision, per_class_accuracy, top_k_accuracy
 
@@ -25,7 +25,7 @@ def zero_shot_classify(
     processor,
     examples,
     labels: Sequence[str] | None = None,
-    template: str = DEFAULT_TEMPLATE,
+    template: str | None = None,
     batch_size: int = 8,
     multi_label: bool = False,
     device: str | torch.device | None = None,
@@ -42,7 +42,7 @@ def zero_shot_classify(
         examples: an `EvaluationSet`, a `datasets.Dataset` (targets from `label_column`), or an iterable of
             (audio, target) pairs (audio: see `data.AudioSource`).
         labels: the class names, in the order of class indices; default: the distinct targets, sorted.
-        template: prompt with one `{}` for the class name.
+        template: prompt with one `{}` for the class name (default: the model's `zero_shot_template`).
         multi_label: targets are label lists (or `label_separator`-joined names); score with mAP.
         top_k: the accuracies reported for single-label sets.
 
@@ -51,6 +51,7 @@ def zero_shot_classify(
         `per_class` (per label: clips and top-1 accuracy, or positives and average precision; None where a class
         has no clip); `predictions`, the top-5 label names of each clip, best first; `targets` as given.
     """
+    template = template or model.config.zero_shot_template
     if labels is not None:
         label_prompts(labels, template)  # a repeated label or a bad template fails before any audio is embedded
     if isinstance(examples, Dataset):
