@@ -63,6 +63,10 @@ class M2D2Processor(ProcessorMixin):
         if text is not None:
             text_kwargs = merged["text_kwargs"]
             if text_kwargs.get("truncation") is None:
+                if "max_length" not in kwargs and "max_length" not in kwargs.get("text_kwargs", {}):
+                    # The merge copies the tokenizer's saved `max_length` into every call, where, without
+                    # truncation, the tokenizer ignores it with a warning on each text query.
+                    text_kwargs.pop("max_length", None)
                 self._truncate_overlong(text, text_kwargs)
             data.update(self.tokenizer(text, **text_kwargs))
         if audio is not None:
@@ -89,7 +93,7 @@ class M2D2Processor(ProcessorMixin):
         if limit is None or limit >= _NO_LIMIT:
             return
         texts = [text] if isinstance(text, str) else list(text)
-        lengths = [len(ids) for ids in self.tokenizer(texts, add_special_tokens=True)["input_ids"]]
+        lengths = [len(ids) for ids in self.tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"]]
         overlong = [i for i, length in enumerate(lengths) if length > limit]
         if overlong:
             logger.warning(

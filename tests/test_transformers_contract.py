@@ -6,6 +6,7 @@ import logging
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import numpy as np
 import pytest
@@ -135,6 +136,18 @@ def test_processor_follows_v5_keywords(processor):
     torch.testing.assert_close(through_processor, direct)
     as_audio_kwargs = processor(audio=stereo, audio_kwargs={"mono": True, "sampling_rate": 16000})
     torch.testing.assert_close(as_audio_kwargs["input_features"], direct)
+
+
+def test_processor_is_quiet_on_ordinary_text(caplog):
+    """A folder's tokenizer saved with `max_length` (as the demo model's is) warns on no ordinary query: the
+    processor passes that setting on only with a truncation."""
+    saved = AutoTokenizer.from_pretrained(str(minilm_dir()), max_length=128)
+    quiet = M2D2Processor(M2D2FeatureExtractor(), saved)
+    with warnings.catch_warnings(), caplog.at_level(logging.WARNING):
+        warnings.simplefilter("error")
+        ids = quiet(text=["a dog", "a cat barking loudly"])["input_ids"]
+    assert ids.shape[0] == 2 and caplog.text == ""
+    assert quiet(text=["a dog"], padding="max_length", max_length=9)["input_ids"].shape == (1, 9)
 
 
 def test_processor_truncates_overlong_text_with_a_warning(processor, caplog):
