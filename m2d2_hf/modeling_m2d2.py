@@ -1,6 +1,7 @@
 """M2D2 audio encoder (M2D ViT) and the M2D2 / M2D-CLAP audio-language model."""
 
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -496,12 +497,24 @@ class M2D2AudioModel(M2D2PreTrainedModel):
     # CPU kernels need. Training, hidden states and attention weights keep the single pass.
     inference_chunks_per_pass: int | None = 64
 
+    # The parts of a CLAP folder beside its audio tower (`audio_model.*`): loading the tower alone from such a folder
+    # leaves them out by design, so the load report does not list them as unexpected.
+    _clap_only_keys = re.compile(r"^(text_model|text_projection|audio_projection)\.|^logit_scale$")
+
     def __init__(self, config: M2D2AudioConfig):
         super().__init__(config)
         self.embeddings = M2D2Embeddings(config)
         self.layers = encoder_layers(config)
         self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_init()
+
+    def _adjust_missing_and_unexpected_keys(self, loading_info) -> None:
+        # An override, not `_keys_to_ignore_on_load_unexpected`: transformers copies that attribute from children to
+        # parents, and a CLAP model must keep reporting unexpected text-tower keys of its own.
+        super()._adjust_missing_and_unexpected_keys(loading_info)
+        loading_info.unexpected_keys = {
+            key for key in loading_info.unexpected_keys if self._clap_only_keys.search(key) is None
+        }
 
     def save_pretrained(self, *args, **kwargs):
         """An encoder folder: the online encoder of [`M2D2ForPreTraining`] shares that model's pre-training

@@ -11,7 +11,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoFeatureExtractor, AutoModel
+from transformers.testing_utils import CaptureLogger
+from transformers.utils import logging
 
 from m2d2_hf import M2D2AudioConfig, M2D2AudioModel, M2D2ClapModel, M2D2Config
 from m2d2_hf.chunking import ChunkLayout
@@ -289,10 +292,20 @@ def test_bfloat16_loading(tmp_path):
 def test_audio_model_loads_from_a_clap_folder(tmp_path):
     clap = tiny_clap_model()
     clap.save_pretrained(tmp_path)
-    audio = M2D2AudioModel.from_pretrained(tmp_path)
+    report = logging.get_logger("transformers.modeling_utils")
+    with CaptureLogger(report) as quiet:
+        audio = M2D2AudioModel.from_pretrained(tmp_path)
     assert isinstance(audio.config, M2D2AudioConfig)
     for name, tensor in audio.state_dict().items():
         assert torch.equal(tensor, clap.audio_model.state_dict()[name]), name
+    # The text tower and projectors of the folder are left out by design: no report of "unexpected" keys.
+    assert "UNEXPECTED" not in quiet.out
+    # A CLAP model still reports keys its folder has and it lacks.
+    weights = tmp_path / "model.safetensors"
+    save_file({**load_file(weights), "text_model.extra.weight": torch.zeros(2)}, weights, metadata={"format": "pt"})
+    with CaptureLogger(report) as loud:
+        M2D2ClapModel.from_pretrained(tmp_path)
+    assert "text_model.extra.weight" in loud.out and "UNEXPECTED" in loud.out
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
