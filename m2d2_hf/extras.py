@@ -25,8 +25,14 @@ def missing_packages(extra: str) -> list[str]:
     return [name for name in EXTRAS[extra][1] if importlib.util.find_spec(name) is None]
 
 
+def install_hint(extra: str) -> str:
+    """The command that installs an extra. The package is installed from a clone until it has a release."""
+    return f'pip install -e ".[{extra}]" in the m2d2_hf clone'
+
+
 def require_extra(extra: str) -> None:
-    """Raise `MissingExtraError` naming `pip install "m2d2_hf[<extra>]"` unless all of the extra's packages import."""
+    """Raise `MissingExtraError` naming the command that installs `extra` (`install_hint`) unless all of its packages
+    import."""
     if extra not in EXTRAS:
         raise ValueError(f"unknown extra {extra!r}; the extras with import checks are {sorted(EXTRAS)}")
     missing = missing_packages(extra)
@@ -35,6 +41,6 @@ def require_extra(extra: str) -> None:
         names = ", ".join(PIP_NAMES.get(name, name) for name in missing)
         raise MissingExtraError(
             f"{feature} needs {names}, which {'is' if len(missing) == 1 else 'are'} not installed: "
-            f'pip install "m2d2_hf[{extra}]"',
+            f"{install_hint(extra)}",
             name=missing[0],
         )

@@ -69,13 +69,13 @@ def test_the_model_loads_without_the_extras_and_features_name_theirs(tmp_path):
     assert report["loaded"] == []
     assert set(report["messages"]) == {"train", "eval", "timeline"}
     for extra, message in report["messages"].items():
-        assert f'pip install "m2d2_hf[{extra}]"' in message, message
+        assert f'pip install -e ".[{extra}]"' in message, message
 
 
 def test_require_extra_names_the_pip_packages(monkeypatch):
     monkeypatch.setitem(sys.modules, "sklearn", None)
     with pytest.raises(
-        MissingExtraError, match=r'needs scikit-learn, which is not installed: pip install "m2d2_hf\[eval\]"'
+        MissingExtraError, match=r'needs scikit-learn, which is not installed: pip install -e "\.\[eval\]" in the'
     ):
         require_extra("eval")
     with pytest.raises(ValueError, match="unknown extra 'plots'"):
@@ -95,3 +95,21 @@ def test_the_checked_extras_are_declared_in_setup_cfg():
         assert pip_names <= declared[extra], extra
         assert pip_names <= declared["dev"], extra
         assert not pip_names & core, f"{extra}'s packages are hard dependencies"
+
+
+def test_the_readme_table_of_extras_is_setup_cfgs():
+    setup = configparser.ConfigParser()
+    setup.read(REPO / "setup.cfg")
+    declared = {
+        name: {line.split(">")[0].split("=")[0].strip() for line in value.splitlines() if line.strip()}
+        for name, value in setup["options.extras_require"].items()
+    }
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Installation and extras") :]
+    rows = [line.split("|") for line in section.splitlines() if line.startswith("| `")]
+    table = {row[1].strip().strip("`"): {name.strip() for name in row[3].split(",") if name.strip()} for row in rows}
+    assert set(table) == set(declared), "every extra of setup.cfg has a row, and no other"
+    for extra, packages in table.items():
+        if extra != "dev":  # dev's row lists none: it is every extra plus the test tools
+            assert packages == declared[extra], extra
+    assert 'pip install -e ".[search]"' in section and "pip install m2d2_hf" not in readme
