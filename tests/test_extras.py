@@ -105,7 +105,8 @@ def test_the_readme_table_of_extras_is_setup_cfgs():
         for name, value in setup["options.extras_require"].items()
     }
     readme = (REPO / "README.md").read_text()
-    section = readme[readme.index("## Installation and extras") :]
+    start = readme.index("## Installation and extras")
+    section = readme[start : readme.index("\n## ", start + 1)]
     rows = [line.split("|") for line in section.splitlines() if line.startswith("| `")]
     table = {row[1].strip().strip("`"): {name.strip() for name in row[3].split(",") if name.strip()} for row in rows}
     assert set(table) == set(declared), "every extra of setup.cfg has a row, and no other"
