@@ -1,5 +1,6 @@
 """Tests of the one audio decoder (`m2d2_hf.data.audio`): every source kind to the same mono waveform at a rate, the
-header checks of the command line, and one error type naming the problem."""
+header checks of the command line and of uploads (limits read from the header, decoding no further), and one error
+type naming the problem."""
 
 import io
 from pathlib import Path
@@ -13,8 +14,13 @@ import torchaudio
 from m2d2_hf.data.audio import (
     AudioDecodeError,
     AudioFile,
+    AudioHeader,
+    AudioLimits,
+    AudioTooLargeError,
+    audio_header,
     audio_path,
     decode_audio,
+    decode_within,
     inspect_audio_files,
     mono_at,
     read_audio,
@@ -37,6 +43,21 @@ def stereo_file(tmp_path_factory, stereo) -> Path:
     path = tmp_path_factory.mktemp("audio") / "tones.wav"
     soundfile.write(path, stereo.T, RATE, subtype="FLOAT")
     return path
+
+
+def encoded(samples: np.ndarray, rate: int, format: str = "FLAC", subtype: str = "PCM_16") -> bytes:
+    """`samples` ([samples] or [samples, channels]) as an encoded file's bytes."""
+    buffer = io.BytesIO()
+    soundfile.write(buffer, samples, rate, format=format, subtype=subtype)
+    return buffer.getvalue()
+
+
+def with_flac_total_samples(data: bytes, total: int) -> bytes:
+    """The FLAC `data` with a STREAMINFO header stating `total` samples per channel (0: unknown), whatever it holds:
+    the low 36 bits of the 8 bytes after the block sizes (the header starts after "fLaC" and the block's 4 bytes)."""
+    fields = int.from_bytes(data[18:26], "big")
+    fields = (fields & ~(2**36 - 1)) | total
+    return data[:18] + fields.to_bytes(8, "big") + data[26:]
 
 
 def expected_16k(stereo: np.ndarray) -> np.ndarray:
@@ -116,6 +137,8 @@ def test_torchcodec_fallback_decodes_m4a(tmp_path):
     )  # fmt: skip
     with pytest.raises(soundfile.LibsndfileError):
         soundfile.read(path)
+    header = audio_header(path.read_bytes())  # torchcodec's stream metadata
+    assert (header.channels, header.sampling_rate) == (2, 22050) and header.seconds == pytest.approx(1.2, abs=0.05)
     audio = decode_audio(path.read_bytes(), max_seconds=1.0)
     assert audio.dtype == np.float32 and audio.shape == (16000,)
     spectrum = np.abs(np.fft.rfft(audio[4000:]))
@@ -138,6 +161,45 @@ def test_decode_audio_reasons():
     np.testing.assert_array_equal(
         decode_audio(_wav_bytes(partly_nan, 16000, "FLOAT")), np.array([0.1, 0.0, -0.2, 0.0], np.float32)
     )
+
+
+def test_audio_header_reads_length_channels_and_rate_without_decoding(stereo):
+    flac = encoded(stereo.T, RATE)
+    assert audio_header(flac) == AudioHeader(RATE // 2, 2, RATE) and audio_header(flac).seconds == 0.5
+    assert audio_header(encoded(stereo.T, RATE, "WAV", "FLOAT")) == AudioHeader(RATE // 2, 2, RATE)
+    # What a header claims, not what the file holds; a streamed FLAC states no length.
+    assert audio_header(with_flac_total_samples(flac, 3600 * RATE)).seconds == 3600.0
+    assert audio_header(with_flac_total_samples(flac, 0)) == AudioHeader(None, 2, RATE)
+    for data, reason in ((b"", "empty file"), (b"RIFF\x00\x00garbage" * 10, "unreadable audio header")):
+        with pytest.raises(AudioDecodeError, match=reason):
+            audio_header(data)
+
+
+def test_decode_within_refuses_what_exceeds_the_limits_and_decodes_no_further():
+    assert AudioLimits() == AudioLimits(max_seconds=60.0, max_channels=2, max_sampling_rate=96000)
+    limits = AudioLimits(max_seconds=1.0, max_channels=2, max_sampling_rate=48000)
+    short = np.zeros(RATE // 10, np.float32)
+    for data, reason in (
+        (encoded(np.zeros((RATE // 10, 3), np.float32), RATE), "3 channels, above the limit of 2"),
+        (encoded(np.zeros(9600, np.float32), 96000), "sampled at 96000 Hz, above the limit of 48000 Hz"),
+        (encoded(np.zeros(2 * RATE, np.float32), RATE), "2.0 s long, above the limit of 1 s"),
+        (with_flac_total_samples(encoded(short, RATE), 3600 * RATE), "3600.0 s long, above the limit of 1 s"),
+    ):
+        with pytest.raises(AudioTooLargeError, match=reason):
+            decode_within(data, limits)
+    assert issubclass(AudioTooLargeError, AudioDecodeError)
+    # A header that states no length (or understates it) is decoded up to the limit, no further.
+    tone = np.sin(np.arange(3 * RATE) / 10).astype(np.float32) / 2
+    assert decode_within(with_flac_total_samples(encoded(tone, RATE), 0), limits).shape == (16000,)
+    assert decode_within(encoded(tone[: RATE // 2], RATE), limits).shape == (8000,)
+
+
+def test_rates_that_resample_only_through_a_huge_filter_are_refused():
+    # 1251 Hz shares no factor with 16 kHz: torchaudio would build a 20M-tap filter for any length of audio.
+    with pytest.raises(AudioDecodeError, match="1251 Hz, which shares no large factor with 16000 Hz.*common rate"):
+        decode_audio(np.zeros(1251, np.float32), rate=1251)
+    for rate in (8000, 11025, 22050, 44100, 48000, 96000):
+        assert decode_audio(np.zeros(rate // 10, np.float32), rate=rate).shape == (1600,)
 
 
 def test_errors_name_the_source_and_the_fix(tmp_path):

@@ -8,6 +8,11 @@ Encoded audio is decoded with soundfile (no ffmpeg binary needed), torchcodec/FF
 format the installed libsndfile lacks). Channels are averaged (the channel mean as the feature extractor takes it)
 and the result is resampled with `torchaudio.functional.resample` (windowed sinc, its defaults: the resampler the
 feature extractor uses). Every failure is one `AudioDecodeError`.
+
+Encoded audio from someone else (an upload to the search page) is bounded by what it decodes to, not by its size: a
+few hundred kilobytes of FLAC can hold an hour of 8-channel silence. `audio_header` reads its length, channels and
+rate from the container header without decoding it, and `decode_within` refuses audio beyond `AudioLimits` before
+decoding at most their length.
 """
 
 from __future__ import annotations
@@ -141,6 +146,21 @@ def _read_path(path: str, max_seconds: float | None) -> tuple[torch.Tensor, int]
         raise AudioDecodeError(f"{path}: {error}") from None
 
 
+# torchaudio's windowed-sinc resampler builds one filter per output phase, new/gcd filters of orig/gcd + 2 x width
+# taps: common rates need under 300k taps, but rates that share no large factor need hundreds of millions whatever
+# the audio's length (16001 Hz to 16000 Hz: 256M taps, 5 GB and 16 s for a 2 s clip). Above this bound (about
+# 250 MB while the filter is built) the rate is refused with the fix instead.
+MAX_RESAMPLING_TAPS = 2**24
+
+
+def _resampling_taps(orig: int, new: int) -> int:
+    """Taps of the filter `torchaudio.functional.resample` builds (its defaults: 6 zero crossings, rolloff 0.99)."""
+    gcd = math.gcd(orig, new)
+    orig, new = orig // gcd, new // gcd
+    width = math.ceil(6 * orig / (min(orig, new) * 0.99))
+    return new * (orig + 2 * width)
+
+
 def audio_path(source: Any) -> str | None:
     """The path a source names (a path, or the `path` of a `datasets` audio cell), else None."""
     if isinstance(source, (str, os.PathLike)):
@@ -218,6 +238,13 @@ def decode_audio(
             raise AudioDecodeError("all samples are NaN/Inf")
         clip = torch.where(finite, clip, torch.zeros((), dtype=clip.dtype))
     if source_rate is not None and int(source_rate) != sampling_rate:
+        taps = _resampling_taps(int(source_rate), sampling_rate)
+        if taps > MAX_RESAMPLING_TAPS:
+            raise AudioDecodeError(
+                f"sampled at {int(source_rate)} Hz, which shares no large factor with {sampling_rate} Hz: resampling "
+                f"would need a {taps / 1e6:.0f}M-tap filter; convert it to a common rate (16000, 22050, 44100 or "
+                "48000 Hz) first"
+            )
         clip = torchaudio.functional.resample(clip.contiguous(), int(source_rate), sampling_rate)
     if max_seconds is not None:
         clip = clip[: int(round(max_seconds * sampling_rate))]
@@ -231,12 +258,112 @@ def mono_at(file: AudioFile, sampling_rate: int) -> np.ndarray:
     return decode_audio(file.path, sampling_rate)
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Headers and limits of encoded audio from someone else
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class AudioTooLargeError(AudioDecodeError):
+    """Encoded audio whose header exceeds the `AudioLimits` it is checked against."""
+
+
+@dataclass(frozen=True)
+class AudioHeader:
+    """What an encoded file's container header says: samples per channel (None where the header does not say, as
+    in a streamed FLAC), channels and sampling rate."""
+
+    frames: int | None
+    channels: int
+    sampling_rate: int
+
+    @property
+    def seconds(self) -> float | None:
+        return None if self.frames is None else self.frames / self.sampling_rate
+
+
+# libsndfile reports a length it does not know (a FLAC header with 0 total samples) as SF_COUNT_MAX.
+_UNKNOWN_FRAMES = 2**62
+
+
+def audio_header(data: bytes) -> AudioHeader:
+    """The header of encoded audio, read without decoding it: soundfile's, else torchcodec's stream metadata (for
+    the formats only FFmpeg reads, as `decode_audio` falls back).
+
+    Raises:
+        AudioDecodeError: for empty data, or a header neither can read or that names no channels or rate.
+    """
+    if len(data) == 0:
+        raise AudioDecodeError("empty file (0 bytes)")
+    try:
+        info = sf.info(io.BytesIO(data))
+        frames = None if info.frames >= _UNKNOWN_FRAMES else int(info.frames)
+        header = AudioHeader(frames, int(info.channels), int(info.samplerate))
+    except Exception as sf_error:  # noqa: BLE001 - any soundfile failure hands over to FFmpeg
+        try:
+            from torchcodec.decoders import AudioDecoder
+
+            stream = AudioDecoder(data).metadata
+            seconds = stream.duration_seconds_from_header
+            rate = int(stream.sample_rate or 0)
+            frames = None if seconds is None else int(math.ceil(seconds * rate))
+            header = AudioHeader(frames, int(stream.num_channels or 0), rate)
+        except Exception as tc_error:  # noqa: BLE001
+            raise AudioDecodeError(
+                f"unreadable audio header (soundfile: {type(sf_error).__name__}: {sf_error}; "
+                f"torchcodec: {type(tc_error).__name__}: {tc_error})"
+            ) from None
+    if header.channels < 1 or header.sampling_rate < 1:
+        raise AudioDecodeError(
+            f"the audio header names {header.channels} channels at {header.sampling_rate} Hz: not playable audio"
+        )
+    return header
+
+
+@dataclass(frozen=True)
+class AudioLimits:
+    """What encoded audio from someone else may decode to. The defaults fit a laptop: a minute of stereo at up to
+    96 kHz decodes to at most 46 MB of float32 samples (about 120 MB while it is mixed down and resampled)."""
+
+    max_seconds: float = 60.0
+    max_channels: int = 2
+    max_sampling_rate: int = 96_000
+
+    def check(self, header: AudioHeader) -> None:
+        """Raises `AudioTooLargeError` naming the first limit the header exceeds."""
+        if header.channels > self.max_channels:
+            raise AudioTooLargeError(f"{header.channels} channels, above the limit of {self.max_channels}")
+        if header.sampling_rate > self.max_sampling_rate:
+            raise AudioTooLargeError(
+                f"sampled at {header.sampling_rate} Hz, above the limit of {self.max_sampling_rate} Hz"
+            )
+        if header.seconds is not None and header.seconds > self.max_seconds:
+            raise AudioTooLargeError(f"{header.seconds:.1f} s long, above the limit of {self.max_seconds:g} s")
+
+
+def decode_within(data: bytes, limits: AudioLimits, sampling_rate: int = 16000) -> np.ndarray:
+    """Encoded audio from someone else as `decode_audio` gives it, checked against `limits` from its header first
+    and decoded no further than `limits.max_seconds` (a header may understate the length, or not state it).
+
+    Raises:
+        AudioTooLargeError: when the header exceeds `limits`.
+        AudioDecodeError: for an unreadable header or undecodable audio.
+    """
+    limits.check(audio_header(data))
+    return decode_audio(data, sampling_rate, max_seconds=limits.max_seconds)
+
+
 __all__ = [
     "AUDIO_EXTENSIONS",
+    "MAX_RESAMPLING_TAPS",
     "AudioDecodeError",
     "AudioFile",
+    "AudioHeader",
+    "AudioLimits",
+    "AudioTooLargeError",
+    "audio_header",
     "audio_path",
     "decode_audio",
+    "decode_within",
     "inspect_audio_files",
     "mono_at",
     "read_audio",
