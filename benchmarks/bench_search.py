@@ -13,20 +13,33 @@ retrieval.
 3. Text→audio R@1 / R@5 of the captions of real_sounds against their clips on the demo model, against chance, for
    the clips the demo model was trained on (split train) and the held-out ones (split test).
 
+With --serve-load, instead: `m2d2-hf serve` of the real-clip index in a subprocess on a free 127.0.0.1 port (all
+traffic stays on 127.0.0.1), --clients concurrent clients (threads, one httpx client each, started together), each
+sending --requests-per-client requests in turn of three kinds: a text query, an uploaded clip, and a 64 KiB range of
+a result's audio; latency p50 / p99 / max per kind, the answers' status codes and the server's RSS. Then uploads
+that are small as files but large as audio (5 minutes of 8-channel 96 kHz silence as FLAC, an hour of 16 kHz
+silence as FLAC, a WAV at 16001 Hz), each with its answer, its time and the server's peak RSS after it.
+
     python benchmarks/bench_search.py [--data ../shared/data/real_sounds] [--model examples/demo_model]
         [--minutes 60] [--sizes 100000 1000000] [--skip-hour]
+    python benchmarks/bench_search.py --serve-load [--clients 50] [--requests-per-client 12] [--index INDEX_DIR]
 """
 
 import argparse
 import csv
+import io
 import json
 import math
+import re
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -206,6 +219,159 @@ def retrieval(index_dir: Path, data: Path) -> None:
         )
 
 
+LOAD_KINDS = ("text query", "upload", "audio range")
+LOAD_QUERIES = ("a dog barks", "a bell rings", "rain on a roof", "a bird sings", "someone speaks", "a car engine")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def server_memory_mb(pid: int) -> tuple[float, float]:
+    """(current, peak) resident memory of a process in MB, from /proc (0, 0 where there is none)."""
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            fields = dict(line.split(":", 1) for line in handle)
+    except OSError:
+        return 0.0, 0.0
+    return tuple(int(fields[name].split()[0]) / 1024 for name in ("VmRSS", "VmHWM"))
+
+
+def start_server(index_dir: Path, port: int, log: Path) -> subprocess.Popen:
+    """`m2d2-hf serve` in a subprocess, once its page answers (bounded wait)."""
+    import httpx
+
+    command = [sys.executable, "-m", "m2d2_hf.cli", "serve", str(index_dir), "--port", str(port)]
+    with open(log, "wb") as handle:
+        server = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT)
+    for _ in range(600):
+        if server.poll() is not None:
+            raise RuntimeError(f"the server exited with {server.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/", timeout=5).status_code == 200:
+                return server
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    server.terminate()
+    raise RuntimeError("the server did not answer within 5 minutes")
+
+
+def flac_of_silence(seconds: float, channels: int, rate: int) -> bytes:
+    """FLAC of silence, written a second at a time (the samples are never held whole)."""
+    import soundfile as sf
+
+    buffer = io.BytesIO()
+    block = np.zeros((rate, channels), np.int16)
+    with sf.SoundFile(buffer, "w", samplerate=rate, channels=channels, format="FLAC", subtype="PCM_16") as handle:
+        for _ in range(int(seconds)):
+            handle.write(block)
+    return buffer.getvalue()
+
+
+def run_load(base: str, token: str, clip: bytes, audio_urls: list[str], clients: int, per_client: int) -> tuple:
+    """Per kind, the latencies (s) and status codes of `clients` concurrent sessions of `per_client` requests."""
+    import httpx
+
+    start = threading.Barrier(clients)
+
+    def session(number: int) -> list[tuple[str, int, float]]:
+        answers = []
+        with httpx.Client(base_url=base, timeout=600) as client:
+            start.wait()
+            for step in range(per_client):
+                kind = LOAD_KINDS[(number + step) % len(LOAD_KINDS)]
+                began = time.perf_counter()
+                try:
+                    if kind == "text query":
+                        query = LOAD_QUERIES[(number + step) % len(LOAD_QUERIES)]
+                        response = client.get("/api/search", params={"q": query, "k": 10})
+                    elif kind == "upload":
+                        files = {"file": ("clip.flac", clip)}
+                        response = client.post("/api/search-audio", files=files, headers={"X-M2D2-Token": token})
+                    else:
+                        url = audio_urls[(number + step) % len(audio_urls)]
+                        response = client.get(url, headers={"range": "bytes=0-65535"})
+                    status = response.status_code
+                except httpx.HTTPError:
+                    status = 0  # no answer: refused connection, reset or timeout
+                answers.append((kind, status, time.perf_counter() - began))
+        return answers
+
+    with ThreadPoolExecutor(clients) as pool:
+        sessions = list(pool.map(session, range(clients)))
+    latencies, statuses = defaultdict(list), Counter()
+    for kind, status, seconds in (answer for answers in sessions for answer in answers):
+        latencies[kind].append(seconds)
+        statuses[kind, status] += 1
+    return latencies, statuses
+
+
+def serve_load(args: argparse.Namespace, work: Path) -> None:
+    import httpx
+    import soundfile as sf
+
+    index_dir = args.index
+    if index_dir is None:
+        index_dir = work / "real_index"
+        print_index(f"index of the real clips ({args.data.name})", run_index(args.model, args.data, index_dir))
+    port = free_port()
+    server = start_server(index_dir, port, work / "server.log")
+    base = f"http://127.0.0.1:{port}"
+    try:
+        token = re.search(r'<meta name="m2d2-token" content="([^"]+)">', httpx.get(base + "/").text).group(1)
+        hits = httpx.get(base + "/api/search", params={"q": "a sound", "k": 20}, timeout=60).json()["results"]
+        audio_urls = [hit["audio_url"] for hit in hits if hit["audio_url"]]
+        clip_path = Path(hits[0]["path"])
+        clip = clip_path.read_bytes()
+        print(
+            f"  server pid {server.pid} on {base}; upload clip {clip_path.name} ({len(clip) / 1024:.0f} KiB, "
+            f"{sf.info(str(clip_path)).duration:.1f} s); RSS {server_memory_mb(server.pid)[0]:.0f} MB after start"
+        )
+        began = time.perf_counter()
+        latencies, statuses = run_load(base, token, clip, audio_urls, args.clients, args.requests_per_client)
+        wall = time.perf_counter() - began
+        total = sum(len(values) for values in latencies.values())
+        rss, peak = server_memory_mb(server.pid)
+        print(
+            f"  {args.clients} concurrent clients x {args.requests_per_client} requests = {total} in {wall:.1f} s "
+            f"({total / wall:.1f} requests/s); server RSS {rss:.0f} MB, peak {peak:.0f} MB"
+        )
+        for kind in LOAD_KINDS:
+            values = np.asarray(latencies[kind]) * 1e3
+            answered = ", ".join(f"{status}: {count}" for (k, status), count in sorted(statuses.items()) if k == kind)
+            print(
+                f"    {kind:<12} {len(values):>4} requests: p50 {np.percentile(values, 50):8.1f} ms, p99 "
+                f"{np.percentile(values, 99):8.1f} ms, max {values.max():8.1f} ms; answers {answered}"
+            )
+        print("  uploads small as files, large as audio (one at a time, the server otherwise idle):")
+        wav = io.BytesIO()
+        sf.write(wav, np.zeros(2 * 16001, np.int16), 16001, format="WAV")
+        for name, data in (
+            ("5 min of 8-channel 96 kHz silence, FLAC", flac_of_silence(300, 8, 96_000)),
+            ("1 h of 16 kHz silence, FLAC", flac_of_silence(3600, 1, 16_000)),
+            ("2 s at 16001 Hz, WAV", wav.getvalue()),
+        ):
+            began = time.perf_counter()
+            response = httpx.post(
+                base + "/api/search-audio",
+                files={"file": ("clip", data)},
+                headers={"X-M2D2-Token": token},
+                timeout=600,
+            )
+            seconds = time.perf_counter() - began
+            rss, peak = server_memory_mb(server.pid)
+            print(
+                f"    {name} ({len(data) / 1024:.0f} KiB): {response.status_code} in {seconds * 1e3:.0f} ms, "
+                f"server peak RSS {peak:.0f} MB; {response.json().get('detail', 'searched')}"
+            )
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "real_sounds")
@@ -214,6 +380,10 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="*", default=[100_000, 1_000_000])
     parser.add_argument("--queries", type=int, default=100)
     parser.add_argument("--skip-hour", action="store_true")
+    parser.add_argument("--serve-load", action="store_true", help="concurrent clients of `m2d2-hf serve` instead")
+    parser.add_argument("--clients", type=int, default=50, help="concurrent clients of --serve-load")
+    parser.add_argument("--requests-per-client", type=int, default=12, help="requests of each --serve-load client")
+    parser.add_argument("--index", type=Path, help="--serve-load this index (default: index --data first)")
     parser.add_argument("--index-worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.index_worker:
@@ -225,6 +395,11 @@ def main() -> None:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as folder:
         work = Path(folder)
+        if args.serve_load:
+            print(f"concurrent load on `m2d2-hf serve` ({Path(args.model).name}):")
+            serve_load(args, work)
+            print(f"total {time.perf_counter() - started:.0f} s; at the end: {load_average()}")
+            return
         print(f"1. indexing with {Path(args.model).name} (window 2 s, hop 1 s, flat index), each in a fresh process:")
         real = run_index(args.model, args.data, work / "real_index")
         print_index(f"real clips ({args.data.name})", real)

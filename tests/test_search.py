@@ -1,15 +1,19 @@
 """Sound search (m2d2_hf.search): indexing real clips with the demo model, search by text and by example, resume,
-broken files, 2-process accelerate indexing, the CLI, the JSON API and the page in a headless browser."""
+broken files, 2-process accelerate indexing, the CLI, the JSON API, what the served page refuses (uploads beyond their
+limits, other hosts and origins, posts without its token, linked or changed files), concurrent clients, and the page
+in a headless browser."""
 
 import csv
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +27,8 @@ import pyarrow.parquet as pq  # noqa: E402
 
 from m2d2_hf.cli import main  # noqa: E402
 from m2d2_hf.search import (  # noqa: E402
+    BuildLockedError,
+    DamagedIndexError,
     SoundIndex,
     build_index,
     building,  # noqa: E402
@@ -30,6 +36,7 @@ from m2d2_hf.search import (  # noqa: E402
 )
 from m2d2_hf.search.building import embeddings_of  # noqa: E402
 from m2d2_hf.search.vector_index import build_vector_index, recall_at_k, resolved_params  # noqa: E402
+from tests.test_data_audio import encoded, with_flac_total_samples  # noqa: E402
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -391,17 +398,235 @@ def test_approximate_indexes_report_recall():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Damaged and concurrent index folders
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _sound_folder(folder: Path, names=SEGMENTS[:2]) -> Path:
+    folder.mkdir()
+    for name in names:
+        shutil.copy(DATA / "audio" / name, folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def small_source(tmp_path_factory) -> Path:
+    return _sound_folder(tmp_path_factory.mktemp("small") / "sounds")
+
+
+@pytest.fixture(scope="module")
+def small_index(small_source) -> Path:
+    output = small_source.parent / "index"
+    build_index(MODEL, small_source, output, progress=False)
+    return output
+
+
+def _edit_meta(folder: Path, edit) -> None:
+    meta = json.loads((folder / "index.json").read_text())
+    edit(meta)
+    (folder / "index.json").write_text(json.dumps(meta))
+
+
+def _rewrite_vectors(folder: Path, rows: int) -> None:
+    vectors = embeddings_of(_rows(folder))
+    faiss.write_index(build_vector_index(np.resize(vectors, (rows, vectors.shape[1]))), str(folder / "vectors.faiss"))
+
+
+def _garbage(path: Path) -> None:
+    path.write_bytes(np.random.default_rng(0).bytes(4096))
+
+
+# What is done to a copy of the index, and what the error says (the file, and what is wrong with it).
+DAMAGES = {
+    "truncated vectors": (
+        lambda d: (d / "vectors.faiss").write_bytes((d / "vectors.faiss").read_bytes()[:100]),
+        "vectors.faiss cannot be read by FAISS (truncated or damaged)",
+    ),
+    "random-bytes vectors": (lambda d: _garbage(d / "vectors.faiss"), "vectors.faiss is not the FAISS flat index"),
+    "missing vectors": (lambda d: (d / "vectors.faiss").unlink(), "vectors.faiss is missing"),
+    "fewer vectors than items": (lambda d: _rewrite_vectors(d, len(_rows(d)) - 1), "rows and index.json records"),
+    "more vectors than items": (lambda d: _rewrite_vectors(d, len(_rows(d)) + 1), "rows and index.json records"),
+    "index.json without model": (
+        lambda d: _edit_meta(d, lambda meta: meta.pop("model")),
+        "index.json has missing or invalid entries: model",
+    ),
+    "index.json without faiss type": (
+        lambda d: _edit_meta(d, lambda meta: meta["faiss"].pop("type")),
+        "index.json has missing or invalid entries: faiss.type",
+    ),
+    "malformed index.json": (
+        lambda d: (d / "index.json").write_text('{"format": '),
+        "index.json is not readable JSON",
+    ),
+    "dimension": (lambda d: _edit_meta(d, lambda meta: meta.update(dim=7)), "index.json records 7-d"),
+    "missing items": (lambda d: (d / "items.parquet").unlink(), "items.parquet is missing"),
+    "damaged items": (lambda d: _garbage(d / "items.parquet"), "items.parquet is not a readable Parquet file"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_a_damaged_index_folder_is_named_with_the_fix(damage, small_index, tmp_path, capsys):
+    copy = tmp_path / "index"
+    shutil.copytree(small_index, copy)
+    do, message = DAMAGES[damage]
+    do(copy)
+    with pytest.raises(DamagedIndexError, match=re.escape(message)):
+        SoundIndex(copy)
+    assert main(["search", str(copy), "a dog barks"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()  # refused before the model loads
+    assert line.startswith(f"m2d2-hf: error: {copy}/") and message in line
+    assert line.endswith(f"rebuild it with `m2d2-hf index MODEL_DIR SOURCE --output {copy}` (which replaces it)")
+
+
+def test_a_gone_model_folder_says_to_pass_model(small_index, tmp_path, capsys):
+    copy = tmp_path / "index"
+    shutil.copytree(small_index, copy)
+    gone = tmp_path / "moved_model"
+    _edit_meta(copy, lambda meta: meta["model"].update(name=str(gone)))
+    assert main(["search", str(copy), "a dog barks"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"m2d2-hf: error: the model folder {gone} that {copy}/index.json records is gone: pass the model with "
+        "--model MODEL_DIR (a copy of it; its config and weights hashes are checked)"
+    ]
+    assert main(["search", str(copy), "a dog barks", "--model", MODEL, "--top-k", "1"]) == 0
+
+
+def test_building_into_a_damaged_index_replaces_it(small_index, small_source, tmp_path):
+    copy = tmp_path / "index"
+    shutil.copytree(small_index, copy)
+    _garbage(copy / "items.parquet")
+    partial = tmp_path / ".index.partial"
+    partial.mkdir()
+    (partial / "settings.json").write_text("not json")  # no shard depends on it
+    lines = []
+    summary = build_index(MODEL, small_source, copy, progress=False, log=lines.append)
+    assert (summary.embedded_files, summary.reused_files) == (2, 0)
+    assert any(line.startswith(f"{partial}/settings.json is not readable JSON") for line in lines), lines
+    assert any(
+        "items.parquet is not a readable Parquet file" in line and "every sound again" in line for line in lines
+    )
+    _assert_same_index(copy, small_index)
+    assert len(SoundIndex(copy)) == 2
+
+
+def test_a_second_build_into_the_same_folder_stops_at_once(small_source, tmp_path, monkeypatch):
+    output = tmp_path / "index"
+    decode = building.decode_audio
+    refusals = []
+
+    def decode_while_another_build_starts(*args, **kwargs):
+        if not refusals:
+            with pytest.raises(BuildLockedError) as refused:
+                build_index(MODEL, small_source, output, progress=False)
+            refusals.append(str(refused.value))
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(building, "decode_audio", decode_while_another_build_starts)
+    (tmp_path / ".index.partial").mkdir()
+    (tmp_path / ".index.partial" / "build.lock").write_text("4194305\n")  # a crashed build's: nobody holds it
+    summary = build_index(MODEL, small_source, output, progress=False)
+    assert refusals == [
+        f"another m2d2-hf index is building {output} (pid {os.getpid()}); wait for it or choose another --output"
+    ]
+    assert summary.num_files == 2 and sorted(p.name for p in tmp_path.iterdir()) == ["index"]
+    # The lock went with the build: the next one runs (and reuses everything).
+    assert build_index(MODEL, small_source, output, progress=False).reused_files == 2
+
+
+def test_undecodable_and_too_loud_sounds(tmp_path, capsys):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "a.wav").write_bytes(b"RIFF\x00\x00 this is not audio" * 10)
+    (broken / "b.flac").write_bytes(b"")
+    assert main(["index", MODEL, str(broken), "--output", str(tmp_path / "none")]) == 2
+    line = capsys.readouterr().err.splitlines()[-1]
+    assert line == (
+        f"m2d2-hf: error: no sound could be decoded from {broken} (2 of 2 files failed; see the 'failed:' lines "
+        "above): replace or remove those files and run again"
+    )
+
+    # A float WAV far above [-1, 1] decodes, but its spectra would be Inf: skipped and listed, the rest indexed.
+    loud = _sound_folder(tmp_path / "loud")
+    sf.write(loud / "loud.wav", np.full(8000, 1e30, dtype=np.float32), 16000, subtype="FLOAT")
+    summary = build_index(MODEL, loud, tmp_path / "index", progress=False)
+    assert summary.num_files == 2
+    (failure,) = summary.failed
+    assert failure["key"].endswith("loud.wav") and failure["error"].startswith("peaks at 1e+30, too loud for float32")
+
+
+def test_unreadable_files_of_an_interrupted_build_are_named_and_rebuilt(tmp_path, monkeypatch):
+    source = _sound_folder(tmp_path / "three", SEGMENTS)
+    output, partial = tmp_path / "index", tmp_path / ".index.partial"
+    decode = building.decode_audio
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(building, "decode_audio", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        build_index(MODEL, source, output, files_per_shard=1, batch_size=1, progress=False)
+    monkeypatch.setattr(building, "decode_audio", decode)
+    first, second = sorted(partial.glob("*.parquet"))
+
+    settings = (partial / "settings.json").read_text()
+    (partial / "settings.json").write_text("[]")
+    with pytest.raises(ValueError) as refused:
+        build_index(MODEL, source, output, progress=False)
+    assert str(refused.value) == (
+        f"{partial}/settings.json holds a JSON list, not settings, so whether the 2 shards beside it were embedded "
+        f"with this model and settings is unknown: delete {partial} to start over"
+    )
+    (partial / "settings.json").write_text(settings)
+
+    _garbage(first)
+    second_failures = second.with_name(second.name.replace(".parquet", ".failed.json"))
+    second_failures.write_text("{")
+    lines = []
+    summary = build_index(MODEL, source, output, progress=False, log=lines.append)
+    assert f"{first} cannot be read" in lines[0] and lines[0].endswith("its sounds are embedded again")
+    assert lines[1].startswith(f"{second_failures} is not readable JSON") and "tried again" in lines[1]
+    assert (summary.num_files, summary.embedded_files, summary.reused_files) == (3, 2, 1)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # The web page
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def test_json_endpoint_answers_a_query(sound_index, collection):
+PAGE_URL = "http://127.0.0.1:7860"  # the address an app of the default port answers to
+TOKEN_HEADER = "X-M2D2-Token"
+
+
+def page_client(index: SoundIndex, **options):
+    """A TestClient of `create_app(index, **options)` addressed as the page is, posting with the token the page
+    embeds, and answering server errors as a client sees them."""
     pytest.importorskip("fastapi", reason="the web page needs the [app] extra (fastapi)")
     from fastapi.testclient import TestClient
 
     from m2d2_hf.search.app import create_app
 
-    client = TestClient(create_app(sound_index))
+    client = TestClient(create_app(index, **options), base_url=PAGE_URL, raise_server_exceptions=False)
+    client.headers[TOKEN_HEADER] = _page_token(client.get("/").text)
+    return client
+
+
+def _page_token(page: str) -> str:
+    return re.search(r'<meta name="m2d2-token" content="([^"]+)">', page).group(1)
+
+
+def _one_line(response) -> str:
+    """The response's `detail`, checked to be one line of text (no traceback)."""
+    detail = response.json()["detail"]
+    assert isinstance(detail, str) and "\n" not in detail and "Traceback" not in detail, detail
+    return detail
+
+
+def test_json_endpoint_answers_a_query(sound_index, collection):
+    client = page_client(sound_index)
     response = client.get("/api/search", params={"q": "a dog barks", "k": 3})
     assert response.status_code == 200
     hits = response.json()["results"]
@@ -422,6 +647,147 @@ def test_json_endpoint_answers_a_query(sound_index, collection):
     assert by_clip.status_code == 200 and by_clip.content.startswith(b"\x89PNG")
     assert client.post("/api/timeline/9999.png", files={"file": ("q.flac", clip.read_bytes())}).status_code == 404
     assert "<form" in client.get("/").text
+
+
+def test_uploads_are_bounded_by_what_they_decode_to(sound_index):
+    from m2d2_hf.data.audio import AudioLimits
+
+    client = page_client(sound_index)
+    eight_channels = encoded(np.zeros((9600, 8), np.int16), 96000)  # 0.1 s, 8 channels at 96 kHz
+    hour = with_flac_total_samples(encoded(np.zeros(1600, np.int16), 16000), 3600 * 16000)  # its header: an hour
+    for data, status, reason in (
+        (eight_channels, 413, r"too large to decode here \(8 channels, above the limit of 2\)"),
+        (hour, 413, r"3600.0 s long, above the limit of 60 s"),
+        (encoded(np.full(1600, 1e30, np.float32), 16000, "WAV", "FLOAT"), 400, r"peaks at 1e\+30, too loud"),
+        (encoded(np.zeros(1251, np.int16), 1251, "WAV"), 400, "1251 Hz, which shares no large factor"),
+        (b"not audio", 400, "cannot decode the uploaded clip: unreadable audio header"),
+    ):
+        for url in ("/api/search-audio", "/api/timeline/0.png"):
+            response = client.post(url, files={"file": ("clip", data)})
+            assert response.status_code == status and re.search(reason, _one_line(response)), response.text
+    # Settable limits; a body over the byte limit is refused from its Content-Length, before it is read.
+    strict = page_client(sound_index, limits=AudioLimits(max_seconds=0.05), max_upload_bytes=4096)
+    short = strict.post("/api/search-audio", files={"file": ("clip", encoded(np.zeros(1600, np.int16), 16000))})
+    assert short.status_code == 413 and "0.1 s long, above the limit of 0.05 s" in _one_line(short)
+    large = strict.post("/api/search-audio", files={"file": ("clip", bytes(200_000))})
+    assert large.status_code == 413 and "above the upload limit of" in _one_line(large)
+    chunked = strict.post(
+        "/api/search-audio", content=iter([b"--x--"]), headers={"content-type": "multipart/form-data; boundary=x"}
+    )
+    assert chunked.status_code == 411 and "Content-Length" in _one_line(chunked)
+
+
+def test_cross_site_requests_are_refused(sound_index, collection):
+    from fastapi.testclient import TestClient
+
+    client = page_client(sound_index)
+    clip = {"file": ("q.flac", (collection / "audio" / SEGMENTS[1]).read_bytes())}
+    query = {"q": "a bee buzzes", "k": 1}
+    # DNS rebinding: the browser sends the rebound name as Host, on every route.
+    for path in ("/", "/api/audio/0", "/api/search?q=bee"):
+        refused = client.get(path, headers={"host": "rebound.example:7860"})
+        assert refused.status_code == 403 and "is not this server's address" in _one_line(refused)
+    assert client.get("/", headers={"host": "127.0.0.1:7861"}).status_code == 403
+    assert client.get("/", headers={"host": "localhost:7860"}).status_code == 200
+    # Other origins (another site, another port of this machine, a sandboxed page) neither search nor post.
+    for headers in (
+        {"origin": "https://evil.example"},
+        {"origin": "http://127.0.0.1:8888"},
+        {"origin": "null"},
+        {"sec-fetch-site": "cross-site"},
+        {"sec-fetch-site": "same-site"},
+    ):
+        for response in (
+            client.get("/api/search", params=query, headers=headers),
+            client.get("/api/timeline/0.png", params=query, headers=headers),
+            client.post("/api/search-audio", files=clip, headers=headers),
+        ):
+            assert response.status_code == 403 and "only the page at" in _one_line(response), headers
+    for headers in ({"origin": PAGE_URL}, {"sec-fetch-site": "same-origin"}, {"sec-fetch-site": "none"}):
+        assert client.get("/api/search", params=query, headers=headers).status_code == 200
+    # A post needs the token of this app's page.
+    for refused in (
+        TestClient(client.app, base_url=PAGE_URL).post("/api/search-audio", files=clip),
+        client.post("/api/search-audio", files=clip, headers={TOKEN_HEADER: "a guess"}),
+    ):
+        assert refused.status_code == 403 and f"missing or wrong {TOKEN_HEADER}" in _one_line(refused)
+    assert client.post("/api/search-audio", files=clip, headers={"origin": PAGE_URL}).status_code == 200
+    assert page_client(sound_index).headers[TOKEN_HEADER] != client.headers[TOKEN_HEADER]
+
+
+def test_only_the_indexed_files_are_served(tmp_path):
+    sounds = tmp_path / "sounds"
+    sounds.mkdir()
+    for name in SEGMENTS:
+        shutil.copy(DATA / "audio" / name, sounds)
+    build_index(MODEL, sounds, tmp_path / "index", progress=False)
+    index = SoundIndex(tmp_path / "index")
+    client = page_client(index)
+    first, second, third = (Path(path) for path in index.sound_paths)
+    whole = client.get("/api/audio/0")
+    assert whole.status_code == 200 and whole.content == first.read_bytes()
+    assert whole.headers["accept-ranges"] == "bytes"
+    part = client.get("/api/audio/0", headers={"range": "bytes=100-1099"})  # how players seek
+    assert part.status_code == 206 and part.content == first.read_bytes()[100:1100]
+    assert part.headers["content-range"] == f"bytes 100-1099/{first.stat().st_size}"
+
+    def refused(sound_id: int, status: int, reason: str) -> None:
+        for response in (
+            client.get(f"/api/audio/{sound_id}"),
+            client.get(f"/api/timeline/{sound_id}.png", params={"q": "a bee buzzes"}),
+        ):
+            assert response.status_code == status, response.text
+            assert reason in _one_line(response) and "rebuild or update the index" in response.json()["detail"]
+
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for the page")
+    first.unlink()
+    first.symlink_to(secret)  # a link in place of an indexed file
+    refused(0, 409, "now leads elsewhere through a symbolic link")
+    first.unlink()
+    refused(0, 404, "is gone")
+    sounds.rename(tmp_path / "moved")
+    sounds.symlink_to(tmp_path / "moved")  # a link in place of a folder above the files
+    refused(2, 409, "now leads elsewhere through a symbolic link")
+    sounds.unlink()
+    (tmp_path / "moved").rename(sounds)
+    assert client.get("/api/audio/2").status_code == 200
+    with open(second, "ab") as handle:
+        handle.write(b"\0")  # another size
+    refused(1, 409, "changed since it was indexed")
+    status = third.stat()
+    os.utime(third, ns=(status.st_atime_ns, status.st_mtime_ns + 10**9))  # the same size, another mtime
+    refused(2, 409, "changed since it was indexed")
+
+
+def test_serve_command_passes_the_upload_limits(index_dir, monkeypatch):
+    from m2d2_hf.data.audio import AudioLimits
+    from m2d2_hf.search import app
+
+    calls = []
+    monkeypatch.setattr(app, "serve", lambda *args, **kwargs: calls.append((args, kwargs)))
+    limits = ["--max-upload-seconds", "5", "--max-upload-channels", "1", "--max-upload-rate", "48000"]
+    assert main(["serve", str(index_dir), "--port", "7870", *limits, "--max-upload-mb", "3"]) == 0
+    assert calls == [
+        (
+            (index_dir,),
+            {"port": 7870, "model": None, "limits": AudioLimits(5.0, 1, 48000), "max_upload_bytes": 3 << 20},
+        )
+    ]
+
+
+def test_unexpected_errors_are_one_line_json(sound_index, monkeypatch):
+    client = page_client(sound_index)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("internals at /home/someone")
+
+    monkeypatch.setattr(sound_index, "search", broken)
+    failed = client.get("/api/search", params={"q": "a dog barks"})
+    assert failed.status_code == 500 and "internals" not in failed.text
+    assert _one_line(failed) == "internal error (RuntimeError): the server's log has the details"
+    invalid = client.get("/api/search", params={"q": "x", "k": 0})
+    assert invalid.status_code == 422 and _one_line(invalid).startswith("invalid request: k: Input should be")
 
 
 def test_page_without_the_app_extra_says_how_to_install_it(monkeypatch):
@@ -450,7 +816,8 @@ def served(sound_index):
     from m2d2_hf.search.app import create_app
 
     port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(sound_index), host="127.0.0.1", port=port, log_level="error"))
+    app = create_app(sound_index, port=port)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     for _ in range(100):  # bounded wait for the server to start
@@ -461,6 +828,30 @@ def served(sound_index):
     yield f"http://127.0.0.1:{port}"
     server.should_exit = True
     thread.join(timeout=10)
+
+
+def test_twenty_concurrent_clients_all_get_answers(served, collection):
+    import httpx
+
+    token = _page_token(httpx.get(served + "/").text)
+    clip = (collection / "audio" / SEGMENTS[1]).read_bytes()
+
+    def session(number: int) -> list[int]:
+        """One client: a text query, an upload, a range of a result's audio, and for some a timeline."""
+        with httpx.Client(base_url=served, timeout=120) as client:
+            found = client.get("/api/search", params={"q": f"sound number {number}", "k": 3})
+            upload = client.post("/api/search-audio", files={"file": ("q.flac", clip)}, headers={TOKEN_HEADER: token})
+            hit = found.json()["results"][0]
+            part = client.get(hit["audio_url"], headers={"range": "bytes=0-1023"})
+            assert len(part.content) == 1024
+            statuses = [found.status_code, upload.status_code, part.status_code]
+            if number % 5 == 0:
+                statuses.append(client.get(hit["timeline_url"], params={"q": "a sound"}).status_code)
+            return statuses
+
+    with ThreadPoolExecutor(20) as pool:
+        answers = list(pool.map(session, range(20)))
+    assert answers == [[200, 200, 206] + ([200] if number % 5 == 0 else []) for number in range(20)]
 
 
 def chromium_driver(width: int = 1100, height: int = 900):

@@ -30,7 +30,8 @@ def test_dataset_rows_are_played_from_the_dataset(tmp_path):
     )
     dataset.save_to_disk(tmp_path / "saved")
     build_index(MODEL, tmp_path / "saved", tmp_path / "index", progress=False)
-    client = TestClient(create_app(SoundIndex(tmp_path / "index")))
+    # Addressed as the page is: the app refuses other Host headers.
+    client = TestClient(create_app(SoundIndex(tmp_path / "index")), base_url="http://127.0.0.1:7860")
     hits = client.get("/api/search", params={"q": "a bee buzzes", "k": 2}).json()["results"]
     assert {hit["path"] for hit in hits} == {None} and all(hit["audio_url"] for hit in hits)
     for hit in hits:
@@ -42,7 +43,7 @@ def test_dataset_rows_are_played_from_the_dataset(tmp_path):
     assert png.status_code == 200 and png.content.startswith(b"\x89PNG")
 
     build_index(MODEL, dataset.select([0]), tmp_path / "in_memory", progress=False)
-    client = TestClient(create_app(SoundIndex(tmp_path / "in_memory")))
+    client = TestClient(create_app(SoundIndex(tmp_path / "in_memory")), base_url="http://127.0.0.1:7860")
     (hit,) = client.get("/api/search", params={"q": "a bee buzzes", "k": 1}).json()["results"]
     assert hit["audio_url"] is None
     missing = client.get("/api/audio/0")

@@ -5,13 +5,15 @@ Needs the `[search]` extra (faiss-cpu); the web page needs `[app]` (fastapi, uvi
 """
 
 from .api import ModelMismatchError, SearchHit, SoundIndex
-from .building import IndexSummary, build_index
+from .building import BuildLockedError, DamagedIndexError, IndexSummary, build_index
 from .sources import SourceItem, list_source
 from .vector_index import INDEX_TYPES
 
 
 __all__ = [
     "INDEX_TYPES",
+    "BuildLockedError",
+    "DamagedIndexError",
     "IndexSummary",
     "ModelMismatchError",
     "SearchHit",

@@ -5,7 +5,6 @@ sounds are the distinct sounds of the nearest vectors, and each is then scored e
 its score is its best vector's, its time range the best window's (the whole sound when it has no windows).
 """
 
-import json
 import os
 import threading
 from dataclasses import asdict, dataclass
@@ -16,7 +15,7 @@ import numpy as np
 import torch
 
 from ..data.audio import decode_audio
-from .building import FORMAT, ITEMS_FILE, META_FILE, VECTORS_FILE, embeddings_of
+from .building import ITEMS_FILE, META_FILE, VECTORS_FILE, DamagedIndexError, embeddings_of, read_index_meta
 from .embedding import clip_embeddings, load_clap_model, model_fingerprint, text_embeddings
 from .vector_index import read_vector_index
 
@@ -45,7 +44,9 @@ class ModelMismatchError(ValueError):
 
 class SoundIndex:
     """
-    An index folder made by `build_index`, with the model that built it.
+    An index folder made by `build_index`, with the model that built it. The folder is checked first (cheaply:
+    `read_index_meta`), so that a damaged one is a `DamagedIndexError` naming the file rather than a failure deep in
+    FAISS or Parquet, or a silently wrong ranking.
 
     Args:
         folder: the index folder.
@@ -55,26 +56,22 @@ class SoundIndex:
     """
 
     def __init__(self, folder: str | os.PathLike, model: str | None = None, device: str | torch.device = "cpu"):
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         self.folder = Path(folder)
-        meta_path = self.folder / META_FILE
-        if not meta_path.is_file():
-            raise ValueError(f"{self.folder} is not a search index (no {META_FILE}): build one with `m2d2-hf index`")
-        self.meta = json.loads(meta_path.read_text())
-        if self.meta.get("format") != FORMAT:
-            raise ValueError(f"{meta_path} is not an m2d2-hf search index (format {self.meta.get('format')!r})")
+        self.meta = read_index_meta(self.folder)
         recorded = self.meta["model"]
-        self.model, self.processor = load_clap_model(model or recorded["name"], device)
-        found = model_fingerprint(self.model, model or recorded["name"])
-        if (found.config_hash, found.weights_hash) != (recorded["config_hash"], recorded["weights_hash"]):
-            raise ModelMismatchError(
-                f"{self.folder} was built with the model {recorded['name']} (config hash {recorded['config_hash']}, "
-                f"weights hash {recorded['weights_hash']}) but {found.name} has config hash {found.config_hash} and "
-                f"weights hash {found.weights_hash}: its embeddings are not comparable. Search with the model the "
-                "index was built with, or rebuild the index with `m2d2-hf index` and this model."
+        # A local model is recorded by its absolute path; a hub id is never one.
+        if model is None and os.path.isabs(recorded["name"]) and not os.path.exists(recorded["name"]):
+            raise ValueError(
+                f"the model folder {recorded['name']} that {self.folder / META_FILE} records is gone: pass the model "
+                "with --model MODEL_DIR (a copy of it; its config and weights hashes are checked)"
             )
-        table = pq.read_table(self.folder / ITEMS_FILE)
+        try:
+            table = pq.read_table(self.folder / ITEMS_FILE)
+        except (pa.ArrowException, OSError) as error:  # the footer read well, the data did not
+            raise DamagedIndexError(self.folder, f"{self.folder / ITEMS_FILE} cannot be read ({error})") from error
         self.embeddings = embeddings_of(table)
         columns = {name: table.column(name).to_pylist() for name in ("key", "path", "kind")}
         self.starts, self.ends = (table.column(name).to_numpy() for name in ("start", "end"))
@@ -88,13 +85,39 @@ class SoundIndex:
         self.sound_of_row = np.repeat(np.arange(len(first)), [end - start for start, end in self.sound_rows])
         self.is_window = np.asarray([kind == "window" for kind in columns["kind"]])
         faiss_info = self.meta["faiss"]
-        self.vectors = read_vector_index(str(self.folder / VECTORS_FILE), faiss_info["type"], faiss_info["params"])
+        try:
+            self.vectors = read_vector_index(str(self.folder / VECTORS_FILE), faiss_info["type"], faiss_info["params"])
+        except ValueError as error:
+            raise DamagedIndexError(self.folder, str(error)) from error
+        # The model last: the folder's files are read (and any damage found) without waiting for it.
+        self.model, self.processor = load_clap_model(model or recorded["name"], device)
+        found = model_fingerprint(self.model, model or recorded["name"])
+        if (found.config_hash, found.weights_hash) != (recorded["config_hash"], recorded["weights_hash"]):
+            raise ModelMismatchError(
+                f"{self.folder} was built with the model {recorded['name']} (config hash {recorded['config_hash']}, "
+                f"weights hash {recorded['weights_hash']}) but {found.name} has config hash {found.config_hash} and "
+                f"weights hash {found.weights_hash}: its embeddings are not comparable. Search with the model the "
+                "index was built with, or rebuild the index with `m2d2-hf index` and this model."
+            )
         self.rate = self.processor.feature_extractor.sampling_rate
         self.window_samples = int(round(self.meta["window_seconds"] * self.rate))
         self._lock = threading.Lock()  # one query at a time through the model (the web app serves threads)
 
     def __len__(self) -> int:
         return len(self.sound_keys)
+
+    def sound_stamps(self) -> list[str | None]:
+        """The stamp of each sound when it was indexed (a file's `size:mtime_ns`, see `sources.stat_stamp`), read
+        from items.parquet; None for every sound of an index without a stamp column."""
+        import pyarrow.parquet as pq
+
+        path = self.folder / ITEMS_FILE
+        if "stamp" not in pq.read_schema(path).names:
+            return [None] * len(self)
+        stamps = pq.read_table(path, columns=["stamp"]).column("stamp").to_pylist()
+        if len(stamps) != len(self.sound_of_row):
+            raise ValueError(f"{path} changed since this index was opened: open the index again")
+        return [stamps[start] for start, _ in self.sound_rows]
 
     def embed_text(self, queries: list[str]) -> np.ndarray:
         if not queries or any(not isinstance(q, str) or not q.strip() for q in queries):

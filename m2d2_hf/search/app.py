@@ -4,32 +4,71 @@
                                          audio player starting at the best-matching moment, a result's timeline
     GET  /api/search?q=...&k=10          JSON: {"query", "results": [hit, ...]} (hits as `SearchHit.to_dict` plus
                                          `audio_url` / `timeline_url`)
-    POST /api/search-audio?k=10          the same for an uploaded example clip (multipart field `file`)
+    POST /api/search-audio?k=10          the same for an uploaded example clip (multipart field `file`; every POST
+                                         carries the page's token as `X-M2D2-Token`)
     GET  /api/audio/{sound_id}           the indexed file of a sound (only indexed files are served), or a dataset
                                          row's encoded audio, read from the index's source
     GET  /api/timeline/{sound_id}.png?q= the timeline plot of a sound against a text query, from its stored window
                                          embeddings (`m2d2_hf.timeline.plot_timeline`)
     POST /api/timeline/{sound_id}.png    the same against an uploaded example clip (multipart field `file`)
 
-The server binds 127.0.0.1 only. Queries are bounded: at most `MAX_K` results, `MAX_QUERY_CHARS` characters, and
-uploads of `MAX_UPLOAD_BYTES`.
+What the server trusts, for a team to leave it running on a shared machine:
+
+- It binds 127.0.0.1 only, and answers only requests addressed to it by that name: a Host header other than
+  127.0.0.1:PORT or localhost:PORT is refused (403), so a site whose name is rebound to 127.0.0.1 (DNS rebinding)
+  reads nothing.
+- It trusts its own origin: POSTs, and the GETs that compute (search, timeline), are refused (403) when their
+  Origin is another one or the browser says they come from another site (Sec-Fetch-Site), and every POST needs the
+  per-process random token that the page embeds (`<meta name="m2d2-token">`) and sends as `X-M2D2-Token`. A page of
+  another site can therefore neither post a clip nor run searches; a script posts with the token read from the page.
+  This guards against browsers, not people: anyone with a shell on the machine can reach 127.0.0.1.
+- Uploads are bounded by what they decode to (`AudioLimits`, settable: 60 s, 2 channels, 96 kHz by default, read
+  from the header before decoding) and by their size (`MAX_UPLOAD_BYTES`), refused with 413; undecodable ones,
+  bad headers and samples too loud for the feature extractor with 400. At most `UPLOAD_DECODES` decode at once.
+- Only indexed files are served, and only while they are the files that were indexed: the path must still resolve
+  to itself (no symbolic link put in its place or above it) and its size and modification time must match the
+  index's stamp, else 404 (gone) or 409 (changed).
+- Every error is one line of JSON, `{"detail": "..."}`; an unexpected failure is a 500 whose traceback stays in the
+  server's log.
+
+Queries are bounded too: at most `MAX_K` results and `MAX_QUERY_CHARS` characters.
 """
 
 import os
+import secrets
+import stat
 import tempfile
+import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+from ..data.audio import AudioDecodeError, AudioLimits, AudioTooLargeError, decode_audio, decode_within
+from .sources import stat_stamp
 
 
 MAX_K = 100
 MAX_QUERY_CHARS = 500
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
+# A multipart body holds the file and a few hundred bytes of part headers and boundaries.
+_MULTIPART_OVERHEAD = 64 * 1024
+# Each upload being decoded holds its bytes and its samples while they are mixed down and resampled (about 140 MB at
+# the default limits); the model embeds one clip at a time anyway, so more at once would only add memory.
+UPLOAD_DECODES = 4
+TOKEN_HEADER = "X-M2D2-Token"
+# GET routes that run the model or draw a plot: refused from other origins like the POSTs.
+_COMPUTING_PATHS = ("/api/search", "/api/timeline/")
+_REFUSE_FIX = "rebuild or update the index (`m2d2-hf index` again)"
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
 PAGE = """<!doctype html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
+<meta name="m2d2-token" content="__TOKEN__">
 <title>M2D2 sound search</title>
 <style>
  body { font-family: sans-serif; margin: 2em auto; max-width: 60em; color: #222; }
@@ -60,6 +99,8 @@ PAGE = """<!doctype html>
 <script>
 const results = document.getElementById("results"), errorBox = document.getElementById("error");
 const timeline = document.getElementById("timeline");
+// Every POST carries the token this page was served with: the server refuses posts that lack it.
+const tokenHeaders = {"X-M2D2-Token": document.querySelector('meta[name="m2d2-token"]').content};
 let lastText = null, lastFile = null;
 function show(data) {
   results.innerHTML = ""; timeline.innerHTML = ""; errorBox.textContent = "";
@@ -89,7 +130,7 @@ async function plot(hit) {
   let source = hit.timeline_url + "?q=" + encodeURIComponent(lastText);
   if (lastText === null) {
     const body = new FormData(); body.append("file", lastFile);
-    const response = await fetch(hit.timeline_url, {method: "POST", body});
+    const response = await fetch(hit.timeline_url, {method: "POST", body, headers: tokenHeaders});
     if (!response.ok) { errorBox.textContent = (await response.json()).detail; return; }
     source = URL.createObjectURL(await response.blob());
   }
@@ -112,8 +153,8 @@ document.getElementById("audio-form").onsubmit = async (event) => {
   const file = document.getElementById("clip").files[0];
   if (!file) { errorBox.textContent = "choose an audio file first"; return; }
   const body = new FormData(); body.append("file", file); lastText = null; lastFile = file;
-  const k = document.getElementById("k").value;
-  await answer(await fetch("/api/search-audio?k=" + encodeURIComponent(k), {method: "POST", body}));
+  const url = "/api/search-audio?k=" + encodeURIComponent(document.getElementById("k").value);
+  await answer(await fetch(url, {method: "POST", body, headers: tokenHeaders}));
 };
 </script>
 </body>
@@ -134,6 +175,64 @@ def _media_type(head: bytes, name: str | None) -> str:
     return next((media for magic, media in _MAGIC_MEDIA_TYPES if head.startswith(magic)), "application/octet-stream")
 
 
+class _OwnPageOnly:
+    """ASGI middleware that refuses, before any route runs, what a page of another site could make the user's
+    browser send (see the module docstring): another Host, another origin on the POSTs and computing GETs, a POST
+    without the page's token, and upload bodies over the size limit or of no stated length."""
+
+    def __init__(self, app, port: int, token: str, max_body_bytes: int):
+        self.app, self.port, self.token, self.max_body_bytes = app, port, token.encode(), max_body_bytes
+        names = ("127.0.0.1", "localhost")
+        self.hosts = {f"{name}:{port}" for name in names} | (set(names) if port == 80 else set())
+        self.origins = {f"http://{host}" for host in self.hosts}
+
+    def refusal(self, scope) -> tuple[int, str] | None:
+        headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope["headers"]}
+        own = f"http://127.0.0.1:{self.port}"
+        host = headers.get("host", "")
+        if host.lower() not in self.hosts:
+            return 403, f"Host {host!r} is not this server's address: open {own}/ (other names are refused)"
+        unsafe = scope["method"] not in ("GET", "HEAD", "OPTIONS")
+        if not unsafe and not scope["path"].startswith(_COMPUTING_PATHS):
+            return None
+        origin = headers.get("origin")
+        if origin is not None and origin.lower() not in self.origins:
+            return 403, f"requests from {origin} are refused: only the page at {own}/ may search this index"
+        site = headers.get("sec-fetch-site")
+        if site is not None and site not in ("same-origin", "none"):
+            return 403, f"a {site} request is refused: only the page at {own}/ may search this index"
+        if not unsafe:
+            return None
+        if not secrets.compare_digest(headers.get(TOKEN_HEADER.lower(), "").encode("latin-1"), self.token):
+            return 403, (
+                f"missing or wrong {TOKEN_HEADER} header: post from the page at {own}/, or send the token its "
+                '<meta name="m2d2-token"> holds'
+            )
+        length = headers.get("content-length")
+        if length is None:
+            if "transfer-encoding" in headers:
+                return 411, "an upload needs a Content-Length header (chunked bodies are refused)"
+        elif not length.isdigit():
+            return 400, f"Content-Length {length!r} is not a number of bytes"
+        elif int(length) > self.max_body_bytes + _MULTIPART_OVERHEAD:
+            return (
+                413,
+                f"the request body is {int(length) / 2**20:.1f} MB, above the upload limit of "
+                f"{self.max_body_bytes / 2**20:g} MB",
+            )
+        return None
+
+    async def __call__(self, scope, receive, send) -> None:
+        refused = self.refusal(scope) if scope["type"] == "http" else None
+        if refused is None:
+            await self.app(scope, receive, send)
+            return
+        from starlette.responses import JSONResponse
+
+        status, reason = refused
+        await JSONResponse({"detail": reason}, status_code=status)(scope, receive, send)
+
+
 def require_app_extra() -> None:
     """The page's packages are an extra: say which command installs them rather than fail on an import."""
     import importlib.util
@@ -148,19 +247,46 @@ def require_app_extra() -> None:
         )
 
 
-def create_app(index):
-    """A FastAPI app serving `index` (a `SoundIndex`)."""
+def create_app(
+    index, *, port: int = 7860, limits: AudioLimits | None = None, max_upload_bytes: int = MAX_UPLOAD_BYTES
+) -> "FastAPI":
+    """A FastAPI app serving `index` (a `SoundIndex`) at http://127.0.0.1:`port`/ (the port its Host and Origin
+    checks expect), taking uploads within `limits` (default `AudioLimits()`) and `max_upload_bytes`. Its token is
+    `app.state.token`."""
     import html
 
     require_app_extra()
 
-    from fastapi import FastAPI, File, HTTPException, Query, UploadFile
-    from fastapi.responses import FileResponse, HTMLResponse, Response
+    from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+    from starlette.concurrency import run_in_threadpool
 
-    from ..data.audio import AudioDecodeError, decode_audio
     from ..timeline import Timeline, plot_timeline
 
+    limits = limits or AudioLimits()
+    token = secrets.token_urlsafe(32)
     app = FastAPI(title="M2D2 sound search")
+    app.state.token = token
+    app.add_middleware(_OwnPageOnly, port=port, token=token, max_body_bytes=max_upload_bytes)
+
+    async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
+        # FastAPI answers a list of objects; the page shows `detail` as one line.
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in problem['loc'][1:]) or 'request'}: {problem['msg']}"
+            for problem in error.errors()
+        )
+        return JSONResponse({"detail": f"invalid request: {problems}"}, status_code=422)
+
+    async def internal_error(request: Request, error: Exception) -> JSONResponse:
+        # Starlette raises the error again once this answer is sent, so that the server logs its traceback.
+        return JSONResponse(
+            {"detail": f"internal error ({type(error).__name__}): the server's log has the details"}, status_code=500
+        )
+
+    app.add_exception_handler(RequestValidationError, invalid_request)
+    app.add_exception_handler(Exception, internal_error)
+
     meta = index.meta
     page = PAGE.replace(
         "__META__",
@@ -168,7 +294,10 @@ def create_app(index):
             f"{len(index)} sounds, {meta['audio_hours']:.2f} h, {meta['num_vectors']} vectors "
             f"({meta['faiss']['type']}); model {Path(meta['model']['name']).name}"
         ),
-    )
+    ).replace("__TOKEN__", token)
+    stamps = index.sound_stamps()
+    decoding = threading.BoundedSemaphore(UPLOAD_DECODES)
+    plotting = threading.Lock()  # one timeline at a time: pyplot keeps global state, and a sound decodes whole
 
     reopen = meta.get("reopen")  # absent for indexes of in-memory datasets (and for older indexes)
     dataset_rows: dict[str, object] = {}
@@ -211,8 +340,31 @@ def create_app(index):
             raise HTTPException(400, "empty query: type a description of a sound")
         return q
 
+    def indexed_file(sound_id: int) -> os.stat_result:
+        """The status of a sound's file while it is the file that was indexed: its path still resolves to itself
+        (no symbolic link put in its place or above it) and its size and mtime match the index's stamp."""
+        path = index.sound_paths[sound_id]
+        try:
+            status = os.stat(path)
+        except OSError:
+            raise HTTPException(404, f"sound {sound_id} is gone: {path} was moved or deleted; {_REFUSE_FIX}") from None
+        if os.path.realpath(path) != path:
+            raise HTTPException(
+                409, f"sound {sound_id}: {path} now leads elsewhere through a symbolic link; {_REFUSE_FIX}"
+            )
+        if not stat.S_ISREG(status.st_mode):
+            raise HTTPException(409, f"sound {sound_id}: {path} is no longer a regular file; {_REFUSE_FIX}")
+        if stamps[sound_id] is not None and stat_stamp(status) != stamps[sound_id]:
+            raise HTTPException(
+                409,
+                f"sound {sound_id}: {path} changed since it was indexed (size or modification time); {_REFUSE_FIX}",
+            )
+        return status
+
+    # The page and the players are async routes: they answer on the event loop while every thread of the pool
+    # waits for the model.
     @app.get("/", response_class=HTMLResponse)
-    def home() -> str:
+    async def home() -> str:
         return page
 
     @app.get("/api/search")
@@ -226,40 +378,58 @@ def create_app(index):
         return {"query": f"audio:{file.filename}", "results": with_urls([hit.to_dict() for hit in hits])}
 
     @app.get("/api/audio/{sound_id}")
-    def audio(sound_id: int) -> Response:
+    async def audio(sound_id: int) -> Response:
         path = index.sound_paths[sound(sound_id)]
         if path is None:  # a dataset row: its audio from the dataset
-            data, media_type = dataset_audio(sound_id)
+            data, media_type = await run_in_threadpool(dataset_audio, sound_id)
             return Response(data, media_type=media_type)
-        if not os.path.isfile(path):
-            raise HTTPException(404, f"sound {sound_id} has no local file to play")
-        return FileResponse(path)
+        # The checks are a few system calls; FileResponse answers Range requests (players seek) from the checked
+        # status, and opens the path right after them.
+        return FileResponse(path, stat_result=indexed_file(sound_id))
 
     def uploaded_embedding(file: UploadFile) -> np.ndarray:
-        data = file.file.read(MAX_UPLOAD_BYTES + 1)
-        if len(data) > MAX_UPLOAD_BYTES:
-            raise HTTPException(413, f"the clip is larger than {MAX_UPLOAD_BYTES // 2**20} MB")
+        with decoding:
+            data = file.file.read(max_upload_bytes + 1)
+            if len(data) > max_upload_bytes:
+                raise HTTPException(
+                    413,
+                    f"the clip is larger than {max_upload_bytes / 2**20:g} MB: send a smaller one, or start the "
+                    "server with a higher --max-upload-mb",
+                )
+            try:
+                wave = decode_within(data, limits, index.rate)
+            except AudioTooLargeError as error:
+                raise HTTPException(
+                    413,
+                    f"the clip is too large to decode here ({error}): send a shorter mono or stereo clip, or "
+                    "start the server with higher --max-upload-seconds / --max-upload-channels / --max-upload-rate",
+                ) from None
+            except AudioDecodeError as error:
+                raise HTTPException(400, f"cannot decode the uploaded clip: {error}") from None
         try:
-            return index.embed_audio(data)
-        except AudioDecodeError as error:
-            raise HTTPException(400, f"cannot decode the uploaded clip: {error}") from None
+            return index.embed_audio(wave, sampling_rate=index.rate)
+        except ValueError as error:  # the feature extractor refuses samples too loud for float32 spectra (max_peak)
+            raise HTTPException(400, f"cannot embed the uploaded clip: {error}") from None
 
     def timeline_of(sound_id: int, label: str, query: np.ndarray) -> Response:
         """The PNG of one (checked) sound's window similarities to `query` [D], over its waveform and log-mel."""
         path = index.sound_paths[sound_id]
         name = path or index.sound_keys[sound_id]
         times, similarities = index.window_similarities(sound_id, query)
-        try:
-            encoded = path if path is not None else dataset_audio(sound_id)[0]
-            wave = decode_audio(encoded, sampling_rate=index.rate, max_seconds=None)
-        except AudioDecodeError as error:
-            raise HTTPException(404, f"cannot decode {name}: {error}") from None
         plotted = Timeline(
             [label], times, similarities[None].astype(np.float32), meta["window_seconds"], meta["hop_seconds"]
         )
-        with tempfile.TemporaryDirectory() as folder:
-            png = plot_timeline(plotted, wave, index.rate, Path(folder) / "timeline.png", title=Path(name).name)
-            return Response(png.read_bytes(), media_type="image/png")
+        with plotting:
+            if path is not None:
+                indexed_file(sound_id)
+            try:
+                encoded = path if path is not None else dataset_audio(sound_id)[0]
+                wave = decode_audio(encoded, sampling_rate=index.rate, max_seconds=None)
+            except AudioDecodeError as error:
+                raise HTTPException(404, f"cannot decode {name}: {error}") from None
+            with tempfile.TemporaryDirectory() as folder:
+                png = plot_timeline(plotted, wave, index.rate, Path(folder) / "timeline.png", title=Path(name).name)
+                return Response(png.read_bytes(), media_type="image/png")
 
     @app.get("/api/timeline/{sound_id}.png")
     def timeline_png(sound_id: int, q: str = Query(..., max_length=MAX_QUERY_CHARS)) -> Response:
@@ -274,14 +444,22 @@ def create_app(index):
     return app
 
 
-def serve(index_dir: str | os.PathLike, port: int = 7860, model: str | None = None) -> None:
-    """Runs the page for the index folder on http://127.0.0.1:`port`/ until interrupted."""
+def serve(
+    index_dir: str | os.PathLike,
+    port: int = 7860,
+    model: str | None = None,
+    limits: AudioLimits | None = None,
+    max_upload_bytes: int = MAX_UPLOAD_BYTES,
+) -> None:
+    """Runs the page for the index folder on http://127.0.0.1:`port`/ until interrupted, taking uploads within
+    `limits` (default `AudioLimits()`) and `max_upload_bytes`."""
     require_app_extra()
     import uvicorn
 
     from .api import SoundIndex
 
-    uvicorn.run(create_app(SoundIndex(index_dir, model=model)), host="127.0.0.1", port=port, log_level="warning")
+    app = create_app(SoundIndex(index_dir, model=model), port=port, limits=limits, max_upload_bytes=max_upload_bytes)
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 
 
 __all__ = ["create_app", "require_app_extra", "serve"]

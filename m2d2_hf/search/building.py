@@ -15,6 +15,9 @@ Index folder:
                      its schema metadata holds the model (name, config and weights hashes) and window / hop / rate
     vectors.faiss    the FAISS index over the embeddings, row i = items row i
     README.md        what the folder holds and how to search it
+
+`read_index_meta` checks that a folder's files are whole and agree before anything uses them; a build holds a lock in
+its `.partial` folder, so that a second build into the same folder stops at once.
 """
 
 import json
@@ -23,7 +26,8 @@ import shutil
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +52,7 @@ from .vector_index import (
     check_overrides,
     recall_at_k,
     resolved_params,
+    vector_file_header,
     write_vector_index,
 )
 
@@ -55,12 +60,48 @@ from .vector_index import (
 FORMAT = "m2d2-hf-sound-index"
 FORMAT_VERSION = 1
 ITEMS_FILE, VECTORS_FILE, META_FILE, README_FILE = "items.parquet", "vectors.faiss", "index.json", "README.md"
-SETTINGS_FILE = "settings.json"
+SETTINGS_FILE, LOCK_FILE = "settings.json", "build.lock"
 PARQUET_MODEL_KEY, PARQUET_SETTINGS_KEY = b"m2d2_hf.model", b"m2d2_hf.settings"
 META_COLUMNS = ("key", "stamp", "path", "kind", "start", "end", "duration")
 # Local files longer than this are read a window at a time rather than decoded whole: below it the waveform (38 MB
 # for 10 minutes at 16 kHz) is small next to the model, and one read of the whole file is the simplest.
 STREAMED_FILE_SECONDS = 600.0
+# The index.json entries that searching and re-indexing read, with their types.
+_META_TYPES = {
+    "model": dict,
+    "window_seconds": (int, float),
+    "hop_seconds": (int, float),
+    "sampling_rate": int,
+    "num_files": int,
+    "num_vectors": int,
+    "dim": int,
+    "audio_hours": (int, float),
+    "faiss": dict,
+    "failed": list,
+}
+
+
+class DamagedIndexError(ValueError):
+    """An index folder whose files are missing, unreadable or disagree with one another; `problem` says which."""
+
+    def __init__(self, folder: Path, problem: str):
+        super().__init__(
+            f"{problem}: the index folder is damaged; rebuild it with `m2d2-hf index MODEL_DIR SOURCE --output "
+            f"{folder}` (which replaces it)"
+        )
+        self.problem = problem
+
+
+class DamagedShardError(ValueError):
+    """A shard or failure list of an interrupted build that cannot be read; `problem` says which."""
+
+    def __init__(self, problem: str):
+        super().__init__(f"{problem}: delete it and run again (its sounds are embedded again)")
+        self.problem = problem
+
+
+class BuildLockedError(OSError):
+    """Another build is writing the same index folder."""
 
 
 @dataclass
@@ -159,20 +200,80 @@ def _shard_files(folder: Path, previous_index: Path | None) -> list[Path]:
     return shards
 
 
+def _read_json(path: Path) -> Any:
+    """The JSON in `path`; a ValueError naming the file when it cannot be read or parsed."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} is not readable JSON ({error})") from error
+
+
+def _is_failure_list(value: Any) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(failure, dict) and {"key", "stamp", "error"} <= failure.keys() for failure in value
+    )
+
+
+def _sidecar_of(shard: Path) -> Path:
+    return shard.with_name(shard.name[: -len(".parquet")] + ".failed.json")
+
+
 def _failures_of(shard: Path) -> list[dict]:
-    if shard.name == ITEMS_FILE:
+    if shard.name == ITEMS_FILE:  # a previous index, checked by `read_index_meta`
         return json.loads((shard.parent / META_FILE).read_text())["failed"]
-    sidecar = shard.with_name(shard.name[: -len(".parquet")] + ".failed.json")
-    return json.loads(sidecar.read_text()) if sidecar.is_file() else []
+    sidecar = _sidecar_of(shard)
+    if not sidecar.is_file():
+        return []
+    try:
+        failures = _read_json(sidecar)
+    except ValueError as error:
+        raise DamagedShardError(str(error)) from error
+    if not _is_failure_list(failures):
+        raise DamagedShardError(f"{sidecar} is not a list of failed sounds")
+    return failures
+
+
+def _read_shard(shard: Path, columns: list[str] | None = None, schema_only: bool = False) -> Any:
+    """The table (or only the schema, read from the footer) of a Parquet shard; `DamagedShardError` when it cannot
+    be read."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_schema(shard) if schema_only else pq.read_table(shard, columns=columns)
+    except (pa.ArrowException, OSError) as error:
+        raise DamagedShardError(f"{shard} cannot be read ({error})") from error
+
+
+def _drop_unreadable(work: Path, dim: int, say: Callable[[str], None]) -> None:
+    """Deletes the shards and failure lists in `work` that cannot be read (a disk error, a stray file), saying so:
+    their sounds are embedded again, as they would have to be to resume from them. Only the footer of each shard is
+    read here; a shard damaged inside fails later with its name and what to delete."""
+    expected = _schema(dim)
+    for shard in sorted(work.glob("*.parquet")):
+        sidecar = _sidecar_of(shard)
+        try:
+            schema = _read_shard(shard, schema_only=True)
+            wrong = [f.name for f in expected if f.name not in schema.names or schema.field(f.name).type != f.type]
+            if wrong:
+                raise DamagedShardError(f"{shard} is not a shard of this build (columns {wrong} missing or mistyped)")
+        except DamagedShardError as error:
+            shard.unlink()
+            sidecar.unlink(missing_ok=True)
+            say(f"{error.problem}: deleted it and its failure list; its sounds are embedded again")
+            continue
+        try:
+            _failures_of(shard)
+        except DamagedShardError as error:
+            sidecar.unlink()
+            say(f"{error.problem}: deleted it; the sounds that had failed in its shard are tried again")
 
 
 def _done(shards: list[Path]) -> dict[str, str]:
     """key → stamp of every sound embedded or failed in `shards` (newest shard wins)."""
-    import pyarrow.parquet as pq
-
     done: dict[str, str] = {}
     for shard in shards:
-        table = pq.read_table(shard, columns=["key", "stamp"])
+        table = _read_shard(shard, columns=["key", "stamp"])
         done.update(zip(table.column("key").to_pylist(), table.column("stamp").to_pylist()))
         done.update((failure["key"], failure["stamp"]) for failure in _failures_of(shard))
     return done
@@ -183,7 +284,6 @@ def _merge(shards: list[Path], items: list[SourceItem]) -> tuple[Any, list[dict]
     order, and the current failures."""
     import pyarrow as pa
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
     current = {item.key: item.stamp for item in items}
     order = {item.key: position for position, item in enumerate(items)}
@@ -191,7 +291,7 @@ def _merge(shards: list[Path], items: list[SourceItem]) -> tuple[Any, list[dict]
     failed: dict[str, dict] = {}
     tables = []
     for number, shard in enumerate(shards):
-        table = pq.read_table(shard)
+        table = _read_shard(shard)
         keys, stamps = table.column("key").to_pylist(), table.column("stamp").to_pylist()
         for key, stamp in zip(keys, stamps):
             if current.get(key) == stamp:
@@ -218,7 +318,78 @@ def _merge(shards: list[Path], items: list[SourceItem]) -> tuple[Any, list[dict]
 def embeddings_of(table) -> np.ndarray:
     """The `embedding` column of an items table as a float32 [rows, D] array."""
     column = table.column("embedding").combine_chunks()
-    return column.values.to_numpy(zero_copy_only=False).reshape(len(column), -1).astype(np.float32, copy=False)
+    values = column.values.to_numpy(zero_copy_only=False)
+    return values.reshape(len(column), column.type.list_size).astype(np.float32, copy=False)
+
+
+def read_index_meta(folder: str | os.PathLike) -> dict:
+    """The `index.json` of the index folder `folder`, once cheap checks (no vector is read) found its files there and
+    agreeing: its entries, the FAISS file's header and the Parquet footer against the recorded type, number of
+    vectors and dimension. Raises `DamagedIndexError` naming the file at fault; a plain ValueError for a folder
+    with no index.json or one of another format."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = Path(folder)
+    meta_path, items_path, vectors_path = (folder / name for name in (META_FILE, ITEMS_FILE, VECTORS_FILE))
+    if not meta_path.is_file():
+        raise ValueError(f"{folder} is not a search index (no {META_FILE}): build one with `m2d2-hf index`")
+    try:
+        meta = _read_json(meta_path)
+    except ValueError as error:
+        raise DamagedIndexError(folder, str(error)) from error
+    if not isinstance(meta, dict):
+        raise DamagedIndexError(folder, f"{meta_path} holds a JSON {type(meta).__name__}, not an object")
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{meta_path} is not an m2d2-hf search index (format {meta.get('format')!r})")
+    wrong = [name for name, kind in _META_TYPES.items() if not isinstance(meta.get(name), kind)]
+    model, faiss_info = meta.get("model"), meta.get("faiss")
+    if isinstance(model, dict):
+        wrong += [
+            f"model.{key}" for key in ("name", "config_hash", "weights_hash") if not isinstance(model.get(key), str)
+        ]
+    if isinstance(faiss_info, dict):
+        wrong += ["faiss.type"] if faiss_info.get("type") not in INDEX_TYPES else []
+        wrong += ["faiss.params"] if not isinstance(faiss_info.get("params"), dict) else []
+    if "failed" not in wrong and not _is_failure_list(meta["failed"]):
+        wrong.append("failed")
+    if wrong:
+        raise DamagedIndexError(folder, f"{meta_path} has missing or invalid entries: {', '.join(wrong)}")
+    for path in (vectors_path, items_path):
+        if not path.is_file():
+            raise DamagedIndexError(folder, f"{path} is missing")
+    try:
+        index_type, dim, total = vector_file_header(str(vectors_path))
+    except (OSError, ValueError) as error:
+        raise DamagedIndexError(folder, str(error)) from error
+    if index_type != faiss_info["type"]:
+        raise DamagedIndexError(
+            folder, f"{vectors_path} is not the FAISS {faiss_info['type']} index {META_FILE} records"
+        )
+    try:
+        footer = pq.read_metadata(items_path)
+        rows, schema = footer.num_rows, footer.schema.to_arrow_schema()
+    except (pa.ArrowException, OSError) as error:
+        raise DamagedIndexError(folder, f"{items_path} is not a readable Parquet file ({error})") from error
+    missing = [
+        name for name in ("key", "path", "kind", "start", "end", "duration", "embedding") if name not in schema.names
+    ]
+    if missing:
+        raise DamagedIndexError(folder, f"{items_path} has no columns {', '.join(missing)}")
+    width = getattr(schema.field("embedding").type, "list_size", None)
+    if not rows == total == meta["num_vectors"]:
+        raise DamagedIndexError(
+            folder,
+            f"{vectors_path} holds {total} vectors but {items_path} has {rows} rows and {META_FILE} records "
+            f"{meta['num_vectors']} (one row per vector)",
+        )
+    if not dim == width == meta["dim"]:
+        raise DamagedIndexError(
+            folder,
+            f"{vectors_path} holds {dim}-d vectors but {items_path} {width}-d embeddings and {META_FILE} records "
+            f"{meta['dim']}-d",
+        )
+    return meta
 
 
 def _readme(meta: dict) -> str:
@@ -278,8 +449,6 @@ def _write_index(
     import pyarrow.parquet as pq
 
     vectors = embeddings_of(table)
-    if not len(vectors):
-        raise ValueError("no sound of the source could be decoded: nothing to index (see the failures above)")
     params = resolved_params(index_type, len(vectors), params)
     index = build_vector_index(vectors, index_type, params)
     recall = None if index_type == "flat" else recall_at_k(index, vectors)
@@ -355,6 +524,103 @@ def _same_settings(meta: dict, settings: dict) -> bool:
     )
 
 
+def _recorded_settings(work: Path, say: Callable[[str], None]) -> dict | None:
+    """The settings of the interrupted run in `work`: None when there is none, or when its record cannot be read but
+    no shard depends on it (the record is then written again)."""
+    path = work / SETTINGS_FILE
+    if not path.is_file():
+        return None
+    try:
+        recorded = _read_json(path)
+        if isinstance(recorded, dict):
+            return recorded
+        problem = f"{path} holds a JSON {type(recorded).__name__}, not settings"
+    except ValueError as error:
+        problem = str(error)
+    shards = len(list(work.glob("*.parquet")))
+    if shards:
+        raise ValueError(
+            f"{problem}, so whether the {shards} shards beside it were embedded with this model and settings is "
+            f"unknown: delete {work} to start over"
+        )
+    say(f"{problem}: writing it again (no shard depends on it)")
+    return None
+
+
+def _lock_file(work: Path, output: Path):
+    """The open lock file in `work`, flocked by this process and holding its pid; `BuildLockedError` at once when
+    another process holds it."""
+    import fcntl
+
+    path = work / LOCK_FILE
+    while True:
+        work.mkdir(parents=True, exist_ok=True)
+        try:
+            handle = open(path, "a+")
+        except FileNotFoundError:  # a build finishing meanwhile removed the folder: make it again
+            continue
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            pid = handle.read().strip() or "unknown"
+            handle.close()
+            raise BuildLockedError(
+                f"another m2d2-hf index is building {output} (pid {pid}); wait for it or choose another --output"
+            ) from None
+        try:
+            if os.path.samestat(os.fstat(handle.fileno()), os.stat(path)):
+                break
+        except FileNotFoundError:
+            pass
+        handle.close()  # a build finishing meanwhile deleted the file this one locked: lock the new one
+    handle.truncate(0)
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
+@contextmanager
+def _build_lock(work: Path, output: Path, state) -> Iterator[None]:
+    """Held by the main process for a whole build, so that a second build into the same folder stops at once rather
+    than resume from the shards the first is writing (and lose them when the first deletes `work`). An flock: released
+    when the build ends however it ends, and by the system when its process dies, so a crashed build leaves no stale
+    lock. The other processes of an `accelerate` run share their main process's lock and stop with it."""
+    handle, refusal = None, [None]
+    if state.is_main_process:
+        try:
+            handle = _lock_file(work, output)
+        except BuildLockedError as error:
+            refusal = [str(error)]
+    if state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(refusal)
+    if refusal[0] is not None:
+        raise BuildLockedError(refusal[0])
+    try:
+        yield
+    finally:
+        if handle is not None:
+            # A build that stopped before writing anything leaves no folder behind.
+            if work.is_dir() and [path.name for path in work.iterdir()] == [LOCK_FILE]:
+                shutil.rmtree(work)
+            handle.close()
+
+
+def _decode_for_embedding(value: Any, rate: int, max_peak: float) -> np.ndarray:
+    """`decode_audio`, with audio too loud for the model's float32 spectra (a float file of 1e30 samples decodes,
+    but its features would be Inf) as an `AudioDecodeError` too: it is skipped and listed like an undecodable file,
+    instead of failing the batch it is in at every run."""
+    wave = decode_audio(value, sampling_rate=rate, max_seconds=None)
+    peak = float(np.max(np.abs(wave)))
+    if peak > max_peak:
+        raise AudioDecodeError(
+            f"peaks at {peak:g}, too loud for float32 spectra (above {max_peak:.3g}): audio is expected in [-1, 1]"
+        )
+    return wave
+
+
 def build_index(
     model_name: str,
     source: Any,
@@ -399,117 +665,140 @@ def build_index(
     output = Path(output)
     if output.exists() and not (output / META_FILE).is_file():
         raise ValueError(f"--output {output} exists and is not a search index (no {META_FILE}): choose a new folder")
-    items = list_source(source, split=split, audio_column=audio_column)
-    model, processor = load_clap_model(model_name, state.device)
-    rate = processor.feature_extractor.sampling_rate
-    # A local folder is recorded by its absolute path, so that the index finds its model from any directory.
-    name = str(Path(model_name).resolve()) if Path(model_name).is_dir() else str(model_name)
-    settings = _settings(model_fingerprint(model, name), window_seconds, hop_seconds, rate)
-
     work = output.with_name(f".{output.name}.partial")
-    if work.is_dir() and (work / SETTINGS_FILE).is_file():
-        if not _same_settings(json.loads((work / SETTINGS_FILE).read_text()), settings):
+    with _build_lock(work, output, state):
+        items = list_source(source, split=split, audio_column=audio_column)
+        model, processor = load_clap_model(model_name, state.device)
+        rate = processor.feature_extractor.sampling_rate
+        # A local folder is recorded by its absolute path, so that the index finds its model from any directory.
+        name = str(Path(model_name).resolve()) if Path(model_name).is_dir() else str(model_name)
+        settings = _settings(model_fingerprint(model, name), window_seconds, hop_seconds, rate)
+
+        recorded = _recorded_settings(work, say)
+        if recorded is not None and not _same_settings(recorded, settings):
             raise ValueError(
                 f"{work} holds an interrupted run with another model or window / hop: delete it to start over, or "
                 "rerun with the same model and settings to resume it"
             )
-    state.wait_for_everyone()
-    if state.is_main_process:
-        work.mkdir(parents=True, exist_ok=True)
-        _atomic_write(work / SETTINGS_FILE, lambda p: Path(p).write_text(json.dumps(settings)))
-    state.wait_for_everyone()
-    previous = None
-    if (output / META_FILE).is_file() and _same_settings(json.loads((output / META_FILE).read_text()), settings):
-        previous = output
-    done = _done(_shard_files(work, previous))
-    todo = [item for item in items if done.get(item.key) != item.stamp]
-    say(
-        f"{len(items)} sounds: {len(items) - len(todo)} already indexed, {len(todo)} to embed"
-        + (f" in {state.num_processes} processes" if state.num_processes > 1 else "")
-    )
+        state.wait_for_everyone()
+        if state.is_main_process:
+            work.mkdir(parents=True, exist_ok=True)
+            _atomic_write(work / SETTINGS_FILE, lambda p: Path(p).write_text(json.dumps(settings)))
+            _drop_unreadable(work, model.config.projection_dim, say)
+        state.wait_for_everyone()
+        previous = None
+        if (output / META_FILE).is_file():
+            try:
+                previous = output if _same_settings(read_index_meta(output), settings) else None
+            except DamagedIndexError as error:
+                say(f"{error.problem}: embedding every sound again; the new index replaces the damaged one")
+        done = _done(_shard_files(work, previous))
+        todo = [item for item in items if done.get(item.key) != item.stamp]
+        say(
+            f"{len(items)} sounds: {len(items) - len(todo)} already indexed, {len(todo)} to embed"
+            + (f" in {state.num_processes} processes" if state.num_processes > 1 else "")
+        )
 
-    writer = _ShardWriter(work, state.process_index, model.config.projection_dim, files_per_shard)
-    window_samples = int(round(window_seconds * rate))
-    mine = todo[state.process_index :: state.num_processes]
-    bar = tqdm(
-        total=len(mine),
-        unit="file",
-        desc="index",
-        file=sys.stderr,
-        disable=None if (progress and state.is_main_process) else True,
-    )
-    with bar:
-        for first in range(0, len(mine), batch_size):
-            batch, waves = [], []
-            for item in mine[first : first + batch_size]:
-                value = item.audio_value()
-                if _is_long_file(value):
-                    try:
-                        with AudioFileSamples(value, rate) as samples:
-                            duration = samples.num_samples / rate
-                            clip, starts, ends, windows = long_file_embeddings(
-                                model, processor, samples, window_seconds, hop_seconds, batch_size
-                            )
-                    except (RuntimeError, ValueError) as error:  # soundfile failing mid-file (a truncated file)
-                        writer.fail(item, f"cannot read {value}: {type(error).__name__}: {error}")
-                        say(f"skipped {item.key}: {error}")
+        writer = _ShardWriter(work, state.process_index, model.config.projection_dim, files_per_shard)
+        window_samples = int(round(window_seconds * rate))
+        max_peak = processor.feature_extractor.max_peak
+        mine = todo[state.process_index :: state.num_processes]
+        bar = tqdm(
+            total=len(mine),
+            unit="file",
+            desc="index",
+            file=sys.stderr,
+            disable=None if (progress and state.is_main_process) else True,
+        )
+        with bar:
+            for first in range(0, len(mine), batch_size):
+                batch, waves = [], []
+                for item in mine[first : first + batch_size]:
+                    value = item.audio_value()
+                    if _is_long_file(value):
+                        try:
+                            with AudioFileSamples(value, rate) as samples:
+                                duration = samples.num_samples / rate
+                                clip, starts, ends, windows = long_file_embeddings(
+                                    model, processor, samples, window_seconds, hop_seconds, batch_size
+                                )
+                        except (RuntimeError, ValueError) as error:  # soundfile failing mid-file (a truncated file)
+                            writer.fail(item, f"cannot read {value}: {type(error).__name__}: {error}")
+                            say(f"skipped {item.key}: {error}")
+                            continue
+                        spans = [("clip", 0.0, duration)] + [
+                            ("window", float(s), float(e)) for s, e in zip(starts, ends)
+                        ]
+                        writer.add(item, spans, duration, np.concatenate([clip[None], windows]))
                         continue
-                    spans = [("clip", 0.0, duration)] + [("window", float(s), float(e)) for s, e in zip(starts, ends)]
-                    writer.add(item, spans, duration, np.concatenate([clip[None], windows]))
-                    continue
-                try:
-                    waves.append(decode_audio(value, sampling_rate=rate, max_seconds=None))
-                    batch.append(item)
-                except AudioDecodeError as error:
-                    writer.fail(item, str(error))
-                    say(f"skipped {item.key}: {error}")
-            clips = clip_embeddings(model, processor, waves, window_samples) if waves else []
-            for item, wave, clip in zip(batch, waves, clips):
-                duration = len(wave) / rate
-                spans, vectors = [("clip", 0.0, duration)], [clip[None]]
-                if len(wave) > window_samples:
-                    starts, ends, windows = timed_window_embeddings(
-                        model, processor, wave, window_seconds, hop_seconds, batch_size
-                    )
-                    spans += [("window", float(s), float(e)) for s, e in zip(starts, ends)]
-                    vectors.append(windows)
-                writer.add(item, spans, duration, np.concatenate(vectors))
-            bar.update(len(mine[first : first + batch_size]))
-    writer.flush()
-    state.wait_for_everyone()
-    if not state.is_main_process:
-        return None
+                    try:
+                        waves.append(_decode_for_embedding(value, rate, max_peak))
+                        batch.append(item)
+                    except AudioDecodeError as error:
+                        writer.fail(item, str(error))
+                        say(f"skipped {item.key}: {error}")
+                clips = clip_embeddings(model, processor, waves, window_samples) if waves else []
+                for item, wave, clip in zip(batch, waves, clips):
+                    duration = len(wave) / rate
+                    spans, vectors = [("clip", 0.0, duration)], [clip[None]]
+                    if len(wave) > window_samples:
+                        starts, ends, windows = timed_window_embeddings(
+                            model, processor, wave, window_seconds, hop_seconds, batch_size
+                        )
+                        spans += [("window", float(s), float(e)) for s, e in zip(starts, ends)]
+                        vectors.append(windows)
+                    writer.add(item, spans, duration, np.concatenate(vectors))
+                bar.update(len(mine[first : first + batch_size]))
+        writer.flush()
+        state.wait_for_everyone()
+        if not state.is_main_process:
+            return None
 
-    table, failures = _merge(_shard_files(work, previous), items)
-    meta = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        **settings,
-        "source": str(source),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    # How to open the source again (the page plays dataset rows from it): an in-memory dataset cannot be.
-    if isinstance(source, (str, os.PathLike)):
-        local = Path(source).exists()
-        where = str(Path(source).resolve()) if local else str(source)
-        meta["reopen"] = {"source": where, "split": split, "audio_column": audio_column}
-    recall = _write_index(output, table, failures, meta, index_type, index_params)
-    shutil.rmtree(work)
-    if recall is not None:
-        say(f"{index_type} index recall@10 against exact search: {recall:.4f}")
-    for failure in failures:
-        say(f"failed: {failure['key']}: {failure['error']}")
-    return IndexSummary(
-        output=output,
-        num_files=meta["num_files"],
-        num_vectors=meta["num_vectors"],
-        audio_seconds=meta["audio_hours"] * 3600,
-        embedded_files=len(todo),
-        reused_files=len(items) - len(todo),
-        failed=failures,
-        seconds=time.perf_counter() - started,
-        recall_at_10=recall,
-    )
+        table, failures = _merge(_shard_files(work, previous), items)
+        for failure in failures:
+            say(f"failed: {failure['key']}: {failure['error']}")
+        if not len(table):
+            named = source if isinstance(source, (str, os.PathLike)) else "the dataset"
+            raise ValueError(
+                f"no sound could be decoded from {named} ({len(failures)} of {len(items)} files failed; see the "
+                "'failed:' lines above): replace or remove those files and run again"
+            )
+        meta = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            **settings,
+            "source": str(source),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        # How to open the source again (the page plays dataset rows from it): an in-memory dataset cannot be.
+        if isinstance(source, (str, os.PathLike)):
+            local = Path(source).exists()
+            where = str(Path(source).resolve()) if local else str(source)
+            meta["reopen"] = {"source": where, "split": split, "audio_column": audio_column}
+        recall = _write_index(output, table, failures, meta, index_type, index_params)
+        shutil.rmtree(work)
+        if recall is not None:
+            say(f"{index_type} index recall@10 against exact search: {recall:.4f}")
+        return IndexSummary(
+            output=output,
+            num_files=meta["num_files"],
+            num_vectors=meta["num_vectors"],
+            audio_seconds=meta["audio_hours"] * 3600,
+            embedded_files=len(todo),
+            reused_files=len(items) - len(todo),
+            failed=failures,
+            seconds=time.perf_counter() - started,
+            recall_at_10=recall,
+        )
 
 
-__all__ = ["FORMAT", "IndexSummary", "build_index", "embeddings_of"]
+__all__ = [
+    "FORMAT",
+    "BuildLockedError",
+    "DamagedIndexError",
+    "DamagedShardError",
+    "IndexSummary",
+    "build_index",
+    "embeddings_of",
+    "read_index_meta",
+]

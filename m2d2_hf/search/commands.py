@@ -5,7 +5,8 @@ sub-commands and turns the `ValueError` / `OSError` / `ImportError` they raise i
         [--index-param nlist=1000 ...]
     accelerate launch [...] $(which m2d2-hf) index ...          (each process embeds its share)
     m2d2-hf search INDEX_DIR "a dog barks" ["glass breaking" ...] [--audio example.wav ...] [--top-k 10] [--json]
-    m2d2-hf serve INDEX_DIR [--port 7860]
+    m2d2-hf serve INDEX_DIR [--port 7860] [--max-upload-seconds 60 --max-upload-channels 2 --max-upload-rate 96000
+        --max-upload-mb 20]
 """
 
 import argparse
@@ -130,16 +131,51 @@ def run_search(args: argparse.Namespace) -> None:
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("index", metavar="INDEX_DIR", type=Path, help="an index folder made by `m2d2-hf index`")
+    from ..data.audio import AudioLimits
+    from .app import MAX_UPLOAD_BYTES
+
+    default = AudioLimits()
     parser.add_argument("--port", type=_port, default=7860, help="port on 127.0.0.1 (default 7860)")
     parser.add_argument("--model", help="embed queries with this model folder (default: the index's own)")
+    parser.add_argument(
+        "--max-upload-seconds",
+        type=positive_seconds,
+        default=default.max_seconds,
+        help=f"longest uploaded clip, from its header (default {default.max_seconds:g}; longer ones get 413)",
+    )
+    parser.add_argument(
+        "--max-upload-channels",
+        type=positive_int,
+        default=default.max_channels,
+        help=f"most channels of an uploaded clip (default {default.max_channels})",
+    )
+    parser.add_argument(
+        "--max-upload-rate",
+        type=positive_int,
+        default=default.max_sampling_rate,
+        help=f"highest sampling rate of an uploaded clip in Hz (default {default.max_sampling_rate})",
+    )
+    parser.add_argument(
+        "--max-upload-mb",
+        type=positive_int,
+        default=MAX_UPLOAD_BYTES // 2**20,
+        help=f"largest uploaded file in MB (default {MAX_UPLOAD_BYTES // 2**20})",
+    )
 
 
 def run_serve(args: argparse.Namespace) -> None:
+    from ..data.audio import AudioLimits
     from .app import require_app_extra, serve
 
     require_app_extra()
-    print(f"serving {args.index} on http://127.0.0.1:{args.port}/ (Ctrl-C stops)", file=sys.stderr)
-    serve(args.index, port=args.port, model=args.model)
+    limits = AudioLimits(args.max_upload_seconds, args.max_upload_channels, args.max_upload_rate)
+    print(
+        f"serving {args.index} on http://127.0.0.1:{args.port}/ (Ctrl-C stops); uploads up to "
+        f"{limits.max_seconds:g} s, {limits.max_channels} channels, {limits.max_sampling_rate} Hz, "
+        f"{args.max_upload_mb} MB",
+        file=sys.stderr,
+    )
+    serve(args.index, port=args.port, model=args.model, limits=limits, max_upload_bytes=args.max_upload_mb * 2**20)
 
 
 __all__ = [

@@ -64,13 +64,17 @@ class SourceItem:
         return self.audio() if callable(self.audio) else self.audio
 
 
+def stat_stamp(status: os.stat_result) -> str:
+    """`size:mtime_ns` of a file's status: what the index records, and the page compares before serving it."""
+    return f"{status.st_size}:{status.st_mtime_ns}"
+
+
 def file_stamp(path: str) -> str:
-    """`size:mtime_ns`, or `missing` (the item then fails to decode and is listed as failed)."""
+    """`stat_stamp` of a file, or `missing` (the item then fails to decode and is listed as failed)."""
     try:
-        stat = os.stat(path)
+        return stat_stamp(os.stat(path))
     except OSError:
         return "missing"
-    return f"{stat.st_size}:{stat.st_mtime_ns}"
 
 
 def _file_item(path: Path) -> SourceItem:
@@ -159,4 +163,4 @@ def check_unique(items: Sequence[SourceItem]) -> None:
         seen.add(item.key)
 
 
-__all__ = ["SourceItem", "file_stamp", "list_source"]
+__all__ = ["SourceItem", "file_stamp", "list_source", "stat_stamp"]

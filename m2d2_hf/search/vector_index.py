@@ -6,11 +6,17 @@ degraded text queries), and their recall@10 against the exact search is measured
 """
 
 import math
+import struct
 
 import numpy as np
 
 
 INDEX_TYPES = ("flat", "ivf", "hnsw")
+# What a FAISS index file starts with, whatever its type: the type's four-letter code, then the dimension (int32) and
+# the number of vectors (int64), little-endian (write_index_header in faiss/impl/index_write.cpp). Reading it checks
+# an index file against its items without reading the vectors.
+_FILE_HEADER = struct.Struct("<4siq")
+_TYPE_CODES = {b"IxFI": "flat", b"IwFl": "ivf", b"IHNf": "hnsw"}
 # IVF's k-means runs on at most this many vectors per list (FAISS itself would take up to 256).
 TRAINING_VECTORS_PER_LIST = 64
 
@@ -112,9 +118,24 @@ def write_vector_index(index, path: str) -> None:
 
 
 def read_vector_index(path: str, index_type: str, params: dict):
-    index = _faiss().read_index(path)
+    """The index in the FAISS file `path`; a `ValueError` for a file FAISS cannot read (truncated or damaged)."""
+    try:
+        index = _faiss().read_index(path)
+    except RuntimeError as error:  # FAISS's C++ exceptions: a page of source locations
+        raise ValueError(f"{path} cannot be read by FAISS (truncated or damaged)") from error
     set_search_params(index, index_type, params)
     return index
+
+
+def vector_file_header(path: str) -> tuple[str | None, int, int]:
+    """(index type, None for a type this package does not write; dimension; number of vectors) from the first bytes
+    of the FAISS file `path`; a `ValueError` for a file too short to be one."""
+    with open(path, "rb") as handle:
+        header = handle.read(_FILE_HEADER.size)
+    if len(header) < _FILE_HEADER.size:
+        raise ValueError(f"{path} is {len(header)} bytes long, too short for a FAISS index")
+    code, dim, total = _FILE_HEADER.unpack(header)
+    return _TYPE_CODES.get(code), dim, total
 
 
 __all__ = [
@@ -125,4 +146,5 @@ __all__ = [
     "read_vector_index",
     "recall_at_k",
     "resolved_params",
+    "vector_file_header",
 ]
