@@ -33,7 +33,7 @@ from transformers import AutoConfig, AutoModel, AutoProcessor
 from .argument_types import positive_int, positive_seconds
 from .configuration_m2d2 import M2D2Config
 from .conversion import convert_checkpoint
-from .cpu_inference import optimize_for_cpu_inference
+from .cpu_inference import cpu_has_native_bf16, optimize_for_cpu_inference
 from .data.audio import AudioDecodeError, AudioFile, inspect_audio_files, mono_at, read_audio
 from .data.labels import class_names, parse_label_list
 from .data.sources import metadata_rows
@@ -151,14 +151,22 @@ def add_bf16_argument(parser: argparse.ArgumentParser) -> None:
         "--bf16",
         action="store_true",
         help="run the model in bfloat16, on the CPU tuned by optimize_for_cpu_inference (about 2x faster than float32 "
-        "on CPUs with AVX512-BF16 or AMX; embeddings within cosine 0.999 of float32)",
+        "on CPUs with native bf16: AVX512-BF16 or AMX; embeddings within cosine 0.999 of float32); CPUs without it "
+        "(e.g. AVX2 only) keep float32, with a warning",
     )
 
 
 def prepare_model(model: torch.nn.Module, device: torch.device, bf16: bool) -> torch.nn.Module:
-    """Moves `model` to `device` in eval mode; with `bf16`, casts it and, on the CPU, tunes it for inference."""
+    """Moves `model` to `device` in eval mode; with `bf16`, casts it and, on the CPU, tunes it for inference. On a CPU
+    without native bf16 the model stays float32 (emulated bf16 is slower there), with a one-line warning on stderr."""
     model.to(device).eval()
-    if bf16:
+    if bf16 and device.type == "cpu" and not cpu_has_native_bf16():
+        print(
+            "warning: --bf16 ignored: this CPU has no native bf16 (AVX512-BF16 or AMX), where bf16 runs emulated and "
+            "slower than float32; running in float32",
+            file=sys.stderr,
+        )
+    elif bf16:
         model.to(torch.bfloat16)
         if device.type == "cpu":
             optimize_for_cpu_inference(model)
@@ -219,8 +227,7 @@ def add_zero_shot_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", help="keep the --metadata rows whose 'split' column has this value (e.g. test)")
     parser.add_argument(
         "--template",
-        default=DEFAULT_TEMPLATE,
-        help=f"prompt with {{}} for the class name (default: {DEFAULT_TEMPLATE!r})",
+        help=f"prompt with {{}} for the class name (default: the model's zero_shot_template, {DEFAULT_TEMPLATE!r})",
     )
     parser.add_argument("--top-k", type=positive_int, default=5, help="predictions shown per file (default: 5)")
     parser.add_argument("--batch-size", type=positive_int, default=8, help="files per forward pass (default: 8)")
@@ -377,6 +384,8 @@ def run_export(args: argparse.Namespace) -> None:
         raise CLIError(
             f"ONNX export needs onnx, onnxscript and onnxruntime: pip install 'm2d2_hf[onnx]' ({error})"
         ) from error
+    except ModelLoadError:
+        raise  # its message names the folder and the problem already
     except (OSError, ValueError) as error:
         raise CLIError(f"cannot export {args.model}: {error}") from error
     print(f"wrote {', '.join(sorted(p.name for p in output_dir.glob('*.onnx')))} to {output_dir}")
@@ -506,13 +515,13 @@ def run_embed(args: argparse.Namespace) -> None:
     device = pick_device(args.device)
     feature_extractor = load_feature_extractor(args.model)
     check_long_enough(files, feature_extractor)
+    model = load_pretrained(AutoModel, args.model)  # before any output is made: damaged weights leave nothing behind
+    prepare_model(model, device, args.bf16)
     fmt = args.format or ("safetensors" if args.output.suffix == ".safetensors" else "npy")
     if fmt == "npy":
         writer = NpyWriter(args.output)
     else:
         writer = SafetensorsWriter(args.output, {"model": str(args.model), "levels": ",".join(sorted(levels))})
-    model = load_pretrained(AutoModel, args.model)
-    prepare_model(model, device, args.bf16)
     audio_model = model.audio_model if is_clap else model
 
     with progress(len(files), "embed") as bar:
@@ -613,7 +622,11 @@ def run_zero_shot(args: argparse.Namespace) -> None:
         raise CLIError("--split selects rows of --metadata; pass --metadata too")
     labelled = LabelledSet.read(args.metadata, args.label_column, args.split) if args.metadata else None
     labels = parse_labels(args, labelled)
-    names = label_prompts(labels, args.template)
+    config = load_m2d2_config(args.model)
+    if config.model_type != M2D2Config.model_type:
+        raise CLIError(f"zero-shot needs an M2D2 CLAP model folder; {args.model} holds an audio encoder only")
+    template = args.template or config.zero_shot_template
+    names = label_prompts(labels, template)
     if not args.audio and labelled is None:
         raise CLIError("no audio given: pass audio files, or --metadata to classify the files it lists")
     files = inspect_audio_files(args.audio or sorted(labelled.targets))
@@ -621,9 +634,6 @@ def run_zero_shot(args: argparse.Namespace) -> None:
     unknown = sorted(set(targets or ()) - set(labels))
     if unknown:
         raise CLIError(f"--metadata labels {unknown[:5]} are not among the class names; add them to --labels")
-    config = load_m2d2_config(args.model)
-    if config.model_type != M2D2Config.model_type:
-        raise CLIError(f"zero-shot needs an M2D2 CLAP model folder; {args.model} holds an audio encoder only")
     device = pick_device(args.device)
     feature_extractor = load_feature_extractor(args.model)
     check_long_enough(files, feature_extractor)
@@ -631,7 +641,7 @@ def run_zero_shot(args: argparse.Namespace) -> None:
     model = prepare_model(load_pretrained(M2D2ClapModel, args.model), device, args.bf16)
     # The zero-shot-audio-classification pipeline's computation (softmax over the labels of logits_per_audio),
     # batched: one forward pass per --batch-size files instead of one pipeline call per file.
-    text_inputs = tokenizer([args.template.format(name) for name in names], return_tensors="pt", padding=True)
+    text_inputs = tokenizer([template.format(name) for name in names], return_tensors="pt", padding=True)
     text_inputs = text_inputs.to(device)
     label_names = list(names.values())
     results = []
@@ -713,8 +723,8 @@ def run_timeline(args: argparse.Namespace) -> None:
     if round(args.hop * rate) < 1:
         raise CLIError(f"--hop {args.hop:g} s is shorter than one sample at {rate} Hz")
     check_long_enough([file], processor.feature_extractor)
-    writable_folder(args.output.parent, "--output")  # before the compute, not after it
     model = prepare_model(load_pretrained(M2D2ClapModel, args.model), device, args.bf16)
+    writable_folder(args.output.parent, "--output")  # before the compute, not after it
     wave = mono_at(file, rate)
     timeline = sound_event_timeline(model, processor, wave, queries, args.window, args.hop)
     try:

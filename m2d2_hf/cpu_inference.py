@@ -11,6 +11,10 @@ instead (8 x 10 s ViT-B: 0.36 s prepacked with SDPA against 0.49 s with eager at
 2-core Xeon with AMX), so bf16 models keep SDPA there. Inference only: with autograd, under autocast, or off the CPU
 the layers fall back to `F.linear`.
 
+bf16 only pays on CPUs that compute it natively (AVX512-BF16 or AMX-BF16; `cpu_has_native_bf16`). Elsewhere (AVX2
+only, e.g. older AMD EPYC) oneDNN cannot prepack bf16 weights at all and bf16 autocast ran 6x slower than fp32
+(emulated), so `optimize_for_cpu_inference` runs bf16 models in fp32 there.
+
 Without autograd the transformer blocks also need no copy of their inputs: `InPlaceM2D2Layer` adds each residual
 into the fresh output of its branch and `InPlaceM2D2MLP` applies GELU to `fc1`'s fresh output in place (bit for bit
 the same sums and values; ~8 % faster on the CPU, fewer page faults); with prepacked Linear layers the GELU and both
@@ -18,6 +22,10 @@ residual sums run inside the `fc1`, `fc2` and attention `proj` oneDNN kernels (p
 model's own blocks stay out-of-place, as timm's `Block`; these are swapped in by `optimize_for_cpu_inference` like
 the prepacked Linear.
 """
+
+import functools
+import warnings
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -35,10 +43,43 @@ def onednn_prepacking_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
+# The CPU feature names (as torch and Linux's /proc/cpuinfo spell them) of native bf16 matmuls: x86 AVX512-BF16 and
+# AMX-BF16, and the aarch64 BF16 extension; and of the int8 dot products that keep onnxruntime's u8s8 kernels from
+# saturating: AVX512-VNNI, AVX-VNNI, AMX-INT8.
+NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
+VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The feature flags of this CPU: torch's probe (`torch.cpu.get_capabilities`, in recent torch releases), else the
+    first `flags` / `Features` line of /proc/cpuinfo; empty where neither tells (then no native bf16 and no VNNI is
+    assumed, the choices that are safe on every CPU). Cached: the probes below run on every forward."""
+    probe = getattr(torch.cpu, "get_capabilities", None)
+    if probe is not None:
+        return frozenset(name for name, value in probe().items() if value is True)
+    try:
+        with Path("/proc/cpuinfo").open() as cpuinfo:
+            line = next(line for line in cpuinfo if line.startswith(("flags", "Features")))
+    except (OSError, StopIteration):
+        return frozenset()
+    return frozenset(line.partition(":")[2].split())
+
+
 def cpu_has_amx() -> bool:
-    """Whether this CPU has AMX tiles (torch's own CPU feature probe; False where torch cannot tell)."""
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return bool(probe()) if probe is not None else False
+    """Whether this CPU has AMX tiles."""
+    return "amx_tile" in cpu_flags()
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 matmuls natively (AVX512-BF16, AMX-BF16 or aarch64 BF16); elsewhere bf16 is
+    emulated, slower than fp32, and oneDNN cannot prepack bf16 weights on AVX2-only CPUs."""
+    return not NATIVE_BF16_FLAGS.isdisjoint(cpu_flags())
+
+
+def cpu_has_vnni() -> bool:
+    """Whether this CPU has VNNI int8 dot products (AVX512-VNNI, AVX-VNNI or AMX-INT8)."""
+    return not VNNI_FLAGS.isdisjoint(cpu_flags())
 
 
 def bf16_attention_for_this_cpu() -> str:
@@ -73,6 +114,7 @@ class PrepackedLinear(nn.Linear):
         return (
             weight.device.type == "cpu"
             and weight.dtype in PACKABLE_DTYPES
+            and (weight.dtype != torch.bfloat16 or cpu_has_native_bf16())
             and hidden_states.dtype == weight.dtype
             and hidden_states.device.type == "cpu"
             and hidden_states.numel() > 0
@@ -196,6 +238,10 @@ def optimize_for_cpu_inference(model: PreTrainedModel) -> PreTrainedModel:
     on this CPU (`bf16_attention_for_this_cpu`: eager without AMX, SDPA with it; SDPA stays for fp32), so the tuned
     model is never slower than the model as loaded.
 
+    On a CPU without native bf16 (`cpu_has_native_bf16`: no AVX512-BF16 or AMX-BF16, e.g. AVX2 only) a bf16 model is
+    cast to float32 in place, with a `UserWarning`, and tuned as an fp32 one: emulated bf16 runs slower than fp32
+    there, and oneDNN cannot prepack its weights. Load the model in float32 on such CPUs to skip the warning.
+
     Outputs stay within the bf16 / fp32 tolerances of the untuned model (bit-identical Linear products in bf16,
     ~1e-7 relative in fp32). Training is unaffected: with autograd the layers compute `F.linear` and the blocks
     their out-of-place residuals as before.
@@ -214,6 +260,13 @@ def optimize_for_cpu_inference(model: PreTrainedModel) -> PreTrainedModel:
             f"optimize_for_cpu_inference tunes models that run on the CPU, but this one is on {model.device}; "
             "call it after `model.to('cpu')`, or leave GPU models as they are (SDPA is already their fast path)."
         )
+    if model.dtype == torch.bfloat16 and not cpu_has_native_bf16():
+        warnings.warn(
+            "optimize_for_cpu_inference: this CPU has no native bf16 (AVX512-BF16 or AMX-BF16), where bf16 runs "
+            "emulated and slower than float32, so the model is cast to float32; load it in float32 on this CPU.",
+            stacklevel=2,
+        )
+        model.to(torch.float32)
     for module in model.modules():
         if type(module) is nn.Linear:
             module.__class__ = PrepackedLinear

@@ -17,9 +17,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, AutoTokenizer
+from transformers import AutoTokenizer
 
+from .cpu_inference import cpu_has_vnni
 from .feature_extraction_m2d2 import M2D2FeatureExtractor
+from .loading import load_m2d2_config, load_pretrained
 from .model_card import NTT_LICENCE_TEXT, OWN_WEIGHTS_TEXT, weights_derive_from_ntt
 from .modeling_m2d2 import M2D2AudioModel, M2D2ClapModel
 from .output_folders import check_output_dir, staged_folder
@@ -67,17 +69,12 @@ def audio_output_names(is_clap: bool) -> list[str]:
 
 def load_exportable_model(model_dir: str | Path) -> M2D2AudioModel | M2D2ClapModel:
     """The float32 model of an M2D2 folder (`m2d2` CLAP or `m2d2_audio` encoder), in eval mode."""
-    config = AutoConfig.from_pretrained(model_dir)
-    classes = {"m2d2": M2D2ClapModel, "m2d2_audio": M2D2AudioModel}
-    if config.model_type not in classes:
-        raise ValueError(
-            f"{model_dir} holds a {config.model_type!r} model: ONNX export takes M2D2 CLAP (m2d2) or audio encoder "
-            "(m2d2_audio) folders"
-        )
+    config = load_m2d2_config(model_dir)
+    model_class = M2D2ClapModel if config.model_type == "m2d2" else M2D2AudioModel
     # Eager attention: exported, it is MatMul / Softmax / MatMul, which onnxruntime runs ~15 % faster on ViT-B than the
     # SDPA export (that adds a NaN guard over every score tensor); the same function as PyTorch's, to float rounding.
-    model_class = classes[config.model_type]
-    return model_class.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    model = load_pretrained(model_class, model_dir, dtype=torch.float32, attn_implementation="eager")
+    return model.eval()
 
 
 def export_onnx(
@@ -86,6 +83,7 @@ def export_onnx(
     quantize: str | None = None,
     overwrite: bool = False,
     optimize: bool = True,
+    reduce_range: bool | None = None,
 ) -> Path:
     """Exports the M2D2 folder `model_dir` to ONNX in `output_dir` and returns `output_dir`.
 
@@ -98,6 +96,11 @@ def export_onnx(
     With `optimize` (the default) the audio graph is rewritten with onnxruntime's fused CPU operators
     ([`optimize_audio_graph`]; `benchmarks/bench_onnx.py` times it against the plain graph) and the int8 graph is
     quantized from that one; `optimize=False` keeps the graph of standard ONNX operators that other runtimes load.
+
+    `reduce_range` quantizes the int8 weights to 7 bits: without VNNI (x86 CPUs with AVX2 only) onnxruntime's u8s8
+    kernels saturate on full-range weights (the demo model's int8 embeddings: cosine 0.92 to fp32, not >= 0.99).
+    None (the default) chooses it for the CPU that exports (`cpu_has_vnni`); pass True for a graph that will run on
+    CPUs without VNNI. `onnx_config.json` and the README record the choice.
     """
     if quantize is not None and quantize not in QUANTIZATIONS:
         raise ValueError(f"quantize must be one of {QUANTIZATIONS} or None, got {quantize!r}")
@@ -105,8 +108,8 @@ def export_onnx(
     check_output_dir(output_dir, overwrite)
     model = load_exportable_model(model_dir)
     is_clap = isinstance(model, M2D2ClapModel)
-    feature_extractor = M2D2FeatureExtractor.from_pretrained(model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir) if is_clap else None
+    feature_extractor = load_pretrained(M2D2FeatureExtractor, model_dir, "the feature extractor")
+    tokenizer = load_pretrained(AutoTokenizer, model_dir, "the tokenizer") if is_clap else None
     with staged_folder(output_dir) as staging:
         fused_operators = _export_audio(model, staging / AUDIO_GRAPH, optimize)
         if is_clap:
@@ -119,17 +122,26 @@ def export_onnx(
         if quantize == "int8":
             from onnxruntime.quantization import QuantType, quantize_dynamic
 
-            quantize_dynamic(staging / AUDIO_GRAPH, staging / AUDIO_INT8_GRAPH, weight_type=QuantType.QInt8)
+            if reduce_range is None:
+                reduce_range = not cpu_has_vnni()
+            quantize_dynamic(
+                staging / AUDIO_GRAPH,
+                staging / AUDIO_INT8_GRAPH,
+                weight_type=QuantType.QInt8,
+                reduce_range=reduce_range,
+            )
         parity = measure_parity(model, feature_extractor, tokenizer, staging)
         onnx_config = {
             "model_type": model.config.model_type,
             "opset": OPSET,
             "audio_graph": AUDIO_GRAPH,
             "audio_int8_graph": AUDIO_INT8_GRAPH if quantize == "int8" else None,
+            "int8_reduce_range": reduce_range if quantize == "int8" else None,
             "text_graph": TEXT_GRAPH if is_clap else None,
             "audio_outputs": audio_output_names(is_clap),
             "audio_fused_operators": fused_operators,
             "logit_scale": model.logit_scale.exp().item() if is_clap else None,
+            "zero_shot_template": model.config.zero_shot_template if is_clap else None,
             "parity": parity,
         }
         (staging / ONNX_CONFIG_NAME).write_text(json.dumps(onnx_config, indent=2) + "\n")
@@ -356,9 +368,14 @@ def _model_card(model_dir: str | Path, onnx_config: dict) -> str:
     rows = "\n".join(f"| {name} | {error:.2e} |" for name, error in parity["max_relative_error"].items())
     int8 = ""
     if "int8_min_cosine" in parity:
+        weight_range = (
+            "7-bit weights (`reduce_range`), for CPUs without VNNI"
+            if onnx_config["int8_reduce_range"]
+            else "8-bit weights, for CPUs with VNNI (AVX512-VNNI, AVX-VNNI or AMX-INT8)"
+        )
         int8 = (
-            f"\n`{AUDIO_INT8_GRAPH}` (dynamic int8 quantization of the weights, onnxruntime's `quantize_dynamic`): "
-            f"lowest cosine of its first output to the fp32 graph's on the same clips: "
+            f"\n`{AUDIO_INT8_GRAPH}` (dynamic int8 quantization of the weights, onnxruntime's `quantize_dynamic`, "
+            f"{weight_range}): lowest cosine of its first output to the fp32 graph's on the same clips: "
             f"{parity['int8_min_cosine']:.4f}.\n"
         )
     outputs = "\n".join(

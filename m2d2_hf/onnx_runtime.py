@@ -16,6 +16,7 @@ from transformers import AutoTokenizer
 from .feature_extraction_m2d2 import M2D2FeatureExtractor
 from .onnx_export import ONNX_CONFIG_NAME
 from .pipelines import check_candidate_labels, check_hypothesis_template
+from .prompts import DEFAULT_TEMPLATE
 
 
 class M2D2OnnxModel:
@@ -96,11 +97,13 @@ class M2D2OnnxModel:
         audio: np.ndarray | Sequence[np.ndarray],
         candidate_labels: str | Sequence[str],
         sampling_rate: int | None = None,
-        hypothesis_template: str = "This is a sound of {}.",
+        hypothesis_template: str | None = None,
     ) -> list[dict] | list[list[dict]]:
-        """Zero-shot classification as the zero-shot-audio-classification pipeline does it (same prompts, softmax
-        over the scaled cosine similarities): `[{"score", "label"}, ...]` best first, one list per clip when given
-        a list of clips."""
+        """Zero-shot classification as the zero-shot-audio-classification pipeline does it (same prompts, by default
+        the exported model's `zero_shot_template`; softmax over the scaled cosine similarities):
+        `[{"score", "label"}, ...]` best first, one list per clip when given a list of clips."""
+        # Exports made before the template was recorded prompt with M2D2Config's default, as the pipeline does.
+        hypothesis_template = hypothesis_template or self.config.get("zero_shot_template") or DEFAULT_TEMPLATE
         labels = check_candidate_labels(candidate_labels)
         check_hypothesis_template(hypothesis_template)
         single = isinstance(audio, np.ndarray) and audio.ndim == 1

@@ -1,8 +1,10 @@
 """`optimize_for_cpu_inference`: prepacked Linear weights and the per-dtype attention kernel keep the numbers, fall
 back to `F.linear` wherever the packed kernel does not apply, follow weight updates, and leave checkpoints alone."""
 
+import contextlib
 import copy
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -27,6 +29,28 @@ pytestmark = pytest.mark.skipif(
     not cpu_inference.onednn_prepacking_available(), reason="this torch build has no oneDNN"
 )
 
+# The feature flags of the three CPU kinds this project runs on (as torch names them), for simulating each anywhere.
+AVX2_ONLY = ("avx", "avx2", "fma3", "f16c")
+AVX512_BF16 = AVX2_ONLY + ("avx512_f", "avx512_bw", "avx512_vl", "avx512_bf16", "avx512_vnni")  # AMD EPYC
+AMX = AVX512_BF16 + ("amx_tile", "amx_bf16", "amx_int8")  # Intel Xeon 4th generation and later
+# Tests that measure oneDNN's own bf16 kernels need them: without native bf16 the tuned layers never prepack bf16.
+needs_native_bf16 = pytest.mark.skipif(
+    not cpu_inference.cpu_has_native_bf16(), reason="measures native bf16 kernels: no avx512_bf16 / amx_bf16 here"
+)
+BF16_NATIVE_ONLY = pytest.param(torch.bfloat16, marks=needs_native_bf16)
+
+
+def simulate_cpu(monkeypatch: pytest.MonkeyPatch, flags: tuple[str, ...]) -> None:
+    """Make every CPU probe of the package (`cpu_has_native_bf16`, `cpu_has_vnni`, `cpu_has_amx`) see `flags`."""
+    monkeypatch.setattr(cpu_inference, "cpu_flags", lambda: frozenset(flags))
+
+
+def bf16_fallback_warning():
+    """What tuning a bf16 model does on this CPU: nothing to see with native bf16, a float32 warning without."""
+    if cpu_inference.cpu_has_native_bf16():
+        return contextlib.nullcontext()
+    return pytest.warns(UserWarning, match="no native bf16")
+
 
 def features(batch: int = 2, frames: int = 250) -> torch.Tensor:
     return torch.randn(batch, 80, frames, generator=torch.Generator().manual_seed(1))
@@ -44,7 +68,7 @@ def packed_linear(in_features: int = 48, out_features: int = 40, dtype: torch.dt
     return plain, packed
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, BF16_NATIVE_ONLY])
 def test_packed_linear_equals_linear(dtype):
     plain, packed = packed_linear(dtype=dtype)
     x = torch.randn(3, 7, 48).to(dtype)
@@ -94,6 +118,8 @@ def test_packed_linear_falls_back_for_autograd_autocast_and_mismatched_inputs():
 
 
 def test_optimized_audio_model_matches_fp32_and_bf16():
+    """Tuned, an fp32 model keeps its values and a bf16 one stays within bf16 rounding of them: run in bf16 on CPUs
+    with native bf16, in fp32 (with a warning) on the others."""
     model = tiny_audio_model()
     inputs = features()
     with torch.inference_mode():
@@ -101,14 +127,48 @@ def test_optimized_audio_model_matches_fp32_and_bf16():
         fast32 = optimize_for_cpu_inference(copy.deepcopy(model))(inputs)
         bf16 = copy.deepcopy(model).to(torch.bfloat16)
         plain16 = bf16(inputs)
-        optimized16 = optimize_for_cpu_inference(bf16)
+        with bf16_fallback_warning():
+            optimized16 = optimize_for_cpu_inference(bf16)
         fast16 = optimized16(inputs)
     assert relative_error(fast32.last_hidden_state, expected.last_hidden_state) < 1e-6
     assert torch.equal(fast32.token_mask, expected.token_mask)
-    assert optimized16.config._attn_implementation == cpu_inference.bf16_attention_for_this_cpu()
+    if cpu_inference.cpu_has_native_bf16():
+        assert optimized16.dtype == torch.bfloat16
+        assert optimized16.config._attn_implementation == cpu_inference.bf16_attention_for_this_cpu()
+    else:
+        assert optimized16.dtype == torch.float32 and optimized16.config._attn_implementation == "sdpa"
     assert all(type(m) is PrepackedLinear for m in optimized16.modules() if isinstance(m, nn.Linear))
     assert relative_error(fast16.pooler_output, plain16.pooler_output) < 1e-2
     assert F.cosine_similarity(fast16.pooler_output.float(), expected.pooler_output).min() > 0.999
+
+
+def test_bf16_model_is_tuned_in_fp32_on_a_cpu_without_native_bf16(monkeypatch):
+    """On an AVX2-only CPU a bf16 model is cast to fp32 (with a warning) and its weights are prepacked in fp32: oneDNN
+    refuses to prepack bf16 there, and emulated bf16 runs slower than fp32. A tuned Linear that is bf16 anyway
+    (cast after tuning) computes `F.linear` instead of prepacking."""
+    simulate_cpu(monkeypatch, AVX2_ONLY)
+    model = tiny_audio_model()
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    reference = copy.deepcopy(bf16).to(torch.float32)  # the same (bf16-rounded) weights, in fp32
+    with pytest.warns(UserWarning, match="no native bf16 .*cast to float32; load it in float32"):
+        optimized = optimize_for_cpu_inference(bf16)
+    assert optimized is bf16 and optimized.dtype == torch.float32
+    assert optimized.config._attn_implementation == "sdpa"
+    with torch.inference_mode():
+        expected, actual = reference(features()), optimized(features())
+    assert relative_error(actual.last_hidden_state, expected.last_hidden_state) < 1e-5
+    linears = [m for m in optimized.modules() if type(m) is PrepackedLinear]
+    assert linears and all(m._packed is not None and m._packed[0][1] == torch.float32 for m in linears)
+
+    plain, packed = packed_linear(dtype=torch.bfloat16)
+    x = torch.randn(3, 7, 48).to(torch.bfloat16)
+    with torch.no_grad():
+        torch.testing.assert_close(packed(x), plain(x), rtol=1e-2, atol=1e-2)
+        torch.testing.assert_close(packed.forward_gelu(x), F.gelu(plain(x)), rtol=1e-2, atol=1e-2)
+    assert packed._packed is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # fp32 models are tuned silently on every CPU
+        assert optimize_for_cpu_inference(tiny_audio_model()).dtype == torch.float32
 
 
 @pytest.mark.parametrize("hidden_act", ["gelu", "gelu_new"])
@@ -151,7 +211,8 @@ def test_optimized_fp32_model_keeps_sdpa_and_trains_as_before():
 
 def test_optimized_clap_model_saves_plain_checkpoints(tmp_path):
     model = tiny_clap_model()
-    optimized = optimize_for_cpu_inference(copy.deepcopy(model).to(torch.bfloat16))
+    with bf16_fallback_warning():
+        optimized = optimize_for_cpu_inference(copy.deepcopy(model).to(torch.bfloat16))
     ids = torch.tensor([[2, 5, 7, 3], [2, 9, 3, 0]])
     with torch.inference_mode():
         out = optimized(input_ids=ids, attention_mask=(ids > 0).long(), input_features=features())
@@ -162,9 +223,9 @@ def test_optimized_clap_model_saves_plain_checkpoints(tmp_path):
     reloaded = M2D2ClapModel.from_pretrained(tmp_path)
     assert set(reloaded.state_dict()) == set(model.state_dict())
     assert all(type(m) is nn.Linear for m in reloaded.modules() if isinstance(m, nn.Linear))
-    torch.testing.assert_close(
+    torch.testing.assert_close(  # bf16 weights, kept in float32 where the CPU has no native bf16
         reloaded.audio_model.layers[0].mlp.fc1.weight,
-        model.audio_model.layers[0].mlp.fc1.weight.to(torch.bfloat16),
+        model.audio_model.layers[0].mlp.fc1.weight.to(torch.bfloat16).to(optimized.dtype),
     )
     assert reloaded.config._attn_implementation == "sdpa"  # the tuning is not saved with the model
 
@@ -182,8 +243,10 @@ def test_readme_snippet_runs_the_pipeline_on_an_optimized_bf16_model():
     from .test_demo_model import DEMO_MODEL
 
     classifier = pipeline("zero-shot-audio-classification", model=str(DEMO_MODEL), dtype=torch.bfloat16)
-    model = optimize_for_cpu_inference(classifier.model)
-    assert model is classifier.model and model.dtype == torch.bfloat16
+    with bf16_fallback_warning():
+        model = optimize_for_cpu_inference(classifier.model)
+    assert model is classifier.model
+    assert model.dtype == (torch.bfloat16 if cpu_inference.cpu_has_native_bf16() else torch.float32)
     reference = pipeline("zero-shot-audio-classification", model=str(DEMO_MODEL))
     labels = ["dog", "telephone", "rain", "speech digit"]
     audio = torch.randn(48000, generator=torch.Generator().manual_seed(2)).numpy() * 0.1
@@ -200,25 +263,47 @@ def test_a_model_off_the_cpu_is_a_clear_error():
     assert all(type(m) is nn.Linear for m in model.modules() if isinstance(m, nn.Linear))
 
 
-@pytest.mark.parametrize(("amx", "expected"), [(True, "sdpa"), (False, "eager")])
-def test_bf16_attention_follows_the_cpu(monkeypatch, amx, expected):
+@pytest.mark.parametrize(("flags", "expected"), [(AMX, "sdpa"), (AVX512_BF16, "eager")])
+def test_bf16_attention_follows_the_cpu(monkeypatch, flags, expected):
     """bf16 models get the attention measured faster on their CPU kind: SDPA with AMX tiles, eager without."""
-    monkeypatch.setattr(cpu_inference, "cpu_has_amx", lambda: amx)
+    simulate_cpu(monkeypatch, flags)
     model = tiny_audio_model().to(torch.bfloat16)
     assert optimize_for_cpu_inference(model).config._attn_implementation == expected
     assert optimize_for_cpu_inference(tiny_audio_model()).config._attn_implementation == "sdpa"  # fp32: always
 
 
-def test_amx_probe_agrees_with_the_cpu_flags():
+@pytest.mark.parametrize(
+    ("flags", "amx", "native_bf16", "vnni"),
+    [
+        (AVX2_ONLY, False, False, False),
+        (AVX512_BF16, False, True, True),
+        (AMX, True, True, True),
+        (AVX2_ONLY + ("avx_vnni",), False, False, True),  # Intel client cores: VNNI without AVX-512
+        (AVX2_ONLY + ("avx512_f", "avx512_bw"), False, False, False),  # AVX-512 alone emulates bf16
+        (("neon", "bf16", "i8mm"), False, True, False),  # aarch64 with the BF16 extension
+    ],
+)
+def test_cpu_probes_read_the_flags(monkeypatch, flags, amx, native_bf16, vnni):
+    simulate_cpu(monkeypatch, flags)
+    probes = cpu_inference.cpu_has_amx(), cpu_inference.cpu_has_native_bf16(), cpu_inference.cpu_has_vnni()
+    assert probes == (amx, native_bf16, vnni)
+
+
+def test_cpu_flags_agree_with_proc_cpuinfo(monkeypatch):
+    """torch's probe and the /proc/cpuinfo fallback (older torch) see the same features the tuning decides on."""
     try:
         with open("/proc/cpuinfo") as cpuinfo:
-            flags = next(line for line in cpuinfo if line.startswith("flags")).split()
+            flags = set(next(line for line in cpuinfo if line.startswith("flags")).partition(":")[2].split())
     except (OSError, StopIteration):
-        pytest.skip("no /proc/cpuinfo flags to compare with")
-    assert cpu_inference.cpu_has_amx() == ("amx_tile" in flags)
+        pytest.skip("no x86 /proc/cpuinfo flags to compare with")
+    probed = cpu_inference.cpu_flags()  # cached before the probe is hidden below
+    monkeypatch.delattr(torch.cpu, "get_capabilities", raising=False)
+    assert cpu_inference.cpu_flags.__wrapped__() == flags
+    decisive = cpu_inference.NATIVE_BF16_FLAGS | cpu_inference.VNNI_FLAGS | {"amx_tile"}
+    assert decisive & probed == decisive & flags
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, BF16_NATIVE_ONLY])
 def test_packed_linear_post_ops_equal_separate_ops(dtype):
     """`forward_gelu` / `forward_add` (GELU and residual inside the oneDNN kernel) equal the separate ops: to fp32
     rounding in fp32, to one bf16 rounding in bf16, and they fall back to them under autograd."""

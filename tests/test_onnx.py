@@ -22,6 +22,8 @@ from m2d2_hf.cli import main  # noqa: E402
 from m2d2_hf.onnx_export import export_onnx, relative_error  # noqa: E402
 from m2d2_hf.onnx_runtime import M2D2OnnxModel  # noqa: E402
 
+from .test_cpu_inference import AVX2_ONLY, AVX512_BF16, simulate_cpu  # noqa: E402
+
 
 DEMO_MODEL = Path(__file__).resolve().parents[1] / "examples" / "demo_model"
 LABELS = json.loads((DEMO_MODEL / "demo_report.json").read_text())["labels"]
@@ -150,6 +152,33 @@ def test_optimised_audio_graph_fuses_every_attention_and_matches_the_plain_one(t
             ]
         )
     assert relative_error(expected, outputs[0]) <= 1e-4
+
+
+@pytest.mark.parametrize(
+    ("flags", "reduce_range", "expected"),
+    [
+        (AVX2_ONLY, None, True),  # no VNNI: onnxruntime's u8s8 kernels would saturate on 8-bit weights
+        (AVX2_ONLY + ("avx_vnni",), None, False),
+        (AVX512_BF16, None, False),  # AVX512-VNNI
+        (AVX512_BF16, True, True),  # asked for, for a graph that will run on AVX2-only CPUs
+    ],
+)
+def test_int8_weights_use_the_reduced_range_without_vnni(tmp_path, monkeypatch, flags, reduce_range, expected):
+    import onnxruntime.quantization
+
+    simulate_cpu(monkeypatch, flags)
+    calls, quantize_dynamic = [], onnxruntime.quantization.quantize_dynamic
+    monkeypatch.setattr(
+        onnxruntime.quantization,
+        "quantize_dynamic",
+        lambda *args, **kwargs: calls.append(kwargs) or quantize_dynamic(*args, **kwargs),
+    )
+    tiny_encoder(tmp_path / "encoder")
+    out = export_onnx(tmp_path / "encoder", tmp_path / "onnx", quantize="int8", reduce_range=reduce_range)
+    assert [call["reduce_range"] for call in calls] == [expected]
+    config = json.loads((out / "onnx_config.json").read_text())
+    assert config["int8_reduce_range"] is expected and config["parity"]["int8_min_cosine"] >= 0.99
+    assert ("7-bit weights (`reduce_range`)" in (out / "README.md").read_text()) == expected
 
 
 def test_cli_export_round_trip_and_errors(tiny_clap_dir, tmp_path, capsys):
