@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> Path:
     feature_extractor = M2D2FeatureExtractor.from_model_folder(settings.model_name_or_path, config)  # the encoder's
     batches = FinetuneBatches(settings, training.seed, feature_extractor, config, reader)
     streams = LabelledStreams(
-        training, evaluation, accelerator, feature_extractor.sampling_rate, reader, labels, settings.min_seconds
+        training, evaluation, accelerator, feature_extractor, reader, labels, settings.min_seconds
     )
     checkpoint, _ = resolve_checkpoint(training.resume_from_checkpoint, training.output_dir)
 

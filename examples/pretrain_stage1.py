@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> Path:
         loader = loop.streamed_loader(
             training,
             accelerator,
-            sampling_rate,
+            feature_extractor,
             min_samples=int(stage.min_seconds * sampling_rate),
             seed=training.seed + seed_offset,
         )

@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> Path:
     feature_extractor = M2D2FeatureExtractor.from_model_folder(
         stage.model_name_or_path or stage.audio_model, audio_config
     )
-    loader = loop.streamed_loader(training, accelerator, feature_extractor.sampling_rate, keep_columns=keep)
+    loader = loop.streamed_loader(training, accelerator, feature_extractor, keep_columns=keep)
     batches = Stage2Batches(stage, training.seed, feature_extractor, tokenizer, audio_config, captions)
 
     # Prepare: AdamW over the trainable parameters (projector, text tower, temperature), warm-up + cosine per step,
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> Path:
     scheduler = warmup_cosine_schedule(optimizer, training.warmup_steps, training.max_train_steps)
     objective, optimizer = accelerator.prepare(FrozenEncoderClapObjective(clap), optimizer)
     stream = loop.BatchStream(loader, accelerator.process_index)
-    run = loop.TrainingRun(objective, optimizer, scheduler, stream, loop.RunState())
+    run = loop.TrainingRun(objective, optimizer, scheduler, stream, loop.RunState(list(feature_extractor.norm_stats)))
     checkpoint, _ = resolve_checkpoint(training.resume_from_checkpoint, training.output_dir)
     record = settings_record(training, stage)
     loop.start_run(accelerator, run, checkpoint, "m2d2_stage2", record)

@@ -1,8 +1,8 @@
 """Loading an M2D2 model folder (or hub id) for inference: its config, feature extractor or weights, and the device to
 run it on, with errors that name the folder or device and the problem instead of a loader's traceback."""
 
-import pickle
 from pathlib import Path
+from pickle import UnpicklingError  # the error class only: nothing here unpickles
 from typing import Any
 
 import torch
@@ -38,7 +38,7 @@ def load_pretrained(loader: Any, model: str | Path, what: str = "the model", **k
     """`loader.from_pretrained(model, **kwargs)` with unreadable, truncated or foreign files as a `ModelLoadError`."""
     try:
         return loader.from_pretrained(model, **kwargs)
-    except pickle.UnpicklingError as error:
+    except UnpicklingError as error:
         # torch.load(weights_only=True) refused the pickle before running any of it; its message is a page of
         # ways to run it anyway, which is not the advice to give for a file of unknown origin.
         raise ModelLoadError(

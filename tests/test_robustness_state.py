@@ -1,6 +1,7 @@
 """Robustness of the state the package writes and reads (issue 12): checkpoints that run no code and are never
-used half-written, resumes that follow a new schedule, training that says what happens, and a converter whose
-output appears whole or not at all, with clear errors.
+used half-written, resumes that follow a new schedule and keep one metrics history, training that says what
+happens (audio too loud for float32 spectra skipped, non-finite steps stopped or skipped, nothing non-finite
+written), and a converter whose output appears whole or not at all, with clear errors.
 
 The training runs are tiny stage-1 runs forked from one process that imported the package once
 (`tests/training_runner.py`), so that killing runs and resuming them stays cheap."""
@@ -12,9 +13,11 @@ import importlib.util
 import inspect
 import io
 import json
+import math
 import os
 import pickle
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -24,21 +27,25 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import soundfile as sf
 import torch
 from safetensors.torch import load_file
+from torch import nn
 from transformers import AutoModel
+from transformers.utils import ModelOutput
 
-from m2d2_hf import M2D2AudioConfig, M2D2AudioModel, cli
+from m2d2_hf import M2D2AudioConfig, M2D2AudioModel, M2D2FeatureExtractor, cli
 from m2d2_hf.conversion import convert_checkpoint
 from m2d2_hf.evaluation import load_evaluation_set
 from m2d2_hf.training import loop
 from m2d2_hf.training.arguments import TrainingSettings
 from m2d2_hf.training.captions import CaptionEmbeddingTable, CaptionEncoder, cached_ids, write_embedding_shard
-from m2d2_hf.training.checkpoint import COMPLETE_MARKER
+from m2d2_hf.training.checkpoint import COMPLETE_MARKER, require_finite, resolve_checkpoint
 from m2d2_hf.training.data import load_audio_stream
 from m2d2_hf.training.finetune import load_encoder
 
 from . import original_layout as layout
+from .conftest import TINY_AUDIO
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -76,8 +83,8 @@ class Runner:
             cwd=REPO_ROOT,
         )
 
-    def start(self, argv: list, log: Path, save_delay: float = 0.0) -> int:
-        request = {"program": "stage1", "argv": [str(a) for a in argv], "log": str(log), "save_delay": save_delay}
+    def start(self, argv: list, log: Path, save_delay: float = 0.0, program: str = "stage1") -> int:
+        request = {"program": program, "argv": [str(a) for a in argv], "log": str(log), "save_delay": save_delay}
         self.process.stdin.write(json.dumps(request) + "\n")
         self.process.stdin.flush()
         return json.loads(self.process.stdout.readline())["pid"]
@@ -85,8 +92,8 @@ class Runner:
     def wait(self) -> int:
         return json.loads(self.process.stdout.readline())["returncode"]
 
-    def run(self, argv: list, log: Path) -> tuple[int, str]:
-        self.start(argv, log)
+    def run(self, argv: list, log: Path, program: str = "stage1") -> tuple[int, str]:
+        self.start(argv, log, program=program)
         code = self.wait()
         return code, log.read_text()
 
@@ -322,7 +329,10 @@ def unsafe_loads(source: str) -> list[str]:
     allow_pickle=True and trust_remote_code=True written as constants."""
     found = []
     for node in ast.walk(ast.parse(source)):
-        if isinstance(node, (ast.Import, ast.ImportFrom)):
+        # Importing only exception classes (`from pickle import UnpicklingError`, to report a refused file) loads
+        # nothing; any other import of these modules counts.
+        only_errors = isinstance(node, ast.ImportFrom) and all(a.name.endswith("Error") for a in node.names)
+        if isinstance(node, (ast.Import, ast.ImportFrom)) and not only_errors:
             modules = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
             roots = [module.split(".")[0] for module in modules]
             found += [UNSAFE[root] for root in roots if root in ("pickle", "dill", "cloudpickle", "joblib", "shelve")]
@@ -353,8 +363,10 @@ def test_no_loader_of_the_package_or_its_examples_can_run_code_from_a_file():
     # The check sees what it must refuse.
     bad = "import pickle\ntorch.load(p)\ntorch.load(p, weights_only=False)\nnp.load(p, allow_pickle=True)\n"
     bad += "accelerator.load_state(d)\nAutoModel.from_pretrained(m, trust_remote_code=True)\n"
-    assert len(unsafe_loads(bad)) == 6
+    bad += "from pickle import load, UnpicklingError\n"
+    assert len(unsafe_loads(bad)) == 7
     assert not unsafe_loads("torch.load(p, weights_only=True)\nnp.load(p)\nf(trust_remote_code=flag)\n")
+    assert not unsafe_loads("from pickle import UnpicklingError\n")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -364,7 +376,8 @@ def test_no_loader_of_the_package_or_its_examples_can_run_code_from_a_file():
 
 def test_runs_killed_during_saves_resume_step_exactly(runner, baseline, data_dir, tmp_path):
     """Each try SIGKILLs a run at a random moment of the save of a random step (every flush of a save sleeps 0.1 s,
-    so that the kill lands inside it), resumes from `latest` and must end with the uninterrupted run's weights."""
+    so that the kill lands inside it), resumes from `latest_or_new` (a kill inside the first save leaves no
+    checkpoint) and must end with the uninterrupted run's weights and one history of its losses."""
     rng = random.Random(12)
     expected = metrics(baseline)
     for attempt in range(5):
@@ -382,12 +395,12 @@ def test_runs_killed_during_saves_resume_step_exactly(runner, baseline, data_dir
         context = f"try {attempt}: killed {delay:.3f} s into the save of step {step}"
         complete = sorted(int(p.name[5:]) for p in out.glob("step_*") if (p / COMPLETE_MARKER).is_file())
         assert sorted(int(p.name[5:]) for p in out.glob("step_*")) == complete, context
-        code, log = runner.run(stage1_args(data_dir, out) + ["--resume_from_checkpoint", "latest"], tmp_path / "log")
+        resume = ["--resume_from_checkpoint", "latest_or_new"]
+        code, log = runner.run(stage1_args(data_dir, out) + resume, tmp_path / "log")
         assert code == 0, (context, log[-2000:])
         assert same_weights(baseline / f"step_{STEPS}", out / f"step_{STEPS}"), context
-        got = {m["step"]: m for m in metrics(out)}
-        for want in expected:
-            assert got[want["step"]]["loss"] == want["loss"], (context, want, got[want["step"]])
+        got = [(m["step"], m["loss"]) for m in metrics(out)]
+        assert got == [(m["step"], m["loss"]) for m in expected], (context, got)
         assert not [p.name for p in out.iterdir() if p.name.startswith(".")], context
 
 
@@ -458,6 +471,225 @@ def test_report_to_a_tracker_that_is_not_installed_stops_before_training(monkeyp
     setup = configparser.ConfigParser()
     setup.read(REPO_ROOT / "setup.cfg")
     assert "tensorboard" in setup["options.extras_require"]["train"].split()
+
+
+def test_a_resumed_run_keeps_one_history_in_metrics_jsonl(runner, baseline, data_dir, tmp_path):
+    """Resuming at step 2 in the folder of a 4-step run drops the lines of steps 3 and 4, which it logs again."""
+    out = tmp_path / "run"
+    shutil.copytree(baseline, out)
+    code, log = runner.run(stage1_args(data_dir, out) + ["--resume_from_checkpoint", out / "step_2"], tmp_path / "a")
+    assert code == 0, log[-2000:]
+    assert "dropped 2 lines past step 2" in log
+    assert [(m["step"], m["loss"]) for m in metrics(out)] == [(m["step"], m["loss"]) for m in metrics(baseline)]
+
+
+def test_latest_needs_a_checkpoint_latest_or_new_redoes_the_attempt_and_a_new_run_refuses_an_old_folder(
+    runner, baseline, data_dir, tmp_path
+):
+    out = tmp_path / "run"
+    out.mkdir()
+    # What a run killed before its first checkpoint leaves: its metric lines, the last one cut off.
+    leftover = '{"step": 1, "loss": 9.0}\n{"step": 2, "lo'
+    (out / "metrics.jsonl").write_text(leftover)
+    code, log = runner.run(stage1_args(data_dir, out) + ["--resume_from_checkpoint", "latest"], tmp_path / "a")
+    assert code != 0 and f"latest: {out} holds no complete step_N checkpoint" in log, log[-2000:]
+    assert "--resume_from_checkpoint latest_or_new" in log
+    code, log = runner.run(stage1_args(data_dir, out), tmp_path / "b")
+    assert code != 0 and f"--output_dir {out} holds an earlier run (metrics.jsonl)" in log, log[-2000:]
+    assert (out / "metrics.jsonl").read_text() == leftover and sorted(p.name for p in out.iterdir()) == [
+        "metrics.jsonl"
+    ]
+
+    code, log = runner.run(stage1_args(data_dir, out) + ["--resume_from_checkpoint", "latest_or_new"], tmp_path / "c")
+    assert code == 0, log[-2000:]
+    assert [(m["step"], m["loss"]) for m in metrics(out)] == [(m["step"], m["loss"]) for m in metrics(baseline)]
+    # A finished run's folder: a new run is refused, `latest` resumes its last step.
+    code, log = runner.run(stage1_args(data_dir, out), tmp_path / "d")
+    assert code != 0 and "holds an earlier run (metrics.jsonl, step_1, step_2, ...)" in log, log[-2000:]
+
+
+def test_resolve_checkpoint_latest_and_latest_or_new(tmp_path):
+    (tmp_path / "step_3").mkdir()  # an interrupted save: no completion marker
+    message = rf"latest: {re.escape(str(tmp_path))} holds no complete step_N checkpoint.*latest_or_new"
+    with pytest.raises(ValueError, match=message):
+        resolve_checkpoint("latest", tmp_path)
+    assert resolve_checkpoint("latest_or_new", tmp_path) == (None, 0)
+    assert resolve_checkpoint(None, tmp_path) == (None, 0)
+
+
+@pytest.fixture(scope="module")
+def loud_data_dir(data_dir, tmp_path_factory) -> Path:
+    """An audiofolder whose first item is a decodable 7-s float WAV with samples of 1e30 (its log-mel overflows
+    float32), then the clean clips; captions and two labels for stage 2 and fine-tuning."""
+    folder = tmp_path_factory.mktemp("loud_data")
+    wave = 0.1 * np.sin(np.linspace(0, 2000, 7 * 16000)).astype(np.float32)
+    wave[::500] = 1e30
+    sf.write(folder / "loud.wav", wave, 16000, subtype="FLOAT")
+    names = ["loud.wav"]
+    for clip in sorted(data_dir.glob("*.flac")):
+        shutil.copy(clip, folder / clip.name)
+        names.append(clip.name)
+    with open(folder / "metadata.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["file_name", "caption", "label"])
+        writer.writerows([name, f"the sound of {Path(name).stem}", "ab"[i % 2]] for i, name in enumerate(names))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_encoder_dir(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny_encoder")
+    M2D2AudioModel(M2D2AudioConfig(**TINY_AUDIO)).save_pretrained(folder)
+    M2D2FeatureExtractor(norm_stats=[-7.0, 4.0]).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("program", ["stage1", "stage2", "finetune"])
+def test_a_too_loud_item_is_skipped_counted_and_named_by_every_program(
+    program, runner, loud_data_dir, tiny_encoder_dir, tokenizer_dir, tmp_path
+):
+    """Before, stage 1 computed norm_stats [nan, nan] from it, logged a NaN loss at every step with 0 skipped items,
+    exited 0 and exported NaN weights."""
+    out = tmp_path / "run"
+    # Flag / value pairs grouped as one would type them (fmt: skip keeps the groups on their lines).
+    args = [
+        "--train_data", loud_data_dir, "--output_dir", out, "--max_train_steps", 3, "--global_batch_size", 4,
+        "--per_device_train_batch_size", 4, "--logging_steps", 1, "--dataloader_num_workers", 0,
+        "--shuffle_buffer", 0, "--checkpointing_steps", 100, "--max_seconds", 1, "--crop_frames", 64,
+    ]  # fmt: skip
+    args += {
+        "stage1": ["--config_overrides", TINY, "--norm_stats_crops", 8, "--min_seconds", 0.7],  # the statistics pass
+        "stage2": ["--audio_model", tiny_encoder_dir, "--text_model", tokenizer_dir, "--freeze_text_model"],
+        "finetune": ["--model_name_or_path", tiny_encoder_dir, "--labels", "a,b", "--mixup", 0, "--freq_mask", 0,
+                     "--time_mask", 0],
+    }[program]  # fmt: skip
+    code, log = runner.run(args, tmp_path / "log", program=program)
+    assert code == 0, log[-3000:]
+    assert "Skipping audio item 'loud': peaks at 1e+30, too loud for float32 spectra" in log
+    history = metrics(out)
+    assert all(math.isfinite(m["loss"]) for m in history), history
+    assert history[-1]["skipped_items"] >= 1 and history[-1]["skipped_steps"] == 0, history
+    assert all(torch.isfinite(t).all() for t in load_file(out / "final" / "model.safetensors").values())
+    norm_stats = M2D2FeatureExtractor.from_pretrained(out / "final").norm_stats
+    assert all(math.isfinite(v) for v in norm_stats), norm_stats
+    if program == "stage1":
+        assert "the norm_stats pass skipped 1 item (named above)" in log
+
+
+def test_a_nonfinite_loss_stops_the_run_naming_the_step_and_its_items(runner, data_dir, tmp_path):
+    """A learning rate of 1e30 turns the weights of step 1 into ones whose step-2 loss is NaN: the run stops with
+    an error (exit code 1) before applying that step, writes no checkpoint or export of it."""
+    out = tmp_path / "diverged"
+    code, log = runner.run(stage1_args(data_dir, out) + ["--base_learning_rate", 1e30], tmp_path / "log")
+    assert code == 1, log[-3000:]
+    found = re.search(
+        r"NonFiniteStepError: optimiser step 2: the loss is nan, with the items (\[.*?\]) of its batch", log
+    )
+    assert found and "--skip_nonfinite_steps" in log, log[-3000:]
+    items = ast.literal_eval(found[1])
+    assert len(items) == 4 and set(items) <= {p.stem for p in data_dir.glob("*.flac")}, items
+    assert [m["step"] for m in metrics(out)] == [1]
+    assert (out / "step_1").is_dir() and not (out / "step_2").exists() and not (out / "final").exists()
+
+
+class PoisonedLinear(nn.Module):
+    """A linear model whose loss is NaN (and so its gradients) when asked."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(3, 1)
+
+    def forward(self, x: torch.Tensor, poison: bool) -> ModelOutput:
+        loss = self.layer(x).square().mean()
+        return ModelOutput(loss=loss * float("nan") if poison else loss)
+
+
+class PoisonedStage:
+    """A `loop.Stage` whose loss is NaN at optimiser step `poison_step` (counted from 0), and whose weights turn NaN
+    after step `break_step`."""
+
+    loss_names = ("loss",)
+    description = "poisoned"
+    allow_uncaptioned = None
+
+    def __init__(self, accelerator, model: PoisonedLinear, poison_step: int = -1, break_step: int = -1):
+        self.accelerator, self.model, self.poison_step, self.break_step = accelerator, model, poison_step, break_step
+
+    def make_inputs(self, batch: dict, step: int, micro: int) -> dict:
+        return {"x": batch["waveforms"].to(self.accelerator.device), "poison": step == self.poison_step}
+
+    def after_step(self, step: int) -> dict:
+        if step == self.break_step:
+            with torch.no_grad():
+                self.model.layer.bias.fill_(float("inf"))
+        return {}
+
+    def export(self, folder: Path, step: int) -> None:
+        folder.mkdir(parents=True)
+
+
+def poisoned_run(output_dir: Path, skip: bool, **poison) -> tuple:
+    """An in-process run of the shared loop over 4 steps of 2 random clips each (ids clip0, clip1, ...), a
+    checkpoint after every step."""
+    settings = TrainingSettings(
+        train_data="unused", output_dir=str(output_dir), max_train_steps=4, global_batch_size=2,
+        per_device_train_batch_size=2, logging_steps=1, checkpointing_steps=1, skip_nonfinite_steps=skip,
+    )  # fmt: skip
+    accelerator = loop.build_accelerator(settings)
+    generator = torch.Generator().manual_seed(0)
+    batches = [
+        {"waveforms": torch.randn(2, 3, generator=generator), "ids": [f"clip{2 * i}", f"clip{2 * i + 1}"],
+         "num_skipped": 0}
+        for i in range(4)
+    ]  # fmt: skip
+    model = PoisonedLinear()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    stream = loop.BatchStream(torch.utils.data.DataLoader(batches, batch_size=None))
+    run = loop.TrainingRun(model, optimizer, scheduler, stream, loop.RunState())
+    loop.start_run(accelerator, run, None, "poisoned", {})
+    stage = PoisonedStage(accelerator, accelerator.unwrap_model(model), **poison)
+    return loop.run_training, (accelerator, settings, run, stage)
+
+
+def test_a_nonfinite_step_is_skipped_and_counted_with_skip_nonfinite_steps(tmp_path):
+    train, arguments = poisoned_run(tmp_path / "skipped", skip=True, poison_step=1)
+    final = train(*arguments)
+    history = metrics(tmp_path / "skipped")
+    assert [m["skipped_steps"] for m in history] == [0, 1, 1, 1], history
+    assert math.isnan(history[1]["loss"]) and all(math.isfinite(m["loss"]) for m in history[::2])
+    # Step 2 left the weights as step 1 had them; training went on after it.
+    assert same_weights(tmp_path / "skipped" / "step_1", tmp_path / "skipped" / "step_2")
+    assert not same_weights(tmp_path / "skipped" / "step_2", tmp_path / "skipped" / "step_3")
+    assert final.is_dir()
+    state = json.loads((tmp_path / "skipped" / "step_4" / "trainer_state.json").read_text())
+    assert state["run"]["skipped_steps"] == 1
+
+    train, arguments = poisoned_run(tmp_path / "stopped", skip=False, poison_step=1)
+    with pytest.raises(loop.NonFiniteStepError, match=r"optimiser step 2: the loss is nan, .*\['clip2', 'clip3'\]"):
+        train(*arguments)
+    assert not (tmp_path / "stopped" / "step_2").exists()
+
+
+def test_weights_or_norm_stats_that_are_not_finite_are_never_written(tmp_path):
+    train, arguments = poisoned_run(tmp_path / "broken", skip=False, break_step=3)
+    with pytest.raises(ValueError, match=r"refusing to write .*step_4: 1 of 2 tensors hold NaN or Inf \(layer.bias\)"):
+        train(*arguments)
+    assert (tmp_path / "broken" / "step_3").is_dir()
+    assert not (tmp_path / "broken" / "step_4").exists() and not (tmp_path / "broken" / "final").exists()
+    with pytest.raises(ValueError, match=r"refusing to write out: its norm_stats \[nan, nan\] are not finite"):
+        require_finite(nn.Linear(1, 1), [float("nan"), float("nan")], "out")
+    require_finite(nn.Linear(1, 1), [-7.0, 4.0], "out")
+
+
+def test_a_new_run_refuses_a_folder_with_an_earlier_runs_metrics_before_creating_anything(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    settings = TrainingSettings(train_data="x", output_dir=str(tmp_path), max_train_steps=1)
+    with pytest.raises(ValueError, match="holds an earlier run.*--resume_from_checkpoint latest"):
+        loop.build_accelerator(settings)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -258,6 +258,31 @@ def test_broken_items_are_skipped_and_counted(tmp_path, clips, caplog):
     assert batch["num_skipped"] == 3 and batch["ids"] == []
 
 
+def test_items_too_loud_for_the_log_mel_are_skipped_counted_and_named(tmp_path, clips, caplog):
+    """A decodable float WAV with samples of 1e30 gives Inf/NaN log-mel: the collator skips it at the feature
+    extractor's own `max_peak`, as undecodable items, while a clip just under the limit stays."""
+    feature_extractor = M2D2FeatureExtractor()
+    limit = feature_extractor.max_peak
+    wave = 0.1 * np.sin(np.linspace(0, 2000, 7 * 16000)).astype(np.float32)
+    wave[::500] = 1e30
+    (tmp_path / "loud.wav").write_bytes(_wav_bytes(wave, 16000, subtype="FLOAT"))
+    (tmp_path / "clean.flac").write_bytes(clips[0]["data"])
+    examples = _collect(load_audio_stream(tmp_path, shuffle_buffer=0))
+    loud = examples["loud"]
+    assert not loud["error"] and loud["audio"].max() == np.float32(1e30)  # decodable: only its level is wrong
+    assert not torch.isfinite(feature_extractor.log_mel(torch.from_numpy(loud["audio"])[None])).all()
+    almost = dict(loud, id="almost", audio=np.full(4000, 0.99 * limit, np.float32))
+
+    collator = AudioBatchCollator(max_peak=limit)
+    with caplog.at_level(logging.WARNING, logger="m2d2_hf.training.data"):
+        batch = collator([examples["clean"], loud, almost])
+    assert batch["num_skipped"] == 1 and batch["ids"] == ["clean", "almost"]
+    (message,) = [r.getMessage() for r in caplog.records if "loud" in r.getMessage()]
+    assert "Skipping audio item 'loud'" in message and "too loud" in message and "1e+30" in message
+    assert torch.isfinite(feature_extractor.log_mel(batch["waveforms"][1:, :4000])).all()
+    assert AudioBatchCollator()([loud])["num_skipped"] == 0  # no limit given: nothing is judged
+
+
 def test_collator_min_samples_pads_with_zeros():
     examples = [
         {"id": "short", "audio": np.ones(500, np.float32), "error": ""},

@@ -31,7 +31,11 @@ def program(name: str):
     return module.main
 
 
-PROGRAMS = {"stage1": program("pretrain_stage1"), "stage2": program("pretrain_stage2")}
+PROGRAMS = {
+    "stage1": program("pretrain_stage1"),
+    "stage2": program("pretrain_stage2"),
+    "finetune": program("finetune_audio_classification"),
+}
 
 
 def slow_down_saves(delay: float) -> None:

@@ -59,12 +59,20 @@ class TrainingSettings:
     adam_beta2: float = option(0.95, help="AdamW beta2 (paper: 0.95)")
     max_grad_norm: float = option(3.0, help="gradient clipping (paper: 3.0; 0: off)")
     seed: int = option(7, help="run seed (paper's stage 1: 7)")
+    skip_nonfinite_steps: bool = option(
+        False,
+        help="skip (and count as skipped_steps) an optimiser step whose loss or gradient norm is NaN/Inf; without "
+        "it the run stops with an error naming the step and the items of its batch",
+    )
 
     checkpointing_steps: int = option(1000, help="checkpoint every N optimiser steps")
     resume_from_checkpoint: str | None = option(
         None,
-        help="a step_N folder, or 'latest' (the newest complete one in output_dir); a larger --max_train_steps "
-        "than the checkpointed run's continues on the schedule of the new total",
+        help="a step_N folder, 'latest' (the newest complete one in output_dir; an error when there is none) or "
+        "'latest_or_new' (that, or a new run when there is none: for a command rerun after every interruption); "
+        "metrics.jsonl drops the lines past the resumed step. Without it, an output_dir holding an earlier run "
+        "(metrics.jsonl, step_N) is refused. A larger --max_train_steps than the checkpointed run's continues on "
+        "the schedule of the new total",
     )
     logging_steps: int = option(10, help="log every N optimiser steps")
     export_steps: int = option(0, help="also export the model every N steps (0: only at the end)")

@@ -21,6 +21,7 @@ with another `--max_train_steps` follows the schedule of its new total from the 
 
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -151,6 +152,27 @@ def restore_rng(path: Path) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
+def require_finite(module: torch.nn.Module, norm_stats: list[float] | None, destination: str | os.PathLike) -> None:
+    """Refuses to write `destination` (a checkpoint or an export) from weights or log-mel statistics that hold NaN
+    or Inf: such a model computes nothing but NaN, yet `latest` and `from_pretrained` would take it for a good one."""
+    if norm_stats is not None and not all(math.isfinite(float(value)) for value in norm_stats):
+        raise ValueError(
+            f"refusing to write {destination}: its norm_stats {list(norm_stats)} are not finite, so every feature "
+            "would be NaN; recompute them from the training audio or give finite ones (stage 1: --norm_stats MEAN STD)"
+        )
+    tensors = {name: t for name, t in module.state_dict().items() if t.is_floating_point() or t.is_complex()}
+    if not tensors:
+        return
+    finite = torch.stack([torch.isfinite(t).all() for t in tensors.values()]).tolist()  # one read-back
+    bad = [name for name, ok in zip(tensors, finite) if not ok]
+    if bad:
+        shown = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")
+        raise ValueError(
+            f"refusing to write {destination}: {len(bad)} of {len(tensors)} tensors hold NaN or Inf ({shown}), the "
+            "run diverged; resume from an earlier step_N checkpoint with a lower learning rate, or check the data"
+        )
+
+
 def save_checkpoint(
     accelerator: Accelerator,
     folder: str | os.PathLike,
@@ -162,8 +184,9 @@ def save_checkpoint(
 ) -> Path:
     """Writes the `step_N` checkpoint `folder` atomically (all processes call it): a hidden `.step_N.partial`
     folder gets every file, the completion marker last, and is then renamed to `folder`, replacing an older one
-    of the same step whole."""
+    of the same step whole. Weights or norm_stats that are not finite are refused (`require_finite`)."""
     folder = Path(folder)
+    require_finite(accelerator.unwrap_model(model), getattr(state, "norm_stats", None), folder)
     partial = folder.with_name(f".{folder.name}.partial")
     stream_state = stream.state_dict()  # a collective: every process takes part
     if accelerator.is_main_process:
@@ -275,20 +298,39 @@ def is_complete(folder: Path) -> bool:
     return (folder / COMPLETE_MARKER).is_file()
 
 
+def checkpoint_folders(output_dir: str | os.PathLike) -> list[Path]:
+    """The `step_N` folders in output_dir, complete or not."""
+    return [p for p in Path(output_dir).glob("step_*") if CHECKPOINT_PATTERN.fullmatch(p.name) and p.is_dir()]
+
+
+LATEST, LATEST_OR_NEW = "latest", "latest_or_new"
+
+
 def resolve_checkpoint(resume_from: str | None, output_dir: str | os.PathLike) -> tuple[str | None, int]:
     """The checkpoint folder to resume from and its optimiser step (`step_N`); 'latest' picks the newest complete
-    one in output_dir (a fresh run when there is none). A folder without the completion marker (a save that was
-    interrupted, or a checkpoint of an earlier version of the package, which pickled its state) is never used."""
+    one in output_dir and refuses to go on when there is none (resuming was asked for: starting over would redo the
+    run and log a second history), 'latest_or_new' starts a new run then (None, 0), for a command that is simply
+    rerun after every interruption. A folder without the completion marker (a save that was interrupted, or a
+    checkpoint of an earlier version of the package, which pickled its state) is never used."""
     if resume_from is None:
         return None, 0
-    if resume_from == "latest":
-        folders = [p for p in Path(output_dir).glob("step_*") if CHECKPOINT_PATTERN.fullmatch(p.name) and p.is_dir()]
+    if resume_from in (LATEST, LATEST_OR_NEW):
+        folders = checkpoint_folders(output_dir)
         complete = [p for p in folders if is_complete(p)]
         newest = max(complete, key=lambda p: int(CHECKPOINT_PATTERN.fullmatch(p.name)[1]), default=None)
         for ignored in sorted(set(folders) - set(complete)):
             logger.warning(f"ignoring {ignored}: it has no {COMPLETE_MARKER}, so it is not a complete checkpoint")
-        if newest is None:
+        if newest is None and resume_from == LATEST_OR_NEW:
+            logger.info(
+                f"no complete checkpoint in {output_dir}: a new run (--resume_from_checkpoint {LATEST_OR_NEW})"
+            )
             return None, 0
+        if newest is None:
+            raise ValueError(
+                f"--resume_from_checkpoint {LATEST}: {output_dir} holds no complete step_N checkpoint to resume from; "
+                f"check --output_dir, or pass --resume_from_checkpoint {LATEST_OR_NEW} to start a new run when there "
+                "is none"
+            )
         resume_from = str(newest)
     path = Path(resume_from)
     match = CHECKPOINT_PATTERN.fullmatch(path.name)

@@ -7,7 +7,8 @@ The pipeline has three parts, split by where they run:
    soundfile (torchcodec as the fallback, e.g. for m4a), averaged to mono, resampled with torchaudio and cut to its
    first `max_seconds`. A broken item never raises: it comes out with an empty `audio` and a short `error`.
 2. `AudioBatchCollator` (DataLoader workers too, but its counts travel in the batch): drops and counts the broken
-   items, zero-pads the rest into `[B, L]`, optionally draws one cached caption embedding per clip.
+   items (and, given the feature extractor's `max_peak`, those too loud for finite log-mel features), zero-pads the
+   rest into `[B, L]`, optionally draws one cached caption embedding per clip.
 3. `random_log_mel_crops` (training device): after the batch log-mel (`M2D2FeatureExtractor.log_mel`), a random
    fixed-length crop per clip, zero-padded at the end in raw log-mel space, as the original's training crops.
 
@@ -320,8 +321,8 @@ class AudioBatchCollator:
           trainer skips such a step),
         - `lengths` `[B]` int64: samples per clip, counting the `min_samples` zero padding (which is part of the clip,
           as in the original's data preparation) but not the batch padding,
-        - `ids` list of str, `num_skipped` int (items dropped for an `error` or empty audio; sum it over batches and
-          gather it across processes for the run's count),
+        - `ids` list of str, `num_skipped` int (items dropped for an `error`, empty audio or a peak above
+          `max_peak`; sum it over batches and gather it across processes for the run's count),
         - with a `caption_table`: `caption_embeddings` `[B, D]` float32 (one of the clip's cached captions drawn
           uniformly at random, zeros when the clip has none) and `has_caption` `[B]` bool,
         - the `keep_columns` as lists.
@@ -335,6 +336,9 @@ class AudioBatchCollator:
         min_samples: zero-pad every clip to at least this many samples (the original padded its training audio to
             >= 6.1 s, i.e. `min_samples=97600` at 16 kHz).
         keep_columns: example columns to pass through as lists.
+        max_peak: drop clips whose largest sample magnitude exceeds it: `M2D2FeatureExtractor.max_peak`, above which
+            the log-mel overflows float32 into Inf/NaN (one such clip makes the batch's loss, the run's
+            `norm_stats` and then every weight NaN). None: no limit.
         max_warnings: how many skipped items are logged one by one; after that one summary warning per
             `warn_every` skipped items.
     """
@@ -346,6 +350,7 @@ class AudioBatchCollator:
         seed: int = 0,
         min_samples: int = 0,
         keep_columns: Sequence[str] = (),
+        max_peak: float | None = None,
         max_warnings: int = 20,
         warn_every: int = 1000,
     ):
@@ -353,6 +358,7 @@ class AudioBatchCollator:
         self.seed = int(seed)
         self.min_samples = int(min_samples)
         self.keep_columns = list(keep_columns)
+        self.max_peak = max_peak
         self.max_warnings = int(max_warnings)
         self.warn_every = max(1, int(warn_every))
         self.total_skipped = 0  # in this process (a worker's copy counts its own)
@@ -382,15 +388,29 @@ class AudioBatchCollator:
                 f"{self.total_skipped} audio items skipped so far in this process (latest {clip_id!r}: {reason})"
             )
 
+    def _problem(self, example: dict) -> str:
+        """Why an example cannot be trained on ("" when it can)."""
+        audio = example.get(AUDIO_KEY)
+        error = example.get(ERROR_KEY) or ""
+        if error or audio is None or np.size(audio) == 0:
+            return error or "empty audio"
+        if self.max_peak is not None:
+            samples = np.asarray(audio)
+            peak = max(float(samples.max()), -float(samples.min()))
+            if peak > self.max_peak:
+                return (
+                    f"peaks at {peak:g}, too loud for float32 spectra (its log-mel would be Inf/NaN above "
+                    f"{self.max_peak:.3g}; audio is expected in [-1, 1])"
+                )
+        return ""
+
     def __call__(self, examples: Sequence[dict]) -> dict[str, Any]:
         kept, num_skipped = [], 0
         for example in examples:
-            audio = example.get(AUDIO_KEY)
-            error = example.get(ERROR_KEY) or ""
-            size = 0 if audio is None else int(np.size(audio))
-            if error or size == 0:
+            problem = self._problem(example)
+            if problem:
                 num_skipped += 1
-                self._warn_skipped(str(example.get(ID_KEY)), error or "empty audio")
+                self._warn_skipped(str(example.get(ID_KEY)), problem)
                 continue
             kept.append(example)
 

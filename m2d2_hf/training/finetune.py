@@ -545,27 +545,28 @@ def evaluate(model: M2D2ForAudioClassification, make_loader, prepare: FinetuneBa
 
 class LabelledStreams:
     """The training and evaluation loaders of a fine-tuning run: rows with a label of the set (and the filters),
-    the label column kept, clips zero-padded to `--min_seconds`."""
+    the label column kept, clips zero-padded to `--min_seconds`, at the rate of the feature extractor (whose
+    `max_peak` drops clips too loud for its log-mel)."""
 
     def __init__(
         self,
         training: TrainingSettings,
         evaluation: EvaluationSettings,
         accelerator: Accelerator,
-        sampling_rate: int,
+        feature_extractor: M2D2FeatureExtractor,
         reader: LabelReader,
         labels: list[str],
         min_seconds: float,
     ):
         self.training, self.evaluation, self.accelerator = training, evaluation, accelerator
-        self.sampling_rate, self.reader, self.labels = sampling_rate, reader, labels
-        self.min_samples = int(min_seconds * sampling_rate)
+        self.feature_extractor, self.reader, self.labels = feature_extractor, reader, labels
+        self.min_samples = int(min_seconds * feature_extractor.sampling_rate)
 
     def loader(self, data: str, split: str, filters: list[str], batch_size: int, shuffle_buffer: int, train: bool):
         return streamed_loader(
             self.training,
             self.accelerator,
-            self.sampling_rate,
+            self.feature_extractor,
             data=data,
             split=split,
             batch_size=batch_size,

@@ -9,6 +9,7 @@ temperature clamp → step checkpoints and `M2D2AudioModel` exports.
 """
 
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -61,6 +62,10 @@ class Stage1Settings:
     def __post_init__(self):
         if self.norm_stats is not None and len(self.norm_stats) != 2:
             raise ValueError(f"--norm_stats takes two values, MEAN and STD, got {self.norm_stats}")
+        if self.norm_stats is not None and not (
+            math.isfinite(self.norm_stats[0]) and 0 < self.norm_stats[1] < math.inf
+        ):
+            raise ValueError(f"--norm_stats MEAN STD must be finite with STD > 0, got {self.norm_stats}")
 
 
 def new_model_config(settings: Stage1Settings, caption_size: int | None) -> M2D2PreTrainingConfig:
@@ -140,19 +145,30 @@ class Stage1Batches:
 
 def compute_norm_stats(batches, prepare: Stage1Batches, num_crops: int, accelerator, seed: int) -> tuple[float, float]:
     """Mean and std over all elements of `num_crops` random raw log-mel crops (the original used 5000), summed over
-    every process."""
-    totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)
+    every process. The stream skips (and its collator names) the items a training step would skip, too loud ones
+    included; statistics that still come out non-finite stop the run."""
+    totals = torch.zeros(4, dtype=torch.float64, device=accelerator.device)  # sum, sum of squares, elements, skipped
     crops_seen = 0
     for index, batch in enumerate(batches):
+        totals[3] += batch["num_skipped"]
         if batch["waveforms"].shape[0] == 0:
             continue
         generator = step_generator(seed, index, accelerator.process_index, "norm_stats")
         crops = prepare.raw_crops(batch, accelerator.device, generator).double()
-        totals += torch.stack([crops.sum(), crops.square().sum(), torch.tensor(crops.numel(), device=crops.device)])
+        totals[:3] += torch.stack(
+            [crops.sum(), crops.square().sum(), torch.tensor(crops.numel(), device=crops.device)]
+        )
         crops_seen += crops.shape[0]
         if crops_seen * accelerator.num_processes >= num_crops:
             break
     totals = accelerator.reduce(totals, reduction="sum")
     mean = totals[0] / totals[2]
     std = (totals[1] / totals[2] - mean.square()).clamp(min=0).sqrt()
+    if skipped := int(totals[3]):
+        logger.info(f"the norm_stats pass skipped {skipped} item{'s' if skipped > 1 else ''} (named above)")
+    if not (math.isfinite(float(mean)) and math.isfinite(float(std)) and float(std) > 0):
+        raise ValueError(
+            f"the norm_stats of {num_crops} crops are [{float(mean)}, {float(std)}], not finite with std > 0: check "
+            "the audio of --train_data (silent or broken crops), or pass --norm_stats MEAN STD"
+        )
     return float(mean), float(std)

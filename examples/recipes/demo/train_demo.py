@@ -33,6 +33,7 @@ import argparse
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -169,7 +170,10 @@ def main(argv: list[str] | None = None) -> dict:
         required_texts=[row["caption"] for row in train],
     )
 
-    stage1_dir = work / "stage1"
+    stage1_dir, stage2_dir = work / "stage1", work / "stage2"
+    # A rerun retrains from scratch: the programs refuse an output folder that holds an earlier run.
+    for folder in (stage1_dir, stage2_dir):
+        shutil.rmtree(folder, ignore_errors=True)
     # Flag / value pairs grouped as one would type them (fmt: skip keeps the groups on their lines).
     timings["stage1"] = run(
         [sys.executable, str(EXAMPLES / "pretrain_stage1.py"),
@@ -179,7 +183,6 @@ def main(argv: list[str] | None = None) -> dict:
         work / "stage1.log",
     )  # fmt: skip
 
-    stage2_dir = work / "stage2"
     # Flag / value pairs grouped as one would type them (fmt: skip keeps the groups on their lines).
     timings["stage2"] = run(
         [sys.executable, str(EXAMPLES / "pretrain_stage2.py"),
