@@ -29,6 +29,7 @@ import torch
 from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModel, AutoProcessor
+from transformers.utils import logging as transformers_logging
 
 from .argument_types import positive_int, positive_seconds
 from .configuration_m2d2 import M2D2Config
@@ -315,13 +316,15 @@ def _library_errors(handler):
 
 
 def add_search_commands(commands) -> None:
-    """`index`, `search` and `serve` (m2d2_hf.search; FAISS and the web page come with the [search] / [app] extras)."""
+    """`index`, `search`, `serve` and `index-space` (m2d2_hf.search; FAISS and the web page come with the [search] /
+    [app] extras)."""
     from .search import commands as search
 
     for name, add, handler, help_text in (
         ("index", search.add_index_arguments, search.run_index, "embed a sound collection into a search index"),
         ("search", search.add_search_arguments, search.run_search, "search an index by text or by example"),
         ("serve", search.add_serve_arguments, search.run_serve, "serve an index as a web page on 127.0.0.1"),
+        ("index-space", search.add_space_arguments, search.run_space, "list or switch an index's embedding spaces"),
     ):
         parser = commands.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".")
         add(parser)
@@ -346,6 +349,9 @@ def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `m2d2-hf` console script."""
+    # transformers draws a "Loading weights" bar for every model loaded, finished before anything else is said; a
+    # command shows its result and the progress of its own work only.
+    transformers_logging.disable_progress_bar()
     return run(build_parser(), argv)
 
 

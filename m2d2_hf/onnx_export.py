@@ -10,7 +10,11 @@ appears whole or not at all (written beside it under a hidden name, then renamed
     m2d2-hf export MODEL_DIR OUT_DIR --format onnx [--quantize int8] [--overwrite]
 """
 
+import contextlib
+import io
 import json
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -110,7 +114,7 @@ def export_onnx(
     is_clap = isinstance(model, M2D2ClapModel)
     feature_extractor = load_pretrained(M2D2FeatureExtractor, model_dir, "the feature extractor")
     tokenizer = load_pretrained(AutoTokenizer, model_dir, "the tokenizer") if is_clap else None
-    with staged_folder(output_dir) as staging:
+    with staged_folder(output_dir) as staging, _exporters_quiet():
         fused_operators = _export_audio(model, staging / AUDIO_GRAPH, optimize)
         if is_clap:
             _export_text(model, tokenizer, staging / TEXT_GRAPH)
@@ -147,6 +151,33 @@ def export_onnx(
         (staging / ONNX_CONFIG_NAME).write_text(json.dumps(onnx_config, indent=2) + "\n")
         (staging / "README.md").write_text(_model_card(model_dir, onnx_config))
     return output_dir
+
+
+@contextlib.contextmanager
+def _exporters_quiet() -> Iterator[None]:
+    """Keeps the exporters' notes about nothing this export does off the user's screen: torch.onnx warns, per
+    graph, that torchvision's operators are not registered (the graphs use none); onnxruntime's optimizer prints
+    "failed in shape inference" when its symbolic shape inference cannot type the exported graph, after which it
+    fuses without it (`optimize_audio_graph` counts what it fused); its quantizer warns on the root logger about
+    pre-processing and about the int64 shape tensors it leaves unquantized, as it should. Other warnings pass."""
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)
+    quantizer_notes = _QuantizerNotes()
+    logging.getLogger().addFilter(quantizer_notes)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        registration.setLevel(level)
+        logging.getLogger().removeFilter(quantizer_notes)
+
+
+class _QuantizerNotes(logging.Filter):
+    """Drops the warnings onnxruntime's quantizer logs on the root logger (see `_exporters_quiet`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno <= logging.WARNING and "onnxruntime" in Path(record.pathname).parts)
 
 
 def _export_audio(model: M2D2AudioModel | M2D2ClapModel, path: Path, optimize: bool) -> dict[str, int]:

@@ -3,6 +3,8 @@
 
 import csv
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -200,6 +202,17 @@ def test_cli_export_round_trip_and_errors(tiny_clap_dir, tmp_path, capsys):
     assert main(["export", str(tiny_clap_dir), str(out), "--format", "tflite"]) == 2
     with pytest.raises(FileNotFoundError, match="m2d2-hf export"):
         M2D2OnnxModel(tmp_path / "notm2d2")
+
+
+def test_a_successful_export_prints_its_result_only(tiny_clap_dir, tmp_path):
+    """No exporter notes (torchvision operators, shape inference, quantizer pre-processing) nor load progress bars:
+    one line saying what was written."""
+    out = tmp_path / "onnx"
+    command = [sys.executable, "-m", "m2d2_hf.cli", "export", str(tiny_clap_dir), str(out), "--format", "onnx"]
+    done = subprocess.run([*command, "--quantize", "int8"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"wrote audio.int8.onnx, audio.onnx, text.onnx to {out}\n"
+    assert done.stderr == ""
 
 
 def test_a_failed_export_leaves_no_folder(tiny_clap_dir, tmp_path, monkeypatch):
