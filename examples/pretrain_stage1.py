@@ -86,6 +86,11 @@ def main(argv: list[str] | None = None) -> Path:
 
     # Build: the caption table fixes the size of the CLAP head; a resumed run gets its weights back below.
     captions = CaptionEmbeddingTable.from_path(stage.caption_embeddings) if stage.caption_embeddings else None
+    if captions is None:
+        logger.warning(
+            "no --caption_embeddings: this run trains the M2D objective alone, without stage 1's CLAP term; cache "
+            "the captions' embeddings with examples/cache_caption_embeddings.py and pass --caption_embeddings"
+        )
     model = build_model(stage, captions.embedding_size if captions else None)
     model.set_attn_implementation(training_attention(accelerator.device, accelerator.mixed_precision))
     logger.info(f"attention kernel: {model.config._attn_implementation} ({accelerator.mixed_precision} precision)")

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,10 +17,13 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoFeatureExtractor, AutoModel
 
-from m2d2_hf import M2D2AudioModel
+from m2d2_hf import M2D2AudioModel, cpu_inference
+from m2d2_hf.cpu_inference import cpu_has_native_bf16
 from m2d2_hf.training.captions import write_embedding_shard
+from m2d2_hf.training.loop import refuse_emulated_bf16
 from m2d2_hf.training.stage1 import training_attention
 
+from .test_cpu_inference import AVX2_ONLY, AVX512_BF16, simulate_cpu
 from .test_model_card import assert_model_card
 
 
@@ -134,6 +138,7 @@ def test_single_process_run_learns_skips_broken_items_and_exports(data_dir, capt
     assert "`examples/pretrain_stage1.py` after 30 of 30 optimiser steps" in card.text and "new weights" in card.text
 
 
+@pytest.mark.skipif(not cpu_has_native_bf16(), reason="bf16 training needs a CPU with avx512_bf16 or amx_bf16")
 def test_bf16_autocast_on_the_cpu_trains_with_eager_attention_and_exports_a_plain_folder(data_dir, tmp_path):
     out = tmp_path / "bf16"
     args = common_args(data_dir, out, 3) + ["--per_device_train_batch_size", 8]
@@ -145,6 +150,26 @@ def test_bf16_autocast_on_the_cpu_trains_with_eager_attention_and_exports_a_plai
     # The kernel is a choice of this run, not of the exported encoder: it loads with the default (SDPA).
     assert "attn_implementation" not in (out / "final" / "config.json").read_text()
     assert AutoModel.from_pretrained(out / "final").config._attn_implementation == "sdpa"
+
+
+def test_a_run_without_caption_embeddings_says_it_trains_without_the_clap_term(data_dir, tmp_path):
+    result = run(common_args(data_dir, tmp_path / "m2d_only", 1) + ["--per_device_train_batch_size", 8])
+    assert "no --caption_embeddings: this run trains the M2D objective alone, without stage 1's CLAP term" in (
+        result.stderr
+    )
+
+
+@pytest.mark.parametrize("flags", [AVX2_ONLY, AVX512_BF16])
+def test_bf16_training_is_refused_where_the_cpu_would_emulate_it(flags, monkeypatch):
+    simulate_cpu(monkeypatch, flags)
+    native = cpu_inference.cpu_has_native_bf16()
+    for device, mixed_precision in (("cpu", "bf16"), ("cpu", "no"), ("cuda", "bf16")):
+        accelerator = SimpleNamespace(device=torch.device(device), mixed_precision=mixed_precision)
+        if device == "cpu" and mixed_precision == "bf16" and not native:
+            with pytest.raises(ValueError, match="would run emulated.*--mixed_precision no"):
+                refuse_emulated_bf16(accelerator)
+        else:
+            refuse_emulated_bf16(accelerator)
 
 
 @pytest.mark.parametrize(

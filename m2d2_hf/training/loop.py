@@ -32,6 +32,7 @@ from accelerate.utils import DistributedType, LoggerType, gather_object, set_see
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ..cpu_inference import cpu_has_native_bf16
 from ..feature_extraction_m2d2 import M2D2FeatureExtractor
 from ..host_memory import keep_freed_memory_mapped
 from ..model_card import ModelCardInfo, training_card_info
@@ -159,6 +160,7 @@ def build_accelerator(settings: TrainingSettings) -> Accelerator:
     trackers: list[Any] = [JSONLTracker("m2d2", settings.output_dir) if n == "jsonl" else n for n in names]
     accelerator = Accelerator(log_with=trackers or None, project_dir=settings.output_dir)
     check_distributed_type(accelerator)
+    refuse_emulated_bf16(accelerator)
     # Known only once the processes are set up, hence set after construction.
     accelerator.gradient_accumulation_steps = accumulation_steps(
         settings.global_batch_size, settings.per_device_train_batch_size, accelerator.num_processes
@@ -174,6 +176,17 @@ def build_accelerator(settings: TrainingSettings) -> Accelerator:
         Path(settings.output_dir).mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
     return accelerator
+
+
+def refuse_emulated_bf16(accelerator: Accelerator) -> None:
+    """Stops a bf16 mixed-precision run on a CPU that has no native bf16 (AVX512-BF16 or AMX, `cpu_has_native_bf16`):
+    bf16 autocast runs emulated there, several times slower than float32, so the run would only be slower."""
+    if accelerator.device.type == "cpu" and accelerator.mixed_precision == "bf16" and not cpu_has_native_bf16():
+        raise ValueError(
+            "bf16 mixed precision on this CPU would run emulated (it has no AVX512-BF16 or AMX), several times "
+            "slower than float32: train in float32 (accelerate launch --mixed_precision no, or "
+            "ACCELERATE_MIXED_PRECISION=no)"
+        )
 
 
 def accumulation_steps(global_batch: int, per_device_batch: int, num_processes: int) -> int:
