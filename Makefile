@@ -17,7 +17,7 @@ TIMELINE_CLIPS := examples/data/audio/alarm/fd_phone_outgoing_calling.flac:"a te
   examples/data/audio/speech_digit/ast_digits_5.flac:"a woman says a number" \
   examples/data/audio/cattle/tux_animals_mammals_bovines_bull.flac:"a bull bellows"
 
-.PHONY: setup demo demo-train test lint clean
+.PHONY: setup demo demo-train train-small test lint clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	@missing="$$(command -v ffmpeg >/dev/null || echo ffmpeg) $$(command -v chromium >/dev/null || echo chromium) \
@@ -41,6 +41,11 @@ demo: setup
 	HF_HUB_OFFLINE=1 $(CLI) zero-shot $(DEMO_MODEL) --metadata $(DEMO_DATA)/metadata.csv --split test --top-k 1
 	HF_HUB_OFFLINE=1 $(CLI) embed $(DEMO_MODEL) examples/data/audio/dog_cat/*.flac --output $(OUT)/embeddings --level all
 	HF_HUB_OFFLINE=1 $(PY) examples/timeline_demo.py $(DEMO_MODEL) $(OUT)/timeline $(TIMELINE_CLIPS)
+
+# A small offline training run to copy: the demo recipe's shortened schedule (a few minutes on 2 CPU cores; needs
+# ../shared) into $(OUT)/train_small.
+train-small: setup
+	HF_HUB_OFFLINE=1 $(PY) examples/recipes/demo/train_demo.py --data $(SHARED)/data/real_sounds --work_dir $(OUT)/train_small --quick
 
 # Retrains the demo model with its recipe (about 15 minutes on 2 CPU cores; needs ../shared) into $(OUT)/demo_recipe.
 demo-train: setup
