@@ -25,6 +25,7 @@ BLOCKED = [
     "torchcodec",
     "tensorboard",
     "faiss",
+    "bm25s",
     "fastapi",
     "uvicorn",
     "onnx",
