@@ -13,6 +13,11 @@ retrieval.
 3. Text→audio R@1 / R@5 of the captions of real_sounds against their clips on the demo model, against chance, for
    the clips the demo model was trained on (split train) and the held-out ones (split test).
 
+With --hybrid-retrieval, instead: the captions → clips R@1 / R@5 of 3. for the held-out clips (split test), dense
+only against hybrid ranking (reciprocal-rank fusion with BM25) over the file names only, over names and the
+metadata's text columns without the captions, and over everything including the captions (the query is then one of
+the indexed texts: an upper bound, not a fair test), all on the whole index (every clip a candidate).
+
 With --serve-load, instead: `m2d2-hf serve` of the real-clip index in a subprocess on a free 127.0.0.1 port (all
 traffic stays on 127.0.0.1), --clients concurrent clients (threads, one httpx client each, started together), each
 sending --requests-per-client requests in turn of three kinds: a text query, an uploaded clip, and a 64 KiB range of
@@ -23,6 +28,12 @@ silence as FLAC, a WAV at 16001 Hz), each with its answer, its time and the serv
     python benchmarks/bench_search.py [--data ../shared/data/real_sounds] [--model examples/demo_model]
         [--minutes 60] [--sizes 100000 1000000] [--skip-hour]
     python benchmarks/bench_search.py --serve-load [--clients 50] [--requests-per-client 12] [--index INDEX_DIR]
+    python benchmarks/bench_search.py --hybrid-retrieval [--index INDEX_DIR]
+    python benchmarks/bench_search.py --lifecycle [--initial 200 --renamed 20 --deleted 10 --queries 100]
+    python benchmarks/bench_search.py --swap [--swap-queries 500 --swaps 6 --swap-clients 8]
+
+--lifecycle and --swap (updates, renames, deletions; switching the embedding space of a served index) are described
+in bench_search_lifecycle.py.
 """
 
 import argparse
@@ -42,6 +53,7 @@ from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import bench_search_lifecycle
 import numpy as np
 from common import describe_machine, interleaved_seconds, load_average, peak_rss_bytes
 
@@ -176,15 +188,21 @@ def bench_latency(size: int, dim: int, num_queries: int) -> None:
         del index
 
 
-def retrieval(index_dir: Path, data: Path) -> None:
-    from m2d2_hf.search import SoundIndex
-
-    index = SoundIndex(index_dir)
+def caption_clips(data: Path) -> tuple[list[dict], dict[str, set[str]]]:
+    """The rows of `data`'s metadata.csv, and each caption's clips (resolved paths: the index's keys)."""
     with open(data / "metadata.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     clips_of = defaultdict(set)
     for row in rows:
         clips_of[row["caption"]].add(str((data / row["file_name"]).resolve()))
+    return rows, clips_of
+
+
+def retrieval(index_dir: Path, data: Path) -> None:
+    from m2d2_hf.search import SoundIndex
+
+    index = SoundIndex(index_dir)
+    rows, clips_of = caption_clips(data)
     total = len(index)
     query = index.embed_text(["a dog barks"])
     seconds = interleaved_seconds(
@@ -201,22 +219,56 @@ def retrieval(index_dir: Path, data: Path) -> None:
     )
     for split in ("train", "test"):
         captions = sorted({row["caption"] for row in rows if row["split"] == split})
-        results = index.search(text=captions, top_k=5)
-        hits = {k: 0 for k in (1, 5)}
-        chance = {k: 0.0 for k in (1, 5)}
-        for caption, result in zip(captions, results):
-            keys = [hit["key"] for hit in result["results"]]
-            relevant = clips_of[caption]
-            for k in hits:
-                hits[k] += any(key in relevant for key in keys[:k])
-                # chance that k random distinct sounds include one of the relevant ones
-                chance[k] += 1 - math.comb(total - len(relevant), k) / math.comb(total, k)
-        n = len(captions)
         print(
-            f"  {split} captions ({n} distinct; a hit is any clip with that caption, {total} candidates): "
-            f"R@1 {hits[1] / n:.3f} (chance {chance[1] / n:.3f}, {hits[1] / chance[1]:.1f}x), "
-            f"R@5 {hits[5] / n:.3f} (chance {chance[5] / n:.3f}, {hits[5] / chance[5]:.1f}x)"
+            f"  {split} captions ({len(captions)} distinct; a hit is any clip with that caption, {total} "
+            f"candidates): {caption_recall(index, captions, clips_of)}"
         )
+
+
+def caption_recall(index, captions: list[str], clips_of: dict, **options) -> str:
+    """R@1 and R@5 of `captions` against their clips (a hit: any clip with that caption among the top k), against
+    chance, searched with `options` (`SoundIndex.search`'s)."""
+    total = len(index)
+    results = index.search(text=captions, top_k=5, **options)
+    hits = {k: 0 for k in (1, 5)}
+    chance = {k: 0.0 for k in (1, 5)}
+    for caption, result in zip(captions, results):
+        keys = [hit["key"] for hit in result["results"]]
+        relevant = clips_of[caption]
+        for k in hits:
+            hits[k] += any(key in relevant for key in keys[:k])
+            # chance that k random distinct sounds include one of the relevant ones
+            chance[k] += 1 - math.comb(total - len(relevant), k) / math.comb(total, k)
+    n = len(captions)
+    return (
+        f"R@1 {hits[1] / n:.3f} (chance {chance[1] / n:.3f}, {hits[1] / chance[1]:.1f}x), "
+        f"R@5 {hits[5] / n:.3f} (chance {chance[5] / n:.3f}, {hits[5] / chance[5]:.1f}x)"
+    )
+
+
+def hybrid_retrieval(index_dir: Path, data: Path) -> None:
+    """Captions → held-out clips, dense only against hybrid ranking over three choices of keyword text."""
+    from m2d2_hf.search import SoundIndex
+
+    index = SoundIndex(index_dir)
+    rows, clips_of = caption_clips(data)
+    captions = sorted({row["caption"] for row in rows if row["split"] == "test"})
+    held_out = sum(row["split"] == "test" for row in rows)
+    text_columns = index.keyword_columns()
+    print(
+        f"  {len(captions)} distinct captions of the {held_out} held-out clips (split test), {len(index)} candidates; "
+        f"text columns of the metadata: {', '.join(text_columns)}"
+    )
+    no_captions = [name for name in text_columns if name != "caption"]
+    for name, options in (
+        ("dense only", {}),
+        ("hybrid, file names", {"hybrid": True, "keyword_columns": ["name"]}),
+        (f"hybrid, {' + '.join(no_captions)}", {"hybrid": True, "keyword_columns": no_captions}),
+        ("hybrid, all text incl. captions (the query is indexed: upper bound)", {"hybrid": True}),
+    ):
+        started = time.perf_counter()
+        recall = caption_recall(index, captions, clips_of, **options)
+        print(f"  {name}: {recall}; {(time.perf_counter() - started) / len(captions) * 1e3:.1f} ms per query")
 
 
 LOAD_KINDS = ("text query", "upload", "audio range")
@@ -383,8 +435,14 @@ def main() -> None:
     parser.add_argument("--serve-load", action="store_true", help="concurrent clients of `m2d2-hf serve` instead")
     parser.add_argument("--clients", type=int, default=50, help="concurrent clients of --serve-load")
     parser.add_argument("--requests-per-client", type=int, default=12, help="requests of each --serve-load client")
-    parser.add_argument("--index", type=Path, help="--serve-load this index (default: index --data first)")
+    parser.add_argument(
+        "--hybrid-retrieval", action="store_true", help="held-out caption retrieval, dense against hybrid, instead"
+    )
+    parser.add_argument(
+        "--index", type=Path, help="--serve-load / --hybrid-retrieval this index (default: index --data first)"
+    )
     parser.add_argument("--index-worker", nargs=3, help=argparse.SUPPRESS)
+    bench_search_lifecycle.add_arguments(parser)
     args = parser.parse_args()
     if args.index_worker:
         index_worker(*args.index_worker)
@@ -395,9 +453,27 @@ def main() -> None:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as folder:
         work = Path(folder)
+        for mode, run, title in (
+            (args.lifecycle, bench_search_lifecycle.lifecycle, "the index lifecycle (one process, in place)"),
+            (args.swap, bench_search_lifecycle.swap, "switching the embedding space of `m2d2-hf serve` under load"),
+        ):
+            if mode:
+                print(f"{title} ({Path(args.model).name}, {args.data.name}):")
+                run(args, work)
+                print(f"total {time.perf_counter() - started:.0f} s; at the end: {load_average()}")
+                return
         if args.serve_load:
             print(f"concurrent load on `m2d2-hf serve` ({Path(args.model).name}):")
             serve_load(args, work)
+            print(f"total {time.perf_counter() - started:.0f} s; at the end: {load_average()}")
+            return
+        if args.hybrid_retrieval:
+            index_dir = args.index
+            if index_dir is None:
+                index_dir = work / "real_index"
+                print_index(f"real clips ({args.data.name})", run_index(args.model, args.data, index_dir))
+            print(f"captions → held-out clips ({Path(args.model).name}), dense against hybrid:")
+            hybrid_retrieval(index_dir, args.data)
             print(f"total {time.perf_counter() - started:.0f} s; at the end: {load_average()}")
             return
         print(f"1. indexing with {Path(args.model).name} (window 2 s, hop 1 s, flat index), each in a fresh process:")

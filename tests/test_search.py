@@ -79,8 +79,14 @@ def sound_index(index_dir) -> SoundIndex:
     return SoundIndex(index_dir)
 
 
+def _space(folder: Path) -> Path:
+    """The folder of the active space of an index folder (its own folder for a first-format index)."""
+    manifest = building.read_manifest(folder)
+    return manifest["spaces"][manifest["active"]]
+
+
 def _rows(folder: Path):
-    return pq.read_table(Path(folder) / "items.parquet")
+    return pq.read_table(_space(folder) / "items.parquet")
 
 
 def _assert_same_index(a: Path, b: Path, columns=("key", "stamp", "kind", "start", "end", "duration")) -> None:
@@ -91,7 +97,7 @@ def _assert_same_index(a: Path, b: Path, columns=("key", "stamp", "kind", "start
 
 
 def test_index_folder_contents(index_dir, collection):
-    meta = json.loads((index_dir / "index.json").read_text())
+    meta = json.loads((_space(index_dir) / "index.json").read_text())
     assert meta["model"]["name"] == MODEL and len(meta["model"]["config_hash"]) == 16
     assert meta["num_files"] == 52 and meta["faiss"]["type"] == "flat"
     rows = _rows(index_dir)
@@ -103,7 +109,7 @@ def test_index_folder_contents(index_dir, collection):
     assert kinds[0] == "clip" and kinds.count("window") == 17
     norms = np.linalg.norm(embeddings_of(rows), axis=1)
     np.testing.assert_allclose(norms, 1.0, atol=1e-5)
-    described = pq.read_schema(index_dir / "items.parquet").metadata
+    described = pq.read_schema(_space(index_dir) / "items.parquet").metadata
     assert json.loads(described[b"m2d2_hf.model"]) == meta["model"]
     assert json.loads(described[b"m2d2_hf.settings"]) == {
         "window_seconds": 2.0,
@@ -266,7 +272,7 @@ def test_broken_files_are_counted_listed_and_skipped(tmp_path, capsys):
     printed = capsys.readouterr()
     assert "1 embedded" not in printed.out and "2 failed" in printed.out
     assert "recall@10 against exact search: 1.0000" in printed.out
-    meta = json.loads((output / "index.json").read_text())
+    meta = json.loads((_space(output) / "index.json").read_text())
     assert meta["num_files"] == 1 and meta["faiss"]["type"] == "hnsw" and meta["faiss"]["params"]["ef_search"] == 16
     assert sorted(Path(f["key"]).name for f in meta["failed"]) == ["broken.wav", "empty.flac"]
     assert "broken.wav" in (output / "README.md").read_text()
@@ -301,9 +307,7 @@ def test_cli_search_text_audio_json_and_model_mismatch(index_dir, collection, tm
 
     other = tmp_path / "other"
     shutil.copytree(index_dir, other)
-    meta = json.loads((other / "index.json").read_text())
-    meta["model"]["config_hash"] = "0" * 16
-    (other / "index.json").write_text(json.dumps(meta))
+    _edit_meta(_space(other), lambda meta: meta["model"].update(config_hash="0" * 16))
     assert main(["search", str(other), "a dog barks"]) == 2
     error = capsys.readouterr().err.splitlines()[-1]  # one line after the weight-loading progress bar
     assert (
@@ -469,7 +473,7 @@ def test_a_damaged_index_folder_is_named_with_the_fix(damage, small_index, tmp_p
     copy = tmp_path / "index"
     shutil.copytree(small_index, copy)
     do, message = DAMAGES[damage]
-    do(copy)
+    do(_space(copy))
     with pytest.raises(DamagedIndexError, match=re.escape(message)):
         SoundIndex(copy)
     assert main(["search", str(copy), "a dog barks"]) == 2
@@ -482,11 +486,11 @@ def test_a_gone_model_folder_says_to_pass_model(small_index, tmp_path, capsys):
     copy = tmp_path / "index"
     shutil.copytree(small_index, copy)
     gone = tmp_path / "moved_model"
-    _edit_meta(copy, lambda meta: meta["model"].update(name=str(gone)))
+    _edit_meta(_space(copy), lambda meta: meta["model"].update(name=str(gone)))
     assert main(["search", str(copy), "a dog barks"]) == 2
     assert capsys.readouterr().err.splitlines() == [
-        f"m2d2-hf: error: the model folder {gone} that {copy}/index.json records is gone: pass the model with "
-        "--model MODEL_DIR (a copy of it; its config and weights hashes are checked)"
+        f"m2d2-hf: error: the model folder {gone} that {_space(copy)}/index.json records is gone: pass the model "
+        "with --model MODEL_DIR (a copy of it; its config and weights hashes are checked)"
     ]
     assert main(["search", str(copy), "a dog barks", "--model", MODEL, "--top-k", "1"]) == 0
 
@@ -494,7 +498,7 @@ def test_a_gone_model_folder_says_to_pass_model(small_index, tmp_path, capsys):
 def test_building_into_a_damaged_index_replaces_it(small_index, small_source, tmp_path):
     copy = tmp_path / "index"
     shutil.copytree(small_index, copy)
-    _garbage(copy / "items.parquet")
+    _garbage(_space(copy) / "items.parquet")
     partial = tmp_path / ".index.partial"
     partial.mkdir()
     (partial / "settings.json").write_text("not json")  # no shard depends on it

@@ -3,7 +3,8 @@
     GET  /                               the page: a query box (text, or an uploaded clip), ranked results with an
                                          audio player starting at the best-matching moment, a result's timeline
     GET  /api/search?q=...&k=10          JSON: {"query", "results": [hit, ...]} (hits as `SearchHit.to_dict` plus
-                                         `audio_url` / `timeline_url`)
+                                         `audio_url` / `timeline_url`); also `offset`, `where` (a metadata filter,
+                                         `filters`), `hybrid=true` (BM25 fused in), `dedup` (a cosine threshold)
     POST /api/search-audio?k=10          the same for an uploaded example clip (multipart field `file`; every POST
                                          carries the page's token as `X-M2D2-Token`)
     GET  /api/audio/{sound_id}           the indexed file of a sound (only indexed files are served), or a dataset
@@ -11,6 +12,14 @@
     GET  /api/timeline/{sound_id}.png?q= the timeline plot of a sound against a text query, from its stored window
                                          embeddings (`m2d2_hf.timeline.plot_timeline`)
     POST /api/timeline/{sound_id}.png    the same against an uploaded example clip (multipart field `file`)
+    GET  /api/space                      JSON: {"space": the embedding space served, "spaces": the index's spaces,
+                                         "active": the one its manifest names}
+    POST /api/space                      JSON body {"space": KEY} (or none: the index's active space, read again):
+                                         serve that space from now on, once it is loaded (`SpaceSwitch.activate`)
+
+Every search answer names the space it was computed in (`space`). A switch builds the new space's app whole (index
+read, model loaded) while the current one keeps answering, then replaces one reference: each request is answered,
+from start to end, by the space that was current when it arrived (its query embedded by that space's model).
 
 What the server trusts, for a team to leave it running on a shared machine:
 
@@ -31,7 +40,8 @@ What the server trusts, for a team to leave it running on a shared machine:
 - Every error is one line of JSON, `{"detail": "..."}`; an unexpected failure is a 500 whose traceback stays in the
   server's log.
 
-Queries are bounded too: at most `MAX_K` results and `MAX_QUERY_CHARS` characters.
+Queries are bounded too: at most `MAX_K` results from at most `MAX_OFFSET` on, `MAX_QUERY_CHARS` characters of query
+and of filter.
 """
 
 import os
@@ -40,15 +50,18 @@ import stat
 import tempfile
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..data.audio import AudioDecodeError, AudioLimits, AudioTooLargeError, decode_audio, decode_within
+from .filters import FilterError, matching_rows
 from .sources import stat_stamp
 
 
-MAX_K = 100
+# A page of 1000 ranks in tens of milliseconds on the flat index; deeper lists are paged with `offset`.
+MAX_K, MAX_OFFSET = 1000, 10_000
 MAX_QUERY_CHARS = 500
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 # A multipart body holds the file and a few hundred bytes of part headers and boundaries.
@@ -86,7 +99,7 @@ PAGE = """<!doctype html>
 <p class="meta" id="meta">__META__</p>
 <form id="text-form">
  <input id="q" name="q" placeholder="describe a sound, e.g. a dog barks" maxlength="500">
- <input id="k" name="k" type="number" value="10" min="1" max="100" style="width:4em">
+ <input id="k" name="k" type="number" value="10" min="1" max="1000" style="width:4em">
  <button id="go" type="submit">Search</button>
 </form>
 <form id="audio-form">
@@ -247,28 +260,65 @@ def require_app_extra() -> None:
         )
 
 
+class SpaceSwitch:
+    """The ASGI app of the page: requests pass `_OwnPageOnly`, then go whole to the app of the space current when
+    they arrive (one read of one reference). What the spaces' apps share lives here: the token, the upload limits,
+    and the bounds on decoding and plotting at once."""
+
+    def __init__(self, index, port: int, limits: AudioLimits, max_upload_bytes: int):
+        self.token = secrets.token_urlsafe(32)
+        self.state = SimpleNamespace(token=self.token)
+        self.limits, self.max_upload_bytes = limits, max_upload_bytes
+        self.decoding = threading.BoundedSemaphore(UPLOAD_DECODES)
+        self.plotting = threading.Lock()  # one timeline at a time: pyplot keeps global state, a sound decodes whole
+        self._switching = threading.Lock()
+        self.index, self.current = index, _space_app(index, self)
+        self._guarded = _OwnPageOnly(self._dispatch, port=port, token=self.token, max_body_bytes=max_upload_bytes)
+
+    async def _dispatch(self, scope, receive, send) -> None:
+        await self.current(scope, receive, send)
+
+    async def __call__(self, scope, receive, send) -> None:
+        await self._guarded(scope, receive, send)
+
+    def activate(self, space: str | None = None) -> tuple[str, str]:
+        """Serves the space `space` (a key or the start of one) of the served index folder, default the folder's
+        active space as its manifest now says; returns (previous, new) keys. The new space's index and model are
+        loaded, and its app built, before the one reference changes; one switch at a time."""
+        from .api import SoundIndex
+
+        with self._switching:
+            previous = self.index
+            device = next(previous.model.parameters()).device
+            index = SoundIndex(previous.folder, device=device, space=space)
+            self.index, self.current = index, _space_app(index, self)
+        return previous.space, index.space
+
+
 def create_app(
     index, *, port: int = 7860, limits: AudioLimits | None = None, max_upload_bytes: int = MAX_UPLOAD_BYTES
-) -> "FastAPI":
-    """A FastAPI app serving `index` (a `SoundIndex`) at http://127.0.0.1:`port`/ (the port its Host and Origin
-    checks expect), taking uploads within `limits` (default `AudioLimits()`) and `max_upload_bytes`. Its token is
-    `app.state.token`."""
+) -> SpaceSwitch:
+    """The app (a `SpaceSwitch`) serving `index` (a `SoundIndex`) at http://127.0.0.1:`port`/ (the port its Host and
+    Origin checks expect), taking uploads within `limits` (default `AudioLimits()`) and `max_upload_bytes`. Its token
+    is `app.state.token`."""
+    require_app_extra()
+    return SpaceSwitch(index, port, limits or AudioLimits(), max_upload_bytes)
+
+
+def _space_app(index, switch: SpaceSwitch) -> "FastAPI":
+    """The FastAPI app of the page over one space: every request it answers uses `index` only."""
     import html
 
-    require_app_extra()
-
-    from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
+    from fastapi import Body, FastAPI, File, HTTPException, Query, Request, UploadFile
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
     from starlette.concurrency import run_in_threadpool
 
     from ..timeline import Timeline, plot_timeline
+    from .building import DamagedIndexError, read_manifest
 
-    limits = limits or AudioLimits()
-    token = secrets.token_urlsafe(32)
+    token, limits, max_upload_bytes = switch.token, switch.limits, switch.max_upload_bytes
     app = FastAPI(title="M2D2 sound search")
-    app.state.token = token
-    app.add_middleware(_OwnPageOnly, port=port, token=token, max_body_bytes=max_upload_bytes)
 
     async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
         # FastAPI answers a list of objects; the page shows `detail` as one line.
@@ -296,8 +346,7 @@ def create_app(
         ),
     ).replace("__TOKEN__", token)
     stamps = index.sound_stamps()
-    decoding = threading.BoundedSemaphore(UPLOAD_DECODES)
-    plotting = threading.Lock()  # one timeline at a time: pyplot keeps global state, and a sound decodes whole
+    decoding, plotting = switch.decoding, switch.plotting
 
     reopen = meta.get("reopen")  # absent for indexes of in-memory datasets (and for older indexes)
     dataset_rows: dict[str, object] = {}
@@ -367,15 +416,62 @@ def create_app(
     async def home() -> str:
         return page
 
+    def filtered(run):
+        """`run()`'s answer; a filter that does not parse (or names no column of the index) is the client's 400."""
+        try:
+            return run()
+        except FilterError as error:
+            raise HTTPException(400, str(error)) from None
+
     @app.get("/api/search")
-    def search(q: str = Query(..., max_length=MAX_QUERY_CHARS), k: int = Query(10, ge=1, le=MAX_K)) -> dict:
-        (result,) = index.search(text=[checked_text(q)], top_k=k)
-        return {"query": q, "results": with_urls(result["results"])}
+    def search(
+        q: str = Query(..., max_length=MAX_QUERY_CHARS),
+        k: int = Query(10, ge=1, le=MAX_K),
+        offset: int = Query(0, ge=0, le=MAX_OFFSET),
+        where: str | None = Query(None, max_length=MAX_QUERY_CHARS),
+        hybrid: bool = False,
+        dedup: float | None = Query(None, gt=0, le=1),
+    ) -> dict:
+        options = {"top_k": k, "offset": offset, "where": where, "hybrid": hybrid, "dedup": dedup}
+        (result,) = filtered(lambda: index.search(text=[checked_text(q)], **options))
+        return {"query": q, "space": index.space, "results": with_urls(result["results"])}
 
     @app.post("/api/search-audio")
-    def search_audio(file: UploadFile = File(...), k: int = Query(10, ge=1, le=MAX_K)) -> dict:
-        (hits,) = index.search_embeddings(uploaded_embedding(file), top_k=k)
-        return {"query": f"audio:{file.filename}", "results": with_urls([hit.to_dict() for hit in hits])}
+    def search_audio(
+        file: UploadFile = File(...),
+        k: int = Query(10, ge=1, le=MAX_K),
+        offset: int = Query(0, ge=0, le=MAX_OFFSET),
+        where: str | None = Query(None, max_length=MAX_QUERY_CHARS),
+        dedup: float | None = Query(None, gt=0, le=1),
+    ) -> dict:
+        if where is not None:  # a bad filter is refused before the upload is decoded
+            filtered(lambda: matching_rows(index.sound_table(), where))
+        query = uploaded_embedding(file)
+        options = {"top_k": k, "offset": offset, "where": where, "dedup": dedup}
+        (hits,) = filtered(lambda: index.search_embeddings(query, **options))
+        return {
+            "query": f"audio:{file.filename}",
+            "space": index.space,
+            "results": with_urls([hit.to_dict() for hit in hits]),
+        }
+
+    @app.get("/api/space")
+    def space_info() -> dict:
+        try:
+            manifest = read_manifest(index.folder)
+        except ValueError as error:  # the folder changed under the server: say so, keep serving
+            raise HTTPException(409, str(error)) from None
+        return {"space": index.space, "spaces": list(manifest["spaces"]), "active": manifest["active"]}
+
+    @app.post("/api/space")
+    def switch_space(space: str | None = Body(None, embed=True, max_length=200)) -> dict:
+        try:
+            previous, current = switch.activate(space)
+        except DamagedIndexError as error:
+            raise HTTPException(409, f"cannot serve that space, still serving {index.space}: {error}") from None
+        except (ValueError, OSError) as error:  # no such space, another model, a model folder gone
+            raise HTTPException(400, f"cannot serve that space, still serving {index.space}: {error}") from None
+        return {"space": current, "previous": previous, "sounds": len(switch.index)}
 
     @app.get("/api/audio/{sound_id}")
     async def audio(sound_id: int) -> Response:

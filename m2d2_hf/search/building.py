@@ -6,20 +6,35 @@ of a few files each, each shard atomically (temporary name, then rename). A run 
 shards; the next run with the same model and settings skips every sound they hold whose stamp (size and mtime) is
 unchanged, and embeds the changed and new ones. When all processes are done, the main process merges the shards
 (the newest rows of each sound, only for sounds still in the source), builds the FAISS index, writes the folder
-under a temporary name and renames it to INDEX_DIR: the index folder appears whole or not at all. An existing index
-of the same model and settings is itself read as a shard, so re-indexing a grown collection embeds only what is new.
+under a temporary name and renames it into place: a space appears whole or not at all. An existing space of the
+same model and settings is itself read as a shard, so re-indexing a grown collection embeds only what is new. Sounds
+whose stamp changed are hashed first (sha256 of their encoded bytes, `sources.content_hash`): one whose content an
+existing space or shard already holds under another key (renamed, moved, copied, or only touched) takes those rows
+under its new key instead of being embedded again.
 
-Index folder:
-    index.json       model fingerprint, settings, counts, FAISS type / parameters / recall@10, failed sounds
-    items.parquet    one row per vector: key, stamp, path, kind ("clip" or "window"), start, end, duration, embedding;
-                     its schema metadata holds the model (name, config and weights hashes) and window / hop / rate
-    vectors.faiss    the FAISS index over the embeddings, row i = items row i
-    README.md        what the folder holds and how to search it
+Index folder: one or more embedding spaces, one per model (keyed by `space_key`: its config and weights hashes), of
+which one is active; the others are built beside it (`add_space=True`) and switched to with `activate_space`.
+    index.json       the manifest: {"format", "format_version": 2, "active": KEY, "spaces": {KEY: {"folder"}}},
+                     replaced atomically (temporary file, then rename) whenever a space is added or activated
+    README.md        what the folder holds (the active space's facts) and how to search it
+    spaces/KEY.ID/   one build of a space, never changed once renamed into place (a rebuild writes a new folder):
+        index.json       model fingerprint, settings, counts, FAISS type / parameters / recall@10, failed sounds
+        items.parquet    one row per vector: key, stamp, path, kind ("clip" or "window"), start, end, duration,
+                         embedding, content_hash; its schema metadata holds the model (name, config and weights
+                         hashes) and window / hop / rate
+        vectors.faiss    the FAISS index over the embeddings, row i = items row i
+        sounds.parquet   one row per sound: its key and the source's other columns (split, label, caption, ...),
+                         which filters and hybrid ranking read; absent when the source has none
+        README.md        what the space holds
+A space folder is deleted only when neither the manifest nor the one it replaced names it, so a reader that read
+the manifest just before it changed still finds its space's files. An index of the first format (index.json,
+items.parquet and vectors.faiss at the top) is read as one space, and converted on its next build.
 
 `read_index_meta` checks that a folder's files are whole and agree before anything uses them; a build holds a lock in
 its `.partial` folder, so that a second build into the same folder stops at once.
 """
 
+import fcntl
 import json
 import os
 import shutil
@@ -45,7 +60,7 @@ from .embedding import (
     model_fingerprint,
     timed_window_embeddings,
 )
-from .sources import SourceItem, list_source
+from .sources import SourceItem, content_hash, list_source, metadata_table
 from .vector_index import (
     INDEX_TYPES,
     build_vector_index,
@@ -58,11 +73,18 @@ from .vector_index import (
 
 
 FORMAT = "m2d2-hf-sound-index"
-FORMAT_VERSION = 1
+# 1: one space, its files at the top of the folder; 2: a manifest naming the spaces under spaces/ and the active one.
+FORMAT_VERSION, SPACE_FORMAT_VERSION = 2, 1
 ITEMS_FILE, VECTORS_FILE, META_FILE, README_FILE = "items.parquet", "vectors.faiss", "index.json", "README.md"
-SETTINGS_FILE, LOCK_FILE = "settings.json", "build.lock"
+# One row per sound: its key and the source's other columns (filters and hybrid ranking read them); beside
+# items.parquet, absent from indexes built before it and from sources without metadata.
+SOUNDS_FILE = "sounds.parquet"
+SETTINGS_FILE, LOCK_FILE, MANIFEST_LOCK_FILE = "settings.json", "build.lock", ".manifest.lock"
+SPACES_DIR = "spaces"
 PARQUET_MODEL_KEY, PARQUET_SETTINGS_KEY = b"m2d2_hf.model", b"m2d2_hf.settings"
 META_COLUMNS = ("key", "stamp", "path", "kind", "start", "end", "duration")
+# Absent from indexes and shards written before renames were recognised: read as null (no known content).
+HASH_COLUMN = "content_hash"
 # Local files longer than this are read a window at a time rather than decoded whole: below it the waveform (38 MB
 # for 10 minutes at 16 kHz) is small next to the model, and one read of the whole file is the simplest.
 STREAMED_FILE_SECONDS = 600.0
@@ -115,6 +137,10 @@ class IndexSummary:
     embedded_files: int
     reused_files: int
     failed: list[dict] = field(default_factory=list)
+    # Sounds whose stamp changed but whose content the index already held (renamed, moved, copied or touched): their
+    # rows were reused under the new key, not embedded again (they are not in `embedded_files`).
+    moved_files: int = 0
+    space: str = ""
     seconds: float = 0.0
     recall_at_10: float | None = None
 
@@ -126,8 +152,17 @@ def _schema(dim: int):
     return pa.schema(
         [("key", pa.string()), ("stamp", pa.string()), ("path", pa.string()), ("kind", pa.string()),
          ("start", pa.float64()), ("end", pa.float64()), ("duration", pa.float64()),
-         ("embedding", pa.list_(pa.float32(), dim))]
+         ("embedding", pa.list_(pa.float32(), dim)), (HASH_COLUMN, pa.string())]
     )  # fmt: skip
+
+
+def _with_hash_column(table):
+    """`table` with a null `content_hash` column when it has none (written before hashes were recorded)."""
+    import pyarrow as pa
+
+    if HASH_COLUMN in table.column_names:
+        return table
+    return table.append_column(HASH_COLUMN, pa.nulls(len(table), pa.string()))
 
 
 def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
@@ -136,11 +171,27 @@ def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
     os.replace(temporary, path)
 
 
-class _ShardWriter:
-    """Rows and failures of the sounds one process embeds, written every `files_per_shard` sounds."""
+def _write_shard(folder: Path, name: str, table, failed: list[dict]) -> None:
+    import pyarrow.parquet as pq
 
-    def __init__(self, folder: Path, rank: int, dim: int, files_per_shard: int):
+    text = json.dumps(failed)
+    # The failure list first: a shard counts as done once its Parquet file exists.
+    _atomic_write(folder / f"{name}.failed.json", lambda p: Path(p).write_text(text))
+    _atomic_write(folder / f"{name}.parquet", lambda p: pq.write_table(table, p))
+
+
+def _shard_name(suffix: str) -> str:
+    # Time-ordered names: when shards disagree about a sound, the newest wins at the merge.
+    return f"{time.time_ns():020d}-{suffix}"
+
+
+class _ShardWriter:
+    """Rows and failures of the sounds one process embeds, written every `files_per_shard` sounds; `hashes` gives
+    each sound's content hash."""
+
+    def __init__(self, folder: Path, rank: int, dim: int, files_per_shard: int, hashes: dict[str, str | None]):
         self.folder, self.rank, self.dim, self.files_per_shard = folder, rank, dim, files_per_shard
+        self.hashes = hashes
         self.rows: list[dict] = []
         self.failed: list[dict] = []
         self.files = 0
@@ -163,6 +214,7 @@ class _ShardWriter:
                     "end": end,
                     "duration": duration,
                     "embedding": embedding,
+                    HASH_COLUMN: self.hashes.get(item.key),
                 }
             )
         self._count()
@@ -180,15 +232,9 @@ class _ShardWriter:
         if not self.files:
             return
         import pyarrow as pa
-        import pyarrow.parquet as pq
 
-        # Time-ordered names: when shards disagree about a sound, the newest wins at the merge.
-        name = f"{time.time_ns():020d}-r{self.rank:04d}"
         table = pa.Table.from_pylist(self.rows, schema=_schema(self.dim))
-        failed = json.dumps(self.failed)
-        # The failure list first: a shard counts as done once its Parquet file exists.
-        _atomic_write(self.folder / f"{name}.failed.json", lambda p: Path(p).write_text(failed))
-        _atomic_write(self.folder / f"{name}.parquet", lambda p: pq.write_table(table, p))
+        _write_shard(self.folder, _shard_name(f"r{self.rank:04d}"), table, self.failed)
         self.rows, self.failed, self.files = [], [], 0
 
 
@@ -249,7 +295,7 @@ def _drop_unreadable(work: Path, dim: int, say: Callable[[str], None]) -> None:
     """Deletes the shards and failure lists in `work` that cannot be read (a disk error, a stray file), saying so:
     their sounds are embedded again, as they would have to be to resume from them. Only the footer of each shard is
     read here; a shard damaged inside fails later with its name and what to delete."""
-    expected = _schema(dim)
+    expected = [column for column in _schema(dim) if column.name != HASH_COLUMN]
     for shard in sorted(work.glob("*.parquet")):
         sidecar = _sidecar_of(shard)
         try:
@@ -269,14 +315,57 @@ def _drop_unreadable(work: Path, dim: int, say: Callable[[str], None]) -> None:
             say(f"{error.problem}: deleted it; the sounds that had failed in its shard are tried again")
 
 
-def _done(shards: list[Path]) -> dict[str, str]:
-    """key → stamp of every sound embedded or failed in `shards` (newest shard wins)."""
+def _done(shards: list[Path]) -> tuple[dict[str, str], dict[str, tuple[Path, str]]]:
+    """key → stamp of every sound embedded or failed in `shards` (newest shard wins), and content hash → (shard,
+    key) of the embedded sounds whose content is known: a sound's rows in a shard are the embeddings of that
+    content whatever became of its file since."""
     done: dict[str, str] = {}
+    by_hash: dict[str, tuple[Path, str]] = {}
     for shard in shards:
-        table = _read_shard(shard, columns=["key", "stamp"])
-        done.update(zip(table.column("key").to_pylist(), table.column("stamp").to_pylist()))
+        hashed = HASH_COLUMN in _read_shard(shard, schema_only=True).names
+        table = _read_shard(shard, columns=["key", "stamp"] + ([HASH_COLUMN] if hashed else []))
+        keys = table.column("key").to_pylist()
+        done.update(zip(keys, table.column("stamp").to_pylist()))
+        if hashed:
+            by_hash.update((digest, (shard, key)) for key, digest in zip(keys, table.column(HASH_COLUMN).to_pylist()))
         done.update((failure["key"], failure["stamp"]) for failure in _failures_of(shard))
-    return done
+    by_hash.pop(None, None)
+    return done, by_hash
+
+
+def _reuse_moved(work: Path, todo: list[SourceItem], hashes: dict, by_hash: dict, dim: int) -> None:
+    """Writes one shard holding, for each sound of `todo` whose content `by_hash` knows, the rows of that content
+    under the sound's own key, stamp and path. An interrupted run leaves the shard whole or not at all, like the
+    embedded ones."""
+    import pyarrow as pa
+
+    moved = {item.key: by_hash[hashes[item.key]] for item in todo if hashes.get(item.key) in by_hash}
+    if not moved:
+        return
+    items = {item.key: item for item in todo}
+    wanted: dict[Path, list[tuple[SourceItem, str]]] = {}
+    for key, (shard, source_key) in moved.items():
+        wanted.setdefault(shard, []).append((items[key], source_key))
+    pieces = []
+    for shard, pairs in wanted.items():
+        table = _read_shard(shard)
+        rows_of: dict[str, list[int]] = {}
+        for row, key in enumerate(table.column("key").to_pylist()):
+            rows_of.setdefault(key, []).append(row)
+        for item, source_key in pairs:
+            taken = table.take(pa.array(rows_of[source_key], pa.int64()))
+            count = len(taken)
+            columns = {"key": item.key, "stamp": item.stamp, "path": item.path, HASH_COLUMN: hashes[item.key]}
+            pieces.append(
+                pa.table(
+                    {
+                        name: pa.array([columns[name]] * count, pa.string()) if name in columns else taken[name]
+                        for name in _schema(dim).names
+                    },
+                    schema=_schema(dim),
+                )
+            )
+    _write_shard(work, _shard_name("moved"), pa.concat_tables(pieces), [])
 
 
 def _merge(shards: list[Path], items: list[SourceItem]) -> tuple[Any, list[dict]]:
@@ -291,7 +380,7 @@ def _merge(shards: list[Path], items: list[SourceItem]) -> tuple[Any, list[dict]
     failed: dict[str, dict] = {}
     tables = []
     for number, shard in enumerate(shards):
-        table = _read_shard(shard)
+        table = _with_hash_column(_read_shard(shard))
         keys, stamps = table.column("key").to_pylist(), table.column("stamp").to_pylist()
         for key, stamp in zip(keys, stamps):
             if current.get(key) == stamp:
@@ -312,7 +401,16 @@ def _merge(shards: list[Path], items: list[SourceItem]) -> tuple[Any, list[dict]
     table = table.append_column("_order", position).append_column("_kind", kind_rank)
     table = table.sort_by([("_order", "ascending"), ("_kind", "ascending"), ("start", "ascending")])
     failures = sorted(failed.values(), key=lambda failure: order[failure["key"]])
-    return table.drop_columns(["_order", "_kind"]), failures
+    table = table.drop_columns(["_order", "_kind"])
+    # Sounds kept from an index written before hashes were recorded get theirs now (one read of each, once), so that
+    # their renames are recognised from the next run on.
+    digests = table.column(HASH_COLUMN).to_pylist()
+    unknown = {key for key, digest in zip(table.column("key").to_pylist(), digests) if digest is None}
+    if unknown:
+        found = {item.key: content_hash(item.audio_value()) for item in items if item.key in unknown}
+        digests = [found.get(key, digest) for key, digest in zip(table.column("key").to_pylist(), digests)]
+        table = table.set_column(table.column_names.index(HASH_COLUMN), HASH_COLUMN, pa.array(digests, pa.string()))
+    return table, failures
 
 
 def embeddings_of(table) -> np.ndarray:
@@ -322,16 +420,18 @@ def embeddings_of(table) -> np.ndarray:
     return values.reshape(len(column), column.type.list_size).astype(np.float32, copy=False)
 
 
-def read_index_meta(folder: str | os.PathLike) -> dict:
-    """The `index.json` of the index folder `folder`, once cheap checks (no vector is read) found its files there and
-    agreeing: its entries, the FAISS file's header and the Parquet footer against the recorded type, number of
-    vectors and dimension. Raises `DamagedIndexError` naming the file at fault; a plain ValueError for a folder
-    with no index.json or one of another format."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+def space_key(model: dict) -> str:
+    """The key of a model's embedding space: its config and weights hashes (not its name: a model folder moved
+    elsewhere computes the same embeddings)."""
+    return f"{model['config_hash']}-{model['weights_hash']}"
 
-    folder = Path(folder)
-    meta_path, items_path, vectors_path = (folder / name for name in (META_FILE, ITEMS_FILE, VECTORS_FILE))
+
+def _index_json(folder: Path, space_folder: Path | None = None) -> dict:
+    """The parsed `index.json` of an index folder (or of its space in `space_folder`): a ValueError when it is of
+    another format or the index folder has none, `DamagedIndexError` when it cannot be read or a space's is gone."""
+    meta_path = (space_folder or folder) / META_FILE
+    if space_folder is not None and not meta_path.is_file():
+        raise DamagedIndexError(folder, f"{meta_path} is missing ({folder / META_FILE} names its space)")
     if not meta_path.is_file():
         raise ValueError(f"{folder} is not a search index (no {META_FILE}): build one with `m2d2-hf index`")
     try:
@@ -342,6 +442,80 @@ def read_index_meta(folder: str | os.PathLike) -> dict:
         raise DamagedIndexError(folder, f"{meta_path} holds a JSON {type(meta).__name__}, not an object")
     if meta.get("format") != FORMAT:
         raise ValueError(f"{meta_path} is not an m2d2-hf search index (format {meta.get('format')!r})")
+    return meta
+
+
+def read_manifest(folder: str | os.PathLike) -> dict:
+    """`{"format_version", "active": KEY, "spaces": {KEY: space folder}}` of an index folder, its entries checked
+    (not the spaces' files: `open_space` checks those). A folder of the first format is one space, its own folder."""
+    folder = Path(folder)
+    meta = _index_json(folder)
+    if "spaces" not in meta:
+        model = meta.get("model")
+        valid = isinstance(model, dict) and all(isinstance(model.get(k), str) for k in ("config_hash", "weights_hash"))
+        key = space_key(model) if valid else "unknown"  # its own checks then name what is missing
+        return {"format_version": 1, "active": key, "spaces": {key: folder}}
+    spaces, active, wrong = meta["spaces"], meta.get("active"), []
+
+    def inside(entry: Any) -> bool:  # spaces/NAME, nothing that leads out of the folder
+        name = entry.get("folder") if isinstance(entry, dict) else None
+        parts = Path(name).parts if isinstance(name, str) else ()
+        return len(parts) == 2 and parts[0] == SPACES_DIR and not parts[1].startswith(".")
+
+    if not isinstance(spaces, dict) or not spaces or not all(inside(entry) for entry in spaces.values()):
+        wrong.append("spaces")
+    elif not isinstance(active, str) or active not in spaces:
+        wrong.append("active")
+    if wrong:
+        raise DamagedIndexError(folder, f"{folder / META_FILE} has missing or invalid entries: {', '.join(wrong)}")
+    return {
+        "format_version": 2,
+        "active": active,
+        "spaces": {key: folder / entry["folder"] for key, entry in spaces.items()},
+    }
+
+
+def find_space(folder: str | os.PathLike, manifest: dict, space: str) -> str:
+    """The key of the space `space` names: its key, or the start of exactly one key."""
+    found = [key for key in manifest["spaces"] if key == space] or [
+        key for key in manifest["spaces"] if key.startswith(space)
+    ]
+    if len(found) != 1:
+        which = "matches several spaces" if found else "is not a space of it"
+        raise ValueError(
+            f"{space!r} {which} in {folder}: give one of {', '.join(manifest['spaces'])} (listed by `m2d2-hf "
+            f"index-space {folder}`)"
+        )
+    return found[0]
+
+
+def open_space(folder: str | os.PathLike, space: str | None = None) -> tuple[Path, dict]:
+    """(the folder of the space `space` of the index folder `folder` (default: the active one), its checked
+    `index.json` entries plus `space`: its key); see `read_index_meta`."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    key = manifest["active"] if space is None else find_space(folder, manifest, space)
+    meta = _check_space(folder, manifest["spaces"][key])
+    meta["space"] = key
+    return manifest["spaces"][key], meta
+
+
+def read_index_meta(folder: str | os.PathLike, space: str | None = None) -> dict:
+    """The `index.json` entries of a space (default: the active one) of the index folder `folder`, once cheap
+    checks (no vector is read) found its files there and agreeing: its entries, the FAISS file's header and the
+    Parquet footer against the recorded type, number of vectors and dimension; `space` is its key. Raises
+    `DamagedIndexError` naming the file at fault; a plain ValueError for a folder with no index.json or one of
+    another format."""
+    return open_space(folder, space)[1]
+
+
+def _check_space(folder: Path, space_folder: Path) -> dict:
+    """The checked `index.json` of the space in `space_folder` of the index folder `folder` (see `read_index_meta`)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    meta_path, items_path, vectors_path = (space_folder / name for name in (META_FILE, ITEMS_FILE, VECTORS_FILE))
+    meta = _index_json(folder, space_folder)
     wrong = [name for name, kind in _META_TYPES.items() if not isinstance(meta.get(name), kind)]
     model, faiss_info = meta.get("model"), meta.get("faiss")
     if isinstance(model, dict):
@@ -443,9 +617,76 @@ m2d2-hf serve INDEX_DIR --port 7860
 """
 
 
+def _space_readme(meta: dict, spaces: dict[str, dict], active: str) -> str:
+    """The index folder's README: its active space's, then every space with its model."""
+    lines = [
+        f"- `{key}`{' (active)' if key == active else ''}: model `{entry['model']['name']}`, {entry['num_files']} "
+        f"sounds, in `{entry['folder']}/`"
+        for key, entry in spaces.items()
+    ]
+    return (
+        _readme(meta)
+        + f"""
+## Embedding spaces ({len(spaces)})
+
+One per model; queries use the active one. Switch with `m2d2-hf index-space INDEX_DIR --activate KEY` (and a running
+`m2d2-hf serve` with `POST /api/space`).
+
+"""
+        + "\n".join(lines)
+        + "\n"
+    )
+
+
+@contextmanager
+def _manifest_lock(output: Path) -> Iterator[None]:
+    """Held while the manifest is read, changed and replaced, so that a build adding a space and an activation
+    running at once both keep their change."""
+    with open(output / MANIFEST_LOCK_FILE, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def _write_manifest(output: Path, change: Callable[[dict], None]) -> dict:
+    """Applies `change` to the manifest of the index folder `output` (a format-2 one) and replaces it atomically,
+    with the README; then deletes the space folders that neither the new manifest nor the one it replaced names (a
+    reader that read the old one a moment ago still finds its space). Returns the new manifest."""
+    with _manifest_lock(output):
+        old = _index_json(output)
+        new = json.loads(json.dumps(old))
+        change(new)
+        spaces, active = new["spaces"], new["active"]
+        active_meta = _read_json(output / spaces[active]["folder"] / META_FILE)
+        _atomic_write(output / META_FILE, lambda p: Path(p).write_text(json.dumps(new, indent=2)))
+        _atomic_write(output / README_FILE, lambda p: Path(p).write_text(_space_readme(active_meta, spaces, active)))
+        named = {Path(entry["folder"]).name for manifest in (old, new) for entry in manifest["spaces"].values()}
+    for folder in (output / SPACES_DIR).iterdir():
+        if folder.name not in named:
+            shutil.rmtree(folder, ignore_errors=True)
+    return new
+
+
+def _manifest_entry(meta: dict, folder_name: str) -> dict:
+    return {"folder": f"{SPACES_DIR}/{folder_name}", "model": meta["model"], "num_files": meta["num_files"]}
+
+
 def _write_index(
-    output: Path, table, failures: list[dict], meta: dict, index_type: str, params: dict | None
+    output: Path,
+    table,
+    failures: list[dict],
+    meta: dict,
+    index_type: str,
+    params: dict | None,
+    manifest: dict | None,
+    add_space: bool,
+    sounds=None,
 ) -> float | None:
+    """Writes the space of `meta`'s model into the index folder `output`, whose `manifest` (`read_manifest`; None
+    when there is no readable one) was read at the start of the build. Into a format-2 index: a new space folder,
+    then the manifest naming it (the space keeps being active or not; a model new to the index is added beside the
+    others with `add_space`, else replaces them and becomes active). Otherwise the whole folder is written under a
+    temporary name and renamed into place, the space of a first-format index kept beside the new one with
+    `add_space`."""
     import pyarrow.parquet as pq
 
     vectors = embeddings_of(table)
@@ -461,17 +702,62 @@ def _write_index(
         faiss={"type": index_type, "params": params, "recall_at_10": recall},
         failed=[{"key": f["key"], "stamp": f["stamp"], "error": f["error"]} for f in failures],
     )
+    key = space_key(meta["model"])
+    name = f"{key}.{uuid.uuid4().hex[:12]}"
+
+    def write_space(spaces: Path) -> None:
+        temporary = spaces / f".{name}.tmp"
+        temporary.mkdir(parents=True)
+        try:
+            # The Parquet file names its model too, so that it stays identifiable when copied out of the folder.
+            described = table.replace_schema_metadata(
+                {
+                    PARQUET_MODEL_KEY: json.dumps(meta["model"]),
+                    PARQUET_SETTINGS_KEY: json.dumps(_window_settings(meta)),
+                }
+            )
+            pq.write_table(described, temporary / ITEMS_FILE)
+            if sounds is not None:
+                pq.write_table(sounds, temporary / SOUNDS_FILE)
+            write_vector_index(index, str(temporary / VECTORS_FILE))
+            (temporary / META_FILE).write_text(json.dumps(meta, indent=2))
+            (temporary / README_FILE).write_text(_readme(meta))
+            os.replace(temporary, spaces / name)
+        finally:
+            if temporary.exists():
+                shutil.rmtree(temporary)
+
+    if manifest is not None and manifest["format_version"] == 2:
+        write_space(output / SPACES_DIR)
+
+        def add(manifest: dict) -> None:
+            if key not in manifest["spaces"] and not add_space:
+                manifest["spaces"], manifest["active"] = {}, key
+            manifest["spaces"][key] = _manifest_entry(meta, name)
+
+        _write_manifest(output, add)
+        return recall
+
     temporary = output.with_name(f".{output.name}.{uuid.uuid4().hex}.tmp")
-    temporary.mkdir(parents=True)
     try:
-        # The Parquet file names its model too, so that it stays identifiable when copied out of the folder.
-        described = table.replace_schema_metadata(
-            {PARQUET_MODEL_KEY: json.dumps(meta["model"]), PARQUET_SETTINGS_KEY: json.dumps(_window_settings(meta))}
+        write_space(temporary / SPACES_DIR)
+        spaces, active = {key: _manifest_entry(meta, name)}, key
+        if add_space and manifest is not None and manifest["active"] != key:
+            # A first-format index: its files become its space's folder (hard links: no copy, no change to them).
+            legacy, legacy_meta = open_space(output)
+            legacy_name = f"{manifest['active']}.{uuid.uuid4().hex[:12]}"
+            (temporary / SPACES_DIR / legacy_name).mkdir()
+            for file in (ITEMS_FILE, VECTORS_FILE, META_FILE, README_FILE):
+                if (legacy / file).is_file():
+                    _link_or_copy(legacy / file, temporary / SPACES_DIR / legacy_name / file)
+            legacy_meta.pop("space")
+            spaces[manifest["active"]], active = _manifest_entry(legacy_meta, legacy_name), manifest["active"]
+        manifest_text = json.dumps(
+            {"format": FORMAT, "format_version": FORMAT_VERSION, "active": active, "spaces": spaces}, indent=2
         )
-        pq.write_table(described, temporary / ITEMS_FILE)
-        write_vector_index(index, str(temporary / VECTORS_FILE))
-        (temporary / META_FILE).write_text(json.dumps(meta, indent=2))
-        (temporary / README_FILE).write_text(_readme(meta))
+        (temporary / META_FILE).write_text(manifest_text)
+        active_meta = meta if active == key else _read_json(temporary / spaces[active]["folder"] / META_FILE)
+        (temporary / README_FILE).write_text(_space_readme(active_meta, spaces, active))
         if output.exists():
             retired = output.with_name(f".{output.name}.{uuid.uuid4().hex}.old")
             os.replace(output, retired)
@@ -483,6 +769,51 @@ def _write_index(
         if temporary.exists():
             shutil.rmtree(temporary)
     return recall
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:  # another file system, or one without hard links
+        shutil.copy2(source, target)
+
+
+def activate_space(folder: str | os.PathLike, space: str) -> str:
+    """Makes the space `space` (its key or the start of it) the active one of the index folder `folder`, once its
+    files were checked, by replacing the manifest atomically; returns its key. A first-format index has one space,
+    active already. Readers that opened the index before keep their space; a running `serve` switches on
+    `POST /api/space`."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    key = find_space(folder, manifest, space)
+    _check_space(folder, manifest["spaces"][key])
+    if manifest["format_version"] == 2:
+        _write_manifest(folder, lambda manifest: manifest.update(active=key))
+    return key
+
+
+def remove_space(folder: str | os.PathLike, space: str) -> str:
+    """Drops the space `space` (not the active one) from the manifest of the index folder `folder`; its folder is
+    deleted at the next change of the manifest (a reader may be reading it). Returns its key."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    key = find_space(folder, manifest, space)
+    if key == manifest["active"]:
+        raise ValueError(f"{key} is the active space of {folder}: activate another one first (`--activate KEY`)")
+    _write_manifest(folder, lambda manifest: manifest["spaces"].pop(key))
+    return key
+
+
+def list_spaces(folder: str | os.PathLike) -> list[dict]:
+    """Each space of the index folder `folder`: `{"space", "active", "folder", and its index.json entries}`, the
+    active one first, each checked as `read_index_meta` checks it."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    spaces = sorted(manifest["spaces"].items(), key=lambda pair: pair[0] != manifest["active"])
+    return [
+        {"space": key, "active": key == manifest["active"], "folder": str(path), **_check_space(folder, path)}
+        for key, path in spaces
+    ]
 
 
 def _is_long_file(value: Any) -> bool:
@@ -522,6 +853,27 @@ def _same_settings(meta: dict, settings: dict) -> bool:
     return hashes(meta.get("model")) == hashes(settings["model"]) and all(
         meta.get(key) == value for key, value in settings.items() if key != "model"
     )
+
+
+def _previous_space(output: Path, settings: dict, say: Callable[[str], None]) -> tuple[dict | None, Path | None]:
+    """(the manifest of the index folder `output`, None when there is none or it is damaged; the folder of its space
+    of the model and settings of this build, None when there is none or it is damaged)."""
+    if not (output / META_FILE).is_file():
+        return None, None
+    try:
+        manifest = read_manifest(output)
+    except DamagedIndexError as error:
+        say(f"{error.problem}: embedding every sound again; the new index replaces the damaged one")
+        return None, None
+    key = space_key(settings["model"])
+    if key not in manifest["spaces"]:
+        return manifest, None
+    try:
+        folder, meta = open_space(output, key)
+    except DamagedIndexError as error:
+        say(f"{error.problem}: embedding every sound again; the new space replaces the damaged one")
+        return manifest, None
+    return manifest, folder if _same_settings(meta, settings) else None
 
 
 def _recorded_settings(work: Path, say: Callable[[str], None]) -> dict | None:
@@ -635,6 +987,8 @@ def build_index(
     audio_column: str = "audio",
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    add_space: bool = False,
+    update: bool = False,
 ) -> IndexSummary | None:
     """
     Embeds `source` (see `m2d2_hf.search.sources`) with the M2D2 CLAP model `model_name` into the index folder
@@ -647,6 +1001,9 @@ def build_index(
         batch_size: short sounds per forward pass, and windows per forward pass.
         files_per_shard: sounds per resumable shard.
         log: where progress lines go (default: stderr of the main process).
+        add_space: when `output` is an index of other models, add this model's space beside theirs (the active
+            space stays active; switch with `activate_space`) instead of replacing them.
+        update: refuse, rather than embed everything, when `output` holds no space of this model and settings.
     """
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
@@ -686,20 +1043,35 @@ def build_index(
             _atomic_write(work / SETTINGS_FILE, lambda p: Path(p).write_text(json.dumps(settings)))
             _drop_unreadable(work, model.config.projection_dim, say)
         state.wait_for_everyone()
-        previous = None
-        if (output / META_FILE).is_file():
-            try:
-                previous = output if _same_settings(read_index_meta(output), settings) else None
-            except DamagedIndexError as error:
-                say(f"{error.problem}: embedding every sound again; the new index replaces the damaged one")
-        done = _done(_shard_files(work, previous))
+        manifest, previous = _previous_space(output, settings, say)
+        if update and previous is None:
+            raise ValueError(
+                f"--update: {output} holds no index of this model with window {window_seconds:g} s and hop "
+                f"{hop_seconds:g} s to update: drop --update to build one"
+            )
+        dim = model.config.projection_dim
+        done, by_hash = _done(_shard_files(work, previous))
         todo = [item for item in items if done.get(item.key) != item.stamp]
+        # Only the sounds whose stamp changed are read for their hash; the main process reads them, once.
+        hashes = [{item.key: content_hash(item.audio_value()) for item in todo} if state.is_main_process else None]
+        if state.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            broadcast_object_list(hashes)
+        hashes = hashes[0]
+        moved: set[str] = set()
+        if by_hash:
+            moved = {item.key for item in todo if hashes.get(item.key) in by_hash}
+            if state.is_main_process:
+                _reuse_moved(work, todo, hashes, by_hash, dim)
+            todo = [item for item in todo if item.key not in moved]
         say(
-            f"{len(items)} sounds: {len(items) - len(todo)} already indexed, {len(todo)} to embed"
+            f"{len(items)} sounds: {len(items) - len(todo) - len(moved)} already indexed, {len(moved)} renamed, "
+            f"moved or touched (reused by content), {len(todo)} to embed"
             + (f" in {state.num_processes} processes" if state.num_processes > 1 else "")
         )
 
-        writer = _ShardWriter(work, state.process_index, model.config.projection_dim, files_per_shard)
+        writer = _ShardWriter(work, state.process_index, dim, files_per_shard, hashes)
         window_samples = int(round(window_seconds * rate))
         max_peak = processor.feature_extractor.max_peak
         mine = todo[state.process_index :: state.num_processes]
@@ -765,7 +1137,7 @@ def build_index(
             )
         meta = {
             "format": FORMAT,
-            "format_version": FORMAT_VERSION,
+            "format_version": SPACE_FORMAT_VERSION,
             **settings,
             "source": str(source),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -775,7 +1147,9 @@ def build_index(
             local = Path(source).exists()
             where = str(Path(source).resolve()) if local else str(source)
             meta["reopen"] = {"source": where, "split": split, "audio_column": audio_column}
-        recall = _write_index(output, table, failures, meta, index_type, index_params)
+        recall = _write_index(
+            output, table, failures, meta, index_type, index_params, manifest, add_space, sounds=metadata_table(items)
+        )
         shutil.rmtree(work)
         if recall is not None:
             say(f"{index_type} index recall@10 against exact search: {recall:.4f}")
@@ -785,7 +1159,9 @@ def build_index(
             num_vectors=meta["num_vectors"],
             audio_seconds=meta["audio_hours"] * 3600,
             embedded_files=len(todo),
-            reused_files=len(items) - len(todo),
+            reused_files=len(items) - len(todo) - len(moved),
+            moved_files=len(moved),
+            space=space_key(settings["model"]),
             failed=failures,
             seconds=time.perf_counter() - started,
             recall_at_10=recall,
@@ -798,7 +1174,13 @@ __all__ = [
     "DamagedIndexError",
     "DamagedShardError",
     "IndexSummary",
+    "activate_space",
     "build_index",
     "embeddings_of",
+    "list_spaces",
+    "open_space",
     "read_index_meta",
+    "read_manifest",
+    "remove_space",
+    "space_key",
 ]

@@ -5,8 +5,11 @@ sub-commands and turns the `ValueError` / `OSError` / `ImportError` they raise i
         [--index-param nlist=1000 ...]
     accelerate launch [...] $(which m2d2-hf) index ...          (each process embeds its share)
     m2d2-hf search INDEX_DIR "a dog barks" ["glass breaking" ...] [--audio example.wav ...] [--top-k 10] [--json]
+        [--where "label = 'dog' and duration < 5"] [--hybrid] [--dedup 0.95] [--offset 10]
     m2d2-hf serve INDEX_DIR [--port 7860] [--max-upload-seconds 60 --max-upload-channels 2 --max-upload-rate 96000
         --max-upload-mb 20]
+    m2d2-hf index NEW_MODEL_DIR SOURCE --output INDEX_DIR --add-space     (a space for another model, beside)
+    m2d2-hf index-space INDEX_DIR [--activate KEY | --remove KEY] [--json]
 """
 
 import argparse
@@ -22,6 +25,26 @@ def _index_param(text: str) -> tuple[str, int]:
     if not equals or not name:
         raise argparse.ArgumentTypeError(f"expected NAME=VALUE (e.g. nlist=4000), got {text!r}")
     return name, positive_int(value)
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number of 0 or more, got {text!r}")
+    return value
+
+
+def _cosine(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a cosine threshold in (0, 1], e.g. 0.95, got {text!r}")
+    return value
 
 
 def _port(text: str) -> int:
@@ -67,6 +90,18 @@ def add_index_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--files-per-shard", type=positive_int, default=64, help="sounds per resumable shard (default 64)"
     )
+    parser.add_argument(
+        "--update",
+        action="store_true",
+        help="update the index's space of this model and settings (embed only added and changed files; renamed or "
+        "moved ones are reused by content hash); refused when there is none, instead of embedding everything",
+    )
+    parser.add_argument(
+        "--add-space",
+        action="store_true",
+        help="an index of other models: add this model's embedding space beside theirs, leaving the active space "
+        "active (switch with `m2d2-hf index-space INDEX_DIR --activate KEY`), instead of replacing them",
+    )
 
 
 def run_index(args: argparse.Namespace) -> None:
@@ -84,14 +119,17 @@ def run_index(args: argparse.Namespace) -> None:
         files_per_shard=args.files_per_shard,
         split=args.split,
         audio_column=args.audio_column,
+        add_space=args.add_space,
+        update=args.update,
     )
     if summary is None:  # a non-main process of `accelerate launch`
         return
     rate = summary.audio_seconds / max(summary.seconds, 1e-9)
     print(
         f"indexed {summary.num_files} sounds ({summary.audio_seconds / 3600:.3f} h, {summary.num_vectors} vectors) "
-        f"into {summary.output}: {summary.embedded_files} embedded, {summary.reused_files} reused, "
-        f"{len(summary.failed)} failed; {summary.seconds:.1f} s ({rate:.1f} audio hours per hour, "
+        f"into {summary.output} (space {summary.space}): {summary.embedded_files} embedded, {summary.reused_files} "
+        f"reused, {summary.moved_files} renamed or moved (reused by content), {len(summary.failed)} failed; "
+        f"{summary.seconds:.1f} s ({rate:.1f} audio hours per hour, "
         f"{summary.num_files / max(summary.seconds, 1e-9):.1f} sounds/s)"
     )
     if summary.recall_at_10 is not None:
@@ -105,6 +143,25 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=positive_int, default=10, help="sounds per query (default 10)")
     parser.add_argument("--json", action="store_true", help="print JSON")
     parser.add_argument("--model", help="embed queries with this model folder (default: the index's own)")
+    parser.add_argument(
+        "--where",
+        metavar="FILTER",
+        help="keep the sounds whose metadata matches, e.g. \"label = 'dog' and duration < 5\", "
+        "\"split in ('test', 'train')\", \"path like '%%/dogs/%%'\" (columns: key, path, name, duration and the "
+        "source's metadata columns)",
+    )
+    parser.add_argument(
+        "--hybrid",
+        action="store_true",
+        help="fuse the text queries' ranking with BM25 over file names and text metadata (reciprocal rank)",
+    )
+    parser.add_argument(
+        "--dedup",
+        type=_cosine,
+        metavar="COSINE",
+        help="drop hits this similar (cosine, e.g. 0.95) to a higher-ranked one, refilling to --top-k",
+    )
+    parser.add_argument("--offset", type=_non_negative_int, default=0, help="skip this many hits (paging; default 0)")
 
 
 def run_search(args: argparse.Namespace) -> None:
@@ -116,9 +173,17 @@ def run_search(args: argparse.Namespace) -> None:
         if not path.is_file():
             raise ValueError(f"no such --audio file: {path}")
     index = SoundIndex(args.index, model=args.model)
-    results = index.search(text=args.queries, audio=[str(path) for path in args.audio], top_k=args.top_k)
+    results = index.search(
+        text=args.queries,
+        audio=[str(path) for path in args.audio],
+        top_k=args.top_k,
+        offset=args.offset,
+        where=args.where,
+        hybrid=args.hybrid,
+        dedup=args.dedup,
+    )
     if args.json:
-        print(json.dumps(results, indent=2))
+        print(json.dumps([{**result, "space": index.space} for result in results], indent=2))
         return
     for result in results:
         print(f"query: {result['query']}")
@@ -178,11 +243,45 @@ def run_serve(args: argparse.Namespace) -> None:
     serve(args.index, port=args.port, model=args.model, limits=limits, max_upload_bytes=args.max_upload_mb * 2**20)
 
 
+def add_space_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("index", metavar="INDEX_DIR", type=Path, help="an index folder made by `m2d2-hf index`")
+    action = parser.add_mutually_exclusive_group()
+    action.add_argument(
+        "--activate",
+        metavar="KEY",
+        help="make this space (its key, or the start of it) the active one: what `search` and a new `serve` use; a "
+        "running `serve` switches on POST /api/space",
+    )
+    action.add_argument("--remove", metavar="KEY", help="drop this space (not the active one) from the index")
+    parser.add_argument("--json", action="store_true", help="print the spaces as JSON")
+
+
+def run_space(args: argparse.Namespace) -> None:
+    from .building import activate_space, list_spaces, remove_space
+
+    if args.activate:
+        print(f"active space of {args.index}: {activate_space(args.index, args.activate)}")
+    elif args.remove:
+        print(f"removed space {remove_space(args.index, args.remove)} from {args.index}")
+    spaces = list_spaces(args.index)
+    if args.json:
+        print(json.dumps(spaces, indent=2))
+        return
+    for space in spaces:
+        print(
+            f"{'*' if space['active'] else ' '} {space['space']}  model {space['model']['name']}  "
+            f"{space['num_files']} sounds, {space['num_vectors']} vectors ({space['faiss']['type']}), window "
+            f"{space['window_seconds']:g} s, created {space.get('created', '?')}"
+        )
+
+
 __all__ = [
     "add_index_arguments",
+    "add_space_arguments",
     "add_search_arguments",
     "add_serve_arguments",
     "run_index",
     "run_search",
     "run_serve",
+    "run_space",
 ]

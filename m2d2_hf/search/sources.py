@@ -6,13 +6,15 @@ metadata / list file itself (CSV, TSV, JSONL, Parquet with a `file_name`, `path`
 file's folder), or a `datasets` dataset (a loaded `Dataset`, a `save_to_disk` folder, or a hub id / dataset path for
 `datasets.load_dataset`). What kind of source a path is and its rows come from the data layer (`m2d2_hf.data`).
 
-The stamp says when an item must be embedded again: a file's size and modification time, a dataset row's dataset
-fingerprint (which `datasets` changes whenever the data changes).
+The stamp says when an item must be looked at again: a file's size and modification time, a dataset row's dataset
+fingerprint (which `datasets` changes whenever the data changes). Its content hash (`content_hash`, read only when the
+stamp changed) then says whether it must be embedded again: a renamed, moved, copied or touched file is not.
 """
 
+import hashlib
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,12 +54,15 @@ class SourceItem:
         stamp: changes when its content changes.
         path: a local file to play it from, or None (dataset rows held as bytes).
         audio: the file path, or a `_DatasetRow` giving the `{"bytes", "path"}` cell.
+        metadata: its other columns in the source (a metadata table's row, a dataset row's scalar columns), which
+            searches filter on (`where=`) and hybrid ranking reads words from.
     """
 
     key: str
     stamp: str
     path: str | None
     audio: Any
+    metadata: dict = field(default_factory=dict, compare=False)
 
     def audio_value(self) -> Any:
         """What `m2d2_hf.data.audio.decode_audio` takes."""
@@ -77,9 +82,28 @@ def file_stamp(path: str) -> str:
         return "missing"
 
 
-def _file_item(path: Path) -> SourceItem:
+def content_hash(value: Any) -> str | None:
+    """The sha256 (hex) of a sound's encoded bytes: a file path's contents, or a dataset cell's `bytes` (else its
+    `path`); None when there is nothing to read (a missing file: the sound then fails to decode and is listed). The
+    bytes, not the decoded samples: reading is far cheaper than decoding, and a re-encoded file is embedded again
+    anyway."""
+    if isinstance(value, dict):
+        data = value.get("bytes")
+        if data is not None:
+            return hashlib.sha256(data).hexdigest()
+        value = value.get("path")
+    if not isinstance(value, (str, os.PathLike)):
+        return None
+    try:
+        with open(value, "rb") as handle:
+            return hashlib.file_digest(handle, "sha256").hexdigest()
+    except OSError:
+        return None
+
+
+def _file_item(path: Path, metadata: dict | None = None) -> SourceItem:
     resolved = str(path.resolve())
-    return SourceItem(resolved, file_stamp(resolved), resolved, resolved)
+    return SourceItem(resolved, file_stamp(resolved), resolved, resolved, metadata or {})
 
 
 def _audio_files(folder: Path) -> list[SourceItem]:
@@ -95,7 +119,34 @@ def _audio_files(folder: Path) -> list[SourceItem]:
 def _table_items(table_path: Path, split: str | None, split_column: str) -> list[SourceItem]:
     rows, path_column = metadata_rows(table_path, PATH_COLUMNS, split, split_column)
     base = table_path.parent
-    return [_file_item(base / str(row[path_column])) for row in rows]
+    return [
+        _file_item(base / str(row[path_column]), {name: value for name, value in row.items() if name != path_column})
+        for row in rows
+    ]
+
+
+def _dataset_metadata(dataset, audio_column: str) -> list[dict]:
+    """The scalar columns (strings, numbers, booleans; class labels as their names) of every row of `dataset`."""
+    from datasets import ClassLabel, Value
+
+    features = dataset.features or {}
+    scalar = ("string", "large_string", "bool") + tuple(
+        f"{kind}{bits}" for kind in ("int", "uint", "float") for bits in (8, 16, 32, 64)
+    )
+    names = [
+        name
+        for name, feature in features.items()
+        if name != audio_column
+        and (isinstance(feature, ClassLabel) or (isinstance(feature, Value) and feature.dtype in scalar))
+    ]
+    if not names:
+        return [{} for _ in range(len(dataset))]
+    columns = dataset.select_columns(names).to_dict()
+    for name in names:
+        if isinstance(features[name], ClassLabel):
+            labels = features[name].names
+            columns[name] = [labels[v] if v is not None and 0 <= v < len(labels) else None for v in columns[name]]
+    return [dict(zip(names, values)) for values in zip(*(columns[name] for name in names))]
 
 
 def _dataset_items(dataset, name: str, audio_column: str) -> list[SourceItem]:
@@ -104,8 +155,8 @@ def _dataset_items(dataset, name: str, audio_column: str) -> list[SourceItem]:
     dataset = cast_audio_undecoded(dataset, audio_column)
     stamp = getattr(dataset, "_fingerprint", None) or "unknown"
     return [
-        SourceItem(f"{name}#{row}", stamp, None, _DatasetRow(dataset, audio_column, row))
-        for row in range(len(dataset))
+        SourceItem(f"{name}#{row}", stamp, None, _DatasetRow(dataset, audio_column, row), metadata)
+        for row, metadata in enumerate(_dataset_metadata(dataset, audio_column))
     ]
 
 
@@ -163,4 +214,27 @@ def check_unique(items: Sequence[SourceItem]) -> None:
         seen.add(item.key)
 
 
-__all__ = ["SourceItem", "file_stamp", "list_source", "stat_stamp"]
+def metadata_table(items: Sequence[SourceItem]):
+    """The metadata of `items` as a pyarrow Table, one row per item: `key`, then each metadata column, typed (a
+    column of mixed or nested values becomes strings, so that filters compare it as text); None when no item has
+    metadata."""
+    import pyarrow as pa
+
+    names = list(dict.fromkeys(name for item in items for name in item.metadata if name != "key"))
+    if not names:
+        return None
+    columns = {"key": pa.array([item.key for item in items], pa.string())}
+    for name in names:
+        values = [item.metadata.get(name) for item in items]
+        try:
+            column = pa.array(values)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            column = None
+        kinds = (pa.types.is_string, pa.types.is_boolean, pa.types.is_integer, pa.types.is_floating)
+        if column is None or not any(kind(column.type) for kind in kinds):  # nested, dates, mixed, all null
+            column = pa.array([None if value is None else str(value) for value in values], pa.string())
+        columns[name] = column
+    return pa.table(columns)
+
+
+__all__ = ["SourceItem", "content_hash", "file_stamp", "list_source", "metadata_table", "stat_stamp"]

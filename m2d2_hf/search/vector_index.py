@@ -98,6 +98,20 @@ def set_search_params(index, index_type: str, params: dict) -> None:
         index.hnsw.efSearch = params["ef_search"]
 
 
+def restricted_search_params(index_type: str, params: dict, rows: np.ndarray):
+    """FAISS search parameters that restrict a search to the vectors `rows` (int64 row numbers), the filter pushed
+    into the index: FAISS skips the other vectors while it searches, so that k results are k of the allowed rows.
+    The index's own search-time parameters go along: FAISS takes a search's parameters whole (an IVF search given
+    only a selector probes one list)."""
+    faiss = _faiss()
+    selector = faiss.IDSelectorBatch(np.ascontiguousarray(rows, dtype=np.int64))
+    if index_type == "ivf":
+        return faiss.SearchParametersIVF(sel=selector, nprobe=params["nprobe"])
+    if index_type == "hnsw":
+        return faiss.SearchParametersHNSW(sel=selector, efSearch=params["ef_search"])
+    return faiss.SearchParameters(sel=selector)
+
+
 def recall_at_k(index, vectors: np.ndarray, k: int = 10, num_queries: int = 1000, seed: int = 0) -> float:
     """Mean fraction of the exact top-`k` (inner product) that `index` returns, over `num_queries` of the indexed
     vectors taken as queries."""
@@ -146,5 +160,6 @@ __all__ = [
     "read_vector_index",
     "recall_at_k",
     "resolved_params",
+    "restricted_search_params",
     "vector_file_header",
 ]
