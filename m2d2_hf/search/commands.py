@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..argument_types import positive_int, positive_seconds
+from ..argument_types import cosine_threshold, non_negative_int, positive_int, positive_seconds
 
 
 def _index_param(text: str) -> tuple[str, int]:
@@ -25,26 +25,6 @@ def _index_param(text: str) -> tuple[str, int]:
     if not equals or not name:
         raise argparse.ArgumentTypeError(f"expected NAME=VALUE (e.g. nlist=4000), got {text!r}")
     return name, positive_int(value)
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a whole number of 0 or more, got {text!r}")
-    return value
-
-
-def _cosine(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a cosine threshold in (0, 1], e.g. 0.95, got {text!r}")
-    return value
 
 
 def _port(text: str) -> int:
@@ -157,11 +137,11 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--dedup",
-        type=_cosine,
+        type=cosine_threshold,
         metavar="COSINE",
         help="drop hits this similar (cosine, e.g. 0.95) to a higher-ranked one, refilling to --top-k",
     )
-    parser.add_argument("--offset", type=_non_negative_int, default=0, help="skip this many hits (paging; default 0)")
+    parser.add_argument("--offset", type=non_negative_int, default=0, help="skip this many hits (paging; default 0)")
 
 
 def run_search(args: argparse.Namespace) -> None:
