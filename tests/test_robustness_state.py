@@ -1,4 +1,4 @@
-"""Robustness of the state the package writes and reads (issue 12): checkpoints that run no code and are never
+"""Robustness of the state the package writes and reads: checkpoints that run no code and are never
 used half-written, resumes that follow a new schedule and keep one metrics history, training that says what
 happens (audio too loud for float32 spectra skipped, non-finite steps stopped or skipped, nothing non-finite
 written), and a converter whose output appears whole or not at all, with clear errors.
