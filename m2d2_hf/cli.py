@@ -521,13 +521,13 @@ def run_embed(args: argparse.Namespace) -> None:
     device = pick_device(args.device)
     feature_extractor = load_feature_extractor(args.model)
     check_long_enough(files, feature_extractor)
-    model = load_pretrained(AutoModel, args.model)  # before any output is made: damaged weights leave nothing behind
-    prepare_model(model, device, args.bf16)
     fmt = args.format or ("safetensors" if args.output.suffix == ".safetensors" else "npy")
     if fmt == "npy":
         writer = NpyWriter(args.output)
     else:
         writer = SafetensorsWriter(args.output, {"model": str(args.model), "levels": ",".join(sorted(levels))})
+    model = load_pretrained(AutoModel, args.model)
+    prepare_model(model, device, args.bf16)
     audio_model = model.audio_model if is_clap else model
 
     with progress(len(files), "embed") as bar:
@@ -729,8 +729,8 @@ def run_timeline(args: argparse.Namespace) -> None:
     if round(args.hop * rate) < 1:
         raise CLIError(f"--hop {args.hop:g} s is shorter than one sample at {rate} Hz")
     check_long_enough([file], processor.feature_extractor)
+    writable_folder(args.output.parent, "--output")  # before the model loads and computes, not after
     model = prepare_model(load_pretrained(M2D2ClapModel, args.model), device, args.bf16)
-    writable_folder(args.output.parent, "--output")  # before the compute, not after it
     wave = mono_at(file, rate)
     timeline = sound_event_timeline(model, processor, wave, queries, args.window, args.hop)
     try:

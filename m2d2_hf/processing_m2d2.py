@@ -63,9 +63,10 @@ class M2D2Processor(ProcessorMixin):
         if text is not None:
             text_kwargs = merged["text_kwargs"]
             if text_kwargs.get("truncation") is None:
-                if "max_length" not in kwargs and "max_length" not in kwargs.get("text_kwargs", {}):
-                    # The merge copies the tokenizer's saved `max_length` into every call, where, without
-                    # truncation, the tokenizer ignores it with a warning on each text query.
+                explicit = "max_length" in kwargs or "max_length" in kwargs.get("text_kwargs", {})
+                if not explicit and text_kwargs.get("padding") in (True, "longest"):
+                    # The merge copies the tokenizer's saved `max_length` into every call, where, padding to the
+                    # longest text without truncation, the tokenizer ignores it with a warning on each query.
                     text_kwargs.pop("max_length", None)
                 self._truncate_overlong(text, text_kwargs)
             data.update(self.tokenizer(text, **text_kwargs))
