@@ -5,6 +5,8 @@ import json
 import runpy
 from pathlib import Path
 
+import pytest
+
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RECIPE = REPO_ROOT / "examples" / "recipes" / "demo" / "train_demo.py"
@@ -14,6 +16,8 @@ SHIPPED = json.loads((REPO_ROOT / "examples" / "demo_model" / "demo_report.json"
 # model"). Per-class accuracy is checked too because top-1 alone passes a model that answers "speech digit" to
 # everything (0.250), while that scores 1/22 = 0.045 per class.
 FRACTION = 0.5
+# Minutes of training: outside `make test`'s loop, run by `make test-e2e` (CI runs both).
+pytestmark = pytest.mark.e2e
 
 
 def test_quick_recipe_reaches_a_fraction_of_the_shipped_accuracy(real_sounds_dir, tmp_path):
