@@ -173,8 +173,21 @@ def _extract_tests(archive: Path, root: Path) -> None:
     summary = root / "tests" / "utils" / "tiny_model_summary.json"
     summary.parent.mkdir(parents=True, exist_ok=True)
     summary.write_text("{}")
-    (root / "src").mkdir(exist_ok=True)
-    (root / "src" / "transformers").symlink_to(Path(transformers.__file__).parent, target_is_directory=True)
+    link_installed_transformers(root)
+
+
+def link_installed_transformers(root: Path) -> None:
+    """Points root/src/transformers at the transformers this interpreter imports. The cache outlives the virtual
+    environment that built it (a CI clone's, deleted with the clone): a link left dangling failed the collection
+    of every later run, so it is checked on every use and replaced atomically when it points elsewhere."""
+    link, target = root / "src" / "transformers", Path(transformers.__file__).parent
+    if link.is_symlink() and Path(os.readlink(link)) == target:
+        return
+    link.parent.mkdir(exist_ok=True)
+    temporary = link.with_name(f".transformers-{os.getpid()}")
+    temporary.unlink(missing_ok=True)
+    temporary.symlink_to(target, target_is_directory=True)
+    os.replace(temporary, link)
 
 
 def _has_common_modules(root: Path) -> bool:
@@ -185,6 +198,7 @@ def prepare_sdist_tests() -> Path:
     """The cache root holding the importable PACKAGE, built once per transformers version."""
     root = cache_dir()
     if _has_common_modules(root):
+        link_installed_transformers(root)
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
     # Built in a sibling temporary folder and renamed into place, so an interrupted run leaves no half cache.
