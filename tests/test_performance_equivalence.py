@@ -196,32 +196,38 @@ def test_bf16_embeddings_match_fp32_on_real_clips(converted_dir, real_sounds_dir
     from transformers import AutoFeatureExtractor
 
     fe = AutoFeatureExtractor.from_pretrained(converted_dir)
-    fp32 = M2D2ClapModel.from_pretrained(converted_dir).eval()
-    variants = {"bf16": M2D2ClapModel.from_pretrained(converted_dir, dtype=torch.bfloat16).eval()}
-    if onednn_prepacking_available():
+    inputs = [
+        fe(samples, sampling_rate=rate, return_tensors="pt")
+        for samples, rate in real_clips(real_sounds_dir)
+        if len(samples) * 16000 // rate >= fe.min_samples
+    ]
+    assert len(inputs) >= 16
+
+    def embeddings(model: M2D2ClapModel) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(clip embedding, CLAP embedding) of each clip; the clip embedding (the audio model's pooler_output) is
+        the mean of the frame features."""
+        with torch.inference_mode():
+            outputs = [model.get_audio_features(**clip) for clip in inputs]
+        return [(out.frame_features.float().mean(1), out.pooler_output.float()) for out in outputs]
+
+    def bf16_model() -> M2D2ClapModel:
+        return M2D2ClapModel.from_pretrained(converted_dir, dtype=torch.bfloat16).eval()
+
+    def bf16_optimized() -> M2D2ClapModel:
         with bf16_fallback_warning():
-            variants["bf16 optimized"] = optimize_for_cpu_inference(
-                M2D2ClapModel.from_pretrained(converted_dir, dtype=torch.bfloat16).eval()
-            )
-        assert variants["bf16 optimized"].dtype == (torch.bfloat16 if cpu_has_native_bf16() else torch.float32)
-    clip_cosines = {name: [] for name in variants}
-    clap_cosines = {name: [] for name in variants}
-    with torch.inference_mode():
-        for samples, rate in real_clips(real_sounds_dir):
-            if len(samples) * 16000 // rate < fe.min_samples:
-                continue
-            inputs = fe(samples, sampling_rate=rate, return_tensors="pt")
-            out32 = fp32.get_audio_features(**inputs)
-            for name, model in variants.items():
-                out16 = model.get_audio_features(**inputs)
-                # The clip embedding (the audio model's pooler_output) is the mean of the frame features.
-                clip32, clip16 = out32.frame_features.mean(1), out16.frame_features.float().mean(1)
-                clip_cosines[name].append(F.cosine_similarity(clip16, clip32).item())
-                clap_cosines[name].append(F.cosine_similarity(out16.pooler_output.float(), out32.pooler_output).item())
-    for name in variants:
-        assert len(clip_cosines[name]) >= 16
-        assert min(clip_cosines[name]) >= 0.999, (name, clip_cosines[name])
-        assert min(clap_cosines[name]) >= 0.999, (name, clap_cosines[name])
+            model = optimize_for_cpu_inference(bf16_model())
+        assert model.dtype == (torch.bfloat16 if cpu_has_native_bf16() else torch.float32)
+        return model
+
+    # One full-size model in memory at a time: the float32 reference first, then each variant.
+    expected = embeddings(M2D2ClapModel.from_pretrained(converted_dir).eval())
+    variants = {"bf16": bf16_model, **({"bf16 optimized": bf16_optimized} if onednn_prepacking_available() else {})}
+    for name, load in variants.items():
+        got = embeddings(load())
+        clip_cosines = [F.cosine_similarity(g[0], e[0]).item() for g, e in zip(got, expected)]
+        clap_cosines = [F.cosine_similarity(g[1], e[1]).item() for g, e in zip(got, expected)]
+        assert min(clip_cosines) >= 0.999, (name, clip_cosines)
+        assert min(clap_cosines) >= 0.999, (name, clap_cosines)
 
 
 @pytest.mark.slow

@@ -7,6 +7,8 @@ import re
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from transformers import AutoModelForPreTraining
 
 from m2d2_hf import M2D2AudioModel, M2D2FeatureExtractor, M2D2ForPreTraining
@@ -20,7 +22,7 @@ from m2d2_hf.conversion import (
 )
 from m2d2_hf.training.optim import weight_decay_groups
 
-from .conftest import SHARED_DIR, generate_checkpoint, load_npz
+from .conftest import SHARED_DIR, generate_checkpoint, load_npz, return_freed_memory
 
 
 pytestmark = pytest.mark.slow
@@ -49,8 +51,9 @@ def converted(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def replay(converted, reference):
+def replay(converted, reference, tmp_path_factory):
     """Forward on the recorded batch and mask, then the recipe's step: clip 3.0, AdamW, EMA, clamp."""
+    return_freed_memory()  # the full-size models that the conversion test loaded
     model = AutoModelForPreTraining.from_pretrained(converted).train()
     assert isinstance(model, M2D2ForPreTraining)
     batch = {
@@ -63,8 +66,12 @@ def replay(converted, reference):
     parameters = dict(model.named_parameters())
     trainable = [p for p in model.parameters() if p.requires_grad]
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, float(reference["step_clip_grad"]))
-    grads = {name: p.grad.detach().double().clone() for name, p in parameters.items() if p.grad is not None}
-    before = {name: t.detach().double().clone() for name, t in model.state_dict().items()}
+    # The reference records per-tensor sums only: keeping those (in float64), not float64 copies of every gradient
+    # and of the state before and after the step, and the state before the step on disk (float32: exact; read back
+    # a tensor at a time), hold the replay of the full-size model to about 3 GB.
+    grads = {name: _sums(p.grad) for name, p in parameters.items() if p.grad is not None}
+    before_file = tmp_path_factory.mktemp("before") / "before.safetensors"
+    save_file({name: t.detach().contiguous() for name, t in model.state_dict().items()}, before_file)
     optimizer = torch.optim.AdamW(
         weight_decay_groups(model, float(reference["step_weight_decay"])),
         lr=float(reference["step_lr"][0]),  # per group; both groups share it
@@ -73,38 +80,58 @@ def replay(converted, reference):
     )
     optimizer.step()
     optimizer.zero_grad()
+    groups = {id(p): group["weight_decay"] for group in optimizer.param_groups for p in group["params"]}
+    del optimizer  # its moments are as large as the trainable weights twice over
     decay = model.ema_decay(step=0, total_steps=1000)
     model.update_target(decay)
     model.clamp_logit_scale()
-    after = {name: t.detach().double().clone() for name, t in model.state_dict().items()}
+    steps = {}
+    with safe_open(before_file, "pt") as before:
+        for name, tensor in model.state_dict().items():
+            after = tensor.detach().double()
+            delta = after - before.get_tensor(name).double()
+            steps[name] = {
+                "delta_sum": delta.sum().item(),
+                "delta_abs": delta.abs().sum().item(),
+                "after": after.sum().item(),
+            }
     with torch.no_grad():
         out_after = model(**batch)
-    groups = {id(p): group["weight_decay"] for group in optimizer.param_groups for p in group["params"]}
     return {
         "model": model,
         "out": out,
         "out_after": out_after,
         "grad_norm": grad_norm,
         "grads": grads,
-        "before": before,
-        "after": after,
+        "steps": steps,
         "decay": decay,
         "groups": groups,
         "parameters": parameters,
     }
 
 
-def test_conversion_keeps_every_tensor(converted, reference):
-    model = M2D2ForPreTraining.from_pretrained(converted)
+def _sums(tensor: torch.Tensor) -> tuple[float, float]:
+    """(sum, sum of squares) of a tensor, in float64."""
+    values = tensor.detach().double()
+    return values.sum().item(), (values**2).sum().item()
+
+
+def test_conversion_keeps_every_tensor(converted, reference, replay):
+    # The replayed model is the converted one after a step: which tensors it has and trains is as converted (one
+    # full-size model in memory, not a second copy).
+    model = replay["model"]
+    assert isinstance(model, M2D2ForPreTraining)
     names = [converted_name(key) for key in reference["ck_keys"]]
     assert [k for k, n in zip(reference["ck_keys"], names) if n is None] == ["norm_stats"]
     assert M2D2FeatureExtractor.from_pretrained(converted).norm_stats == pytest.approx(
         reference["norm_stats"].tolist()
     )
     assert not any(p.requires_grad for p, _ in model.target_parameter_pairs())
-    # The online encoder exports as a plain audio model.
+    # The online encoder exports as a plain audio model: its weights are the folder's.
     encoder = M2D2AudioModel.from_pretrained(converted)
-    assert torch.equal(encoder.layers[3].mlp.fc1.weight, model.audio_model.layers[3].mlp.fc1.weight)
+    with safe_open(converted / "model.safetensors", "pt") as weights:
+        stored = weights.get_tensor("audio_model.layers.3.mlp.fc1.weight")
+    assert torch.equal(encoder.layers[3].mlp.fc1.weight, stored.to(encoder.dtype))
 
 
 def test_forward_matches_the_original(replay, reference):
@@ -129,9 +156,9 @@ def test_gradients_match_the_original(replay, reference):
         if np.isnan(grad_sum):
             assert name not in replay["grads"], key
             continue
-        grad = replay["grads"][name]
-        assert abs((grad**2).sum().item() - grad_squares) <= 1e-3 * grad_squares, key
-        assert abs(grad.sum().item() - grad_sum) <= 1e-3 * np.sqrt(grad_squares), key
+        found_sum, found_squares = replay["grads"][name]
+        assert abs(found_squares - grad_squares) <= 1e-3 * grad_squares, key
+        assert abs(found_sum - grad_sum) <= 1e-3 * np.sqrt(grad_squares), key
 
 
 def test_optimiser_step_ema_and_clamp_match_the_original(replay, reference):
@@ -146,13 +173,11 @@ def test_optimiser_step_ema_and_clamp_match_the_original(replay, reference):
             assert replay["groups"][id(parameter)] == expected_decay, key
         else:
             assert np.isnan(expected_decay), key
-        delta = replay["after"][name] - replay["before"][name]
+        step = replay["steps"][name]
         delta_sum, delta_squares, delta_abs = reference["ck_delta"][i]
-        assert abs(delta.sum().item() - delta_sum) <= 1e-3 * max(delta_abs, 1e-12), key
-        assert abs(delta.abs().sum().item() - delta_abs) <= 1e-3 * max(delta_abs, 1e-12), key
-        assert abs(replay["after"][name].sum().item() - reference["ck_post"][i][0]) <= 1e-5 * max(
-            1.0, abs(reference["ck_post"][i][0])
-        ), key
+        assert abs(step["delta_sum"] - delta_sum) <= 1e-3 * max(delta_abs, 1e-12), key
+        assert abs(step["delta_abs"] - delta_abs) <= 1e-3 * max(delta_abs, 1e-12), key
+        assert abs(step["after"] - reference["ck_post"][i][0]) <= 1e-5 * max(1.0, abs(reference["ck_post"][i][0])), key
     model = replay["model"]
     assert abs(model.logit_scale.item() - float(reference["logit_scale_after"])) <= 1e-6
     tracked = {
