@@ -784,7 +784,7 @@ def test_unexpected_errors_are_one_line_json(sound_index, monkeypatch):
     client = page_client(sound_index)
 
     def broken(*args, **kwargs):
-        raise RuntimeError("internals at /home/someone")
+        raise RuntimeError("internals at /srv/private/state")
 
     monkeypatch.setattr(sound_index, "search", broken)
     failed = client.get("/api/search", params={"q": "a dog barks"})
