@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ..extras import install_hint
+
 
 # Reciprocal-rank fusion's constant (Cormack, Clarke and Buettcher's): a sound's fused score is the sum over the
 # rankings of 1 / (RRF_K + its rank there), so that the first places of either ranking count, and deep ranks barely.
@@ -27,7 +29,7 @@ class KeywordIndex:
             import bm25s
         except ImportError as error:
             raise ImportError(
-                "hybrid ranking needs bm25s: pip install 'm2d2_hf[search]' (or drop --hybrid / hybrid=true)"
+                f"hybrid ranking needs bm25s: {install_hint('search')} (or drop --hybrid / hybrid=true)"
             ) from error
         self.size = len(texts)
         self.bm25 = bm25s.BM25()
